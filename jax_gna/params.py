@@ -1,0 +1,240 @@
+"""Validation of user input and the one immutable problem description.
+
+Everything a backend needs to know about *which* keys a query sees lives in
+:class:`Problem`. It is built once, at the top of the public call, after every
+check of SEMANTICS.md has passed; no backend validates again.
+
+A ``Problem`` describes a block of queries and a block of keys inside a global
+grid (``q_origin`` / ``kv_origin`` with the local extents). Unsharded calls use
+the whole grid for both; a shard of a spatially sharded call uses its own block
+of queries and the halo-extended block of keys, and computes exactly its part of
+the global operator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Any, Sequence, Union
+
+import numpy as np
+
+IntOrTuple = Union[int, Sequence[int]]
+BoolOrTuple = Union[bool, Sequence[bool]]
+
+BACKENDS = ("auto", "xla", "cuda")
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """Window parameters and block placement, one entry per spatial axis.
+
+    Attributes:
+      shape: global spatial extents (the grid the windows are defined on).
+      kernel_size, stride, dilation, is_causal: per-axis GNA parameters.
+      q_origin, q_extent: the block of queries, in global coordinates.
+      kv_origin, kv_extent: the block of keys/values, in global coordinates.
+      scale: the factor applied to ``q . k``.
+    """
+
+    shape: tuple[int, ...]
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    is_causal: tuple[bool, ...]
+    scale: float
+    q_origin: tuple[int, ...] = ()
+    q_extent: tuple[int, ...] = ()
+    kv_origin: tuple[int, ...] = ()
+    kv_extent: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        n = len(self.shape)
+        zeros = (0,) * n
+        if not self.q_origin:
+            object.__setattr__(self, "q_origin", zeros)
+        if not self.kv_origin:
+            object.__setattr__(self, "kv_origin", zeros)
+        if not self.q_extent:
+            object.__setattr__(self, "q_extent", tuple(self.shape))
+        if not self.kv_extent:
+            object.__setattr__(self, "kv_extent", tuple(self.shape))
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    @property
+    def is_whole(self) -> bool:
+        """True when both blocks are the whole grid (the unsharded case)."""
+        zeros = (0,) * self.rank
+        return (self.q_origin == zeros and self.kv_origin == zeros
+                and self.q_extent == self.shape and self.kv_extent == self.shape)
+
+    def axis(self, a: int) -> "Axis":
+        return Axis(self.shape[a], self.kernel_size[a], self.stride[a],
+                    self.dilation[a], self.is_causal[a])
+
+    def replace(self, **changes: Any) -> "Problem":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Axis:
+    """The GNA parameters of one axis (global length ``length``)."""
+
+    length: int
+    kernel_size: int
+    stride: int
+    dilation: int
+    is_causal: bool
+
+
+# --------------------------------------------------------------------------
+# Input validation (SEMANTICS.md, "Rejected input").
+# --------------------------------------------------------------------------
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (numbers.Integral, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_bool(x: Any) -> bool:
+    return isinstance(x, (bool, np.bool_))
+
+
+def per_axis(name: str, value: Any, rank: int, kind: str = "int") -> tuple:
+    """Normalize an int/bool or a tuple of them to a tuple of ``rank`` entries."""
+    check = _is_bool if kind == "bool" else _is_int
+    what = "a bool" if kind == "bool" else "an integer"
+    if isinstance(value, (list, tuple)):
+        if len(value) != rank:
+            raise ValueError(
+                f"{name}={tuple(value)!r} has {len(value)} entries, but the inputs have "
+                f"{rank} spatial axes; give one value or a tuple of {rank}.")
+        items = tuple(value)
+    else:
+        items = (value,) * rank
+    for v in items:
+        if not check(v):
+            raise ValueError(f"{name} must be {what} or a tuple of them, got {value!r}.")
+    return tuple(bool(v) for v in items) if kind == "bool" else tuple(int(v) for v in items)
+
+
+def window_params(shape: Sequence[int], kernel_size: IntOrTuple, stride: IntOrTuple = 1,
+                  dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False
+                  ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[bool, ...]]:
+    """Check the GNA parameters against a spatial shape; return them per axis."""
+    rank = len(shape)
+    k = per_axis("kernel_size", kernel_size, rank)
+    s = per_axis("stride", stride, rank)
+    d = per_axis("dilation", dilation, rank)
+    c = per_axis("is_causal", is_causal, rank, kind="bool")
+    for a in range(rank):
+        if k[a] < 2:
+            raise ValueError(f"kernel_size must be >= 2 on every axis, got kernel_size={k}.")
+        if s[a] < 1 or s[a] > k[a]:
+            raise ValueError(
+                f"stride must satisfy 1 <= stride <= kernel_size on every axis, got "
+                f"stride={s} with kernel_size={k}.")
+        if d[a] < 1:
+            raise ValueError(f"dilation must be >= 1 on every axis, got dilation={d}.")
+        if k[a] * d[a] > shape[a]:
+            raise ValueError(
+                f"kernel_size * dilation must not exceed the axis length: on axis {a}, "
+                f"kernel_size={k[a]} * dilation={d[a]} = {k[a] * d[a]} > length {shape[a]} "
+                f"(spatial shape {tuple(shape)}).")
+    return k, s, d, c
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(int(n) for n in np.shape(x))
+
+
+def check_tensors(query: Any, key: Any, value: Any, additional_keys: Any = None,
+                  additional_values: Any = None, rank: int | None = None) -> int:
+    """Check the shapes and dtypes of the inputs; return the number of spatial axes."""
+    qs, ks, vs = _shape(query), _shape(key), _shape(value)
+    for name, s in (("query", qs), ("key", ks), ("value", vs)):
+        if len(s) not in (4, 5, 6):
+            raise ValueError(
+                f"{name} must have rank 4, 5 or 6 ([batch, *spatial, heads, dim] with 1-3 "
+                f"spatial axes), got shape {s}.")
+    if not len(qs) == len(ks) == len(vs):
+        raise ValueError(
+            f"query, key and value must have the same rank, got shapes {qs}, {ks}, {vs}.")
+    n = len(qs) - 3
+    if rank is not None and n != rank:
+        raise ValueError(
+            f"na{rank}d expects {rank} spatial axes (rank {rank + 3} inputs), got query shape "
+            f"{qs} with {n}.")
+    if not qs[:-2] == ks[:-2] == vs[:-2]:
+        raise ValueError(
+            f"query, key and value must agree in batch and spatial shape, got shapes {qs}, "
+            f"{ks}, {vs}.")
+    if qs[-1] != ks[-1]:
+        raise ValueError(
+            f"query and key must have the same head dim, got {qs[-1]} (query shape {qs}) and "
+            f"{ks[-1]} (key shape {ks}).")
+    if ks[-2] != vs[-2]:
+        raise ValueError(
+            f"key and value must have the same number of heads, got {ks[-2]} and {vs[-2]}.")
+    if min(qs[-2], ks[-2]) < 1 or qs[-2] % ks[-2] != 0:
+        raise ValueError(
+            f"the query heads must be a multiple of the key/value heads, got {qs[-2]} query "
+            f"heads and {ks[-2]} key/value heads.")
+    if min(qs) < 1 or min(vs) < 1:
+        raise ValueError(f"empty inputs are not supported, got shapes {qs}, {ks}, {vs}.")
+    dts = [np.dtype(getattr(t, "dtype", np.asarray(t).dtype)) for t in (query, key, value)]
+    if not dts[0] == dts[1] == dts[2]:
+        raise ValueError(
+            f"query, key and value must have the same dtype, got {dts[0]}, {dts[1]}, {dts[2]}.")
+    if not np.issubdtype(dts[0], np.floating):
+        raise ValueError(f"query, key and value must be floating point, got dtype {dts[0]}.")
+
+    if (additional_keys is None) != (additional_values is None):
+        raise ValueError(
+            "additional_keys and additional_values go together: got only "
+            + ("additional_keys." if additional_values is None else "additional_values."))
+    if additional_keys is not None:
+        aks, avs = _shape(additional_keys), _shape(additional_values)
+        b, h_kv, d, d_v = qs[0], ks[-2], ks[-1], vs[-1]
+        if len(aks) != 4 or aks[0] != b or aks[2] != h_kv or aks[3] != d or aks[1] < 1:
+            raise ValueError(
+                f"additional_keys must have shape [batch={b}, S_extra, heads_kv={h_kv}, "
+                f"dim={d}], got {aks}.")
+        if len(avs) != 4 or avs != (b, aks[1], h_kv, d_v):
+            raise ValueError(
+                f"additional_values must have shape [batch={b}, S_extra={aks[1]}, "
+                f"heads_kv={h_kv}, dim_v={d_v}], got {avs}.")
+        for name, t in (("additional_keys", additional_keys),
+                        ("additional_values", additional_values)):
+            dt = np.dtype(t.dtype)
+            if dt != dts[0]:
+                raise ValueError(f"{name} must have the dtype of query ({dts[0]}), got {dt}.")
+    return n
+
+
+def make_problem(query: Any, key: Any, value: Any, kernel_size: IntOrTuple,
+                 stride: IntOrTuple = 1, dilation: IntOrTuple = 1,
+                 is_causal: BoolOrTuple = False, scale: float | None = None,
+                 additional_keys: Any = None, additional_values: Any = None,
+                 rank: int | None = None) -> Problem:
+    """Validate everything the public call takes and build its :class:`Problem`."""
+    n = check_tensors(query, key, value, additional_keys, additional_values, rank)
+    shape = _shape(query)[1:1 + n]
+    k, s, d, c = window_params(shape, kernel_size, stride, dilation, is_causal)
+    head_dim = _shape(query)[-1]
+    if scale is None:
+        scale = head_dim ** -0.5
+    elif not isinstance(scale, (numbers.Real, np.floating)) or isinstance(scale, bool):
+        raise ValueError(f"scale must be a real number or None, got {scale!r}.")
+    elif not np.isfinite(float(scale)):
+        raise ValueError(f"scale must be finite, got {scale!r}.")
+    return Problem(shape=shape, kernel_size=k, stride=s, dilation=d, is_causal=c,
+                   scale=float(scale))
+
+
+def check_backend(backend: Any) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+    return backend
