@@ -146,6 +146,10 @@ def window_params(shape: Sequence[int], kernel_size: IntOrTuple, stride: IntOrTu
     return k, s, d, c
 
 
+def _dtype(x: Any) -> np.dtype:
+    return np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
+
+
 def _shape(x: Any) -> tuple[int, ...]:
     return tuple(int(n) for n in np.shape(x))
 
@@ -184,7 +188,7 @@ def check_tensors(query: Any, key: Any, value: Any, additional_keys: Any = None,
             f"heads and {ks[-2]} key/value heads.")
     if min(qs) < 1 or min(vs) < 1:
         raise ValueError(f"empty inputs are not supported, got shapes {qs}, {ks}, {vs}.")
-    dts = [np.dtype(getattr(t, "dtype", np.asarray(t).dtype)) for t in (query, key, value)]
+    dts = [_dtype(t) for t in (query, key, value)]
     if not dts[0] == dts[1] == dts[2]:
         raise ValueError(
             f"query, key and value must have the same dtype, got {dts[0]}, {dts[1]}, {dts[2]}.")
@@ -208,7 +212,7 @@ def check_tensors(query: Any, key: Any, value: Any, additional_keys: Any = None,
                 f"heads_kv={h_kv}, dim_v={d_v}], got {avs}.")
         for name, t in (("additional_keys", additional_keys),
                         ("additional_values", additional_values)):
-            dt = np.dtype(t.dtype)
+            dt = _dtype(t)
             if dt != dts[0]:
                 raise ValueError(f"{name} must have the dtype of query ({dts[0]}), got {dt}.")
     return n

@@ -1,0 +1,144 @@
+"""The public functional op: validate once, build one :class:`Problem`, dispatch once."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import jax
+
+from . import xla
+from .params import BoolOrTuple, IntOrTuple, Problem, check_backend, make_problem
+
+log = logging.getLogger("jax_gna")
+
+Impl = Callable[[jax.Array, jax.Array, jax.Array, Problem], tuple[jax.Array, jax.Array]]
+
+
+def _cuda_module():
+    """The CUDA backend module, or None where it cannot even be imported."""
+    try:
+        from . import cuda
+    except ImportError:  # pragma: no cover - the module always imports on a sane install
+        return None
+    return cuda
+
+
+def _cuda_status(problem: Problem, query: Any, key: Any, value: Any) -> str | None:
+    """None if the CUDA kernels can run this call here, else why not."""
+    cuda = _cuda_module()
+    if cuda is None:
+        return "the CUDA backend module is missing"
+    if not cuda.available():
+        return cuda.unavailable_reason()
+    return cuda.unsupported_reason(problem, query.shape, key.shape, value.shape, query.dtype)
+
+
+def select(backend: str, problem: Problem, query: Any, key: Any, value: Any
+           ) -> tuple[str, str, Impl]:
+    """Pick the implementation: ``(name, why, impl)``.
+
+    ``"auto"`` uses the CUDA kernels when they are built, a CUDA GPU is visible and
+    they cover this configuration; the choice between them and ``xla`` is then made
+    per lowering platform (``lax.platform_dependent``), so the same jitted function
+    also runs on the CPU.
+    """
+    check_backend(backend)
+    if backend == "xla":
+        return "xla", "backend='xla' was requested", xla.attention
+    reason = _cuda_status(problem, query, key, value)
+    if backend == "cuda":
+        if reason is not None:
+            raise ValueError(f"backend='cuda' cannot run this call: {reason}.")
+        return "cuda", "backend='cuda' was requested", _cuda_module().attention
+    if reason is not None:
+        return "xla", f"the CUDA kernels do not apply ({reason})", xla.attention
+    cuda = _cuda_module()
+
+    def auto(q, k, v, p):
+        return jax.lax.platform_dependent(
+            q, k, v, cuda=lambda *a: cuda.attention(*a, p), default=lambda *a: xla.attention(*a, p))
+
+    return "cuda", "CUDA kernels on NVIDIA GPUs, xla elsewhere", auto
+
+
+def neighborhood_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                           kernel_size: IntOrTuple, stride: IntOrTuple = 1,
+                           dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
+                           scale: float | None = None, *, additional_keys: jax.Array | None = None,
+                           additional_values: jax.Array | None = None, return_lse: bool = False,
+                           backend: str = "auto", _rank: int | None = None):
+    """Generalized neighborhood attention over 1, 2 or 3 spatial axes.
+
+    Each query attends to the keys in its window on every spatial axis (SEMANTICS.md):
+    ``kernel_size`` keys per axis, shifted inward at borders, with per-axis ``stride``
+    (queries in a stride group share their leader's window), ``dilation`` and causal
+    masking. Together these cover sliding-window, strided and blocked attention.
+
+    Args:
+      query: ``[B, *spatial, H, D]``; ``len(spatial)`` is 1, 2 or 3.
+      key: ``[B, *spatial, H_kv, D]`` with ``H % H_kv == 0`` (grouped-query attention).
+      value: ``[B, *spatial, H_kv, D_v]``.
+      kernel_size, stride, dilation: an int (every axis) or one int per spatial axis.
+      is_causal: a bool or one bool per spatial axis.
+      scale: multiplies ``q . k``; default ``D ** -0.5``.
+      additional_keys, additional_values: optional ``[B, S_extra, H_kv, D(_v)]`` extra
+        tokens every query attends to (never causally masked), in the same softmax.
+      return_lse: also return the log-sum-exp of the scaled scores.
+      backend: ``"auto"``, ``"xla"`` (portable pure JAX) or ``"cuda"`` (fused kernels).
+
+    Returns:
+      ``out`` ``[B, *spatial, H, D_v]`` in the input dtype, or ``(out, lse)`` with
+      ``lse`` ``[B, *spatial, H]`` float32 (float64 for float64 inputs).
+
+    Raises:
+      ValueError: for any input SEMANTICS.md rejects, before any computation, or for
+        ``backend="cuda"`` where the kernels cannot run.
+    """
+    problem = make_problem(query, key, value, kernel_size, stride, dilation, is_causal, scale,
+                           additional_keys, additional_values, rank=_rank)
+    name, why, impl = select(backend, problem, query, key, value)
+    log.debug("jax_gna: %s backend (%s) for %s", name, why, problem)
+    out, lse = impl(query, key, value, problem)
+    if additional_keys is not None:
+        extra_out, extra_lse = xla.dense_attention(query, additional_keys, additional_values,
+                                                   problem.scale)
+        out, lse = xla.merge(out, lse, extra_out, extra_lse)
+    return (out, lse) if return_lse else out
+
+
+def _fixed_rank(rank: int):
+    def op(query: jax.Array, key: jax.Array, value: jax.Array, kernel_size: IntOrTuple,
+           stride: IntOrTuple = 1, dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
+           scale: float | None = None, *, additional_keys: jax.Array | None = None,
+           additional_values: jax.Array | None = None, return_lse: bool = False,
+           backend: str = "auto"):
+        return neighborhood_attention(
+            query, key, value, kernel_size, stride, dilation, is_causal, scale,
+            additional_keys=additional_keys, additional_values=additional_values,
+            return_lse=return_lse, backend=backend, _rank=rank)
+
+    op.__name__ = op.__qualname__ = f"na{rank}d"
+    op.__doc__ = (f"{rank}-D generalized neighborhood attention: inputs "
+                  f"``[B, {', '.join('XYZ'[:rank] if rank > 1 else 'L')}, H, D]``.\n\n"
+                  "Same arguments and results as :func:`neighborhood_attention`; raises "
+                  f"``ValueError`` unless the inputs have exactly {rank} spatial axes.")
+    return op
+
+
+na1d = _fixed_rank(1)
+na2d = _fixed_rank(2)
+na3d = _fixed_rank(3)
+
+
+def explain(query: Any, key: Any, value: Any, kernel_size: IntOrTuple, stride: IntOrTuple = 1,
+            dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False, scale: float | None = None,
+            *, backend: str = "auto", **_: Any) -> str:
+    """Say which backend a call with these arguments would use, and why.
+
+    Takes the same arguments as :func:`neighborhood_attention` (arrays or
+    ``jax.ShapeDtypeStruct``); runs nothing.
+    """
+    problem = make_problem(query, key, value, kernel_size, stride, dilation, is_causal, scale)
+    name, why, _ = select(backend, problem, query, key, value)
+    return f"{name}: {why}"
