@@ -1,0 +1,15 @@
+// XLA FFI handlers of jax_gna (C symbols, handed to Python by python_module.cc).
+//
+//   jax_gna_fwd(q, k, v) -> (o, lse)
+//   jax_gna_bwd(q, k, v, dout, lse, delta) -> (dq, dk, dv)
+//   *_aliased: the same with the outputs also passed as trailing inputs (aliased to
+//   the results by the caller); the tests use them to poison outputs with NaN.
+// Attributes (all int64 arrays of length rank, except scale: f32): shape,
+// kernel_size, stride, dilation, is_causal, q_origin, q_extent, kv_origin, kv_extent.
+#pragma once
+#include "xla/ffi/api/ffi.h"
+
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_gna_fwd);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_gna_bwd);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_gna_fwd_aliased);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_gna_bwd_aliased);

@@ -1,0 +1,7 @@
+// Kernels for one element type (see gna_launch.cuh).
+#include "gna_launch.cuh"
+
+namespace gna {
+template cudaError_t launch_forward_t<__half>(const Params&, cudaStream_t);
+template cudaError_t launch_backward_t<__half>(const Params&, cudaStream_t);
+}  // namespace gna

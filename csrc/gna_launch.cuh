@@ -1,0 +1,76 @@
+// Launch configuration of the kernels for one element type (included by the
+// per-dtype translation units, so the three dtypes compile in parallel).
+//
+//   forward, dQ:  64 queries x KN keys a step, KN = 64 (32 for head dim 256)
+//   dK/dV:        64 keys x QN queries a step; head dim 256 (and fp32 128) runs
+//                 dK and dV as two launches so the accumulators stay in registers.
+#pragma once
+#include "gna_backward.cuh"
+#include "gna_launch.h"
+
+namespace gna {
+
+template <typename Kern>
+inline cudaError_t launch(Kern kern, dim3 grid, size_t smem, cudaStream_t stream, const Params& p) {
+  if (grid.x == 0) return cudaSuccess;
+  if (smem > 48 * 1024) {
+    cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+    if (e != cudaSuccess) return e;
+  }
+  kern<<<grid, 128, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+inline dim3 query_grid(const Params& p) {
+  int64_t n = 1;
+  for (int a = 0; a < kMaxRank; ++a) n *= static_cast<int64_t>(p.ax[a].d) * p.ax[a].nqt;
+  return dim3(static_cast<unsigned>(n), p.H, p.B);
+}
+inline dim3 key_grid(const Params& p) {
+  int64_t n = 1;
+  for (int a = 0; a < kMaxRank; ++a) n *= static_cast<int64_t>(p.ax[a].d) * p.ax[a].nkt;
+  return dim3(static_cast<unsigned>(n), p.Hkv, p.B);
+}
+
+template <typename T, int DP, int KN>
+inline cudaError_t fwd_dp(const Params& p, cudaStream_t s) {
+  return launch(fwd_kernel<T, DP, KN>, query_grid(p), FwdCfg<T, DP, KN>::smem_bytes(), s, p);
+}
+
+template <typename T, int DP, int KN, int QN, bool SPLIT>
+inline cudaError_t bwd_dp(const Params& p, cudaStream_t s) {
+  cudaError_t e = launch(dq_kernel<T, DP, KN>, query_grid(p), DqCfg<T, DP, KN>::smem_bytes(), s, p);
+  if (e != cudaSuccess) return e;
+  const size_t sm = DkvCfg<T, DP, QN>::smem_bytes();
+  if constexpr (SPLIT) {
+    e = launch(dkv_kernel<T, DP, QN, 1>, key_grid(p), sm, s, p);
+    if (e != cudaSuccess) return e;
+    return launch(dkv_kernel<T, DP, QN, 2>, key_grid(p), sm, s, p);
+  } else {
+    return launch(dkv_kernel<T, DP, QN, 3>, key_grid(p), sm, s, p);
+  }
+}
+
+template <typename T>
+cudaError_t launch_forward_t(const Params& p, cudaStream_t s) {
+  switch (padded_head_dim(p.D, p.Dv)) {
+    case 32: return fwd_dp<T, 32, 64>(p, s);
+    case 64: return fwd_dp<T, 64, 64>(p, s);
+    case 128: return fwd_dp<T, 128, 64>(p, s);
+    default: return fwd_dp<T, 256, 32>(p, s);
+  }
+}
+
+template <typename T>
+cudaError_t launch_backward_t(const Params& p, cudaStream_t s) {
+  constexpr bool kF32 = sizeof(T) == 4;
+  switch (padded_head_dim(p.D, p.Dv)) {
+    case 32: return bwd_dp<T, 32, 64, 64, false>(p, s);
+    case 64: return bwd_dp<T, 64, 64, 64, false>(p, s);
+    case 128: return bwd_dp<T, 128, 64, 32, kF32>(p, s);
+    default: return bwd_dp<T, 256, 32, 32, true>(p, s);
+  }
+}
+
+}  // namespace gna

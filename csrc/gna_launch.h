@@ -1,0 +1,23 @@
+// Host entry points of the kernels (no XLA, no Python): one per dtype.
+#pragma once
+#include <cuda_runtime.h>
+#include "gna_problem.h"
+
+namespace gna {
+
+enum class DType { kF16, kBF16, kF32 };
+
+// Padded head dim the kernels use for head dims D, D_v (multiples of 8, <= 256).
+inline int padded_head_dim(int D, int Dv) {
+  const int m = D > Dv ? D : Dv;
+  return m <= 32 ? 32 : m <= 64 ? 64 : m <= 128 ? 128 : 256;
+}
+
+// Forward: writes p.o and p.lse. Backward: writes p.dq, p.dk, p.dv.
+cudaError_t launch_forward(DType t, const Params& p, cudaStream_t stream);
+cudaError_t launch_backward(DType t, const Params& p, cudaStream_t stream);
+
+template <typename T> cudaError_t launch_forward_t(const Params& p, cudaStream_t stream);
+template <typename T> cudaError_t launch_backward_t(const Params& p, cudaStream_t stream);
+
+}  // namespace gna

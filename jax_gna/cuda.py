@@ -1,0 +1,226 @@
+"""The ``cuda`` backend: fused GNA kernels (csrc/) called through XLA's FFI.
+
+Contract (the public op dispatches here):
+
+- :func:`available` / :func:`unavailable_reason`: is the compiled library importable
+  and a CUDA GPU visible.
+- :func:`unsupported_reason`: ``None`` when the kernels cover a configuration,
+  otherwise a short reason (the op then falls back to ``xla`` or raises).
+- :func:`attention`: ``(out, lse)`` for one :class:`~jax_gna.params.Problem`,
+  differentiable (``jax.custom_vjp``), the lse cotangent included.
+
+Importing this module never touches the GPU or the library; the FFI targets are
+registered on first use. Lowering does not need the library either, so the
+custom calls can be lowered and exported for CUDA on a machine without a GPU
+(``jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))``); compiling and
+running them needs it.
+
+Kernels (sm80+): fp16/bf16 through ``mma.sync`` m16n8k16, fp32 through TF32
+``mma.sync`` m16n8k8 with the 3xTF32 split (about fp32 accuracy); fp32
+accumulation and softmax; head dims that are multiples of 8 up to 256 (the
+kernels pad to 32/64/128/256 internally). The backward is deterministic (no
+atomics): one pass for dQ with query tiles outer, one for dK/dV with key tiles
+outer.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+from .params import Problem
+
+__all__ = ["available", "unavailable_reason", "unsupported_reason", "attention"]
+
+FWD_TARGET = "jax_gna_fwd"
+BWD_TARGET = "jax_gna_bwd"
+_SUPPORTED_DTYPES = (np.dtype(np.float16), np.dtype(jnp.bfloat16), np.dtype(np.float32))
+_MAX_HEAD_DIM = 256
+
+_lock = threading.Lock()
+_registered = False
+
+
+@functools.lru_cache(maxsize=1)
+def _load_library() -> tuple[Any, str]:
+    """(module, "") or (None, reason). Cached: the import is tried once."""
+    try:
+        from . import _gna_ffi  # noqa: PLC0415
+    except ImportError as e:  # not built (no nvcc at install time) or broken
+        return None, (f"the jax_gna CUDA library is not built or cannot be imported ({e}); "
+                      "reinstall jax_gna on a machine with nvcc (CUDA 12+) to build it")
+    return _gna_ffi, ""
+
+
+def _gpu_reason() -> str:
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError as e:
+        return f"no CUDA GPU is visible to JAX ({e})"
+    if not gpus or not any(getattr(d, "platform", "") == "gpu" for d in gpus):
+        return "no CUDA GPU is visible to JAX"
+    if any("rocm" in str(getattr(d, "client", "")).lower() for d in gpus):
+        return "the GPU is not an NVIDIA CUDA GPU"
+    return ""
+
+
+def unavailable_reason() -> str:
+    """Why the cuda backend cannot run here ("" when it can)."""
+    lib, reason = _load_library()
+    if lib is None:
+        return reason
+    return _gpu_reason()
+
+
+def available() -> bool:
+    """True when the compiled library imports and JAX sees a CUDA GPU."""
+    return unavailable_reason() == ""
+
+
+def _register() -> None:
+    """Register the FFI targets with XLA once (no-op without the library)."""
+    global _registered
+    if _registered:
+        return
+    with _lock:
+        if _registered:
+            return
+        lib, _ = _load_library()
+        if lib is None:
+            return
+        for name, capsule in lib.registrations().items():
+            jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
+        _registered = True
+
+
+def unsupported_reason(problem: Problem, query_shape, key_shape, value_shape, dtype) -> str | None:
+    """None if the kernels cover this configuration, else a short reason."""
+    dt = np.dtype(dtype)
+    if dt not in _SUPPORTED_DTYPES:
+        return f"dtype {dt} is not supported (float16, bfloat16, float32)"
+    n = problem.rank
+    if n not in (1, 2, 3):
+        return f"{n} spatial axes (1, 2 or 3 supported)"
+    qs, ks, vs = tuple(query_shape), tuple(key_shape), tuple(value_shape)
+    if len(qs) < n + 3 or len(ks) != len(qs) or len(vs) != len(qs):
+        return f"shapes {qs}, {ks}, {vs} do not have {n} spatial axes after the batch dims"
+    d, d_v = qs[-1], vs[-1]
+    for name, x in (("head dim", d), ("value head dim", d_v)):
+        if x % 8:
+            return f"{name} {x} is not a multiple of 8"
+        if x > _MAX_HEAD_DIM:
+            return f"{name} {x} is larger than {_MAX_HEAD_DIM}"
+    batch = int(np.prod(qs[:len(qs) - n - 2]))
+    if batch > 65535 or qs[-2] > 65535:
+        return f"batch {batch} or heads {qs[-2]} above 65535"
+    if max(problem.shape) >= 2 ** 30:
+        return "an axis of 2^30 tokens or more"
+    if d == 256 or d_v == 256:
+        if dt == np.float32 and _device_smem_optin() < 200 * 1024:
+            return "float32 with head dim > 128 needs a GPU with >= 200 KiB shared memory per block"
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _device_smem_optin() -> int:
+    """Shared memory per block (opt-in) of the first GPU; assume Hopper if unknown."""
+    try:
+        dev = jax.devices("gpu")[0]
+        cc = getattr(dev, "compute_capability", "9.0")
+        major, minor = (int(x) for x in str(cc).split("."))
+        return {(8, 0): 163 * 1024, (8, 7): 163 * 1024}.get(
+            (major, minor), 99 * 1024 if major == 8 else 227 * 1024)
+    except Exception:  # noqa: BLE001
+        return 227 * 1024
+
+
+def _attrs(problem: Problem) -> dict[str, Any]:
+    i64 = lambda t: np.asarray(t, dtype=np.int64)  # noqa: E731
+    return dict(
+        shape=i64(problem.shape),
+        kernel_size=i64(problem.kernel_size),
+        stride=i64(problem.stride),
+        dilation=i64(problem.dilation),
+        is_causal=i64([int(bool(c)) for c in problem.is_causal]),
+        q_origin=i64(problem.q_origin),
+        q_extent=i64(problem.q_extent),
+        kv_origin=i64(problem.kv_origin),
+        kv_extent=i64(problem.kv_extent),
+        scale=np.float32(problem.scale),
+    )
+
+
+def _forward_call(query, key, value, problem: Problem, poison: bool = False):
+    _register()
+    out_shape = query.shape[:-1] + (value.shape[-1],)
+    results = (jax.ShapeDtypeStruct(out_shape, query.dtype),
+               jax.ShapeDtypeStruct(query.shape[:-1], jnp.float32))
+    if poison:  # test hook: outputs start as NaN (aliased inputs)
+        o0 = jnp.full(out_shape, jnp.nan, query.dtype)
+        l0 = jnp.full(query.shape[:-1], jnp.nan, jnp.float32)
+        call = jax.ffi.ffi_call(FWD_TARGET + "_aliased", results, vmap_method="broadcast_all",
+                                input_output_aliases={3: 0, 4: 1})
+        return call(query, key, value, o0, l0, **_attrs(problem))
+    call = jax.ffi.ffi_call(FWD_TARGET, results, vmap_method="broadcast_all")
+    return call(query, key, value, **_attrs(problem))
+
+
+def _backward_call(query, key, value, dout, lse, delta, problem: Problem, poison: bool = False):
+    _register()
+    results = (jax.ShapeDtypeStruct(query.shape, query.dtype),
+               jax.ShapeDtypeStruct(key.shape, key.dtype),
+               jax.ShapeDtypeStruct(value.shape, value.dtype))
+    if poison:
+        inits = [jnp.full(r.shape, jnp.nan, r.dtype) for r in results]
+        call = jax.ffi.ffi_call(BWD_TARGET + "_aliased", results, vmap_method="broadcast_all",
+                                input_output_aliases={6: 0, 7: 1, 8: 2})
+        return call(query, key, value, dout, lse, delta, *inits, **_attrs(problem))
+    call = jax.ffi.ffi_call(BWD_TARGET, results, vmap_method="broadcast_all")
+    return call(query, key, value, dout, lse, delta, **_attrs(problem))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _attention(query, key, value, problem, poison):
+    return _forward_call(query, key, value, problem, poison)
+
+
+def _attention_fwd(query, key, value, problem, poison):
+    out, lse = _forward_call(query, key, value, problem, poison)
+    return (out, lse), (query, key, value, out, lse)
+
+
+def _attention_bwd(problem, poison, res, cts):
+    query, key, value, out, lse = res
+    dout, dlse = cts
+    dout = dout.astype(query.dtype)
+    # delta = rowsum(dO * O) - dLSE, so that dS = P * (dP - delta) also carries the
+    # gradient that flows into the returned log-sum-exp.
+    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    delta = delta - dlse.astype(jnp.float32)
+    return _backward_call(query, key, value, dout, lse, delta, problem, poison)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def attention(query, key, value, problem: Problem):
+    """Neighborhood attention of one query block over one key block.
+
+    query ``[B, *q_extent, H, D]``, key ``[B, *kv_extent, H_kv, D]``, value
+    ``[B, *kv_extent, H_kv, D_v]``; returns ``out [B, *q_extent, H, D_v]`` (input dtype)
+    and ``lse [B, *q_extent, H]`` (float32, natural log). Windows use global
+    coordinates (``problem.q_origin`` / ``kv_origin``); every query's window must lie
+    inside the key block (the kernels check it and fail otherwise).
+    """
+    return _attention(query, key, value, problem, False)
+
+
+def _attention_poisoned(query, key, value, problem: Problem):
+    """Test hook: like :func:`attention`, but the kernels' output buffers start as NaN."""
+    return _attention(query, key, value, problem, True)
