@@ -17,6 +17,7 @@ import dataclasses
 import numbers
 from typing import Any, Sequence, Union
 
+import jax.numpy as jnp
 import numpy as np
 
 IntOrTuple = Union[int, Sequence[int]]
@@ -192,7 +193,7 @@ def check_tensors(query: Any, key: Any, value: Any, additional_keys: Any = None,
     if not dts[0] == dts[1] == dts[2]:
         raise ValueError(
             f"query, key and value must have the same dtype, got {dts[0]}, {dts[1]}, {dts[2]}.")
-    if not np.issubdtype(dts[0], np.floating):
+    if not jnp.issubdtype(dts[0], jnp.floating):
         raise ValueError(f"query, key and value must be floating point, got dtype {dts[0]}.")
 
     if (additional_keys is None) != (additional_values is None):
