@@ -1,0 +1,263 @@
+"""GPU checks of the cuda backend against the xla backend (float32 reference).
+
+Marked ``gpu``; skipped without a CUDA GPU or without the compiled library. Every
+kernel run here starts from output buffers poisoned with NaN (the ``_aliased``
+targets), so an element the kernels fail to write shows up as NaN.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from jax_gna import cuda, mask, xla
+from jax_gna.params import Problem
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not cuda.available(), reason=f"cuda backend unavailable: {cuda.unavailable_reason()}"),
+]
+
+TOL = {  # relative L2 error (out, lse, grads) vs a float32 reference
+    jnp.float32: (2e-5, 2e-5, 5e-5),
+    jnp.float16: (4e-3, 1e-4, 1e-2),
+    jnp.bfloat16: (2.5e-2, 5e-4, 5e-2),
+}
+
+_seed = [1000]
+
+
+def _key():
+    _seed[0] += 1
+    return jax.random.PRNGKey(_seed[0])
+
+
+def _rel(a, b) -> float:
+    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+    assert not np.isnan(a).any(), "NaN in the kernel output (unwritten or broken)"
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _problem(shape, k, s=1, d=1, c=False, scale=None, dim=64, **kw):
+    n = len(shape)
+    tup = lambda x: tuple(x) if isinstance(x, (tuple, list)) else (x,) * n  # noqa: E731
+    return Problem(shape=tuple(shape), kernel_size=tup(k), stride=tup(s), dilation=tup(d),
+                   is_causal=tuple(bool(x) for x in tup(c)),
+                   scale=dim ** -0.5 if scale is None else scale, **kw)
+
+
+def _inputs(problem, b, h, h_kv, d, d_v, dtype):
+    kq, kk, kv, kw, ku = jax.random.split(_key(), 5)
+    q = jax.random.normal(kq, (b, *problem.q_extent, h, d), jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, (b, *problem.kv_extent, h_kv, d), jnp.float32).astype(dtype)
+    v = jax.random.normal(kv, (b, *problem.kv_extent, h_kv, d_v), jnp.float32).astype(dtype)
+    w = jax.random.normal(kw, (b, *problem.q_extent, h, d_v), jnp.float32)
+    u = jax.random.normal(ku, (b, *problem.q_extent, h), jnp.float32)
+    return q, k, v, w, u
+
+
+def _check(problem, b=2, h=2, h_kv=None, d=64, d_v=None, dtype=jnp.float16, grads=True):
+    h_kv = h if h_kv is None else h_kv
+    d_v = d if d_v is None else d_v
+    q, k, v, w, u = _inputs(problem, b, h, h_kv, d, d_v, dtype)
+    t_out, t_lse, t_grad = TOL[dtype]
+
+    def loss(fn, q, k, v):
+        out, lse = fn(q, k, v, problem)
+        return jnp.sum(out.astype(jnp.float32) * w) + jnp.sum(lse * u), (out, lse)
+
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    ref_fn = jax.jit(jax.value_and_grad(
+        lambda q, k, v: loss(xla.attention, f32(q), f32(k), f32(v)), argnums=(0, 1, 2), has_aux=True))
+    (_, (ro, rl)), rg = ref_fn(q, k, v)
+    if grads:
+        fn = jax.jit(jax.value_and_grad(
+            lambda q, k, v: loss(cuda._attention_poisoned, q, k, v), argnums=(0, 1, 2), has_aux=True))
+        (_, (o, l)), g = fn(q, k, v)
+    else:
+        o, l = jax.jit(lambda q, k, v: cuda._attention_poisoned(q, k, v, problem))(q, k, v)
+    assert o.dtype == dtype and o.shape == ro.shape and l.dtype == jnp.float32 and l.shape == rl.shape
+    e_o, e_l = _rel(o, ro), _rel(l, rl)
+    errs = {"out": e_o, "lse": e_l}
+    assert e_o < t_out, errs
+    assert e_l < t_lse, errs
+    if grads:
+        for name, a, r in zip(("dq", "dk", "dv"), g, rg):
+            assert a.dtype == dtype and a.shape == r.shape
+            errs[name] = _rel(a, r)
+            assert errs[name] < t_grad, errs
+    print(errs)
+    return errs
+
+
+# ---------------------------------------------------------------------------
+# Parameter coverage (ranks, kernels, strides, dilations, causal, GQA, D_v != D).
+# ---------------------------------------------------------------------------
+
+CASES = [
+    # shape, k, s, d, causal, (b, h, h_kv, d, d_v), dtype
+    ((100,), 7, 1, 1, False, (2, 2, 2, 64, 64), jnp.float16),
+    ((97,), 8, 3, 2, True, (2, 4, 2, 32, 32), jnp.bfloat16),
+    ((300,), 16, 16, 1, True, (1, 2, 1, 64, 64), jnp.float16),
+    ((129,), 33, 5, 3, False, (1, 3, 1, 128, 64), jnp.float32),
+    ((20, 23), (5, 4), (2, 1), (1, 2), (False, True), (2, 4, 1, 128, 64), jnp.float16),
+    ((16, 16), 16, 1, 1, False, (1, 2, 2, 32, 32), jnp.float32),
+    ((18, 17), (3, 6), (3, 6), (2, 1), (True, False), (1, 2, 2, 64, 128), jnp.bfloat16),
+    ((6, 9, 10), (3, 4, 5), (1, 2, 3), (2, 1, 2), (True, False, True), (1, 2, 2, 64, 64), jnp.bfloat16),
+    ((5, 8, 8), 3, 1, 1, False, (2, 2, 1, 128, 32), jnp.float32),
+    ((8, 12, 10), (2, 3, 4), (2, 3, 4), 1, (False, True, False), (1, 4, 2, 32, 32), jnp.float16),
+    ((12, 12), 5, 1, 1, False, (1, 2, 2, 256, 256), jnp.float16),
+    ((12, 12), (4, 3), (2, 1), 1, (True, True), (1, 2, 1, 256, 128), jnp.bfloat16),
+    ((64,), 9, 2, 1, False, (1, 2, 2, 72, 40), jnp.float16),
+]
+
+
+@pytest.mark.parametrize("shape,k,s,d,c,dims,dtype", CASES)
+def test_matches_xla(shape, k, s, d, c, dims, dtype):
+    b, h, h_kv, dim, d_v = dims
+    _check(_problem(shape, k, s, d, c, dim=dim), b, h, h_kv, dim, d_v, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("dim", [32, 64, 128, 256])
+def test_head_dims(dtype, dim):
+    _check(_problem((10, 11), (3, 4), (1, 2), 1, (False, True), dim=dim), 1, 2, 1, dim, dim, dtype)
+
+
+def test_custom_scale():
+    _check(_problem((40,), 5, scale=0.37), 1, 2, 2, 32, 32, jnp.float16)
+
+
+# ---------------------------------------------------------------------------
+# Blocks with non-zero origins (a shard): query block inside a larger key block.
+# ---------------------------------------------------------------------------
+
+def _key_block(problem, q_origin, q_extent):
+    kv_o, kv_e = [], []
+    for a in range(problem.rank):
+        i = np.arange(q_origin[a], q_origin[a] + q_extent[a])
+        first, last = mask.window_extent(i, problem.axis(a))
+        kv_o.append(int(first.min()))
+        kv_e.append(int(last.max()) - int(first.min()) + 1)
+    return tuple(kv_o), tuple(kv_e)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.float32])
+def test_block_origins(dtype):
+    whole = _problem((40, 30), (5, 4), (1, 2), (2, 1), (False, True), dim=64)
+    q_o, q_e = (10, 5), (12, 17)
+    kv_o, kv_e = _key_block(whole, q_o, q_e)
+    assert kv_o != (0, 0) or kv_e != whole.shape
+    block = whole.replace(q_origin=q_o, q_extent=q_e, kv_origin=kv_o, kv_extent=kv_e)
+    _check(block, 2, 2, 1, 64, 64, dtype)
+    # And the block equals the same rows of the whole problem.
+    q, k, v, _, _ = _inputs(whole, 1, 2, 1, 64, 64, dtype)
+    out_w, lse_w = jax.jit(lambda q, k, v: cuda.attention(q, k, v, whole))(q, k, v)
+    qs = q[:, q_o[0]:q_o[0] + q_e[0], q_o[1]:q_o[1] + q_e[1]]
+    ks = k[:, kv_o[0]:kv_o[0] + kv_e[0], kv_o[1]:kv_o[1] + kv_e[1]]
+    vs = v[:, kv_o[0]:kv_o[0] + kv_e[0], kv_o[1]:kv_o[1] + kv_e[1]]
+    out_b, lse_b = jax.jit(lambda q, k, v: cuda.attention(q, k, v, block))(qs, ks, vs)
+    sl = (slice(None), slice(q_o[0], q_o[0] + q_e[0]), slice(q_o[1], q_o[1] + q_e[1]))
+    assert _rel(out_b, out_w[sl]) < 1e-6 and _rel(lse_b, lse_w[sl]) < 1e-6
+
+
+# ---------------------------------------------------------------------------
+# Determinism, poisoning, transformations.
+# ---------------------------------------------------------------------------
+
+def test_bitwise_repeatable_and_poison_free():
+    p = _problem((24, 20), (5, 7), (1, 2), (1, 2), (False, True), dim=64)
+    q, k, v, w, u = _inputs(p, 2, 4, 2, 64, 64, jnp.bfloat16)
+
+    def run(fn):
+        def loss(q, k, v):
+            out, lse = fn(q, k, v, p)
+            return jnp.sum(out.astype(jnp.float32) * w) + jnp.sum(lse * u), (out, lse)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+    a = jax.tree.map(np.asarray, run(cuda.attention))
+    b = jax.tree.map(np.asarray, run(cuda.attention))
+    c = jax.tree.map(np.asarray, run(cuda._attention_poisoned))
+    for x, y, z in zip(jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(c)):
+        assert np.array_equal(x.view(np.uint8), y.view(np.uint8))
+        assert np.array_equal(x.view(np.uint8), z.view(np.uint8))
+
+
+def test_vmap_and_checkpoint():
+    p = _problem((30,), 5, 2, 1, True, dim=32)
+    q, k, v, _, _ = _inputs(p, 2, 2, 1, 32, 32, jnp.float16)
+    qs, ks, vs = (jnp.stack([x, 2 * x, -x]) for x in (q, k, v))
+    out, lse = jax.jit(jax.vmap(lambda q, k, v: cuda.attention(q, k, v, p)))(qs, ks, vs)
+    for i in range(3):
+        o, l = cuda.attention(qs[i], ks[i], vs[i], p)
+        assert np.array_equal(np.asarray(o), np.asarray(out[i]))
+        assert np.array_equal(np.asarray(l), np.asarray(lse[i]))
+
+    def loss(q, k, v):
+        return jnp.sum(cuda.attention(q, k, v, p)[0].astype(jnp.float32) ** 2)
+
+    g1 = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    g2 = jax.jit(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2)))(q, k, v)
+    for a, b in zip(g1, g2):
+        assert _rel(a, b) < 1e-6
+
+
+def test_lse_cotangent_only():
+    """A loss that reads only the lse: its gradient flows through dLSE alone."""
+    p = _problem((12, 10), (3, 4), 1, 1, (True, False), dim=32)
+    q, k, v, _, u = _inputs(p, 1, 2, 2, 32, 32, jnp.float32)
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v, p)[1] * u)
+
+    g = jax.jit(jax.grad(lambda *a: loss(cuda.attention, *a), argnums=(0, 1, 2)))(q, k, v)
+    r = jax.jit(jax.grad(lambda *a: loss(xla.attention, *a), argnums=(0, 1, 2)))(q, k, v)
+    for a, b in zip(g, r):
+        assert _rel(a, b) < 5e-5
+
+
+def test_bad_arguments_raise():
+    """A key block that misses some window is rejected by the handler, not read out of bounds."""
+    whole = _problem((32,), 5, dim=32)
+    block = whole.replace(q_origin=(8,), q_extent=(8,), kv_origin=(8,), kv_extent=(8,))
+    q, k, v, _, _ = _inputs(block, 1, 1, 1, 32, 32, jnp.float16)
+    with pytest.raises(Exception, match="does not hold every window"):
+        jax.block_until_ready(cuda.attention(q, k, v, block))
+
+
+# ---------------------------------------------------------------------------
+# More than 2^31 elements in a tensor (64-bit offsets).
+# ---------------------------------------------------------------------------
+
+def test_large_tensor_64bit_offsets():
+    L, H, D = 131200, 128, 128  # 2.15e9 elements per tensor (> 2^31), fp16: 4.3 GB each
+    assert L * H * D > 2 ** 31
+    p = _problem((L,), 3, dim=D)
+    kq, kk, kv = jax.random.split(_key(), 3)
+    mk = jax.jit(lambda key: jax.random.normal(key, (1, L, H, D), jnp.float16))
+    q, k, v = mk(kq), mk(kk), mk(kv)
+    tail = 48
+    dout = jax.random.normal(_key(), (1, L, H, D), jnp.float16)
+
+    def fwd_bwd(q, k, v, dout):
+        (out, lse), vjp = jax.vjp(lambda q, k, v: cuda.attention(q, k, v, p), q, k, v)
+        dq, dk, dv = vjp((dout, jnp.zeros_like(lse)))
+        cut = lambda x: x[:, L - tail:]  # noqa: E731
+        return cut(out), cut(lse), cut(dq), cut(dk), cut(dv)
+
+    out, lse, dq, dk, dv = jax.jit(fwd_bwd)(q, k, v, dout)
+    # The same rows from the block problem (exact for the last `tail` queries/keys).
+    blk = p.replace(q_origin=(L - tail,), q_extent=(tail,), kv_origin=(L - tail - 2,),
+                    kv_extent=(tail + 2,))
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    qb, kb, vb, db = f32(q[:, L - tail:]), f32(k[:, L - tail - 2:]), f32(v[:, L - tail - 2:]), f32(dout[:, L - tail:])
+    (ro, rl), rvjp = jax.vjp(lambda q, k, v: xla.attention(q, k, v, blk), qb, kb, vb)
+    rdq, rdk, rdv = rvjp((db, jnp.zeros_like(rl)))
+    assert _rel(out, ro) < 4e-3 and _rel(lse, rl) < 1e-4
+    assert _rel(dq, rdq) < 1e-2
+    # Keys L-tail+1 .. L-1 are seen only by queries of the block.
+    assert _rel(dk[:, 2:], rdk[:, 4:]) < 1e-2 and _rel(dv[:, 2:], rdv[:, 4:]) < 1e-2
