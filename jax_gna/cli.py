@@ -3,6 +3,8 @@
 Subcommands:
   check   run the operator on random 1-D, 2-D and 3-D problems, compare it with the
           float64 brute force, and print the backend used, the error and the time.
+  sim     speed-of-light bounds of one problem and tiling, or a tile-shape search.
+  bench   the benchmark suite (presets smoke/paper/small/causal or one problem).
 """
 
 from __future__ import annotations
@@ -69,7 +71,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_check)
+    _add_sim(sub)
+    _add_bench(sub)
     return parser
+
+
+def _add_sim(sub) -> None:
+    """``jax-gna sim``: speed-of-light bounds of one problem (:mod:`jax_gna.sim`)."""
+    from . import bench
+    p = sub.add_parser("sim", help="speed-of-light bounds of one problem, and a tile search")
+    bench.add_sim_arguments(p)
+    p.set_defaults(run=bench.run_sim_from_args)
+
+
+def _add_bench(sub) -> None:
+    """``jax-gna bench``: the benchmark suite (:mod:`jax_gna.bench`)."""
+    from . import bench
+    p = sub.add_parser("bench", help="benchmark against cuDNN dense and masked dense attention")
+    bench.add_arguments(p)
+    p.set_defaults(run=bench.run_from_args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

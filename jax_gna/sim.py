@@ -379,15 +379,15 @@ def _divisors(n: int) -> list[int]:
 def tile_shapes(size: int, shape: Sequence[int], *, max_overhang: int = 2) -> list[tuple[int, ...]]:
     """All ordered factorizations of ``size`` tokens into ``len(shape)`` per-axis extents.
 
-    Extents larger than ``max_overhang`` times an axis length (mostly padding) are left out.
+    Extents larger than ``max_overhang`` times an axis length (mostly padding) are left out,
+    unless that leaves nothing (a grid smaller than one tile).
     """
     if size < 1:
         raise ValueError(f"tile size must be >= 1, got {size}.")
-    out = []
-    for combo in itertools.product(_divisors(size), repeat=len(shape)):
-        if math.prod(combo) == size and all(c <= max_overhang * n for c, n in zip(combo, shape)):
-            out.append(tuple(combo))
-    return out
+    combos = [tuple(c) for c in itertools.product(_divisors(size), repeat=len(shape))
+              if math.prod(c) == size]
+    fit = [c for c in combos if all(t <= max_overhang * n for t, n in zip(c, shape))]
+    return fit or combos  # a grid smaller than one tile: keep every factorization
 
 
 def best_tiles(shape: Sequence[int], kernel_size: IntOrTuple, stride: IntOrTuple = 1,

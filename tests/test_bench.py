@@ -1,0 +1,178 @@
+"""The benchmark suite: FLOP counting, presets, peers, and the smoke preset end to end (CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_gna import bench, sim
+from jax_gna.bench import Case
+
+
+def test_case_flops_follow_semantics():
+    case = Case("h", (30, 48, 80), 24, 128, (18, 24, 24), (16, 8, 8), batch=2)
+    info = bench._case_info(case)
+    fwd = 4 * 2 * 24 * (30 * 48 * 80) * (18 * 24 * 24) * 128
+    assert info["flops"]["fwd"] == fwd
+    assert info["flops"]["bwd"] == 2.5 * fwd
+    assert info["flops"]["fwdbwd"] == 3.5 * fwd
+    assert round(info["flop_bound"], 2) == 11.11
+    assert info["tile_bound"] == pytest.approx(info["flop_bound"])  # blocked: no waste
+    # Causal in time: only attended keys count.
+    c = Case("c", (10, 6), 2, 16, (4, 3), is_causal=(True, False))
+    per_t = sum([1, 2, 3, 4, 4, 4, 4, 4, 4, 4])
+    assert bench._case_info(c)["flops"]["fwd"] == 4 * 2 * per_t * 6 * 3 * 16
+    assert bench._case_info(c)["flops"]["fwd"] == sim.flops((10, 6), (4, 3),
+                                                            is_causal=(True, False),
+                                                            heads=2, head_dim=16)
+
+
+def test_derived_metrics():
+    case = Case("a", (64,), 1, 32, (8,))
+    infos = {"a": bench._case_info(case)}
+    recs = [{"case": "a", "dtype": "float16", "backend": "cudnn", "pass": "fwd",
+             "status": "ok", "time_s": 2e-3},
+            {"case": "a", "dtype": "float16", "backend": "cuda", "pass": "fwd",
+             "status": "ok", "time_s": 1e-3},
+            {"case": "a", "dtype": "float16", "backend": "xla", "pass": "fwd",
+             "status": "skipped", "note": "x"}]
+    bench._derive(recs, infos)
+    assert recs[1]["speedup"] == pytest.approx(2.0)
+    assert recs[1]["tflops"] == pytest.approx(4 * 64 * 8 * 32 / 1e-3 / 1e12)
+    assert recs[1]["pct_bound"] == pytest.approx(200.0 / infos["a"]["tile_bound"])
+    assert "speedup" not in recs[2]
+
+
+def test_presets_match_issue_5():
+    paper = bench.PRESETS["paper"]
+    assert len(paper) == 15
+    assert all(c.head_dim == 128 and c.batch == 1 for c in paper)
+    one_d = [c for c in paper if c.shape == (32768,)]
+    assert [c.stride for c in one_d] == [(1,), (256,), (2048,)]
+    assert all(c.kernel_size == (2048,) for c in one_d)
+    flux = [c for c in paper if c.shape == (256, 256)]
+    assert [c.stride for c in flux] == [(1, 1), (16, 1), (16, 16)]
+    assert all(c.heads == 24 and c.kernel_size == (80, 80) for c in flux)
+    hy = [(c.kernel_size, c.stride) for c in paper if c.shape == (30, 48, 80)]
+    assert hy == [((18, 24, 24), (1, 1, 1)), ((18, 24, 24), (2, 8, 8)),
+                  ((18, 24, 24), (16, 8, 8)), ((30, 40, 40), (1, 1, 1)),
+                  ((30, 40, 40), (1, 32, 8))]
+    cos = [(c.kernel_size, c.stride) for c in paper if c.shape == (16, 44, 80)]
+    assert cos == [((16, 32, 48), (1, 1, 1)), ((16, 32, 48), (1, 8, 16)),
+                   ((16, 24, 16), (1, 1, 1)), ((16, 24, 16), (1, 8, 16))]
+    assert all(c.heads == 32 for c in paper if c.shape == (16, 44, 80))
+    small = bench.PRESETS["small"]
+    assert [(c.shape, c.heads, c.head_dim, c.kernel_size, c.batch, c.dilation) for c in small] == [
+        ((128, 128), 16, 64, (13, 13), 16, (1, 1)), ((128, 128), 16, 64, (13, 13), 16, (2, 2))]
+    causal = bench.PRESETS["causal"]
+    assert [c.shape for c in causal] == [(30, 32, 32), (60, 64, 64)]
+    assert all(c.heads == 24 and c.is_causal == (True, False, False) for c in causal)
+    # Every preset problem is a valid GNA problem.
+    for cases in bench.PRESETS.values():
+        for c in cases:
+            sim.simulate(*c.window_args(), q_tile=128, kv_tile=128)
+    from benchmarks.presets import PRESETS
+    assert PRESETS is bench.PRESETS
+
+
+@pytest.mark.parametrize("case", bench.PRESETS["smoke"], ids=lambda c: c.name)
+def test_masked_dense_peer_matches_xla_backend(case):
+    rng = np.random.default_rng(0)
+    shp = (case.batch,) + case.shape
+    q, k, v = (jnp.asarray(rng.standard_normal(shp + (case.heads, case.head_dim)), jnp.float32)
+               for _ in range(3))
+    ours = bench.attention_fn("xla", case)(q, k, v)
+    dense = bench.attention_fn("masked", case)(q, k, v, bench._neighbor_mask(case))
+    np.testing.assert_allclose(np.asarray(dense), np.asarray(ours), atol=2e-5, rtol=2e-5)
+
+
+def test_passes_compute_gradients():
+    case = bench.PRESETS["smoke"][0]
+    f = bench.attention_fn("xla", case)
+    x = jnp.ones((1,) + case.shape + (case.heads, case.head_dim))
+    fn, args = bench.pass_fn(f, "bwd", x, x, x, x, ())
+    grads = jax.jit(fn)(*args)
+    fn2, args2 = bench.pass_fn(f, "fwdbwd", x, x, x, x, ())
+    out, grads2 = jax.jit(fn2)(*args2)
+    for g, g2 in zip(grads, grads2):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(g2), atol=1e-5)
+    m = bench.measure(jax.jit(f), (x, x, x), 1, 2, 0.0)
+    assert m["time_s"] > 0 and m["samples"] >= 1
+
+
+def test_masked_peer_skipped_when_too_big():
+    case = bench.PRESETS["paper"][6]  # HunyuanVideo: a 115200^2 mask
+    res = bench.run([case], backends=("masked", "cudnn"), passes=("fwd",), progress=False)
+    recs = res["records"]
+    assert [r["status"] for r in recs] == ["skipped", "skipped"]
+    assert "does not fit" in recs[0]["note"]
+
+
+def test_smoke_preset_end_to_end(tmp_path):
+    out = tmp_path / "results"
+    rc = bench.main(["--preset", "smoke", "--backends", "xla,masked,cuda,cudnn", "--out",
+                     str(out), "--samples", "1x2", "--no-progress"])
+    assert rc == 0
+    data = json.loads((out / "smoke.json").read_text())
+    assert data["env"]["jax"] == jax.__version__
+    assert len(data["cases"]) == len(bench.PRESETS["smoke"])
+    by = {}
+    for r in data["records"]:
+        by.setdefault(r["backend"], []).append(r)
+    n = len(bench.PRESETS["smoke"]) * len(bench.PASSES)
+    assert len(by["xla"]) == len(by["masked"]) == n
+    assert all(r["status"] == "ok" and r["time_s"] > 0 and r["tflops"] > 0
+               for r in by["xla"] + by["masked"])
+    if jax.default_backend() == "cpu":
+        assert all(r["status"] == "skipped" for r in by["cudnn"])
+    md = (out / "smoke.md").read_text()
+    assert "| smoke-1d-256-w16 |" in md and "## Results" in md
+
+
+def test_single_problem_from_flags(tmp_path):
+    rc = bench.main(["--shape", "24", "--kernel-size", "5", "--stride", "2", "--heads", "2",
+                     "--head-dim", "16", "--backends", "xla", "--passes", "fwd", "--out",
+                     str(tmp_path), "--name", "one", "--samples", "1x1", "--no-progress"])
+    assert rc == 0
+    data = json.loads((tmp_path / "one.json").read_text())
+    assert data["cases"][0]["stride"] == [2] and data["records"][0]["status"] == "ok"
+
+
+def test_chart_from_synthetic_results(tmp_path):
+    pytest.importorskip("matplotlib")
+    case = Case("a", (64,), 1, 32, (8,))
+    infos = {"a": bench._case_info(case)}
+    recs = [{"case": "a", "dtype": "float16", "backend": b, "pass": "fwd", "status": "ok",
+             "time_s": t} for b, t in (("cudnn", 4e-3), ("cuda", 1e-3), ("xla", 2e-3))]
+    bench._derive(recs, infos)
+    result = {"name": "synthetic", "env": bench.environment(), "cases": list(infos.values()),
+              "records": recs, "wall_s": 1.0,
+              "config": {"backends": ["cuda", "xla", "cudnn"], "dtypes": ["float16"],
+                         "passes": ["fwd"], "cuda": True, "cuda_note": ""}}
+    paths = bench.write_report(result, str(tmp_path))
+    assert os.path.getsize(paths["png"]) > 1000
+    assert "**4.00x**" in (tmp_path / "synthetic.md").read_text()
+
+
+def test_cli_sim(capsys):
+    from jax_gna import cli
+    assert cli.main(["sim", "--shape", "30x48x80", "--kernel-size", "18x24x24", "--stride",
+                     "16x8x8", "--q-tile", "4x8x8", "--kv-tile", "2x8x8"]) == 0
+    assert "11.11x worst query tile" in capsys.readouterr().out
+    assert cli.main(["sim", "--shape", "256x256", "--kernel-size", "80", "--top", "3",
+                     "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["search"]) == 3 and data["search"][0]["bound"] >= data["search"][1]["bound"]
+    assert cli.main(["sim", "--shape", "16", "--kernel-size", "17"]) == 2
+
+
+def test_cli_bench_registered():
+    from jax_gna import cli
+    args = cli.build_parser().parse_args(["bench", "--preset", "paper,small", "--budget-s", "5"])
+    assert args.run is bench.run_from_args and args.budget_s == 5.0
