@@ -305,11 +305,13 @@ def _compiled_bytes(compiled) -> int | None:
 
 
 def measure(fn: Callable, args: tuple, min_samples: int = 3, max_samples: int = 20,
-            target_s: float = 0.25, slow_s: float = 1.0) -> dict:
+            target_s: float = 0.25, slow_s: float = 1.0, very_slow_s: float = 8.0) -> dict:
     """Compile ``fn`` (jitted), warm up, time; return median seconds per call and stats.
 
     A sample times ``inner`` back-to-back calls (enough for ~5 ms) and divides. Calls
-    slower than ``slow_s`` are timed once after the warm-up (big problems).
+    slower than ``slow_s`` are timed once after the warm-up; when the warm-up call
+    itself takes more than ``very_slow_s``, it is the only sample (big problems on
+    slow peers; ``samples`` says 0 then).
     """
     import jax
 
@@ -320,6 +322,10 @@ def measure(fn: Callable, args: tuple, min_samples: int = 3, max_samples: int = 
     t0 = time.perf_counter()
     jax.block_until_ready(compiled(*args))  # warm-up (first execution)
     warm_s = time.perf_counter() - t0
+    if warm_s > very_slow_s:
+        return {"time_s": warm_s, "min_s": warm_s, "samples": 0, "inner": 1,
+                "compile_s": compile_s, "warmup_s": warm_s, "mem_bytes": mem,
+                "note": "timed by the warm-up call only (slow)"}
     t0 = time.perf_counter()
     jax.block_until_ready(compiled(*args))
     one = max(time.perf_counter() - t0, 1e-7)
@@ -804,15 +810,16 @@ def run_sim_from_args(args: argparse.Namespace) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``bench`` flags."""
     p.add_argument("--preset", default=None,
-                   help=f"comma-separated presets: {', '.join(PRESETS)} (default smoke, "
-                        "unless a problem is given with --shape)")
+                   help=f"comma-separated presets: {', '.join(PRESETS)}, model, model-smoke "
+                        "(default smoke, unless a problem is given with --shape)")
     add_problem_arguments(p)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--heads-kv", type=int, default=None)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--backends", default=",".join(BACKENDS),
-                   help=f"comma-separated subset of {','.join(BACKENDS)}")
+    p.add_argument("--backends", default=None,
+                   help=f"comma-separated subset of {','.join(BACKENDS)} (default all; the "
+                        "model presets: cuda)")
     p.add_argument("--dtypes", default=None,
                    help="comma-separated: float16,bfloat16,float32 (also fp16,bf16,fp32); "
                         "default fp16,bf16 on GPU, fp32 on CPU")
@@ -835,7 +842,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Run ``bench`` from parsed arguments; print the tables, write the files."""
     long = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "half": "float16"}
     dtypes = None if not args.dtypes else tuple(long.get(d, d) for d in args.dtypes.split(","))
-    backends = tuple(b for b in args.backends.split(",") if b)
+    backends = tuple(b for b in (args.backends or ",".join(BACKENDS)).split(",") if b)
     passes = tuple(p for p in args.passes.split(",") if p)
     jobs: list[tuple[str, list[Case]]] = []
     if args.shape:
@@ -852,12 +859,25 @@ def run_from_args(args: argparse.Namespace) -> int:
     for name in (args.preset or ("" if args.shape else "smoke")).split(","):
         if not name:
             continue
-        if name not in PRESETS:
-            print(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}", file=sys.stderr)
+        from .bench_model import MODEL_PRESETS
+        if name not in PRESETS and name not in MODEL_PRESETS:
+            print(f"unknown preset {name!r}; choose from "
+                  f"{', '.join(list(PRESETS) + list(MODEL_PRESETS))}", file=sys.stderr)
             return 2
-        jobs.append((name, PRESETS[name]))
+        jobs.append((name, PRESETS.get(name) or MODEL_PRESETS[name]))
     deadline = None if args.budget_s is None else time.perf_counter() + args.budget_s
     for name, cases in jobs:
+        if not isinstance(cases, list):  # a model-level preset
+            from . import bench_model
+            mb = tuple(b for b in (args.backends or "cuda").split(",") if b in ("cuda", "xla"))
+            result = bench_model.run_model(
+                cases, backends=mb, dtype=dtypes[0] if dtypes else None,
+                passes=tuple(p for p in passes if p != "bwd"), deadline=deadline,
+                progress=not args.no_progress, name=name)
+            paths = bench_model.write_model_report(result, args.out)
+            print(bench_model.model_markdown(result))
+            print("wrote " + ", ".join(paths.values()))
+            continue
         sampling = SAMPLING.get(name, SAMPLING["custom"])
         if args.samples:
             sampling = (args.samples[0], args.samples[-1], sampling[2])

@@ -176,3 +176,19 @@ def test_cli_bench_registered():
     from jax_gna import cli
     args = cli.build_parser().parse_args(["bench", "--preset", "paper,small", "--budget-s", "5"])
     assert args.run is bench.run_from_args and args.budget_s == 5.0
+
+
+def test_model_smoke_block(tmp_path):
+    from jax_gna import bench_model
+    case = bench_model.MODEL_PRESETS["model-smoke"]
+    res = bench_model.run_model(case, backends=("xla",), passes=("fwd",), sampling=(1, 1, 0.0),
+                                progress=False, name="m")
+    st = {r["variant"]: r["status"] for r in res["records"]}
+    assert st["no attention (ceiling)"] == "ok"
+    assert all(v == "ok" for k, v in st.items() if k.startswith("GNA"))
+    paths = bench_model.write_model_report(res, str(tmp_path))
+    assert "GNA w3x4x4-s1 (xla)" in open(paths["md"]).read()
+    # The full-size block is the one of issue 5.
+    full = bench_model.MODEL_PRESETS["model"]
+    assert (full.hidden, full.heads, full.head_dim, full.mlp_ratio, full.grid) == (
+        3072, 24, 128, 4, (30, 48, 80))
