@@ -59,7 +59,7 @@ import time, numpy as np, jax, jax.numpy as jnp
 from jax_gna import cuda, xla
 from jax_gna.params import Problem
 
-def bench(f, *a, n=20):
+def bench(f, *a, n=10):
     jax.block_until_ready(f(*a))
     ts = []
     for _ in range(n):

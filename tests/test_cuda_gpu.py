@@ -162,7 +162,8 @@ def test_block_origins(dtype):
     vs = v[:, kv_o[0]:kv_o[0] + kv_e[0], kv_o[1]:kv_o[1] + kv_e[1]]
     out_b, lse_b = jax.jit(lambda q, k, v: cuda.attention(q, k, v, block))(qs, ks, vs)
     sl = (slice(None), slice(q_o[0], q_o[0] + q_e[0]), slice(q_o[1], q_o[1] + q_e[1]))
-    assert _rel(out_b, out_w[sl]) < 1e-6 and _rel(lse_b, lse_w[sl]) < 1e-6
+    # Same operator, different tiling (so a different summation order): rounding only.
+    assert _rel(out_b, out_w[sl]) < TOL[dtype][0] and _rel(lse_b, lse_w[sl]) < TOL[dtype][1]
 
 
 # ---------------------------------------------------------------------------
