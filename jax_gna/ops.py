@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import jax
 
-from . import xla
+from . import sharding, xla
 from .params import BoolOrTuple, IntOrTuple, Problem, check_backend, make_problem
 
 log = logging.getLogger("jax_gna")
@@ -99,7 +99,7 @@ def neighborhood_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                            additional_keys, additional_values, rank=_rank)
     name, why, impl = select(backend, problem, query, key, value)
     log.debug("jax_gna: %s backend (%s) for %s", name, why, problem)
-    out, lse = impl(query, key, value, problem)
+    out, lse = sharding.attention(impl, query, key, value, problem)  # impl, partitioned
     if additional_keys is not None:
         extra_out, extra_lse = xla.dense_attention(query, additional_keys, additional_values,
                                                    problem.scale)

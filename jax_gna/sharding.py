@@ -1,0 +1,596 @@
+"""Multi-device neighborhood attention: batch/head partitioning and spatial context
+parallelism with a halo exchange.
+
+Two ways in:
+
+* **Transparent** (``jax.jit`` with sharded inputs). :func:`jax_gna.neighborhood_attention`
+  routes the backend call through :func:`attention`, a ``custom_partitioning`` op with a
+  Shardy ``sharding_rule`` (and a ``custom_vjp`` whose backward is a second
+  ``custom_partitioning`` op). At SPMD-partitioning time, when the shardings are known,
+  the partition callback reads the sharding of ``query`` and builds a per-shard program:
+
+  - batch and heads: each device runs the backend on its own block; nothing is
+    communicated (key/value heads are sharded like the query heads, so grouped-query
+    attention stays local);
+  - spatial axes: each device receives from its two neighbours along every sharded
+    axis exactly the rows of keys/values its windows reach (``lax.ppermute``; axes one
+    after the other, so corner blocks travel too), then runs the backend on its query
+    block over the halo-extended key block *in global coordinates*
+    (``Problem.q_origin``/``kv_origin``), so every border window shifts exactly as in the
+    unsharded operator. The backward pass sends the key/value gradients of the halo
+    rows back to their owners (the transpose of the same exchange).
+
+  The op is only inserted when JAX sees more than one device, outside ``vmap`` (JAX has
+  no batching rule for ``custom_partitioning``), and while :func:`set_auto_partitioning`
+  has not turned it off; otherwise the backend is called directly.
+
+* **Explicit** (``shard_map``): :func:`neighborhood_attention_local` is called *inside*
+  ``shard_map`` on the local blocks, naming the mesh axis of each sharded spatial axis;
+  :func:`neighborhood_attention_sharded` wraps that in ``shard_map`` for a given mesh.
+  Both are differentiable by plain JAX autodiff (the transpose of ``ppermute`` is the
+  reverse ``ppermute``).
+
+Halo. On one axis of length ``L`` cut into ``n`` shards of ``S = L / n`` rows, shard ``r``
+holds the queries ``[r S, (r+1) S)``; their windows (:func:`jax_gna.mask.window_extent`)
+reach keys ``[lo_r, hi_r]``. The halo is ``left = max_r (r S - lo_r)`` and
+``right = max_r (hi_r - (r+1) S + 1)`` (clamped at 0): exact for stride, dilation and
+causal masks (causal: ``right == 0``; blocked attention with ``S`` a multiple of the
+block: no halo, no communication), the same static amount on every shard. A halo wider
+than a shard is gathered from the next shards too (one ``ppermute`` per hop, sending only
+the rows that are needed); an all-gather of the sequence is never inserted. Spatial
+lengths must split evenly over their mesh axes (``ValueError`` otherwise).
+
+One SPMD program serves every shard, but a :class:`~jax_gna.params.Problem` is static.
+Shards whose query windows have the same placement relative to their key block (all
+interior shards, when the shard size is a multiple of the stride period) share one
+problem; the few distinct ones (usually: first, interior, last) are selected with
+``lax.switch`` on the shard index, per axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import logging
+import math
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from . import mask, xla
+from .params import BoolOrTuple, IntOrTuple, Problem
+
+log = logging.getLogger("jax_gna")
+
+AxisName = Union[str, Sequence[str]]
+Impl = Callable[[jax.Array, jax.Array, jax.Array, Problem], tuple[jax.Array, jax.Array]]
+# backward(query, key, value, out, lse, d_out, d_lse, problem) -> (d_query, d_key, d_value)
+Backward = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
+
+_AUTO_PARTITIONING = True
+
+
+def set_auto_partitioning(enabled: bool) -> bool:
+    """Turn the transparent partitioned op on or off (default on); returns the old value.
+
+    Off, :func:`jax_gna.neighborhood_attention` calls the backend directly and leaves
+    sharded inputs to XLA's generic partitioner (which may gather the sequence)."""
+    global _AUTO_PARTITIONING
+    old, _AUTO_PARTITIONING = _AUTO_PARTITIONING, bool(enabled)
+    return old
+
+
+# --------------------------------------------------------------------------
+# Static plan of one sharded spatial axis.
+# --------------------------------------------------------------------------
+
+def _axis_names(name: AxisName | None) -> tuple[str, ...]:
+    if name is None:
+        return ()
+    if isinstance(name, str):
+        return (name,)
+    return tuple(name)
+
+
+def _collective_name(names: tuple[str, ...]) -> Any:
+    return names[0] if len(names) == 1 else names
+
+
+@dataclasses.dataclass(frozen=True)
+class AxisPlan:
+    """How one spatial axis is split and which halo each shard exchanges.
+
+    Attributes:
+      axis: spatial axis (0-based among the spatial axes).
+      mesh_axes: the mesh axis name(s) the axis is sharded over (major to minor).
+      shards: number of shards ``n``; ``size``: rows per shard ``S = L / n``.
+      left, right: halo rows received from the left / right neighbour.
+      shard_class: for each shard, the index of its class (shards of one class share
+        a static problem).
+      q_origin, kv_origin, kv_slice: per class, the global first query, the global first
+        key of the in-grid part of the halo block, and that part's (start, length)
+        inside the halo block ``[r S - left, (r+1) S + right)``.
+    """
+
+    axis: int
+    mesh_axes: tuple[str, ...]
+    shards: int
+    size: int
+    left: int
+    right: int
+    shard_class: tuple[int, ...]
+    q_origin: tuple[int, ...]
+    kv_origin: tuple[int, ...]
+    kv_slice: tuple[tuple[int, int], ...]
+
+    @property
+    def classes(self) -> int:
+        return len(self.q_origin)
+
+    @property
+    def block(self) -> int:
+        """Rows of the halo-extended key block."""
+        return self.size + self.left + self.right
+
+
+def halo(problem: Problem, axis: int, shards: int) -> tuple[int, int]:
+    """``(left, right)``: the rows of keys each of ``shards`` equal shards of ``axis`` needs
+    from its left / right neighbour (max over shards; exact window math)."""
+    length = problem.shape[axis]
+    size = length // shards
+    ax = problem.axis(axis)
+    left = right = 0
+    for r in range(shards):
+        first, last = mask.window_extent(np.arange(r * size, (r + 1) * size), ax)
+        left = max(left, r * size - int(first.min()))
+        right = max(right, int(last.max()) - ((r + 1) * size - 1))
+    return left, right
+
+
+def plan_axis(problem: Problem, axis: int, mesh_axes: AxisName, shards: int) -> AxisPlan:
+    """Plan the halo exchange of ``axis`` split into ``shards`` equal blocks over
+    ``mesh_axes``. Raises ``ValueError`` if the axis does not split evenly."""
+    names = _axis_names(mesh_axes)
+    length = problem.shape[axis]
+    if shards < 1 or length % shards:
+        raise ValueError(
+            f"spatial axis {axis} of length {length} cannot be split into {shards} equal "
+            f"shards over mesh axis {names}: the length must be a multiple of the number of "
+            f"shards (spatial shape {problem.shape}).")
+    size = length // shards
+    left, right = halo(problem, axis, shards)
+    block = size + left + right
+    ax = problem.axis(axis)
+    signatures: dict[Any, int] = {}
+    shard_class, q_origin, kv_origin, kv_slice = [], [], [], []
+    for r in range(shards):
+        k0 = r * size - left
+        lo, hi = max(0, k0), min(length, k0 + block)
+        first, last = mask.window_extent(np.arange(r * size, (r + 1) * size), ax)
+        # Local neighbor structure: every query's window relative to the key block (this
+        # also fixes the dilation phase: first = lo_g * d + i % d).
+        sig = (lo - k0, hi - lo, (first - lo).tobytes(), (last - lo).tobytes())
+        if sig not in signatures:
+            signatures[sig] = len(q_origin)
+            q_origin.append(r * size)
+            kv_origin.append(lo)
+            kv_slice.append((lo - k0, hi - lo))
+        shard_class.append(signatures[sig])
+    return AxisPlan(axis, names, shards, size, left, right, tuple(shard_class),
+                    tuple(q_origin), tuple(kv_origin), tuple(kv_slice))
+
+
+def _class_problems(problem: Problem, plans: Sequence[AxisPlan]) -> list[tuple[Problem, tuple]]:
+    """Per combination of classes (row-major over ``plans``): the static problem of the
+    local block and the per-axis slice of the halo block that holds its keys."""
+    out = []
+    for combo in itertools.product(*[range(p.classes) for p in plans]):
+        q_origin, q_extent = list(problem.q_origin), list(problem.q_extent)
+        kv_origin, kv_extent = list(problem.kv_origin), list(problem.kv_extent)
+        slices = []
+        for p, c in zip(plans, combo):
+            q_origin[p.axis], q_extent[p.axis] = p.q_origin[c], p.size
+            kv_origin[p.axis], kv_extent[p.axis] = p.kv_origin[c], p.kv_slice[c][1]
+            slices.append(p.kv_slice[c])
+        prob = problem.replace(q_origin=tuple(q_origin), q_extent=tuple(q_extent),
+                               kv_origin=tuple(kv_origin), kv_extent=tuple(kv_extent))
+        out.append((prob, tuple(slices)))
+    return out
+
+
+# --------------------------------------------------------------------------
+# The per-shard program (runs inside shard_map or a custom_partitioning lower_fn).
+# --------------------------------------------------------------------------
+
+def _exchange(x: jax.Array, plans: Sequence[AxisPlan]) -> jax.Array:
+    """Extend the local block ``[B, *spatial, ...]`` by the halo rows of its neighbours,
+    one sharded axis after the other (so the corners of 2-D/3-D windows arrive too).
+    A halo wider than a shard comes from several shards (one ``ppermute`` per hop, each
+    sending only rows that are needed). Rows outside the global grid arrive as zeros and
+    are never read."""
+    for p in plans:
+        dim = 1 + p.axis
+        name = _collective_name(p.mesh_axes)
+        hops = lambda rows: -(-rows // p.size)
+        parts = []
+        for j in range(hops(p.left), 0, -1):  # farthest left neighbour first
+            rows = p.left - (j - 1) * p.size if j == hops(p.left) else p.size
+            edge = jax.lax.slice_in_dim(x, p.size - rows, p.size, axis=dim)
+            parts.append(jax.lax.ppermute(edge, name, [(r, r + j) for r in range(p.shards - j)]))
+        parts.append(x)
+        for j in range(1, hops(p.right) + 1):
+            rows = p.right - (j - 1) * p.size if j == hops(p.right) else p.size
+            edge = jax.lax.slice_in_dim(x, 0, rows, axis=dim)
+            parts.append(jax.lax.ppermute(edge, name, [(r + j, r) for r in range(p.shards - j)]))
+        x = jnp.concatenate(parts, axis=dim) if len(parts) > 1 else x
+    return x
+
+
+def _branch_index(plans: Sequence[AxisPlan]) -> jax.Array | None:
+    if all(p.classes == 1 for p in plans):
+        return None
+    index = jnp.int32(0)
+    for p in plans:
+        r = jax.lax.axis_index(_collective_name(p.mesh_axes))
+        index = index * p.classes + jnp.asarray(p.shard_class, jnp.int32)[r]
+    return index
+
+
+def _cut(x: jax.Array, plans: Sequence[AxisPlan], slices: Sequence[tuple[int, int]]) -> jax.Array:
+    for p, (start, length) in zip(plans, slices):
+        x = jax.lax.slice_in_dim(x, start, start + length, axis=1 + p.axis)
+    return x
+
+
+def _uncut(x: jax.Array, plans: Sequence[AxisPlan], slices: Sequence[tuple[int, int]]) -> jax.Array:
+    pad = [(0, 0)] * x.ndim
+    for p, (start, length) in zip(plans, slices):
+        pad[1 + p.axis] = (start, p.block - start - length)
+    return jnp.pad(x, pad)
+
+
+def _switch(index, branches, *operands):
+    if index is None:
+        return branches[0](*operands)
+    return jax.lax.switch(index, branches, *operands)
+
+
+def _split_kv(kv: jax.Array, d: int) -> tuple[jax.Array, jax.Array]:
+    return kv[..., :d], kv[..., d:]
+
+
+def local_attention(query: jax.Array, key: jax.Array, value: jax.Array, problem: Problem,
+                    plans: Sequence[AxisPlan], impl: Impl) -> tuple[jax.Array, jax.Array]:
+    """This shard's block of the global operator: halo exchange, then ``impl`` on the
+    query block over the halo-extended key block. Differentiable (autodiff transposes
+    the exchange)."""
+    if not plans:
+        return impl(query, key, value, problem)
+    d = key.shape[-1]
+    # Keys and values travel together: one collective-permute per direction and axis.
+    kv = _exchange(jnp.concatenate([key, value], axis=-1), plans)
+    branches = []
+    for prob, slices in _class_problems(problem, plans):
+        def run(q, kv, prob=prob, slices=slices):
+            k, v = _split_kv(_cut(kv, plans, slices), d)
+            return impl(q, k, v, prob)
+        branches.append(run)
+    return _switch(_branch_index(plans), branches, query, kv)
+
+
+def local_attention_backward(query, key, value, out, lse, d_out, d_lse, problem: Problem,
+                             plans: Sequence[AxisPlan], impl: Impl,
+                             backward: Backward | None):
+    """Gradients of :func:`local_attention` from its saved output and log-sum-exp; uses
+    the backend's ``backward`` where it has one (no recomputation of the forward)."""
+    d = key.shape[-1]
+
+    def grads(q, k, v, prob):
+        if backward is not None:
+            return backward(q, k, v, out, lse, d_out, d_lse, prob)
+        _, vjp = jax.vjp(lambda q, k, v: impl(q, k, v, prob), q, k, v)
+        return vjp((d_out, d_lse))
+
+    if not plans:
+        return grads(query, key, value, problem)
+    kv, exchange_vjp = jax.vjp(lambda x: _exchange(x, plans),
+                               jnp.concatenate([key, value], axis=-1))
+    branches = []
+    for prob, slices in _class_problems(problem, plans):
+        def run(q, kv, prob=prob, slices=slices):
+            k, v = _split_kv(_cut(kv, plans, slices), d)
+            dq, dk, dv = grads(q, k, v, prob)
+            return dq, _uncut(jnp.concatenate([dk, dv], axis=-1), plans, slices)
+        branches.append(run)
+    dq, d_kv = _switch(_branch_index(plans), branches, query, kv)
+    (d_kv,) = exchange_vjp(d_kv)  # halo gradients go back to their owners
+    dk, dv = _split_kv(d_kv, d)
+    return dq, dk, dv
+
+
+def _backward_of(impl: Impl) -> Backward | None:
+    """The backend's backward from saved (out, lse), if it exposes one.
+
+    Protocol: ``impl.backward(q, k, v, out, lse, d_out, d_lse, problem) -> (dq, dk, dv)``.
+    The ``xla`` backend's custom_vjp rule is used directly."""
+    bwd = getattr(impl, "backward", None)
+    if bwd is not None:
+        return bwd
+    if impl is xla.attention:
+        def xla_backward(q, k, v, out, lse, d_out, d_lse, problem):
+            return xla._attention_bwd(problem, None, None, (q, k, v, out, lse), (d_out, d_lse))
+        return xla_backward
+    return None
+
+
+# --------------------------------------------------------------------------
+# Transparent path: custom_partitioning + Shardy sharding rule.
+# --------------------------------------------------------------------------
+
+def _partitioning_applies(*args: Any) -> bool:
+    if not _AUTO_PARTITIONING or jax.device_count() < 2:
+        return False
+    try:  # no batching rule for custom_partitioning: call the backend directly under vmap
+        from jax._src import core
+        from jax._src.interpreters import batching
+        trace = core.trace_ctx.trace
+        while trace is not None:
+            if isinstance(trace, batching.BatchTrace):
+                return False
+            trace = getattr(trace, "parent_trace", None)
+    except Exception:  # pragma: no cover - private API moved; be conservative
+        return not any(type(a).__name__ == "BatchTracer" for a in args)
+    return True
+
+
+def _rule(rank: int, groups: int, kv_heads: int, backward: bool) -> tuple[str, dict]:
+    sp = " ".join("xyz"[:rank])
+    # Query heads are (key/value head, group) major to minor. Shardy rejects a size-1
+    # factor inside a compound one, so a single key/value head gets its own factor.
+    qh, kh = ("(h g)", "h") if groups > 1 and kv_heads > 1 else ("g", "u") if groups > 1 else ("h", "h")
+    q, k, v = f"b {sp} {qh} d", f"b {sp} {kh} d", f"b {sp} {kh} e"
+    o, lse = f"b {sp} {qh} e", f"b {sp} {qh}"
+    sizes = {"g": groups} if groups > 1 and kv_heads > 1 else {}
+    if backward:
+        rule = f"{q}, {k}, {v}, {o}, {lse}, {o}, {lse} -> {q}, {k}, {v}"
+    else:
+        rule = f"{q}, {k}, {v} -> {o}, {lse}"
+    return rule, dict(need_replication_factors=("d", "e"), **sizes)
+
+
+def _mesh_size(mesh, names: tuple[str, ...]) -> int:
+    return math.prod(mesh.shape[n] for n in names)
+
+
+def _plan_from_sharding(problem: Problem, sharding: Any, mesh: Any, shapes: Sequence[tuple]):
+    """From the (Shardy-propagated) sharding of ``query``: the mesh, batch / head mesh axes
+    and the spatial plans; the layouts we ask for are derived from these."""
+    q_shape, k_shape = shapes
+    ndim = len(q_shape)
+    if isinstance(sharding, NamedSharding):
+        mesh = sharding.mesh
+        spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    else:
+        spec = (None,) * ndim
+        if mesh is None or mesh.empty:
+            raise ValueError(
+                "jax_gna: sharded neighborhood attention needs the inputs' shardings as "
+                f"NamedSharding over a Mesh, got {sharding!r}; use jax.sharding.NamedSharding "
+                "or jax_gna.sharding.neighborhood_attention_sharded.")
+    batch = _axis_names(spec[0])
+    heads = _axis_names(spec[-2])
+    if batch and q_shape[0] % _mesh_size(mesh, batch):
+        batch = ()
+    if heads and k_shape[-2] % _mesh_size(mesh, heads):
+        log.warning("jax_gna: %d key/value heads do not split over mesh axes %s; the heads "
+                    "are not partitioned", k_shape[-2], heads)
+        heads = ()
+    plans = []
+    for a in range(problem.rank):
+        names = _axis_names(spec[1 + a])
+        if names and _mesh_size(mesh, names) > 1:
+            plans.append(plan_axis(problem, a, names, _mesh_size(mesh, names)))
+    spatial = [None] * problem.rank
+    for p in plans:
+        spatial[p.axis] = _collective_name(p.mesh_axes)
+    lead = (_collective_name(batch) if batch else None, *spatial,
+            _collective_name(heads) if heads else None)
+    data = NamedSharding(mesh, PartitionSpec(*lead, None))
+    lse = NamedSharding(mesh, PartitionSpec(*lead))
+    return mesh, tuple(plans), data, lse
+
+
+def _partitioned_op(problem: Problem, impl: Impl, groups: int, kv_heads: int):
+    from jax.experimental.custom_partitioning import custom_partitioning
+
+    backward = _backward_of(impl)
+
+    def forward_global(q, k, v):
+        return impl(q, k, v, problem)
+
+    def backward_global(q, k, v, out, lse, d_out, d_lse):
+        return local_attention_backward(q, k, v, out, lse, d_out, d_lse, problem, (), impl,
+                                        backward)
+
+    # jax.jit: custom_partitioning rejects functions with closed-over constants (the
+    # backends' static tables); a nested jit keeps them inside.
+    fwd = custom_partitioning(jax.jit(forward_global))
+    bwd = custom_partitioning(jax.jit(backward_global))
+
+    def partition_fwd(mesh, arg_shapes, result_shape):
+        shapes = (arg_shapes[0].shape, arg_shapes[1].shape)
+        mesh, plans, data, lse = _plan_from_sharding(problem, arg_shapes[0].sharding, mesh, shapes)
+
+        def lower(q, k, v):
+            return local_attention(q, k, v, problem, plans, impl)
+
+        return mesh, lower, (data, lse), (data, data, data)
+
+    def partition_bwd(mesh, arg_shapes, result_shape):
+        shapes = (arg_shapes[0].shape, arg_shapes[1].shape)
+        mesh, plans, data, lse = _plan_from_sharding(problem, arg_shapes[0].sharding, mesh, shapes)
+
+        def lower(q, k, v, out, l, d_out, d_l):
+            return local_attention_backward(q, k, v, out, l, d_out, d_l, problem, plans, impl,
+                                            backward)
+
+        return mesh, lower, (data, data, data), (data, data, data, data, lse, data, lse)
+
+    rule, factors = _rule(problem.rank, groups, kv_heads, backward=False)
+    fwd.def_partition(partition=partition_fwd, sharding_rule=rule, **factors)
+    rule, factors = _rule(problem.rank, groups, kv_heads, backward=True)
+    bwd.def_partition(partition=partition_bwd, sharding_rule=rule, **factors)
+
+    @jax.custom_vjp
+    def op(q, k, v):
+        return fwd(q, k, v)
+
+    def op_fwd(q, k, v):
+        out, lse = fwd(q, k, v)
+        return (out, lse), (q, k, v, out, lse)
+
+    def op_bwd(res, cot):
+        d_out, d_lse = cot
+        return tuple(bwd(*res, d_out.astype(res[3].dtype), d_lse.astype(res[4].dtype)))
+
+    op.defvjp(op_fwd, op_bwd)
+    return op
+
+
+def attention(impl: Impl, query: jax.Array, key: jax.Array, value: jax.Array,
+              problem: Problem) -> tuple[jax.Array, jax.Array]:
+    """``impl(query, key, value, problem)``, partitioned by the inputs' shardings under
+    ``jax.jit`` (see the module docstring). What :func:`jax_gna.neighborhood_attention`
+    calls; the same contract as a backend: ``(out, lse)``."""
+    if not problem.is_whole or not _partitioning_applies(query, key, value):
+        return impl(query, key, value, problem)
+    groups = query.shape[-2] // key.shape[-2]
+    return _partitioned_op(problem, impl, groups, key.shape[-2])(query, key, value)
+
+
+# --------------------------------------------------------------------------
+# Explicit path: inside shard_map, or shard_map for you.
+# --------------------------------------------------------------------------
+
+def neighborhood_attention_local(query: jax.Array, key: jax.Array, value: jax.Array,
+                                 kernel_size: IntOrTuple, stride: IntOrTuple = 1,
+                                 dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
+                                 scale: float | None = None, *,
+                                 spatial_axes: Mapping[int, AxisName] | None = None,
+                                 additional_keys: jax.Array | None = None,
+                                 additional_values: jax.Array | None = None,
+                                 return_lse: bool = False, backend: str = "auto"):
+    """Neighborhood attention on this device's blocks, for use **inside** ``shard_map``.
+
+    ``query``/``key``/``value`` are the local blocks ``[B_local, *spatial_local, H_local, D]``
+    of global arrays split evenly along the spatial axes named in ``spatial_axes``
+    (``{spatial_axis: mesh_axis_name or tuple of names}``, spatial axes counted from 0;
+    e.g. ``{0: "context"}`` for ``P("data", "context", None, None)``). Batch and heads may
+    be split too (nothing to say: they are independent). The result is this device's
+    block of the global operator (``kernel_size``, ``stride``, ... refer to the global
+    grid): halo rows are exchanged with the neighbours by ``lax.ppermute``; gradients flow
+    back through the same exchange.
+
+    ``additional_keys/values`` are this device's (typically replicated over the spatial
+    mesh axes) extra tokens, attended by every local query.
+
+    Raises ``ValueError`` as :func:`jax_gna.neighborhood_attention` does (checked on the
+    global shapes).
+    """
+    from .ops import select
+    from .params import make_problem
+    from . import xla as _xla
+
+    spatial_axes = dict(spatial_axes or {})
+    ndim = len(np.shape(query))
+    rank = ndim - 3
+    for a in spatial_axes:
+        if not isinstance(a, (int, np.integer)) or not 0 <= a < max(rank, 0):
+            raise ValueError(f"spatial_axes keys must be spatial axis indices in [0, {rank}), "
+                             f"got {a!r} (spatial_axes={spatial_axes}).")
+    counts = {a: int(jax.lax.axis_size(_collective_name(_axis_names(n))))
+              for a, n in spatial_axes.items()}
+
+    def global_struct(x):
+        shape = list(np.shape(x))
+        for a, n in counts.items():
+            shape[1 + a] *= n
+        return jax.ShapeDtypeStruct(tuple(shape), x.dtype)
+
+    g = [global_struct(x) for x in (query, key, value)]
+    problem = make_problem(*g, kernel_size, stride, dilation, is_causal, scale,
+                           additional_keys, additional_values)
+    _, _, impl = select(backend, problem, query, key, value)
+    plans = tuple(plan_axis(problem, a, spatial_axes[a], counts[a])
+                  for a in sorted(spatial_axes) if counts[a] > 1)
+    out, lse = local_attention(query, key, value, problem, plans, impl)
+    if additional_keys is not None:
+        extra_out, extra_lse = _xla.dense_attention(query, additional_keys, additional_values,
+                                                    problem.scale)
+        out, lse = _xla.merge(out, lse, extra_out, extra_lse)
+    return (out, lse) if return_lse else out
+
+
+def neighborhood_attention_sharded(query: jax.Array, key: jax.Array, value: jax.Array,
+                                   kernel_size: IntOrTuple, stride: IntOrTuple = 1,
+                                   dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
+                                   scale: float | None = None, *, mesh: jax.sharding.Mesh,
+                                   batch_axis: AxisName | None = None,
+                                   head_axis: AxisName | None = None,
+                                   spatial_axes: Mapping[int, AxisName] | None = None,
+                                   additional_keys: jax.Array | None = None,
+                                   additional_values: jax.Array | None = None,
+                                   return_lse: bool = False, backend: str = "auto"):
+    """:func:`jax_gna.neighborhood_attention` over global arrays laid out on ``mesh`` as
+    ``P(batch_axis, *[spatial_axes.get(i) for each spatial axis], head_axis, None)``
+    (``shard_map`` around :func:`neighborhood_attention_local`). Outputs come back with
+    that layout (log-sum-exp without the last dim). ``head_axis`` must divide the
+    key/value heads. Additional tokens are split over ``batch_axis``/``head_axis`` only.
+    Works under ``jax.jit`` and ``jax.grad``."""
+    from .params import make_problem
+
+    spatial_axes = dict(spatial_axes or {})
+    make_problem(query, key, value, kernel_size, stride, dilation, is_causal, scale,
+                 additional_keys, additional_values)  # errors before any device work
+    rank = len(np.shape(query)) - 3
+    for a in spatial_axes:
+        if not isinstance(a, (int, np.integer)) or not 0 <= a < rank:
+            raise ValueError(f"spatial_axes keys must be spatial axis indices in [0, {rank}), "
+                             f"got {a!r} (spatial_axes={spatial_axes}).")
+    h_kv = np.shape(key)[-2]
+    heads = _axis_names(head_axis)
+    if heads and h_kv % _mesh_size(mesh, heads):
+        raise ValueError(f"head_axis={head_axis!r} splits {_mesh_size(mesh, heads)} ways, "
+                         f"which does not divide the {h_kv} key/value heads.")
+    batch = _axis_names(batch_axis)
+    if batch and np.shape(query)[0] % _mesh_size(mesh, batch):
+        raise ValueError(f"batch_axis={batch_axis!r} splits {_mesh_size(mesh, batch)} ways, "
+                         f"which does not divide the batch {np.shape(query)[0]}.")
+    for a, names in spatial_axes.items():
+        n = _mesh_size(mesh, _axis_names(names))
+        if np.shape(query)[1 + a] % n:
+            raise ValueError(
+                f"spatial axis {a} of length {np.shape(query)[1 + a]} cannot be split into {n} "
+                f"equal shards over mesh axis {names!r}: the length must be a multiple of the "
+                f"number of shards.")
+    lead = (batch_axis, *[spatial_axes.get(a) for a in range(rank)], head_axis)
+    data, lse_spec = PartitionSpec(*lead, None), PartitionSpec(*lead)
+    extra = PartitionSpec(batch_axis, None, head_axis, None)
+    has_extra = additional_keys is not None
+
+    def body(q, k, v, *extra_kv):
+        ak, av = extra_kv if has_extra else (None, None)
+        return neighborhood_attention_local(
+            q, k, v, kernel_size, stride, dilation, is_causal, scale, spatial_axes=spatial_axes,
+            additional_keys=ak, additional_values=av, return_lse=True, backend=backend)
+
+    in_specs = (data, data, data) + ((extra, extra) if has_extra else ())
+    args = (query, key, value) + ((additional_keys, additional_values) if has_extra else ())
+    out, lse = jax.shard_map(body, mesh=mesh, in_specs=in_specs,
+                             out_specs=(data, lse_spec))(*args)
+    return (out, lse) if return_lse else out
+

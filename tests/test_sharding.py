@@ -1,0 +1,350 @@
+"""Sharded neighborhood attention (jax_gna.sharding) on 8 fake CPU devices.
+
+The multi-device checks need ``XLA_FLAGS=--xla_force_host_platform_device_count=8``
+before JAX is imported, which a pytest process that already imported JAX (any other
+test module) cannot do. So they run in one subprocess: this file executed as a script
+(``python tests/test_sharding.py``) runs every case and prints a JSON report; the pytest
+tests below start it once per session and assert case by case. The static halo math
+is tested in-process.
+
+Every case compares the sharded op (forward, log-sum-exp and the gradients of q, k, v
+through both outputs) with the unsharded op in float32, and reads the compiled HLO.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RTOL = 2e-6  # max |sharded - unsharded| / max |unsharded|, fp32
+
+# name -> (spatial shape, B, H, H_kv, D, window kwargs, mesh shape, mesh names, data spec)
+CASES = {
+    "1d_data2_context4_gqa_stride": (
+        (32,), 2, 4, 2, 8, dict(kernel_size=5, stride=2),
+        (2, 4), ("data", "context"), ("data", "context", None)),
+    "1d_data2_context4_causal_dilated": (
+        (32,), 2, 2, 1, 8, dict(kernel_size=4, stride=2, dilation=2, is_causal=True),
+        (2, 4), ("data", "context"), ("data", "context", None)),
+    "1d_context8_even_kernel": (
+        (48,), 1, 2, 2, 4, dict(kernel_size=6, stride=3),
+        (8,), ("context",), (None, "context", None)),
+    "2d_heads2_context2x2": (
+        (16, 12), 1, 4, 2, 8,
+        dict(kernel_size=(5, 3), stride=(2, 1), dilation=(1, 2), is_causal=(False, True)),
+        (2, 2, 2), ("heads", "cx", "cy"), (None, "cx", "cy", "heads")),
+    "1d_context8_multi_hop_halo": (
+        (32,), 1, 2, 2, 4, dict(kernel_size=11, stride=2),
+        (8,), ("context",), (None, "context", None)),
+    "3d_context2x2x2": (
+        (8, 8, 8), 1, 2, 1, 4, dict(kernel_size=3, stride=(1, 2, 1), is_causal=(True, False, False)),
+        (2, 2, 2), ("cx", "cy", "cz"), (None, "cx", "cy", "cz", None)),
+    "3d_data2_context4": (
+        (4, 6, 16), 2, 2, 2, 4, dict(kernel_size=(2, 3, 5), dilation=(1, 2, 1)),
+        (2, 4), ("data", "context"), ("data", None, None, "context", None)),
+    "1d_context_over_two_mesh_axes": (
+        (32,), 2, 2, 2, 4, dict(kernel_size=3),
+        (2, 4), ("a", "b"), (None, ("a", "b"), None)),
+}
+# Batch / heads only: no collective at all.
+LOCAL_CASES = {
+    "2d_data2_context4_blocked_no_halo": (
+        (8, 16), 2, 2, 2, 8, dict(kernel_size=(3, 4), stride=(1, 4)),
+        (2, 4), ("data", "context"), ("data", None, "context", None)),
+    "2d_data2_heads4_no_collectives": (
+        (8, 8), 2, 8, 4, 8, dict(kernel_size=3, stride=(1, 2)),
+        (2, 4), ("data", "heads"), ("data", None, None, "heads")),
+    "1d_data4_heads2_gqa_no_collectives": (
+        (16,), 4, 4, 2, 8, dict(kernel_size=5, is_causal=True),
+        (4, 2), ("data", "heads"), ("data", None, "heads")),
+}
+EXTRA_CASES = ["explicit_shard_map_1d", "explicit_shard_map_2d_additional_kv",
+               "error_uneven_split", "error_explicit_api", "vmap_falls_back"]
+ALL_CASES = list(CASES) + list(LOCAL_CASES) + EXTRA_CASES
+
+
+# --------------------------------------------------------------------------
+# pytest side.
+# --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def report():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], env=env,
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        pytest.fail(f"sharding worker failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                    f"{proc.stderr[-4000:]}")
+    return json.loads(lines[-1])
+
+
+@pytest.mark.parametrize("case", ALL_CASES)
+def test_sharded_case(report, case):
+    r = report[case]
+    assert r["ok"], r["msg"]
+
+
+def test_halo_matches_brute_force():
+    """The halo of every shard is exactly the reach of its queries' windows."""
+    from jax_gna import mask
+    from jax_gna.params import make_problem
+    from jax_gna.sharding import plan_axis
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.choice([2, 3, 4]))
+        size = int(rng.integers(4, 13))
+        length = n * size
+        k = int(rng.integers(2, 8))
+        d = int(rng.integers(1, 4))
+        if k * d > length:
+            continue
+        s = int(rng.integers(1, k + 1))
+        causal = bool(rng.integers(0, 2))
+        x = np.zeros((1, length, 1, 2), np.float32)
+        prob = make_problem(x, x, x, k, s, d, causal)
+        try:
+            plan = plan_axis(prob, 0, "c", n)
+        except ValueError:
+            continue
+        ax = prob.axis(0)
+        if causal:
+            assert plan.right == 0
+        need_l = need_r = 0
+        for r in range(n):
+            i = np.arange(r * size, (r + 1) * size)
+            first, last = mask.window_extent(i, ax)
+            need_l = max(need_l, r * size - first.min())
+            need_r = max(need_r, last.max() - (r + 1) * size + 1)
+            # the class problem of this shard sees exactly the same neighbors
+            c = plan.shard_class[r]
+            q0, k0 = plan.q_origin[c], plan.kv_origin[c]
+            kl = plan.kv_slice[c][1]
+            lo = max(0, r * size - plan.left)
+            jl = np.arange(kl)
+            mine = mask.is_neighbor(i[:, None], lo + jl[None, :], ax)
+            rep = mask.is_neighbor(q0 + np.arange(size)[:, None], k0 + jl[None, :], ax)
+            assert (mine == rep).all()
+            # every neighbor of the shard's queries is inside its key block
+            all_j = np.arange(length)
+            nb = mask.is_neighbor(i[:, None], all_j[None, :], ax)
+            assert nb[:, :lo].sum() == 0 and nb[:, lo + kl:].sum() == 0
+        assert (plan.left, plan.right) == (max(need_l, 0), max(need_r, 0))
+
+
+def test_plan_errors():
+    from jax_gna.params import make_problem
+    from jax_gna.sharding import plan_axis
+
+    x = np.zeros((1, 32, 1, 2), np.float32)
+    prob = make_problem(x, x, x, 11)
+    with pytest.raises(ValueError, match="multiple of the number of shards"):
+        plan_axis(prob, 0, "context", 3)
+    plan = plan_axis(prob, 0, "context", 4)
+    assert (plan.left, plan.right) == (5, 5) and plan.classes == 3
+    plan = plan_axis(prob, 0, "context", 8)  # halo wider than a shard: two hops
+    assert (plan.left, plan.right, plan.size) == (7, 7, 4)  # border windows shift inward
+
+
+# --------------------------------------------------------------------------
+# Worker side (a fresh process with 8 CPU devices).
+# --------------------------------------------------------------------------
+
+def _worker():  # pragma: no cover - runs in the subprocess
+    import re
+    import time
+    import traceback
+
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    import jax_gna
+    from jax_gna import sharding
+
+    assert jax.device_count() == 8, jax.devices()
+
+    def inputs(shape, b, h, h_kv, d, seed=0):
+        rng = np.random.default_rng(seed)
+        mk = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+        q, k, v = mk(b, *shape, h, d), mk(b, *shape, h_kv, d), mk(b, *shape, h_kv, d)
+        do, dl = mk(b, *shape, h, d), mk(b, *shape, h)
+        return q, k, v, do, dl
+
+    def fwd_bwd(kw, **extra):
+        def f(q, k, v, do, dl):
+            op = lambda q, k, v: jax_gna.neighborhood_attention(
+                q, k, v, **kw, return_lse=True, backend="xla", **extra)
+            (o, l), vjp = jax.vjp(op, q, k, v)
+            return (o, l) + tuple(vjp((do, dl)))
+        return f
+
+    def unsharded(kw, args, **extra):
+        old = sharding.set_auto_partitioning(False)
+        try:
+            return [np.asarray(x) for x in jax.jit(fwd_bwd(kw, **extra))(*args)]
+        finally:
+            sharding.set_auto_partitioning(old)
+
+    def compare(got, want, names=("out", "lse", "dq", "dk", "dv")):
+        errs = {}
+        for n, a, b in zip(names, got, want):
+            a = np.asarray(a)
+            errs[n] = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+        worst = max(errs.values())
+        assert worst < RTOL, f"relative errors {errs}"
+        return errs
+
+    def collectives(text):
+        return {op: len(re.findall(rf"\b{op}(-start)?\(", text))
+                for op in ("all-gather", "all-to-all", "collective-permute", "all-reduce",
+                           "reduce-scatter")}
+
+    def run_case(cfg, expect_permute):
+        shape, b, h, h_kv, d, kw, mshape, mnames, lead = cfg
+        mesh = Mesh(np.array(jax.devices()[:int(np.prod(mshape))]).reshape(mshape), mnames)
+        args = inputs(shape, b, h, h_kv, d)
+        want = unsharded(kw, args)
+        data = NamedSharding(mesh, P(*lead, None))
+        lse = NamedSharding(mesh, P(*lead))
+        sh = [jax.device_put(x, s) for x, s in zip(args, (data, data, data, data, lse))]
+        t = time.time()
+        compiled = jax.jit(fwd_bwd(kw)).lower(*sh).compile()
+        t_compile = time.time() - t
+        got = compiled(*sh)
+        errs = compare(got, want)
+        assert got[0].sharding.spec == data.spec, (got[0].sharding, data)
+        assert got[2].sharding.spec == data.spec, (got[2].sharding, data)
+        coll = collectives(compiled.as_text())
+        if expect_permute:
+            assert coll["collective-permute"] > 0, coll
+            bad = {k: v for k, v in coll.items() if k != "collective-permute" and v}
+        else:
+            bad = {k: v for k, v in coll.items() if v}
+        assert not bad, f"unexpected collectives {coll}"
+        return f"max rel err {max(errs.values()):.2e} {errs}; HLO collectives {coll}; " \
+               f"compile {t_compile:.1f}s"
+
+    def explicit_1d():
+        mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "context"))
+        kw = dict(kernel_size=7, stride=3, dilation=1)
+        args = inputs((32,), 2, 4, 2, 8, seed=1)
+        want = unsharded(kw, args)
+
+        def f(q, k, v, do, dl):
+            op = lambda q, k, v: sharding.neighborhood_attention_sharded(
+                q, k, v, **kw, mesh=mesh, batch_axis="data", spatial_axes={0: "context"},
+                return_lse=True, backend="xla")
+            (o, l), vjp = jax.vjp(op, q, k, v)
+            return (o, l) + tuple(vjp((do, dl)))
+
+        compiled = jax.jit(f).lower(*args).compile()
+        got = compiled(*args)
+        errs = compare(got, want)
+        coll = collectives(compiled.as_text())
+        assert coll["collective-permute"] > 0 and not coll["all-to-all"], coll
+        return f"max rel err {max(errs.values()):.2e}; HLO collectives {coll}"
+
+    def explicit_2d_extra():
+        mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("heads", "cx", "cy"))
+        kw = dict(kernel_size=(3, 5), stride=(3, 1), is_causal=(True, False))
+        q, k, v, do, dl = inputs((12, 16), 1, 4, 2, 8, seed=2)
+        rng = np.random.default_rng(3)
+        ak = jnp.asarray(rng.standard_normal((1, 5, 2, 8)), jnp.float32)
+        av = jnp.asarray(rng.standard_normal((1, 5, 2, 8)), jnp.float32)
+
+        def f(sharded, q, k, v, ak, av, do, dl):
+            def op(q, k, v, ak, av):
+                if sharded:
+                    return sharding.neighborhood_attention_sharded(
+                        q, k, v, **kw, mesh=mesh, head_axis="heads",
+                        spatial_axes={0: "cx", 1: "cy"}, additional_keys=ak,
+                        additional_values=av, return_lse=True, backend="xla")
+                return jax_gna.neighborhood_attention(
+                    q, k, v, **kw, additional_keys=ak, additional_values=av, return_lse=True,
+                    backend="xla")
+            (o, l), vjp = jax.vjp(op, q, k, v, ak, av)
+            return (o, l) + tuple(vjp((do, dl)))
+
+        old = sharding.set_auto_partitioning(False)
+        want = [np.asarray(x) for x in jax.jit(lambda *a: f(False, *a))(q, k, v, ak, av, do, dl)]
+        sharding.set_auto_partitioning(old)
+        got = jax.jit(lambda *a: f(True, *a))(q, k, v, ak, av, do, dl)
+        errs = compare(got, want, ("out", "lse", "dq", "dk", "dv", "dak", "dav"))
+        return f"max rel err {max(errs.values()):.2e}"
+
+    def error_uneven():
+        mesh = Mesh(np.array(jax.devices()), ("context",))
+        q, k, v, _, _ = inputs((36,), 1, 2, 2, 4)
+        spec = NamedSharding(mesh, P(None, "context", None, None))
+
+        def f(q, k, v):
+            q, k, v = [jax.lax.with_sharding_constraint(x, spec) for x in (q, k, v)]
+            return jax_gna.na1d(q, k, v, 3, backend="xla")
+        try:
+            jax.jit(f).lower(q, k, v).compile()
+        except Exception as e:  # raised by the partition callback, during compilation
+            msg = f"{type(e).__name__}: {e}"
+            assert "cannot be split into 8 equal shards" in msg, msg
+            return msg[:120] + " ... " + msg[msg.index("spatial axis 0"):][:200]
+        raise AssertionError("no error for a spatial length that does not split evenly")
+
+    def error_explicit():
+        mesh = Mesh(np.array(jax.devices()), ("context",))
+        q, k, v, _, _ = inputs((36,), 1, 2, 2, 4)
+        try:
+            sharding.neighborhood_attention_sharded(q, k, v, 3, mesh=mesh,
+                                                    spatial_axes={0: "context"})
+        except ValueError as e:
+            assert "cannot be split into 8 equal shards" in str(e), str(e)
+            return str(e)[:300]
+        raise AssertionError("no ValueError")
+
+    def vmap_fallback():
+        q, k, v, _, _ = inputs((16,), 3, 2, 2, 4)
+        f = jax.jit(jax.vmap(lambda q, k, v: jax_gna.na1d(q, k, v, 3, backend="xla")))
+        got = f(q[:, None], k[:, None], v[:, None])[:, 0]
+        old = sharding.set_auto_partitioning(False)
+        want = jax.jit(lambda q, k, v: jax_gna.na1d(q, k, v, 3, backend="xla"))(q, k, v)
+        sharding.set_auto_partitioning(old)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+        return "ok"
+
+    jobs = {name: (lambda c=cfg: run_case(c, True)) for name, cfg in CASES.items()}
+    jobs.update({name: (lambda c=cfg: run_case(c, False)) for name, cfg in LOCAL_CASES.items()})
+    jobs.update({"explicit_shard_map_1d": explicit_1d,
+                 "explicit_shard_map_2d_additional_kv": explicit_2d_extra,
+                 "error_uneven_split": error_uneven,
+                 "error_explicit_api": error_explicit,
+                 "vmap_falls_back": vmap_fallback})
+    only = sys.argv[2:]
+    report = {}
+    for name, job in jobs.items():
+        if only and name not in only:
+            continue
+        t = time.time()
+        try:
+            report[name] = {"ok": True, "msg": job()}
+        except Exception as e:
+            report[name] = {"ok": False, "msg": f"{type(e).__name__}: {e}\n"
+                                                f"{traceback.format_exc()[-3000:]}"}
+        print(f"# {name}: {time.time() - t:.1f}s {report[name]['msg'][:400]}", flush=True)
+    print(json.dumps(report), flush=True)
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8").strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, ROOT)
+    _worker()
