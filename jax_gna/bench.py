@@ -433,9 +433,9 @@ PHASES = (("cuda", "cudnn"), ("xla", "masked"))
 
 def run(cases: Sequence[Case], *, backends: Sequence[str] = BACKENDS,
         dtypes: Sequence[str] | None = None, passes: Sequence[str] = PASSES,
-        sampling: tuple[int, int, float] = (3, 20, 0.25), deadline: float | None = None,
-        mask_limit_bytes: int = 4 << 30, seed: int = 0, progress: bool = True,
-        name: str = "custom") -> dict:
+        sampling: tuple[int, int, float] | dict[str, tuple[int, int, float]] = (3, 20, 0.25),
+        deadline: float | None = None, mask_limit_bytes: int = 4 << 30, seed: int = 0,
+        progress: bool = True, name: str = "custom") -> dict:
     """Run the sweep; return the results (:func:`write_report` writes the files).
 
     Args:
@@ -444,7 +444,8 @@ def run(cases: Sequence[Case], *, backends: Sequence[str] = BACKENDS,
         here are recorded as skipped with the reason.
       dtypes: default fp16 and bf16 on GPU, fp32 elsewhere.
       passes: subset of ``("fwd", "bwd", "fwdbwd")``.
-      sampling: (min samples, max samples, target seconds of sampling per measurement).
+      sampling: (min samples, max samples, target seconds of sampling per measurement), or
+        a dict of them by case name.
       deadline: ``time.perf_counter()`` value after which the remaining measurements are
         recorded as skipped. ``cuda`` and ``cudnn`` are measured for every problem and
         dtype before ``xla`` and ``masked`` (:data:`PHASES`).
@@ -470,7 +471,6 @@ def run(cases: Sequence[Case], *, backends: Sequence[str] = BACKENDS,
     cuda_ok, cuda_why = cuda_status() if "cuda" in backends else (False, "")
     mem_limit = env.get("memory_limit_bytes")
     work_limit = mask_limit_bytes if not mem_limit else max(mask_limit_bytes, int(0.6 * mem_limit))
-    min_s, max_s, target = sampling
 
     infos = {c.name: _case_info(c) for c in cases}
     tasks = [(dtype, case, backend, p)
@@ -521,7 +521,8 @@ def run(cases: Sequence[Case], *, backends: Sequence[str] = BACKENDS,
                     extra = (mask,)
                 f = attention_fn(backend, case)
                 fn, args = pass_fn(f, p, *inputs, extra)
-                m = measure(fn, args, min_s, max_s, target)
+                m = measure(fn, args, *(sampling[case.name] if isinstance(sampling, dict)
+                                        else sampling))
                 del fn, args
                 rec.update(m)
                 if backend == "cudnn":
@@ -544,7 +545,8 @@ def run(cases: Sequence[Case], *, backends: Sequence[str] = BACKENDS,
     _derive(records, infos)
     return {"name": name, "env": env, "cases": list(infos.values()), "records": records,
             "config": {"backends": list(backends), "dtypes": list(dtypes), "passes": list(passes),
-                       "sampling": list(sampling), "mask_limit_bytes": mask_limit_bytes,
+                       "sampling": sampling if isinstance(sampling, dict) else list(sampling),
+                       "mask_limit_bytes": mask_limit_bytes,
                        "cuda": cuda_ok, "cuda_note": cuda_why},
             "wall_s": time.perf_counter() - t_start}
 
@@ -866,29 +868,53 @@ def run_from_args(args: argparse.Namespace) -> int:
             return 2
         jobs.append((name, PRESETS.get(name) or MODEL_PRESETS[name]))
     deadline = None if args.budget_s is None else time.perf_counter() + args.budget_s
-    for name, cases in jobs:
-        if not isinstance(cases, list):  # a model-level preset
-            from . import bench_model
-            mb = tuple(b for b in (args.backends or "cuda").split(",") if b in ("cuda", "xla"))
-            result = bench_model.run_model(
-                cases, backends=mb, dtype=dtypes[0] if dtypes else None,
-                passes=tuple(p for p in passes if p != "bwd"), deadline=deadline,
-                progress=not args.no_progress, name=name)
-            paths = bench_model.write_model_report(result, args.out)
-            print(bench_model.model_markdown(result))
+    # All grid presets run as one sweep (so the phase order and the time budget span
+    # them all), then the results are split and written per preset.
+    grid = [(name, cases) for name, cases in jobs if isinstance(cases, list)]
+    if grid:
+        sampling: dict[str, tuple[int, int, float]] = {}
+        all_cases: list[Case] = []
+        for name, cases in grid:
+            smp = SAMPLING.get(name, SAMPLING["custom"])
+            if args.samples:
+                smp = (args.samples[0], args.samples[-1], smp[2])
+            for c in cases:
+                if c.name not in sampling:
+                    sampling[c.name] = smp
+                    all_cases.append(c)
+        combined = run(all_cases, backends=backends, dtypes=dtypes, passes=passes,
+                       sampling=sampling, deadline=deadline,
+                       mask_limit_bytes=int(args.mask_limit_gib * 2**30),
+                       progress=not args.no_progress, name="+".join(n for n, _ in grid))
+        for name, cases in grid:
+            out_name = args.name if (args.name and len(grid) == 1) else name
+            result = split_result(combined, [c.name for c in cases], out_name)
+            paths = write_report(result, args.out)
+            print(markdown(result))
             print("wrote " + ", ".join(paths.values()))
+    for name, case in jobs:
+        if isinstance(case, list):
             continue
-        sampling = SAMPLING.get(name, SAMPLING["custom"])
-        if args.samples:
-            sampling = (args.samples[0], args.samples[-1], sampling[2])
-        out_name = args.name if (args.name and len(jobs) == 1) else name
-        result = run(cases, backends=backends, dtypes=dtypes, passes=passes, sampling=sampling,
-                     deadline=deadline, mask_limit_bytes=int(args.mask_limit_gib * 2**30),
-                     progress=not args.no_progress, name=out_name)
-        paths = write_report(result, args.out)
-        print(markdown(result))
+        from . import bench_model
+        mb = tuple(b for b in (args.backends or "cuda").split(",") if b in ("cuda", "xla"))
+        result = bench_model.run_model(
+            case, backends=mb, dtype=dtypes[0] if dtypes else None,
+            passes=tuple(p for p in passes if p != "bwd"), deadline=deadline,
+            progress=not args.no_progress, name=name)
+        paths = bench_model.write_model_report(result, args.out)
+        print(bench_model.model_markdown(result))
         print("wrote " + ", ".join(paths.values()))
     return 0
+
+
+def split_result(result: dict, case_names: Sequence[str], name: str) -> dict:
+    """The part of a sweep's result that concerns ``case_names`` (one preset)."""
+    keep = set(case_names)
+    out = dict(result, name=name)
+    out["cases"] = [c for c in result["cases"] if c["name"] in keep]
+    out["records"] = [r for r in result["records"] if r["case"] in keep]
+    out["sweep"] = result["name"]
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,18 +22,23 @@ The bounds (all "x times faster than dense attention over the same tokens"):
 
 * ``flop_bound`` = total keys / average number of keys a query attends to
   (``1 / density``). Causal windows count only the keys actually attended.
-* ``tile_bound`` = total key tiles / key tiles visited by the *worst* query tile.
+* ``tile_bound`` = total keys / keys in the key tiles visited by the *worst* query
+  tile, i.e. total key tiles / key tiles visited when the tiles divide the grid
+  (padding in partial tiles is work a kernel pays for and dense attention does not).
   **This is the headline number** (``SimResult.bound``) and the one that
   reproduces the published speed-of-light values exactly (rounded to 2
   decimals): HunyuanVideo 30x48x80, window 18x24x24, query tile 4x8x8, key tile
   2x8x8: 3.27x at stride 1 and 11.11x at stride 16x8x8; FLUX 256x256, window
   80x80, query tile 16x16, key tile 16x8: 6.10x. The worst tile is an interior
   one in large problems, so it is what the bulk of the work costs.
-* ``tile_bound_avg`` = total key tiles / key tiles visited by the average query
-  tile (higher than ``tile_bound``: border tiles see fewer key tiles).
+* ``tile_bound_avg``: the same for the average query tile (higher than
+  ``tile_bound``: border tiles see fewer key tiles).
 
-Tiles are aligned at the grid origin; a last tile that runs past the end of an
-axis is counted as one tile (its padding is never "work" in the bounds, and
+Dilated axes are tiled per dilation group by default (``layout="grouped"``: the
+kernels' layout, where a dilated problem is ``prod(dilation)`` undilated ones);
+``layout="interleaved"`` tiles the original coordinates instead. Tiles are aligned
+at the grid (group) origin; a last tile that runs past the end of an axis is
+counted as one tile (its padding is never "work" in the bounds, and
 bounds checking of padded elements is not counted as an element mask).
 """
 
@@ -106,14 +111,45 @@ def _axis_neighbor_counts(ax: Axis) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return i % ax.dilation, lo, hi
 
 
+LAYOUTS = ("grouped", "interleaved")
+
+
 @functools.lru_cache(maxsize=4096)
-def axis_tiles(ax: Axis, q_tile: int, kv_tile: int) -> AxisTiles:
+def axis_tiles(ax: Axis, q_tile: int, kv_tile: int, layout: str = "grouped") -> AxisTiles:
     """Per-axis visited/full key tiles for every query tile (see the module docstring).
 
-    With dilation ``d``, query ``i`` (group ``g = i % d``) sees the keys
-    ``g + d*m`` for ``m`` in its window ``[lo, hi]``; a key tile ``[a, b]`` holds
-    ``|[ceil((a-g)/d), floor((b-g)/d)] & [lo, hi]|`` of them.
+    ``layout`` says how tiles cover a dilated axis (``d > 1``):
+
+    * ``"grouped"`` (default; what jax_gna's kernels and NATTEN do): the axis is split
+      into its ``d`` dilation groups (position ``i`` goes to group ``i % d`` at index
+      ``i // d``) and each group is tiled on its own, as an undilated axis; tiles never
+      mix groups. The matrices are block-diagonal over the groups.
+    * ``"interleaved"``: tiles are intervals of the original coordinates. Query ``i``
+      (group ``g = i % d``) sees the keys ``g + d*m`` for ``m`` in its window
+      ``[lo, hi]``; a key tile ``[a, b]`` holds ``|[ceil((a-g)/d), floor((b-g)/d)] &
+      [lo, hi]|`` of them.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
+    if layout == "grouped" and ax.dilation > 1:
+        parts = []
+        for g in range(ax.dilation):
+            n = (ax.length - g + ax.dilation - 1) // ax.dilation
+            parts.append(axis_tiles(Axis(n, ax.kernel_size, ax.stride, 1, ax.is_causal),
+                                    q_tile, kv_tile, "interleaved"))
+        nq = sum(p.n_q_tiles for p in parts)
+        nk = sum(p.n_kv_tiles for p in parts)
+        visited = np.zeros((nq, nk), dtype=bool)
+        full = np.zeros((nq, nk), dtype=bool)
+        r = c = 0
+        for p in parts:
+            visited[r:r + p.n_q_tiles, c:c + p.n_kv_tiles] = p.visited
+            full[r:r + p.n_q_tiles, c:c + p.n_kv_tiles] = p.full
+            r, c = r + p.n_q_tiles, c + p.n_kv_tiles
+        _, lo, hi = _axis_neighbor_counts(ax)
+        visited.setflags(write=False)
+        full.setflags(write=False)
+        return AxisTiles(ax, q_tile, kv_tile, nq, nk, visited, full, float(np.mean(hi - lo + 1)))
     if q_tile < 1 or kv_tile < 1:
         raise ValueError(f"tile extents must be >= 1, got q_tile={q_tile}, kv_tile={kv_tile}.")
     L, d = ax.length, ax.dilation
@@ -238,8 +274,9 @@ class SimResult:
         tile does not see some key of the key tile).
       masked_worst: masked key tiles of the worst query tile (the query tile with
         the most visited key tiles, ties broken by most masked).
-      tile_bound: ``n_kv_tiles / visited_worst`` (the headline bound).
-      tile_bound_avg: ``n_kv_tiles / visited_avg``.
+      tile_bound: ``total keys / (visited_worst * keys per kv tile)`` (the headline
+        bound; ``n_kv_tiles / visited_worst`` when the tiles divide the grid).
+      tile_bound_avg: the same with ``visited_avg``.
       per_axis: the per-axis counts.
     """
 
@@ -310,7 +347,8 @@ class SimResult:
 
 def simulate(shape: Sequence[int], kernel_size: IntOrTuple, stride: IntOrTuple = 1,
              dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False, *,
-             q_tile: IntOrTuple = 64, kv_tile: IntOrTuple = 64) -> SimResult:
+             q_tile: IntOrTuple = 64, kv_tile: IntOrTuple = 64,
+             layout: str = "grouped") -> SimResult:
     """Simulate one tiling of one GNA problem.
 
     Args:
@@ -318,6 +356,8 @@ def simulate(shape: Sequence[int], kernel_size: IntOrTuple, stride: IntOrTuple =
       kernel_size, stride, dilation, is_causal: GNA parameters (int/bool or per axis),
         checked as the public op checks them.
       q_tile, kv_tile: tile shapes (int: the same extent on every axis).
+      layout: how tiles cover dilated axes: ``"grouped"`` (each dilation group tiled on
+        its own, as the kernels do) or ``"interleaved"`` (see :func:`axis_tiles`).
 
     Returns:
       A :class:`SimResult`; ``result.bound`` is the speed-of-light speedup over dense.
@@ -332,7 +372,7 @@ def simulate(shape: Sequence[int], kernel_size: IntOrTuple, stride: IntOrTuple =
     rank = len(axes)
     qt = per_axis("q_tile", q_tile, rank)
     kt = per_axis("kv_tile", kv_tile, rank)
-    per = tuple(axis_tiles(ax, qt[a], kt[a]) for a, ax in enumerate(axes))
+    per = tuple(axis_tiles(ax, qt[a], kt[a], layout) for a, ax in enumerate(axes))
     return _combine(axes, qt, kt, per)
 
 
@@ -364,7 +404,8 @@ def _combine(axes: Sequence[Axis], qt: tuple[int, ...], kt: tuple[int, ...],
         n_q_tiles=n_q, n_kv_tiles=n_k,
         visited_worst=visited_worst, visited_avg=visited_avg, visited_total=visited_total,
         masked_total=visited_total - full_total, masked_worst=visited_worst - worst_full,
-        tile_bound=n_k / visited_worst, tile_bound_avg=n_k / visited_avg,
+        tile_bound=total_keys / (visited_worst * math.prod(kt)),
+        tile_bound_avg=total_keys / (visited_avg * math.prod(kt)),
         per_axis=tuple(per))
 
 
@@ -394,7 +435,7 @@ def best_tiles(shape: Sequence[int], kernel_size: IntOrTuple, stride: IntOrTuple
                dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False, *,
                q_tile_size: int = 128, kv_tile_size: int = 128, top: int = 1,
                q_tiles: Iterable[Sequence[int]] | None = None,
-               kv_tiles: Iterable[Sequence[int]] | None = None
+               kv_tiles: Iterable[Sequence[int]] | None = None, layout: str = "grouped"
                ) -> Union[SimResult, list[SimResult]]:
     """Search the tile shapes of ``q_tile_size`` / ``kv_tile_size`` tokens for the best bound.
 
@@ -407,7 +448,9 @@ def best_tiles(shape: Sequence[int], kernel_size: IntOrTuple, stride: IntOrTuple
     """
     axes = _axes(shape, kernel_size, stride, dilation, is_causal)
     rank = len(axes)
-    lengths = [ax.length for ax in axes]
+    # Grouped layout: tiles live in a dilation group, so fit them to the group lengths.
+    lengths = [-(-ax.length // ax.dilation) if layout == "grouped" else ax.length
+               for ax in axes]
     qs = ([per_axis("q_tiles", t, rank) for t in q_tiles] if q_tiles is not None
           else tile_shapes(q_tile_size, lengths))
     ks = ([per_axis("kv_tiles", t, rank) for t in kv_tiles] if kv_tiles is not None
@@ -418,7 +461,7 @@ def best_tiles(shape: Sequence[int], kernel_size: IntOrTuple, stride: IntOrTuple
     results = []
     for qt in qs:
         for kt in ks:
-            per = [axis_tiles(ax, qt[a], kt[a]) for a, ax in enumerate(axes)]
+            per = [axis_tiles(ax, qt[a], kt[a], layout) for a, ax in enumerate(axes)]
             results.append(_combine(axes, tuple(qt), tuple(kt), per))
     results.sort(key=lambda r: (-r.tile_bound, -r.tile_bound_avg, r.masked_total,
                                 r.q_tile, r.kv_tile))

@@ -39,6 +39,27 @@ def test_known_value_details():
     assert blocked.masked_total == 0 and blocked.tile_bound == pytest.approx(blocked.flop_bound)
 
 
+def test_grouped_dilation_is_independent_problems():
+    # Dilation 2x2 on 128x128 = four undilated 64x64 problems, each tiled on its own.
+    dil = sim.simulate((128, 128), 13, 1, 2, q_tile=(8, 16), kv_tile=(16, 8))
+    one = sim.simulate((64, 64), 13, q_tile=(8, 16), kv_tile=(16, 8))
+    assert dil.visited_worst == one.visited_worst
+    assert dil.n_q_tiles == 4 * one.n_q_tiles and dil.visited_total == 4 * one.visited_total
+    assert dil.bound == pytest.approx(4 * one.bound)
+    inter = sim.simulate((128, 128), 13, 1, 2, q_tile=(8, 16), kv_tile=(16, 8),
+                         layout="interleaved")
+    assert inter.bound < dil.bound
+    with pytest.raises(ValueError, match="layout"):
+        sim.simulate((16,), 4, layout="packed")
+
+
+def test_padding_counts_as_work():
+    # 30 keys in tiles of 32: one tile that holds 2 padding keys.
+    r = sim.simulate((30,), 30, q_tile=32, kv_tile=32)
+    assert r.n_kv_tiles == r.visited_worst == 1
+    assert r.bound == pytest.approx(30 / 32)
+
+
 def test_self_attention_is_dense():
     r = sim.simulate((16, 12), (16, 12), q_tile=(4, 4), kv_tile=(8, 2))
     assert r.bound == 1.0 and r.flop_bound == 1.0 and r.masked_total == 0
@@ -57,13 +78,28 @@ def _neighbor_matrix(axes):
     return coords, m
 
 
-def _brute_force(axes, qt, kt):
+def _tile_ids(axes, coords, tile, layout):
+    """Per token, the id of its tile (tiles of each dilation group apart if grouped)."""
+    ids, dims = [], []
+    for a, (ax, t) in enumerate(zip(axes, tile)):
+        c = coords[:, a]
+        if layout == "interleaved" or ax.dilation == 1:
+            ids.append(c // t)
+            dims.append(-(-ax.length // t))
+            continue
+        d = ax.dilation
+        counts = [-(-((ax.length - g + d - 1) // d) // t) for g in range(d)]
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        ids.append(offsets[c % d] + (c // d) // t)
+        dims.append(sum(counts))
+    return np.ravel_multi_index(tuple(ids), dims)
+
+
+def _brute_force(axes, qt, kt, layout="interleaved"):
     coords, m = _neighbor_matrix(axes)
-    q_id = np.ravel_multi_index(tuple((coords // np.array(qt)).T),
-                                [-(-ax.length // t) for ax, t in zip(axes, qt)])
-    k_id = np.ravel_multi_index(tuple((coords // np.array(kt)).T),
-                                [-(-ax.length // t) for ax, t in zip(axes, kt)])
-    nq, nk = q_id.max() + 1, k_id.max() + 1
+    q_id = _tile_ids(axes, coords, qt, layout)
+    k_id = _tile_ids(axes, coords, kt, layout)
+    nq, nk = q_id.max() + 1, k_id.max() + 1  # (ids are dense: every tile holds a token)
     visited = np.zeros((nq, nk), bool)
     full = np.ones((nq, nk), bool)
     for qi in range(nq):
@@ -95,15 +131,16 @@ def _random_problem(rng):
     return axes, tuple(qt), tuple(kt)
 
 
+@pytest.mark.parametrize("layout", sim.LAYOUTS)
 @pytest.mark.parametrize("seed", range(40))
-def test_matches_brute_force(seed):
+def test_matches_brute_force(seed, layout):
     rng = np.random.default_rng(seed)
     axes, qt, kt = _random_problem(rng)
     shape = tuple(ax.length for ax in axes)
     args = (shape, tuple(ax.kernel_size for ax in axes), tuple(ax.stride for ax in axes),
             tuple(ax.dilation for ax in axes), tuple(ax.is_causal for ax in axes))
-    r = sim.simulate(*args, q_tile=qt, kv_tile=kt)
-    bf = _brute_force(axes, qt, kt)
+    r = sim.simulate(*args, q_tile=qt, kv_tile=kt, layout=layout)
+    bf = _brute_force(axes, qt, kt, layout)
     assert r.visited_total == bf["visited_total"]
     assert r.masked_total == bf["masked_total"]
     assert r.visited_worst == bf["visited_worst"]
