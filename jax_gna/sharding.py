@@ -313,10 +313,12 @@ def local_attention_backward(query, key, value, out, lse, d_out, d_lse, problem:
 
 
 def _backward_of(impl: Impl) -> Backward | None:
-    """The backend's backward from saved (out, lse), if it exposes one.
+    """The backend's backward from saved ``(out, lse)``, if it has one; ``None`` means
+    :func:`local_attention_backward` recomputes the forward (``jax.vjp``).
 
-    Protocol: ``impl.backward(q, k, v, out, lse, d_out, d_lse, problem) -> (dq, dk, dv)``.
-    The ``xla`` backend's custom_vjp rule is used directly."""
+    Protocol for a backend: ``impl.backward(q, k, v, out, lse, d_out, d_lse, problem)
+    -> (dq, dk, dv)``. The ``xla`` and ``cuda`` backends' custom_vjp rules are used
+    directly."""
     bwd = getattr(impl, "backward", None)
     if bwd is not None:
         return bwd
@@ -324,7 +326,35 @@ def _backward_of(impl: Impl) -> Backward | None:
         def xla_backward(q, k, v, out, lse, d_out, d_lse, problem):
             return xla._attention_bwd(problem, None, None, (q, k, v, out, lse), (d_out, d_lse))
         return xla_backward
+    try:
+        from . import cuda
+    except ImportError:  # pragma: no cover
+        return None
+    if impl is getattr(cuda, "attention", None) and hasattr(cuda, "_attention_bwd"):
+        def cuda_backward(q, k, v, out, lse, d_out, d_lse, problem):
+            return cuda._attention_bwd(problem, False, (q, k, v, out, lse), (d_out, d_lse))
+        return cuda_backward
     return None
+
+
+def halo_sizes(shape: Sequence[int], kernel_size: IntOrTuple, stride: IntOrTuple = 1,
+               dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False, *,
+               shards: Mapping[int, int]) -> dict[int, tuple[int, int]]:
+    """``{spatial_axis: (left, right)}``: the key/value rows each shard receives from its
+    left / right neighbours when spatial axis ``a`` of the global ``shape`` is split into
+    ``shards[a]`` equal blocks. Per step and device, the forward moves
+    ``(left + right) * prod(other local extents) * H_kv * (D + D_v)`` elements per sharded
+    axis; the backward moves twice that (the halo again, and its gradient back)."""
+    from .params import window_params
+
+    shape = tuple(int(n) for n in shape)
+    k, s, d, c = window_params(shape, kernel_size, stride, dilation, is_causal)
+    problem = Problem(shape=shape, kernel_size=k, stride=s, dilation=d, is_causal=c, scale=1.0)
+    out = {}
+    for a, n in shards.items():
+        p = plan_axis(problem, a, (f"axis{a}",), int(n))
+        out[a] = (p.left, p.right)
+    return out
 
 
 # --------------------------------------------------------------------------

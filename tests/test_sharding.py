@@ -65,7 +65,8 @@ LOCAL_CASES = {
         (4, 2), ("data", "heads"), ("data", None, "heads")),
 }
 EXTRA_CASES = ["explicit_shard_map_1d", "explicit_shard_map_2d_additional_kv",
-               "error_uneven_split", "error_explicit_api", "vmap_falls_back"]
+               "error_uneven_split", "error_explicit_api", "vmap_falls_back",
+               "nnx_training_step_data2_context4"]
 ALL_CASES = list(CASES) + list(LOCAL_CASES) + EXTRA_CASES
 
 
@@ -73,23 +74,33 @@ ALL_CASES = list(CASES) + list(LOCAL_CASES) + EXTRA_CASES
 # pytest side.
 # --------------------------------------------------------------------------
 
+WORKERS = 2  # subprocesses in parallel (XLA compiles mostly on one core each)
+
+
 @pytest.fixture(scope="module")
 def report():
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], env=env,
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        pytest.fail(f"sharding worker failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n"
-                    f"{proc.stderr[-4000:]}")
-    return json.loads(lines[-1])
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker",
+                               *ALL_CASES[i::WORKERS]], env=env, cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for i in range(WORKERS)]
+    merged = {}
+    for proc in procs:
+        out, err = proc.communicate(timeout=900)
+        lines = [l for l in out.splitlines() if l.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            pytest.fail(f"sharding worker failed (rc={proc.returncode}):\n{out[-4000:]}\n"
+                        f"{err[-4000:]}")
+        merged.update(json.loads(lines[-1]))
+    return merged
 
 
 @pytest.mark.parametrize("case", ALL_CASES)
 def test_sharded_case(report, case):
+    assert case in report, f"the worker did not run {case}"
     r = report[case]
     assert r["ok"], r["msg"]
 
@@ -318,7 +329,53 @@ def _worker():  # pragma: no cover - runs in the subprocess
         want = jax.jit(lambda q, k, v: jax_gna.na1d(q, k, v, 3, backend="xla"))(q, k, v)
         sharding.set_auto_partitioning(old)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
-        return "ok"
+        loss = lambda q: jax.vmap(lambda q, k, v: jax_gna.na1d(q, k, v, 3, backend="xla"))(
+            q, k[:, None], v[:, None]).sum()
+        got = jax.jit(jax.grad(loss))(q[:, None])
+        old = sharding.set_auto_partitioning(False)
+        want = jax.jit(jax.grad(loss))(q[:, None])
+        sharding.set_auto_partitioning(old)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+        return "ok (forward and grad of vmap)"
+
+    def nnx_training_step():
+        """A Flax NNX layer's training step on a (data, context) mesh: activations
+        sharded over batch and sequence, parameters replicated; the attention exchanges
+        halos, the only other collective is the all-reduce of gradients and loss."""
+        try:
+            from flax import nnx
+            from jax_gna import nn as gnn
+        except ImportError as e:
+            return f"skipped: {e}"
+        mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "context"))
+        layer = gnn.NeighborhoodAttention1D(4, 16, kernel_size=7, stride=2, num_kv_heads=2,
+                                            rope=True, normalize_qk=True, backend="xla",
+                                            rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(layer, nnx.Param)
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.standard_normal((2, 64, 16)), jnp.float32)
+        y = jnp.asarray(rng.standard_normal((2, 64, 16)), jnp.float32)
+
+        def step(params, x, y):
+            def loss(p):
+                return jnp.mean((nnx.merge(graphdef, p)(x) - y) ** 2)
+            value, grads = jax.value_and_grad(loss)(params)
+            return value, jax.tree.map(lambda a, b: a - 0.1 * b, params, grads)
+
+        old = sharding.set_auto_partitioning(False)
+        l0, p0 = jax.jit(step)(params, x, y)
+        sharding.set_auto_partitioning(old)
+        act = NamedSharding(mesh, P("data", "context", None))
+        xs, ys = jax.device_put(x, act), jax.device_put(y, act)
+        compiled = jax.jit(step).lower(params, xs, ys).compile()
+        coll = collectives(compiled.as_text())
+        assert coll["collective-permute"] > 0 and not coll["all-gather"], coll
+        assert not coll["all-to-all"], coll
+        l1, p1 = compiled(params, xs, ys)
+        err = max(float(jnp.abs(a - b).max() / jnp.abs(a).max())
+                  for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)))
+        assert abs(float(l0) - float(l1)) < 1e-5 * abs(float(l0)) and err < RTOL, (l0, l1, err)
+        return f"loss {float(l1):.6f} vs {float(l0):.6f}, max rel param err {err:.1e}; {coll}"
 
     jobs = {name: (lambda c=cfg: run_case(c, True)) for name, cfg in CASES.items()}
     jobs.update({name: (lambda c=cfg: run_case(c, False)) for name, cfg in LOCAL_CASES.items()})
@@ -326,7 +383,8 @@ def _worker():  # pragma: no cover - runs in the subprocess
                  "explicit_shard_map_2d_additional_kv": explicit_2d_extra,
                  "error_uneven_split": error_uneven,
                  "error_explicit_api": error_explicit,
-                 "vmap_falls_back": vmap_fallback})
+                 "vmap_falls_back": vmap_fallback,
+                 "nnx_training_step_data2_context4": nnx_training_step})
     only = sys.argv[2:]
     report = {}
     for name, job in jobs.items():
