@@ -584,7 +584,7 @@ def _cell(r: dict | None) -> str:
     out += f", {r['tflops']:.3g} TF/s"
     if r.get("speedup") is not None:
         out += f", **{r['speedup']:.2f}x**"
-        if r["backend"] != "cudnn":
+        if r["backend"] not in ("cudnn", "sdpa"):
             out += f" ({r['pct_bound']:.0f}%)"
     return out
 
@@ -672,7 +672,7 @@ def chart(result: dict, path: str) -> str | None:
         return None
     passes = [p for p in result["config"]["passes"] if any(r["pass"] == p for r in pts)]
     fig, axes = plt.subplots(1, len(passes), figsize=(6 * len(passes), 4.8), squeeze=False)
-    markers = {"cuda": "o", "xla": "s", "masked": "^"}
+    markers = {"cuda": "o", "xla": "s", "masked": "^", "flex": "D", "sdpa": "v"}
     dtypes = result["config"]["dtypes"]
     colors = {d: c for d, c in zip(dtypes, ("tab:blue", "tab:orange", "tab:green"))}
     sp = np.linspace(0.0, 0.995, 400)
@@ -837,11 +837,63 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask-limit-gib", type=float, default=4.0,
                    help="skip the masked-dense peer above this mask size (GiB)")
     p.add_argument("--name", default=None, help="result file name (default: the preset)")
+    p.add_argument("--merge-peers", default=None,
+                   help="comma-separated JSON files of benchmarks.torch_peers to merge into "
+                        "the results (FlexAttention, torch SDPA)")
+    p.add_argument("--from-json", default=None,
+                   help="measure nothing: rewrite the report of this result JSON (with "
+                        "--merge-peers merged in) into --out")
     p.add_argument("--no-progress", action="store_true")
+
+
+def merge_peers(result: dict, peer_results: Sequence[dict]) -> dict:
+    """Add the records of other processes (``benchmarks.torch_peers``) to a result.
+
+    Records of cases the result does not have are dropped; speedups are recomputed
+    over the result's cuDNN dense times. The peers' environment goes to ``peer_env``.
+    """
+    names = {c["name"] for c in result["cases"]}
+    out = dict(result)
+    out["records"] = [dict(r) for r in result["records"]]
+    backends = list(result["config"]["backends"])
+    for pr in peer_results:
+        for r in pr["records"]:
+            if r["case"] in names:
+                out["records"] = [x for x in out["records"] if (x["case"], x["dtype"],
+                                  x["backend"], x["pass"]) != (r["case"], r["dtype"],
+                                                               r["backend"], r["pass"])]
+                out["records"].append(dict(r))
+                if r["backend"] not in backends:
+                    backends.append(r["backend"])
+        out.setdefault("peer_env", []).append(pr.get("env"))
+    out["config"] = dict(result["config"], backends=backends)
+    case_i = {c["name"]: i for i, c in enumerate(result["cases"])}
+    dtypes = list(dict.fromkeys(list(result["config"]["dtypes"])
+                                + [r["dtype"] for r in out["records"]]))
+    out["records"].sort(key=lambda r: (dtypes.index(r["dtype"]), case_i[r["case"]],
+                                       backends.index(r["backend"]),
+                                       PASSES.index(r["pass"]) if r["pass"] in PASSES else 9))
+    _derive(out["records"], {c["name"]: c for c in out["cases"]})
+    return out
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run ``bench`` from parsed arguments; print the tables, write the files."""
+    peers = []
+    for path in (args.merge_peers or "").split(","):
+        if path:
+            with open(path) as f:
+                peers.append(json.load(f))
+    if args.from_json:
+        with open(args.from_json) as f:
+            result = json.load(f)
+        if args.name:
+            result["name"] = args.name
+        result = merge_peers(result, peers)
+        paths = write_report(result, args.out)
+        print(markdown(result))
+        print("wrote " + ", ".join(paths.values()))
+        return 0
     long = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "half": "float16"}
     dtypes = None if not args.dtypes else tuple(long.get(d, d) for d in args.dtypes.split(","))
     backends = tuple(b for b in (args.backends or ",".join(BACKENDS)).split(",") if b)
@@ -889,6 +941,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         for name, cases in grid:
             out_name = args.name if (args.name and len(grid) == 1) else name
             result = split_result(combined, [c.name for c in cases], out_name)
+            if peers:
+                result = merge_peers(result, peers)
             paths = write_report(result, args.out)
             print(markdown(result))
             print("wrote " + ", ".join(paths.values()))

@@ -192,3 +192,32 @@ def test_model_smoke_block(tmp_path):
     full = bench_model.MODEL_PRESETS["model"]
     assert (full.hidden, full.heads, full.head_dim, full.mlp_ratio, full.grid) == (
         3072, 24, 128, 4, (30, 48, 80))
+
+
+def test_merge_peers_and_from_json(tmp_path):
+    case = Case("a", (64,), 1, 32, (8,))
+    infos = {"a": bench._case_info(case)}
+    recs = [{"case": "a", "dtype": "float16", "backend": b, "pass": "fwd", "status": "ok",
+             "time_s": t} for b, t in (("cudnn", 4e-3), ("cuda", 1e-3))]
+    result = {"name": "r", "env": bench.environment(), "cases": list(infos.values()),
+              "records": recs, "wall_s": 1.0,
+              "config": {"backends": ["cuda", "cudnn"], "dtypes": ["float16"],
+                         "passes": ["fwd"], "cuda": True, "cuda_note": ""}}
+    peers = {"kind": "torch-peers", "env": {"torch": "x"}, "records": [
+        {"case": "a", "dtype": "float16", "backend": "flex", "pass": "fwd", "status": "ok",
+         "time_s": 2e-3},
+        {"case": "other", "dtype": "float16", "backend": "flex", "pass": "fwd",
+         "status": "ok", "time_s": 1.0}]}
+    merged = bench.merge_peers(result, [peers])
+    flex = [r for r in merged["records"] if r["backend"] == "flex"]
+    assert len(flex) == 1 and flex[0]["speedup"] == pytest.approx(2.0)
+    assert merged["config"]["backends"] == ["cuda", "cudnn", "flex"]
+    assert len(result["records"]) == 2  # the input is not modified
+    src, peer_file = tmp_path / "r.json", tmp_path / "p.json"
+    src.write_text(json.dumps(result))
+    peer_file.write_text(json.dumps(peers))
+    out = tmp_path / "out"
+    assert bench.main(["--from-json", str(src), "--merge-peers", str(peer_file), "--out",
+                       str(out)]) == 0
+    md = (out / "r.md").read_text()
+    assert "| a | fp16 | flex |" in md and "**2.00x**" in md
