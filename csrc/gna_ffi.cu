@@ -275,6 +275,24 @@ cudaError_t launch_backward(DType t, const Params& p, cudaStream_t s) {
   }
 }
 
+size_t max_smem_bytes(DType t, int D, int Dv) {
+  switch (t) {
+    case DType::kF16: return max_smem_bytes_t<__half>(D, Dv);
+    case DType::kBF16: return max_smem_bytes_t<__nv_bfloat16>(D, Dv);
+    default: return max_smem_bytes_t<float>(D, Dv);
+  }
+}
+
+int device_smem_optin() {
+  int dev = 0, v = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) { cudaGetLastError(); return -1; }
+  if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  return v;
+}
+
 }  // namespace gna
 
 #define GNA_BIND_ATTRS                                                                  \
@@ -299,3 +317,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_gna_bwd_aliased, gna::BwdAliasedImpl,
                               ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG
                                   GNA_RET GNA_RET GNA_RET GNA_BIND_ATTRS);
+
+extern "C" size_t jax_gna_max_smem_bytes(int dtype, int d, int d_v) {
+  const gna::DType t = dtype == 0 ? gna::DType::kF16 : dtype == 1 ? gna::DType::kBF16 : gna::DType::kF32;
+  return gna::max_smem_bytes(t, d, d_v);
+}
+extern "C" int jax_gna_device_smem_optin() { return gna::device_smem_optin(); }

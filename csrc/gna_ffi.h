@@ -7,9 +7,17 @@
 // Attributes (all int64 arrays of length rank, except scale: f32): shape,
 // kernel_size, stride, dilation, is_causal, q_origin, q_extent, kv_origin, kv_extent.
 #pragma once
+#include <cstddef>
+
 #include "xla/ffi/api/ffi.h"
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_gna_fwd);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_gna_bwd);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_gna_fwd_aliased);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_gna_bwd_aliased);
+
+// Largest dynamic shared memory (bytes) the kernels take for head dims d, d_v and
+// dtype 0 = float16, 1 = bfloat16, 2 = float32; the current device's opt-in limit
+// per block (-1 if unknown).
+extern "C" size_t jax_gna_max_smem_bytes(int dtype, int d, int d_v);
+extern "C" int jax_gna_device_smem_optin();

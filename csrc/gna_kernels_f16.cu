@@ -4,4 +4,5 @@
 namespace gna {
 template cudaError_t launch_forward_t<__half>(const Params&, cudaStream_t);
 template cudaError_t launch_backward_t<__half>(const Params&, cudaStream_t);
+template size_t max_smem_bytes_t<__half>(int, int);
 }  // namespace gna

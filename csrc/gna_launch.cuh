@@ -73,4 +73,15 @@ cudaError_t launch_backward_t(const Params& p, cudaStream_t s) {
   }
 }
 
+template <typename T>
+size_t max_smem_bytes_t(int D, int Dv) {
+  auto mx = [](size_t a, size_t b, size_t c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); };
+  switch (padded_head_dim(D, Dv)) {
+    case 32: return mx(FwdCfg<T, 32, 64>::smem_bytes(), DqCfg<T, 32, 64>::smem_bytes(), DkvCfg<T, 32, 64>::smem_bytes());
+    case 64: return mx(FwdCfg<T, 64, 64>::smem_bytes(), DqCfg<T, 64, 64>::smem_bytes(), DkvCfg<T, 64, 64>::smem_bytes());
+    case 128: return mx(FwdCfg<T, 128, 64>::smem_bytes(), DqCfg<T, 128, 64>::smem_bytes(), DkvCfg<T, 128, 32>::smem_bytes());
+    default: return mx(FwdCfg<T, 256, 32>::smem_bytes(), DqCfg<T, 256, 32>::smem_bytes(), DkvCfg<T, 256, 32>::smem_bytes());
+  }
+}
+
 }  // namespace gna

@@ -17,7 +17,13 @@ inline int padded_head_dim(int D, int Dv) {
 cudaError_t launch_forward(DType t, const Params& p, cudaStream_t stream);
 cudaError_t launch_backward(DType t, const Params& p, cudaStream_t stream);
 
+// Largest dynamic shared memory (bytes) any kernel of a call with these head dims
+// asks for, and what the current device allows a block (opt-in maximum).
+size_t max_smem_bytes(DType t, int D, int Dv);
+int device_smem_optin();
+
 template <typename T> cudaError_t launch_forward_t(const Params& p, cudaStream_t stream);
+template <typename T> size_t max_smem_bytes_t(int D, int Dv);
 template <typename T> cudaError_t launch_backward_t(const Params& p, cudaStream_t stream);
 
 }  // namespace gna

@@ -2,6 +2,8 @@
 // All CUDA code lives in libjax_gna_cuda.so; this module only takes addresses.
 #include <pybind11/pybind11.h>
 
+#include <string>
+
 #include "gna_ffi.h"
 
 namespace py = pybind11;
@@ -23,4 +25,13 @@ PYBIND11_MODULE(_gna_ffi, m) {
     d["jax_gna_bwd_aliased"] = capsule(jax_gna_bwd_aliased);
     return d;
   });
+  m.def(
+      "max_smem_bytes",
+      [](const std::string& dtype, int d, int d_v) {
+        const int t = dtype == "float16" ? 0 : dtype == "bfloat16" ? 1 : 2;
+        return jax_gna_max_smem_bytes(t, d, d_v);
+      },
+      "Largest dynamic shared memory (bytes) the kernels use for these head dims.");
+  m.def("device_smem_optin", &jax_gna_device_smem_optin,
+        "Opt-in shared memory per block of the current CUDA device (-1 if unknown).");
 }

@@ -121,23 +121,23 @@ def unsupported_reason(problem: Problem, query_shape, key_shape, value_shape, dt
         return f"batch {batch} or heads {qs[-2]} above 65535"
     if max(problem.shape) >= 2 ** 30:
         return "an axis of 2^30 tokens or more"
-    if d == 256 or d_v == 256:
-        if dt == np.float32 and _device_smem_optin() < 200 * 1024:
-            return "float32 with head dim > 128 needs a GPU with >= 200 KiB shared memory per block"
+    lib, _ = _load_library()
+    have = _device_smem_optin()
+    if lib is not None and have > 0 and hasattr(lib, "max_smem_bytes"):
+        need = int(lib.max_smem_bytes(dt.name, int(d), int(d_v)))
+        if need > have:
+            return (f"{dt.name} with head dims {d}/{d_v} needs {need // 1024} KiB of shared memory "
+                    f"per block, the GPU allows {have // 1024} KiB")
     return None
 
 
 @functools.lru_cache(maxsize=1)
 def _device_smem_optin() -> int:
-    """Shared memory per block (opt-in) of the first GPU; assume Hopper if unknown."""
-    try:
-        dev = jax.devices("gpu")[0]
-        cc = getattr(dev, "compute_capability", "9.0")
-        major, minor = (int(x) for x in str(cc).split("."))
-        return {(8, 0): 163 * 1024, (8, 7): 163 * 1024}.get(
-            (major, minor), 99 * 1024 if major == 8 else 227 * 1024)
-    except Exception:  # noqa: BLE001
-        return 227 * 1024
+    """Opt-in shared memory per block of the current GPU (-1 if unknown)."""
+    lib, _ = _load_library()
+    if lib is None or not hasattr(lib, "device_smem_optin") or _gpu_reason():
+        return -1
+    return int(lib.device_smem_optin())
 
 
 def _attrs(problem: Problem) -> dict[str, Any]:

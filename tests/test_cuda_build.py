@@ -169,6 +169,8 @@ def test_library_missing(monkeypatch):
 
 def test_library_import_failure_is_reported(monkeypatch):
     cuda._load_library.cache_clear()
+    import jax_gna
+    monkeypatch.delattr(jax_gna, "_gna_ffi", raising=False)
     monkeypatch.setitem(sys.modules, "jax_gna._gna_ffi", None)  # import raises ImportError
     try:
         assert not cuda.available()
