@@ -221,3 +221,12 @@ def test_merge_peers_and_from_json(tmp_path):
                        str(out)]) == 0
     md = (out / "r.md").read_text()
     assert "| a | fp16 | flex |" in md and "**2.00x**" in md
+
+
+@pytest.mark.parametrize("case", bench.PRESETS["smoke"], ids=lambda c: c.name)
+def test_flex_attention_mask_mod_is_the_gna_mask(case):
+    torch = pytest.importorskip("torch")
+    from benchmarks.torch_peers import gna_mask_mod
+    n = case.tokens
+    m = gna_mask_mod(case, torch)(0, 0, torch.arange(n)[:, None], torch.arange(n)[None, :])
+    np.testing.assert_array_equal(m.numpy(), np.asarray(bench._neighbor_mask(case)))
