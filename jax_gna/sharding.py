@@ -20,9 +20,22 @@ Two ways in:
     unsharded operator. The backward pass sends the key/value gradients of the halo
     rows back to their owners (the transpose of the same exchange).
 
+  With meshes of ``Explicit`` axis types (``jax.set_mesh``), the layout is already in
+  the inputs' types while tracing, and the same per-shard program runs under
+  ``shard_map`` instead.
+
   The op is only inserted when JAX sees more than one device, outside ``vmap`` (JAX has
   no batching rule for ``custom_partitioning``), and while :func:`set_auto_partitioning`
-  has not turned it off; otherwise the backend is called directly.
+  has not turned it off (read at trace time); otherwise the backend is called directly.
+  The backward recomputes nothing where the backend exposes its backward pass (``xla``
+  and ``cuda`` do, see :func:`_backward_of`), but exchanges the key/value halo again
+  rather than keeping it from the forward.
+
+  What is communicated, per device and sharded axis: the forward receives
+  ``(left + right) x (local cross-section) x H_kv x (D + D_v)`` elements (keys and
+  values travel in one ``collective-permute`` per direction); the backward receives the
+  same again plus the halo's key/value gradients (:func:`halo_sizes` gives the rows).
+  An all-gather would receive ``(n - 1) S`` rows instead of ``left + right``.
 
 * **Explicit** (``shard_map``): :func:`neighborhood_attention_local` is called *inside*
   ``shard_map`` on the local blocks, naming the mesh axis of each sharded spatial axis;
@@ -50,7 +63,6 @@ problem; the few distinct ones (usually: first, interior, last) are selected wit
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import logging
 import math
@@ -381,7 +393,10 @@ def _rule(rank: int, groups: int, kv_heads: int, backward: bool) -> tuple[str, d
     sp = " ".join("xyz"[:rank])
     # Query heads are (key/value head, group) major to minor. Shardy rejects a size-1
     # factor inside a compound one, so a single key/value head gets its own factor.
-    qh, kh = ("(h g)", "h") if groups > 1 and kv_heads > 1 else ("g", "u") if groups > 1 else ("h", "h")
+    if groups > 1:
+        qh, kh = ("(h g)", "h") if kv_heads > 1 else ("g", "u")
+    else:
+        qh, kh = "h", "h"
     q, k, v = f"b {sp} {qh} d", f"b {sp} {kh} d", f"b {sp} {kh} e"
     o, lse = f"b {sp} {qh} e", f"b {sp} {qh}"
     sizes = {"g": groups} if groups > 1 and kv_heads > 1 else {}
@@ -396,42 +411,79 @@ def _mesh_size(mesh, names: tuple[str, ...]) -> int:
     return math.prod(mesh.shape[n] for n in names)
 
 
-def _plan_from_sharding(problem: Problem, sharding: Any, mesh: Any, shapes: Sequence[tuple]):
-    """From the (Shardy-propagated) sharding of ``query``: the mesh, batch / head mesh axes
-    and the spatial plans; the layouts we ask for are derived from these."""
-    q_shape, k_shape = shapes
-    ndim = len(q_shape)
-    if isinstance(sharding, NamedSharding):
-        mesh = sharding.mesh
-        spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
-    else:
-        spec = (None,) * ndim
-        if mesh is None or mesh.empty:
-            raise ValueError(
-                "jax_gna: sharded neighborhood attention needs the inputs' shardings as "
-                f"NamedSharding over a Mesh, got {sharding!r}; use jax.sharding.NamedSharding "
-                "or jax_gna.sharding.neighborhood_attention_sharded.")
+def _layout(problem: Problem, spec: Sequence[Any], mesh_shape: Mapping[str, int],
+            q_shape: Sequence[int], k_shape: Sequence[int]):
+    """From the partition spec of ``query``: the spatial plans and the leading part of the
+    spec we run with (batch, *spatial, heads). Batch / heads that do not split evenly
+    (heads: over the key/value heads) stay whole."""
+    spec = tuple(spec) + (None,) * (len(q_shape) - len(spec))
+    size = lambda names: math.prod(mesh_shape[n] for n in names)  # noqa: E731
     batch = _axis_names(spec[0])
     heads = _axis_names(spec[-2])
-    if batch and q_shape[0] % _mesh_size(mesh, batch):
+    if batch and q_shape[0] % size(batch):
         batch = ()
-    if heads and k_shape[-2] % _mesh_size(mesh, heads):
+    if heads and k_shape[-2] % size(heads):
         log.warning("jax_gna: %d key/value heads do not split over mesh axes %s; the heads "
                     "are not partitioned", k_shape[-2], heads)
         heads = ()
     plans = []
     for a in range(problem.rank):
         names = _axis_names(spec[1 + a])
-        if names and _mesh_size(mesh, names) > 1:
-            plans.append(plan_axis(problem, a, names, _mesh_size(mesh, names)))
+        if names and size(names) > 1:
+            plans.append(plan_axis(problem, a, names, size(names)))
     spatial = [None] * problem.rank
     for p in plans:
         spatial[p.axis] = _collective_name(p.mesh_axes)
     lead = (_collective_name(batch) if batch else None, *spatial,
             _collective_name(heads) if heads else None)
+    return tuple(plans), lead
+
+
+def _plan_from_sharding(problem: Problem, sharding: Any, mesh: Any, shapes: Sequence[tuple]):
+    """From the (Shardy-propagated) sharding of ``query``: the mesh, the spatial plans and
+    the shardings we ask for (data tensors, log-sum-exp)."""
+    q_shape, k_shape = shapes
+    if isinstance(sharding, NamedSharding):
+        mesh, spec = sharding.mesh, sharding.spec
+    else:
+        spec = ()
+        if mesh is None or mesh.empty:
+            raise ValueError(
+                "jax_gna: sharded neighborhood attention needs the inputs' shardings as "
+                f"NamedSharding over a Mesh, got {sharding!r}; use jax.sharding.NamedSharding "
+                "or jax_gna.sharding.neighborhood_attention_sharded.")
+    plans, lead = _layout(problem, spec, dict(mesh.shape), q_shape, k_shape)
     data = NamedSharding(mesh, PartitionSpec(*lead, None))
     lse = NamedSharding(mesh, PartitionSpec(*lead))
-    return mesh, tuple(plans), data, lse
+    return mesh, plans, data, lse
+
+
+def _explicit_spec(x: Any):
+    """``(abstract mesh, spec)`` when ``x``'s type carries an explicit sharding (mesh axes
+    of type ``Explicit``, e.g. under ``jax.set_mesh``) that splits some dim, else None."""
+    try:
+        sh = jax.typeof(x).sharding
+        mesh, spec = sh.mesh, tuple(sh.spec)
+    except Exception:  # noqa: BLE001 - concrete arrays without a typed sharding, old JAX
+        return None
+    if getattr(mesh, "empty", True) or not any(e is not None for e in spec):
+        return None
+    return mesh, spec
+
+
+def _explicit_attention(impl: Impl, query, key, value, problem: Problem, mesh, spec):
+    """Explicit-sharding mode: the layout is known while tracing, so run the per-shard
+    program under ``shard_map`` (plain autodiff; no partitioner callback needed)."""
+    plans, lead = _layout(problem, spec, dict(mesh.shape), query.shape, key.shape)
+    data, lse = PartitionSpec(*lead, None), PartitionSpec(*lead)
+    query, key, value = [jax.sharding.reshard(x, data) for x in (query, key, value)]
+    used = {n for e in lead for n in _axis_names(e)}
+
+    def body(q, k, v):
+        return local_attention(q, k, v, problem, plans, impl)
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(data, data, data), out_specs=(data, lse),
+                         axis_names=frozenset(used))(query, key, value)
 
 
 def _partitioned_op(problem: Problem, impl: Impl, groups: int, kv_heads: int):
@@ -498,6 +550,9 @@ def attention(impl: Impl, query: jax.Array, key: jax.Array, value: jax.Array,
     calls; the same contract as a backend: ``(out, lse)``."""
     if not problem.is_whole or not _partitioning_applies(query, key, value):
         return impl(query, key, value, problem)
+    explicit = _explicit_spec(query)
+    if explicit is not None:
+        return _explicit_attention(impl, query, key, value, problem, *explicit)
     groups = query.shape[-2] // key.shape[-2]
     return _partitioned_op(problem, impl, groups, key.shape[-2])(query, key, value)
 

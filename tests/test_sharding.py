@@ -43,7 +43,8 @@ CASES = {
         (32,), 1, 2, 2, 4, dict(kernel_size=11, stride=2),
         (8,), ("context",), (None, "context", None)),
     "3d_context2x2x2": (
-        (8, 8, 8), 1, 2, 1, 4, dict(kernel_size=3, stride=(1, 2, 1), is_causal=(True, False, False)),
+        (8, 8, 8), 1, 2, 1, 4,
+        dict(kernel_size=3, stride=(1, 2, 1), is_causal=(True, False, False)),
         (2, 2, 2), ("cx", "cy", "cz"), (None, "cx", "cy", "cz", None)),
     "3d_data2_context4": (
         (4, 6, 16), 2, 2, 2, 4, dict(kernel_size=(2, 3, 5), dilation=(1, 2, 1)),
@@ -66,7 +67,7 @@ LOCAL_CASES = {
 }
 EXTRA_CASES = ["explicit_shard_map_1d", "explicit_shard_map_2d_additional_kv",
                "error_uneven_split", "error_explicit_api", "vmap_falls_back",
-               "nnx_training_step_data2_context4"]
+               "explicit_axis_types_set_mesh", "nnx_training_step_data2_context4"]
 ALL_CASES = list(CASES) + list(LOCAL_CASES) + EXTRA_CASES
 
 
@@ -80,7 +81,8 @@ WORKERS = 2  # subprocesses in parallel (XLA compiles mostly on one core each)
 @pytest.fixture(scope="module")
 def report():
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
+                        + " --xla_force_host_platform_device_count=8").strip()
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker",
@@ -338,6 +340,29 @@ def _worker():  # pragma: no cover - runs in the subprocess
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
         return "ok (forward and grad of vmap)"
 
+    def explicit_axis_types():
+        """Meshes with Explicit axis types (jax.set_mesh): the layout is known at trace
+        time and the op runs under shard_map."""
+        from jax.sharding import AxisType
+
+        mesh = jax.make_mesh((2, 2, 2), ("heads", "cx", "cy"),
+                             axis_types=(AxisType.Explicit,) * 3)
+        kw = dict(kernel_size=(3, 5), stride=(1, 2), dilation=(2, 1))
+        args = inputs((12, 16), 1, 4, 2, 8, seed=4)
+        want = unsharded(kw, args)
+        with jax.set_mesh(mesh):
+            lead = (None, "cx", "cy", "heads")
+            sh = [jax.device_put(x, P(*lead, None)) for x in args[:4]]
+            sh.append(jax.device_put(args[4], P(*lead)))
+            compiled = jax.jit(fwd_bwd(kw)).lower(*sh).compile()
+            got = compiled(*sh)
+        errs = compare(got, want)
+        coll = collectives(compiled.as_text())
+        assert coll["collective-permute"] > 0, coll
+        assert not any(v for k, v in coll.items() if k != "collective-permute"), coll
+        assert got[0].sharding.spec == P(*lead, None), got[0].sharding
+        return f"max rel err {max(errs.values()):.2e}; HLO collectives {coll}"
+
     def nnx_training_step():
         """A Flax NNX layer's training step on a (data, context) mesh: activations
         sharded over batch and sequence, parameters replicated; the attention exchanges
@@ -384,6 +409,7 @@ def _worker():  # pragma: no cover - runs in the subprocess
                  "error_uneven_split": error_uneven,
                  "error_explicit_api": error_explicit,
                  "vmap_falls_back": vmap_fallback,
+                 "explicit_axis_types_set_mesh": explicit_axis_types,
                  "nnx_training_step_data2_context4": nnx_training_step})
     only = sys.argv[2:]
     report = {}
