@@ -609,7 +609,11 @@ def markdown(result: dict) -> str:
         "tile-level bound. `cuda`/`xla`: jax_gna backends; `cudnn`: "
         "`jax.nn.dot_product_attention(implementation=\"cudnn\")`; `masked`: XLA dense "
         "attention with the boolean neighborhood mask. Memory: XLA's buffer assignment of the "
-        "compiled call (arguments + outputs + temporaries), largest over the passes.",
+        "compiled call (arguments + outputs + temporaries), largest over the passes."
+        + (" `flex` / `sdpa`: PyTorch FlexAttention with the GNA block mask / dense "
+           "`scaled_dot_product_attention`, measured in a separate process "
+           "(`benchmarks/torch_peers.py`, CUDA events; memory: that process's peak)."
+           if {"flex", "sdpa"} & set(cfg["backends"]) else ""),
         "", "## Problems", "",
         "| problem | configuration | sparsity | FLOP bound | tile bound (q / kv tile) "
         "| fwd GFLOP |", "| --- | --- | --- | --- | --- | --- |"]
