@@ -37,9 +37,14 @@ The bounds (all "x times faster than dense attention over the same tokens"):
 Dilated axes are tiled per dilation group by default (``layout="grouped"``: the
 kernels' layout, where a dilated problem is ``prod(dilation)`` undilated ones);
 ``layout="interleaved"`` tiles the original coordinates instead. Tiles are aligned
-at the grid (group) origin; a last tile that runs past the end of an axis is
-counted as one tile (its padding is never "work" in the bounds, and
-bounds checking of padded elements is not counted as an element mask).
+at the grid (group) origin; a last tile that runs past the end of an axis is one
+tile, whose padding counts as work in ``tile_bound`` (a kernel pays for it); the
+bounds checks of padded elements are not counted as element masks.
+
+(The bound over the *average* query tile does not reproduce the published values:
+it gives 5.24x for the HunyuanVideo stride-1 case above, where the worst tile gives
+3.27x. The two agree whenever every query tile sees the same number of key tiles,
+e.g. blocked GNA.)
 """
 
 from __future__ import annotations
@@ -58,8 +63,8 @@ from .params import Axis, per_axis, window_params
 IntOrTuple = Union[int, Sequence[int]]
 BoolOrTuple = Union[bool, Sequence[bool]]
 
-__all__ = ["AxisTiles", "SimResult", "simulate", "best_tiles", "tile_shapes",
-           "attended_keys", "attended_pairs", "flops", "axis_tiles"]
+__all__ = ["AxisTiles", "SimResult", "simulate", "best_tiles", "tile_shapes", "LAYOUTS",
+           "attended_keys", "attended_pairs", "flops", "dense_flops", "axis_tiles"]
 
 # Max number of (query, key tile) cells evaluated at once per axis (memory bound).
 _CHUNK = 1 << 22
