@@ -15,11 +15,11 @@
 namespace gna {
 
 template <typename T, int DP, int KN>
-struct DqCfg {
+struct DqCfg {  // K/V chunks double-buffered like the forward
   static constexpr int QM = 64, NT = 128;
   static constexpr int LD = DP + 16 / sizeof(T);
   static constexpr size_t smem_bytes() {
-    return sizeof(T) * (2 * QM + 2 * KN) * LD + sizeof(int64_t) * (QM + KN) + sizeof(int) * 3 * KN;
+    return sizeof(T) * (2 * QM + 4 * KN) * LD + sizeof(int64_t) * (QM + 2 * KN) + sizeof(int) * 6 * KN;
   }
 };
 
@@ -31,11 +31,11 @@ __global__ void __launch_bounds__(128) dq_kernel(const Params p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sdO = sQ + QM * LD;
-  T* sK = sdO + QM * LD;
-  T* sV = sK + KN * LD;
-  int64_t* sQtok = reinterpret_cast<int64_t*>(sV + KN * LD);
-  int64_t* sKtok = sQtok + QM;
-  int* sKc = reinterpret_cast<int*>(sKtok + KN);
+  T* sKbuf = sdO + QM * LD;          // [2][KN][LD]
+  T* sVbuf = sKbuf + 2 * KN * LD;    // [2][KN][LD]
+  int64_t* sQtok = reinterpret_cast<int64_t*>(sVbuf + 2 * KN * LD);
+  int64_t* sKtokbuf = sQtok + QM;    // [2][KN]
+  int* sKcbuf = reinterpret_cast<int*>(sKtokbuf + 2 * KN);  // [2][3][KN]
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
   const int h = blockIdx.y, b = blockIdx.z;
@@ -109,26 +109,27 @@ __global__ void __launch_bounds__(128) dq_kernel(const Params p) {
 #pragma unroll
   for (int n = 0; n < DP / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
 
-  for (int64_t c0 = 0; c0 < nk; c0 += KN) {
-    if (tid < KN) {
-      const int64_t n = c0 + tid;
-      if (n < nk) {
-        int o[3], jg[3];
-        unflatten(n, kext, o);
-#pragma unroll
-        for (int a = 0; a < 3; ++a) { jg[a] = klo[a] + o[a]; sKc[a * KN + tid] = jg[a]; }
-        sKtok[tid] = token_of(p, g, jg, true);
-      } else {
-        sKtok[tid] = -1;
-#pragma unroll
-        for (int a = 0; a < 3; ++a) sKc[a * KN + tid] = -1;
-      }
+  key_chunk_rows(p, g, klo, kext, nk, 0, KN, sKtokbuf, sKcbuf);
+  __syncthreads();
+  load_rows<T, DP, KN, NT>(sKbuf, LD, kbase, sKtokbuf, p.k_tok, p.D);
+  load_rows<T, DP, KN, NT>(sVbuf, LD, vbase, sKtokbuf, p.v_tok, p.Dv);
+  cp_async_commit();
+
+  int buf = 0;
+  for (int64_t c0 = 0; c0 < nk; c0 += KN, buf ^= 1) {
+    const T* sK = sKbuf + buf * KN * LD;
+    const T* sV = sVbuf + buf * KN * LD;
+    const int* sKc = sKcbuf + buf * 3 * KN;
+    if (c0 + KN < nk) {  // prefetch the next chunk into the other buffer
+      key_chunk_rows(p, g, klo, kext, nk, c0 + KN, KN, sKtokbuf + (buf ^ 1) * KN, sKcbuf + (buf ^ 1) * 3 * KN);
+      __syncthreads();
+      load_rows<T, DP, KN, NT>(sKbuf + (buf ^ 1) * KN * LD, LD, kbase, sKtokbuf + (buf ^ 1) * KN, p.k_tok, p.D);
+      load_rows<T, DP, KN, NT>(sVbuf + (buf ^ 1) * KN * LD, LD, vbase, sKtokbuf + (buf ^ 1) * KN, p.v_tok, p.Dv);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
     }
-    __syncthreads();
-    load_rows<T, DP, KN, NT>(sK, LD, kbase, sKtok, p.k_tok, p.D);
-    load_rows<T, DP, KN, NT>(sV, LD, vbase, sKtok, p.v_tok, p.Dv);
-    cp_async_commit();
-    cp_async_wait_all();
     __syncthreads();
 
     bool full = c0 + KN <= nk;
@@ -182,13 +183,14 @@ __global__ void __launch_bounds__(128) dq_kernel(const Params p) {
       uint32_t af[4];
       M::a_from_acc(s, ks, af);
 #pragma unroll
-      for (int n = 0; n < DP / 8; ++n) {
-        uint32_t bf[2];
-        M::load_b_kn(sK, LD, ks * M::K, n * 8, bf);
-        M::mma(dq[n], af, bf);
+      for (int n = 0; n < DP / 8; n += 2) {
+        uint32_t bf[2][2];
+        M::load_b_kn2(sK, LD, ks * M::K, n * 8, bf);
+        M::mma(dq[n], af, bf[0]);
+        M::mma(dq[n + 1], af, bf[1]);
       }
     }
-    __syncthreads();
+    __syncthreads();  // this buffer is refilled two chunks from now
   }
 
   T* dqbase = static_cast<T*>(p.dq) + b * p.q_b + static_cast<int64_t>(h) * p.D;
@@ -428,15 +430,17 @@ __global__ void __launch_bounds__(128) dkv_kernel(const Params p) {
         if (DV) M::a_from_acc(s, kq, ap);
         if (DK) M::a_from_acc(dp, kq, ad);
 #pragma unroll
-        for (int n = 0; n < DP / 8; ++n) {
-          uint32_t bf[2];
+        for (int n = 0; n < DP / 8; n += 2) {
+          uint32_t bf[2][2];
           if (DV) {
-            M::load_b_kn(sdO, LD, kq * M::K, n * 8, bf);
-            M::mma(dv[n], ap, bf);
+            M::load_b_kn2(sdO, LD, kq * M::K, n * 8, bf);
+            M::mma(dv[n], ap, bf[0]);
+            M::mma(dv[n + 1], ap, bf[1]);
           }
           if (DK) {
-            M::load_b_kn(sQ, LD, kq * M::K, n * 8, bf);
-            M::mma(dk[n], ad, bf);
+            M::load_b_kn2(sQ, LD, kq * M::K, n * 8, bf);
+            M::mma(dk[n], ad, bf[0]);
+            M::mma(dk[n + 1], ad, bf[1]);
           }
         }
       }

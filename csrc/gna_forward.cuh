@@ -14,14 +14,39 @@
 namespace gna {
 
 
+// K/V chunks are double-buffered (the next chunk's cp.async runs under this chunk's
+// math). Q fragments stay in registers for 16-bit types up to head dim 128.
 template <typename T, int DP, int KN>
 struct FwdCfg {
   static constexpr int QM = 64, NT = 128;
   static constexpr int LD = DP + 16 / sizeof(T);
+  static constexpr bool kQInRegs = sizeof(T) == 2 && DP <= 128;
   static constexpr size_t smem_bytes() {
-    return sizeof(T) * (QM + 2 * KN) * LD + sizeof(int64_t) * (QM + KN) + sizeof(int) * 3 * KN;
+    return sizeof(T) * (QM + 4 * KN) * LD + sizeof(int64_t) * (QM + 2 * KN) + sizeof(int) * 6 * KN;
   }
 };
+
+// Key rows of chunk c0 (flat index into the key box) for the CTA's groups: token
+// offsets (-1 past the end) and group coordinates (-1 past the end).
+__device__ __forceinline__ void key_chunk_rows(const Params& p, const int g[3], const int klo[3],
+                                               const int kext[3], int64_t nk, int64_t c0, int KN,
+                                               int64_t* tok, int* kc) {
+  const int tid = threadIdx.x;
+  if (tid < KN) {
+    const int64_t n = c0 + tid;
+    if (n < nk) {
+      int o[3], jg[3];
+      unflatten(n, kext, o);
+#pragma unroll
+      for (int a = 0; a < 3; ++a) { jg[a] = klo[a] + o[a]; kc[a * KN + tid] = jg[a]; }
+      tok[tid] = token_of(p, g, jg, true);
+    } else {
+      tok[tid] = -1;
+#pragma unroll
+      for (int a = 0; a < 3; ++a) kc[a * KN + tid] = -1;
+    }
+  }
+}
 
 // Decode a CTA's query tile. Returns false for an empty tile.
 __device__ __forceinline__ bool query_tile(const Params& p, int64_t bid, int g[3], int qs[3], int qe[3]) {
@@ -48,11 +73,11 @@ __global__ void __launch_bounds__(128) fwd_kernel(const Params p) {
   constexpr int QM = C::QM, NT = C::NT, LD = C::LD;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sK = sQ + QM * LD;
-  T* sV = sK + KN * LD;
-  int64_t* sQtok = reinterpret_cast<int64_t*>(sV + KN * LD);
-  int64_t* sKtok = sQtok + QM;
-  int* sKc = reinterpret_cast<int*>(sKtok + KN);  // [3][KN] key group coordinates
+  T* sKbuf = sQ + QM * LD;           // [2][KN][LD]
+  T* sVbuf = sKbuf + 2 * KN * LD;    // [2][KN][LD]
+  int64_t* sQtok = reinterpret_cast<int64_t*>(sVbuf + 2 * KN * LD);
+  int64_t* sKtokbuf = sQtok + QM;    // [2][KN]
+  int* sKcbuf = reinterpret_cast<int*>(sKtokbuf + 2 * KN);  // [2][3][KN] key group coordinates
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
   const int h = blockIdx.y, b = blockIdx.z;
@@ -118,26 +143,35 @@ __global__ void __launch_bounds__(128) fwd_kernel(const Params p) {
   for (int n = 0; n < DP / 8; ++n) o_acc[n][0] = o_acc[n][1] = o_acc[n][2] = o_acc[n][3] = 0.f;
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
 
-  for (int64_t c0 = 0; c0 < nk; c0 += KN) {
-    if (tid < KN) {
-      const int64_t n = c0 + tid;
-      if (n < nk) {
-        int o[3], jg[3];
-        unflatten(n, kext, o);
-#pragma unroll
-        for (int a = 0; a < 3; ++a) { jg[a] = klo[a] + o[a]; sKc[a * KN + tid] = jg[a]; }
-        sKtok[tid] = token_of(p, g, jg, true);
-      } else {
-        sKtok[tid] = -1;
-#pragma unroll
-        for (int a = 0; a < 3; ++a) sKc[a * KN + tid] = -1;
-      }
-    }
+  // Prologue: chunk 0 in flight.
+  key_chunk_rows(p, g, klo, kext, nk, 0, KN, sKtokbuf, sKcbuf);
+  __syncthreads();
+  load_rows<T, DP, KN, NT>(sKbuf, LD, kbase, sKtokbuf, p.k_tok, p.D);
+  load_rows<T, DP, KN, NT>(sVbuf, LD, vbase, sKtokbuf, p.v_tok, p.Dv);
+  cp_async_commit();
+
+  uint32_t qf[C::kQInRegs ? DP / M::K : 1][4];
+  if constexpr (C::kQInRegs) {  // Q (the older group) has landed: keep its fragments
+    cp_async_wait<1>();
     __syncthreads();
-    load_rows<T, DP, KN, NT>(sK, LD, kbase, sKtok, p.k_tok, p.D);
-    load_rows<T, DP, KN, NT>(sV, LD, vbase, sKtok, p.v_tok, p.Dv);
-    cp_async_commit();
-    cp_async_wait_all();
+#pragma unroll
+    for (int kk = 0; kk < DP / M::K; ++kk) M::load_a(sQ, LD, warp * 16, kk * M::K, qf[kk]);
+  }
+  int buf = 0;
+  for (int64_t c0 = 0; c0 < nk; c0 += KN, buf ^= 1) {
+    const T* sK = sKbuf + buf * KN * LD;
+    const T* sV = sVbuf + buf * KN * LD;
+    const int* sKc = sKcbuf + buf * 3 * KN;
+    if (c0 + KN < nk) {  // prefetch the next chunk into the other buffer
+      key_chunk_rows(p, g, klo, kext, nk, c0 + KN, KN, sKtokbuf + (buf ^ 1) * KN, sKcbuf + (buf ^ 1) * 3 * KN);
+      __syncthreads();
+      load_rows<T, DP, KN, NT>(sKbuf + (buf ^ 1) * KN * LD, LD, kbase, sKtokbuf + (buf ^ 1) * KN, p.k_tok, p.D);
+      load_rows<T, DP, KN, NT>(sVbuf + (buf ^ 1) * KN * LD, LD, vbase, sKtokbuf + (buf ^ 1) * KN, p.v_tok, p.Dv);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
     __syncthreads();
 
     bool full = c0 + KN <= nk;
@@ -154,7 +188,12 @@ __global__ void __launch_bounds__(128) fwd_kernel(const Params p) {
 #pragma unroll
     for (int kk = 0; kk < DP / M::K; ++kk) {
       uint32_t af[4];
-      M::load_a(sQ, LD, warp * 16, kk * M::K, af);
+      if constexpr (C::kQInRegs) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) af[i] = qf[C::kQInRegs ? kk : 0][i];
+      } else {
+        M::load_a(sQ, LD, warp * 16, kk * M::K, af);
+      }
 #pragma unroll
       for (int n = 0; n < KN / 8; ++n) {
         uint32_t bf[2];
@@ -207,13 +246,14 @@ __global__ void __launch_bounds__(128) fwd_kernel(const Params p) {
       uint32_t af[4];
       M::a_from_acc(s, ks, af);
 #pragma unroll
-      for (int n = 0; n < DP / 8; ++n) {
-        uint32_t bf[2];
-        M::load_b_kn(sV, LD, ks * M::K, n * 8, bf);
-        M::mma(o_acc[n], af, bf);
+      for (int n = 0; n < DP / 8; n += 2) {
+        uint32_t bf[2][2];
+        M::load_b_kn2(sV, LD, ks * M::K, n * 8, bf);
+        M::mma(o_acc[n], af, bf[0]);
+        M::mma(o_acc[n + 1], af, bf[1]);
       }
     }
-    __syncthreads();
+    __syncthreads();  // this buffer is refilled two chunks from now
   }
 
   T* obase = static_cast<T*>(p.o) + b * p.o_b + static_cast<int64_t>(h) * p.Dv;

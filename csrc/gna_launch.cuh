@@ -1,7 +1,7 @@
 // Launch configuration of the kernels for one element type (included by the
 // per-dtype translation units, so the three dtypes compile in parallel).
 //
-//   forward, dQ:  64 queries x KN keys a step, KN = 64 (32 for head dim 256)
+//   forward, dQ:  64 queries x KN keys a step (kn_of below)
 //   dK/dV:        64 keys x QN queries a step; head dim 256 (and fp32 128) runs
 //                 dK and dV as two launches so the accumulators stay in registers.
 #pragma once
@@ -33,17 +33,30 @@ inline dim3 key_grid(const Params& p) {
   return dim3(static_cast<unsigned>(n), p.Hkv, p.B);
 }
 
-template <typename T, int DP, int KN>
+// Keys per step of the query-outer kernels and queries per step of dK/dV, per element
+// type and padded head dim (shared memory: fp32 D=128 fits an A100, D=256 an H100).
+template <typename T, int DP>
+constexpr int kn_of() {
+  return sizeof(T) == 2 ? (DP == 256 ? 32 : 64) : (DP == 32 ? 64 : DP == 256 ? 16 : 32);
+}
+template <typename T, int DP>
+constexpr int qn_of() { return DP <= 64 ? 64 : 32; }
+template <typename T, int DP>
+constexpr bool split_of() { return DP == 256 || (sizeof(T) == 4 && DP == 128); }
+
+template <typename T, int DP>
 inline cudaError_t fwd_dp(const Params& p, cudaStream_t s) {
+  constexpr int KN = kn_of<T, DP>();
   return launch(fwd_kernel<T, DP, KN>, query_grid(p), FwdCfg<T, DP, KN>::smem_bytes(), s, p);
 }
 
-template <typename T, int DP, int KN, int QN, bool SPLIT>
+template <typename T, int DP>
 inline cudaError_t bwd_dp(const Params& p, cudaStream_t s) {
+  constexpr int KN = kn_of<T, DP>(), QN = qn_of<T, DP>();
   cudaError_t e = launch(dq_kernel<T, DP, KN>, query_grid(p), DqCfg<T, DP, KN>::smem_bytes(), s, p);
   if (e != cudaSuccess) return e;
   const size_t sm = DkvCfg<T, DP, QN>::smem_bytes();
-  if constexpr (SPLIT) {
+  if constexpr (split_of<T, DP>()) {
     e = launch(dkv_kernel<T, DP, QN, 1>, key_grid(p), sm, s, p);
     if (e != cudaSuccess) return e;
     return launch(dkv_kernel<T, DP, QN, 2>, key_grid(p), sm, s, p);
@@ -52,35 +65,41 @@ inline cudaError_t bwd_dp(const Params& p, cudaStream_t s) {
   }
 }
 
+template <typename T, int DP>
+constexpr size_t smem_dp() {
+  constexpr int KN = kn_of<T, DP>(), QN = qn_of<T, DP>();
+  constexpr size_t a = FwdCfg<T, DP, KN>::smem_bytes(), b = DqCfg<T, DP, KN>::smem_bytes(),
+                   c = DkvCfg<T, DP, QN>::smem_bytes();
+  return a > b ? (a > c ? a : c) : (b > c ? b : c);
+}
+
 template <typename T>
 cudaError_t launch_forward_t(const Params& p, cudaStream_t s) {
   switch (padded_head_dim(p.D, p.Dv)) {
-    case 32: return fwd_dp<T, 32, 64>(p, s);
-    case 64: return fwd_dp<T, 64, 64>(p, s);
-    case 128: return fwd_dp<T, 128, 64>(p, s);
-    default: return fwd_dp<T, 256, 32>(p, s);
+    case 32: return fwd_dp<T, 32>(p, s);
+    case 64: return fwd_dp<T, 64>(p, s);
+    case 128: return fwd_dp<T, 128>(p, s);
+    default: return fwd_dp<T, 256>(p, s);
   }
 }
 
 template <typename T>
 cudaError_t launch_backward_t(const Params& p, cudaStream_t s) {
-  constexpr bool kF32 = sizeof(T) == 4;
   switch (padded_head_dim(p.D, p.Dv)) {
-    case 32: return bwd_dp<T, 32, 64, 64, false>(p, s);
-    case 64: return bwd_dp<T, 64, 64, 64, false>(p, s);
-    case 128: return bwd_dp<T, 128, 64, 32, kF32>(p, s);
-    default: return bwd_dp<T, 256, 32, 32, true>(p, s);
+    case 32: return bwd_dp<T, 32>(p, s);
+    case 64: return bwd_dp<T, 64>(p, s);
+    case 128: return bwd_dp<T, 128>(p, s);
+    default: return bwd_dp<T, 256>(p, s);
   }
 }
 
 template <typename T>
 size_t max_smem_bytes_t(int D, int Dv) {
-  auto mx = [](size_t a, size_t b, size_t c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); };
   switch (padded_head_dim(D, Dv)) {
-    case 32: return mx(FwdCfg<T, 32, 64>::smem_bytes(), DqCfg<T, 32, 64>::smem_bytes(), DkvCfg<T, 32, 64>::smem_bytes());
-    case 64: return mx(FwdCfg<T, 64, 64>::smem_bytes(), DqCfg<T, 64, 64>::smem_bytes(), DkvCfg<T, 64, 64>::smem_bytes());
-    case 128: return mx(FwdCfg<T, 128, 64>::smem_bytes(), DqCfg<T, 128, 64>::smem_bytes(), DkvCfg<T, 128, 32>::smem_bytes());
-    default: return mx(FwdCfg<T, 256, 32>::smem_bytes(), DqCfg<T, 256, 32>::smem_bytes(), DkvCfg<T, 256, 32>::smem_bytes());
+    case 32: return smem_dp<T, 32>();
+    case 64: return smem_dp<T, 64>();
+    case 128: return smem_dp<T, 128>();
+    default: return smem_dp<T, 256>();
   }
 }
 

@@ -29,6 +29,10 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
+// Wait until at most N committed groups are still in flight.
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
 
 template <typename T> struct Mma;
 
@@ -57,12 +61,22 @@ template <typename T> struct Mma16 {
     b[0] = ld32(p);
     b[1] = ld32(p + 8);
   }
-  // B = X, X row-major [k][n]: k0..k0+15, n0..n0+7.
+  // B = X, X row-major [k][n]: k0..k0+15, n0..n0+7 (ldmatrix.trans of two 8x8 blocks:
+  // lanes 0-7 address rows k0..k0+7, lanes 8-15 rows k0+8..k0+15; 16-byte aligned rows).
   static __device__ __forceinline__ void load_b_kn(const T* s, int ld, int k0, int n0, uint32_t b[2]) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const T* p = s + (k0 + 2 * t) * ld + n0 + g;
-    b[0] = pack(p[0], p[ld]);
-    b[1] = pack(p[8 * ld], p[9 * ld]);
+    const int lane = threadIdx.x & 31;
+    const T* p = s + (k0 + (lane & 15)) * ld + n0;
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(b[0]), "=r"(b[1])
+                 : "r"(smem_addr(p)));
+  }
+  // Two B fragments (n-tiles n0 and n0+8) of X row-major [k][n] in one ldmatrix.x4.trans.
+  static __device__ __forceinline__ void load_b_kn2(const T* s, int ld, int k0, int n0, uint32_t b[2][2]) {
+    const int lane = threadIdx.x & 31, mi = lane >> 3;
+    const T* p = s + (k0 + (lane & 7) + (mi & 1) * 8) * ld + n0 + (mi >> 1) * 8;
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(b[0][0]), "=r"(b[0][1]), "=r"(b[1][0]), "=r"(b[1][1])
+                 : "r"(smem_addr(p)));
   }
 };
 
@@ -130,6 +144,10 @@ template <> struct Mma<float> {
     const float* p = s + (k0 + 2 * t) * ld + n0 + g;
     b[0] = f2u(p[0]);
     b[1] = f2u(p[ld]);
+  }
+  static __device__ __forceinline__ void load_b_kn2(const float* s, int ld, int k0, int n0, uint32_t b[2][2]) {
+    load_b_kn(s, ld, k0, n0, b[0]);
+    load_b_kn(s, ld, k0, n0 + 8, b[1]);
   }
   static __device__ __forceinline__ void a_from_acc(const float (*c)[4], int ks, uint32_t a[4]) {
     a[0] = f2u(c[ks][0]);

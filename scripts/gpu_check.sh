@@ -4,7 +4,8 @@
 #      installed jaxlib's FFI headers (no pip, no network), ptxas report in the log;
 #   2. pytest -m gpu (tests/test_cuda_gpu.py and any other gpu-marked tests);
 #   3. a quick benchmark (cuda backend vs cuDNN dense vs xla backend).
-# Logs go to $OUT (default ./gpu_check_out): build.log, pytest.log, bench.log, summary.txt.
+# Logs go to $OUT (default ./gpu_check_out): build.log, ptxas.txt, pytest.log, errors.txt
+# (measured relative errors per check), bench.log, summary.txt.
 #
 # Env: JAX_GNA_CUDA_ARCHS (default "90a" here, the H100/H200; "80;90a" for a release),
 #      GPU_CHECK_TESTS (pytest paths, default "tests"), GPU_CHECK_BENCH=0 to skip 3.
@@ -44,9 +45,18 @@ summary "build: rc=$rc_build in $(( $(date +%s) - t0 )) s (archs $ARCHS; FFI hea
 if [ $rc_build -ne 0 ]; then tail -40 "$OUT/build.log"; exit 1; fi
 summary "spilling kernels: $(grep -c ' [1-9][0-9]* bytes spill stores' "$OUT/ptxas.txt" || true)"
 
-# 2. Tests.
+# 2. Tests (in GPU_CHECK_JOBS processes when pytest-xdist is there: the time is mostly
+# XLA compiling, which is CPU-bound; the processes share the GPU, so no preallocation).
 t0=$(date +%s)
-PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} $PY -m pytest -m gpu -rA -q -s -p no:cacheprovider \
+JOBS=${GPU_CHECK_JOBS:-4}
+XDIST=""
+if [ "$JOBS" -gt 1 ] && $PY -c "import xdist" 2>/dev/null; then
+  XDIST="-n $JOBS"
+  export XLA_PYTHON_CLIENT_PREALLOCATE=false
+fi
+export JAX_GNA_TEST_LOG="$OUT/errors.txt"
+: > "$JAX_GNA_TEST_LOG"
+PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} $PY -m pytest -m gpu -rA -q -s -p no:cacheprovider $XDIST \
   ${GPU_CHECK_TESTS:-tests} > "$OUT/pytest.log" 2>&1
 rc_test=$?
 summary "pytest -m gpu: rc=$rc_test in $(( $(date +%s) - t0 )) s: $(tail -1 "$OUT/pytest.log")"

@@ -7,6 +7,8 @@ targets), so an element the kernels fail to write shows up as NaN.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -91,6 +93,11 @@ def _check(problem, b=2, h=2, h_kv=None, d=64, d_v=None, dtype=jnp.float16, grad
             errs[name] = _rel(a, r)
             assert errs[name] < t_grad, errs
     print(errs)
+    log = os.environ.get("JAX_GNA_TEST_LOG")
+    if log:  # one line per check (gpu_check.sh collects them, also under pytest-xdist)
+        name = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+        with open(log, "a") as f:
+            f.write(f"{name} {np.dtype(dtype).name} " + " ".join(f"{k}={v:.2e}" for k, v in errs.items()) + "\n")
     return errs
 
 
