@@ -101,8 +101,8 @@ def neighborhood_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     log.debug("jax_gna: %s backend (%s) for %s", name, why, problem)
     out, lse = sharding.attention(impl, query, key, value, problem)  # impl, partitioned
     if additional_keys is not None:
-        extra_out, extra_lse = xla.dense_attention(query, additional_keys, additional_values,
-                                                   problem.scale)
+        extra_out, extra_lse = sharding.dense_attention(query, additional_keys,
+                                                        additional_values, problem.scale)
         out, lse = xla.merge(out, lse, extra_out, extra_lse)
     return (out, lse) if return_lse else out
 

@@ -558,6 +558,125 @@ def attention(impl: Impl, query: jax.Array, key: jax.Array, value: jax.Array,
 
 
 # --------------------------------------------------------------------------
+# The additional (global) tokens: dense attention of every query over them.
+# --------------------------------------------------------------------------
+
+def _dense_layout(spec: Sequence[Any], mesh_shape: Mapping[str, int], q_shape, k_shape):
+    """Leading spec (batch, *spatial, heads) for the dense part: queries keep their
+    spatial sharding (no halo: every query sees all extra tokens); returns it and the
+    mesh axes that split the spatial dims (the extra tokens' gradients sum over them)."""
+    spec = tuple(spec) + (None,) * (len(q_shape) - len(spec))
+    size = lambda names: math.prod(mesh_shape[n] for n in names)  # noqa: E731
+    lead = []
+    for dim in range(len(q_shape) - 1):
+        names = _axis_names(spec[dim])
+        n = q_shape[dim] if dim < len(q_shape) - 2 else k_shape[-2]  # heads: split H_kv
+        lead.append(_collective_name(names) if names and n % size(names) == 0 else None)
+    spatial = tuple(n for e in lead[1:-1] for n in _axis_names(e))
+    return tuple(lead), spatial
+
+
+def _dense_local_backward(q, k, v, d_out, d_lse, scale, spatial):
+    _, vjp = jax.vjp(lambda q, k, v: xla.dense_attention(q, k, v, scale), q, k, v)
+    dq, dk, dv = vjp((d_out, d_lse))
+    if spatial:  # every spatial shard saw all extra tokens: sum their gradients
+        dk, dv = jax.lax.psum((dk, dv), spatial)
+    return dq, dk, dv
+
+
+def _dense_partitioned(scale: float, rank: int, groups: int, kv_heads: int):
+    from jax.experimental.custom_partitioning import custom_partitioning
+
+    fwd = custom_partitioning(jax.jit(lambda q, k, v: xla.dense_attention(q, k, v, scale)))
+    bwd = custom_partitioning(jax.jit(
+        lambda q, k, v, do, dl: _dense_local_backward(q, k, v, do, dl, scale, ())))
+
+    def shardings(mesh, arg_shapes):
+        sh = arg_shapes[0].sharding
+        if isinstance(sh, NamedSharding):
+            mesh, spec = sh.mesh, sh.spec
+        else:
+            spec = ()
+        lead, spatial = _dense_layout(spec, dict(mesh.shape), arg_shapes[0].shape,
+                                      arg_shapes[1].shape)
+        data = NamedSharding(mesh, PartitionSpec(*lead, None))
+        lse = NamedSharding(mesh, PartitionSpec(*lead))
+        extra = NamedSharding(mesh, PartitionSpec(lead[0], None, lead[-1], None))
+        return mesh, spatial, data, lse, extra
+
+    def partition_fwd(mesh, arg_shapes, result_shape):
+        mesh, _, data, lse, extra = shardings(mesh, arg_shapes)
+        return (mesh, lambda q, k, v: xla.dense_attention(q, k, v, scale), (data, lse),
+                (data, extra, extra))
+
+    def partition_bwd(mesh, arg_shapes, result_shape):
+        mesh, spatial, data, lse, extra = shardings(mesh, arg_shapes)
+
+        def lower(q, k, v, do, dl):
+            return _dense_local_backward(q, k, v, do, dl, scale, spatial)
+
+        return mesh, lower, (data, extra, extra), (data, extra, extra, data, lse)
+
+    sp = " ".join("xyz"[:rank])
+    if groups > 1:
+        qh, kh = ("(h g)", "h") if kv_heads > 1 else ("g", "u")
+    else:
+        qh, kh = "h", "h"
+    sizes = {"g": groups} if groups > 1 and kv_heads > 1 else {}
+    q, k, v = f"b {sp} {qh} d", f"b s {kh} d", f"b s {kh} e"
+    o, lse = f"b {sp} {qh} e", f"b {sp} {qh}"
+    # (special factors listed in order of first appearance: Shardy wants them sorted)
+    factors = dict(need_replication_factors=("d", "s", "e"), **sizes)
+    fwd.def_partition(partition=partition_fwd, sharding_rule=f"{q}, {k}, {v} -> {o}, {lse}",
+                      **factors)
+    bwd.def_partition(partition=partition_bwd,
+                      sharding_rule=f"{q}, {k}, {v}, {o}, {lse} -> {q}, {k}, {v}", **factors)
+
+    @jax.custom_vjp
+    def op(q, k, v):
+        return fwd(q, k, v)
+
+    def op_fwd(q, k, v):
+        return fwd(q, k, v), (q, k, v)
+
+    def op_bwd(res, cot):
+        q, k, v = res
+        d_out, d_lse = cot
+        out_dtype = q.dtype
+        return tuple(bwd(q, k, v, d_out.astype(out_dtype), d_lse.astype(jnp.result_type(
+            jnp.float64 if q.dtype == jnp.float64 else jnp.float32))))
+
+    op.defvjp(op_fwd, op_bwd)
+    return op
+
+
+def dense_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float
+                    ) -> tuple[jax.Array, jax.Array]:
+    """:func:`jax_gna.xla.dense_attention` (every query over all additional tokens),
+    partitioned like :func:`attention`: queries stay split along batch, heads and spatial
+    axes (no communication forward); the additional tokens are split along batch / heads
+    and replicated over the spatial mesh axes, whose partial gradients are summed
+    (one all-reduce of ``S_extra`` rows in the backward)."""
+    if not _partitioning_applies(query, key, value):
+        return xla.dense_attention(query, key, value, scale)
+    explicit = _explicit_spec(query)
+    if explicit is not None:
+        mesh, spec = explicit
+        lead, _ = _dense_layout(spec, dict(mesh.shape), query.shape, key.shape)
+        data, lse = PartitionSpec(*lead, None), PartitionSpec(*lead)
+        extra = PartitionSpec(lead[0], None, lead[-1], None)
+        query = jax.sharding.reshard(query, data)
+        key, value = [jax.sharding.reshard(x, extra) for x in (key, value)]
+        used = {n for e in lead for n in _axis_names(e)}
+        return jax.shard_map(lambda q, k, v: xla.dense_attention(q, k, v, scale), mesh=mesh,
+                             in_specs=(data, extra, extra), out_specs=(data, lse),
+                             axis_names=frozenset(used))(query, key, value)
+    rank = query.ndim - 3
+    groups = query.shape[-2] // key.shape[-2]
+    return _dense_partitioned(scale, rank, groups, key.shape[-2])(query, key, value)
+
+
+# --------------------------------------------------------------------------
 # Explicit path: inside shard_map, or shard_map for you.
 # --------------------------------------------------------------------------
 
