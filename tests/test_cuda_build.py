@@ -218,3 +218,25 @@ def test_attribute_dtypes_are_explicit():
             assert isinstance(val, np.float32)
         else:
             assert isinstance(val, np.ndarray) and val.dtype == np.int64, name
+
+
+def test_export_for_cuda():
+    """jax.export for the cuda platform (forward and gradient), with the custom calls
+    allowed explicitly (jax.export only trusts its own list of stable targets)."""
+    from jax import export
+    p = _problem(shape=(16,), k=(3,), s=(1,), d=(1,), c=(False,))
+    q, k, v = _inputs(p)
+
+    def loss(q, k, v):
+        out, lse = cuda.attention(q, k, v, p)
+        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
+
+    checks = [export.DisabledSafetyCheck.custom_call(n) for n in (cuda.FWD_TARGET, cuda.BWD_TARGET)]
+    exp = export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"],
+                        disabled_checks=checks)(q, k, v)
+    text = exp.mlir_module()
+    assert "jax_gna_fwd" in text and "jax_gna_bwd" in text
+    assert exp.platforms == ("cuda",)
+    pytest.importorskip("flatbuffers")
+    again = export.deserialize(exp.serialize())
+    assert "jax_gna_bwd" in again.mlir_module()
