@@ -25,10 +25,10 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log, and report
 }
 for stage in "$@"; do
   case $stage in
-    build) OUT=$LOGS/gpu_check GPU_CHECK_BENCH=0 GPU_CHECK_TESTS=none \
-             step build 240 bash scripts/gpu_check.sh || break ;;
-    tests) XLA_PYTHON_CLIENT_PREALLOCATE=false step tests 300 python3 -m pytest -m gpu -q -rfE \
-             -p no:cacheprovider -n 4 tests ;;
+    build) step build 240 env OUT="$LOGS/gpu_check" GPU_CHECK_BENCH=0 GPU_CHECK_TESTS=none \
+             bash scripts/gpu_check.sh || break ;;
+    tests) step tests 300 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -m gpu -q \
+             -rfE -p no:cacheprovider -n 4 tests ;;
     check) step check_auto 90 python3 -m jax_gna check
            step check_cuda_bf16 90 python3 -m jax_gna check --backend cuda --dtype bfloat16 ;;
     example) step example 120 python3 examples/digits_vit.py --backend cuda ;;
