@@ -59,6 +59,7 @@ def select(backend: str, problem: Problem, query: Any, key: Any, value: Any
         return jax.lax.platform_dependent(
             q, k, v, cuda=lambda *a: cuda.attention(*a, p), default=lambda *a: xla.attention(*a, p))
 
+    auto.backward = sharding.platform_backward(cuda.attention, xla.attention)  # no recompute
     return "cuda", "CUDA kernels on NVIDIA GPUs, xla elsewhere", auto
 
 

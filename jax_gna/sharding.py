@@ -349,6 +349,20 @@ def _backward_of(impl: Impl) -> Backward | None:
     return None
 
 
+def platform_backward(cuda_impl: Impl, default_impl: Impl) -> Backward | None:
+    """The backward of an impl that runs ``cuda_impl`` on CUDA and ``default_impl``
+    elsewhere (``lax.platform_dependent``), for ``backend="auto"``; None if either has none."""
+    cuda_bwd, default_bwd = _backward_of(cuda_impl), _backward_of(default_impl)
+    if cuda_bwd is None or default_bwd is None:
+        return None
+
+    def backward(q, k, v, out, lse, d_out, d_lse, problem):
+        return jax.lax.platform_dependent(
+            q, k, v, out, lse, d_out, d_lse, cuda=lambda *a: cuda_bwd(*a, problem),
+            default=lambda *a: default_bwd(*a, problem))
+    return backward
+
+
 def halo_sizes(shape: Sequence[int], kernel_size: IntOrTuple, stride: IntOrTuple = 1,
                dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False, *,
                shards: Mapping[int, int]) -> dict[int, tuple[int, int]]:
@@ -476,7 +490,8 @@ def _explicit_attention(impl: Impl, query, key, value, problem: Problem, mesh, s
     program under ``shard_map`` (plain autodiff; no partitioner callback needed)."""
     plans, lead = _layout(problem, spec, dict(mesh.shape), query.shape, key.shape)
     data, lse = PartitionSpec(*lead, None), PartitionSpec(*lead)
-    query, key, value = [jax.sharding.reshard(x, data) for x in (query, key, value)]
+    query, key, value = [jax.sharding.reshard(x, NamedSharding(mesh, data))
+                         for x in (query, key, value)]
     used = {n for e in lead for n in _axis_names(e)}
 
     def body(q, k, v):
@@ -665,8 +680,8 @@ def dense_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: f
         lead, _ = _dense_layout(spec, dict(mesh.shape), query.shape, key.shape)
         data, lse = PartitionSpec(*lead, None), PartitionSpec(*lead)
         extra = PartitionSpec(lead[0], None, lead[-1], None)
-        query = jax.sharding.reshard(query, data)
-        key, value = [jax.sharding.reshard(x, extra) for x in (key, value)]
+        query = jax.sharding.reshard(query, NamedSharding(mesh, data))
+        key, value = [jax.sharding.reshard(x, NamedSharding(mesh, extra)) for x in (key, value)]
         used = {n for e in lead for n in _axis_names(e)}
         return jax.shard_map(lambda q, k, v: xla.dense_attention(q, k, v, scale), mesh=mesh,
                              in_specs=(data, extra, extra), out_specs=(data, lse),

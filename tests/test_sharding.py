@@ -67,7 +67,8 @@ LOCAL_CASES = {
 }
 EXTRA_CASES = ["explicit_shard_map_1d", "explicit_shard_map_2d_additional_kv",
                "error_uneven_split", "error_explicit_api", "vmap_falls_back",
-               "explicit_axis_types_set_mesh", "nnx_training_step_data2_context4"]
+               "explicit_axis_types_set_mesh", "nnx_training_step_data2_context4",
+               "backend_without_backward_recomputes"]
 ALL_CASES = list(CASES) + list(LOCAL_CASES) + EXTRA_CASES
 
 
@@ -355,6 +356,33 @@ def _worker():  # pragma: no cover - runs in the subprocess
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
         return "ok (forward and grad of vmap)"
 
+    def backend_without_backward():
+        """A backend that exposes no backward: the partitioned backward recomputes the
+        forward (jax.vjp) on each shard's block."""
+        from jax_gna import xla
+        from jax_gna.params import make_problem
+
+        mesh = Mesh(np.array(jax.devices()[:4]), ("context",))
+        kw = dict(kernel_size=5, stride=2, is_causal=True)
+        args = inputs((32,), 1, 2, 2, 8, seed=5)
+        want = unsharded(kw, args)
+        impl = lambda q, k, v, p: xla.attention(q, k, v, p)  # noqa: E731
+        assert sharding._backward_of(impl) is None
+
+        def f(q, k, v, do, dl):
+            prob = make_problem(q, k, v, **kw)
+            (o, l), vjp = jax.vjp(lambda q, k, v: sharding.attention(impl, q, k, v, prob), q, k, v)
+            return (o, l) + tuple(vjp((do, dl)))
+
+        data = NamedSharding(mesh, P(None, "context", None, None))
+        lse = NamedSharding(mesh, P(None, "context", None))
+        sh = [jax.device_put(x, s) for x, s in zip(args, (data, data, data, data, lse))]
+        compiled = jax.jit(f).lower(*sh).compile()
+        errs = compare(compiled(*sh), want)
+        coll = collectives(compiled.as_text())
+        assert coll["collective-permute"] > 0 and not coll["all-gather"], coll
+        return f"max rel err {max(errs.values()):.2e}; HLO collectives {coll}"
+
     def explicit_axis_types():
         """Meshes with Explicit axis types (jax.set_mesh): the layout is known at trace
         time and the op runs under shard_map."""
@@ -425,6 +453,7 @@ def _worker():  # pragma: no cover - runs in the subprocess
                  "error_explicit_api": error_explicit,
                  "vmap_falls_back": vmap_fallback,
                  "explicit_axis_types_set_mesh": explicit_axis_types,
+                 "backend_without_backward_recomputes": backend_without_backward,
                  "nnx_training_step_data2_context4": nnx_training_step})
     only = sys.argv[2:]
     report = {}
