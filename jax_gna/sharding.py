@@ -76,6 +76,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 from . import mask, xla
 from .params import BoolOrTuple, IntOrTuple, Problem
 
+__all__ = ["neighborhood_attention_local", "neighborhood_attention_sharded", "halo_sizes",
+           "set_auto_partitioning", "attention", "dense_attention", "platform_backward",
+           "plan_axis", "AxisPlan"]
+
 log = logging.getLogger("jax_gna")
 
 AxisName = Union[str, Sequence[str]]
