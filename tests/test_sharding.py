@@ -170,6 +170,20 @@ def test_plan_errors():
     assert (plan.left, plan.right, plan.size) == (7, 7, 4)  # border windows shift inward
 
 
+def test_halo_sizes():
+    from jax_gna.sharding import halo_sizes
+
+    # sliding window: k//2 left, k//2 + k%2 - 1 right (interior), more at the borders
+    assert halo_sizes((64,), 5, shards={0: 4}) == {0: (2, 2)}
+    assert halo_sizes((64,), 4, shards={0: 4}) == {0: (2, 1)}
+    assert halo_sizes((64,), 5, is_causal=True, shards={0: 4}) == {0: (4, 0)}
+    assert halo_sizes((64,), 5, dilation=2, shards={0: 4}) == {0: (4, 4)}
+    assert halo_sizes((64,), 8, stride=8, shards={0: 4}) == {0: (0, 0)}  # blocked
+    assert halo_sizes((16, 64), (3, 7), shards={1: 8}) == {1: (3, 3)}
+    # the first shard's windows are shifted inward: it needs more than k // 2 on the right
+    assert halo_sizes((256,), 80, shards={0: 8}) == {0: (48, 48)}
+
+
 # --------------------------------------------------------------------------
 # Worker side (a fresh process with 8 CPU devices).
 # --------------------------------------------------------------------------
