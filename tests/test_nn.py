@@ -387,12 +387,15 @@ def test_nnx_scan_and_remat_over_layers():
     n_layers = 3
 
     @nnx.split_rngs(splits=n_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def create(rngs):
         return _Block(rngs)
 
     blocks = create(nnx.Rngs(0))
     assert blocks.attn.query_kernel.shape == (n_layers, 8, 2, 4)
+    # The stacked parameters keep their logical axes, behind the new "layers" axis.
+    assert (blocks.attn.query_kernel.get_metadata()["out_sharding"]
+            == ("layers",) + gn.LOGICAL_AXES["query_kernel"])
 
     @nnx.jit
     def forward(blocks, x):
