@@ -103,7 +103,7 @@ from flax import nnx
 from flax.core import meta as flax_meta
 
 from .ops import na1d, na2d, na3d
-from .params import BoolOrTuple, IntOrTuple, check_backend, per_axis
+from .params import BoolOrTuple, IntOrTuple, check_backend, check_window
 
 __all__ = [
     "NeighborhoodAttention", "NeighborhoodAttention1D", "NeighborhoodAttention2D",
@@ -218,18 +218,7 @@ class AttentionConfig:
                              f"num_kv_heads={num_kv_heads}.")
         if context_features is not None:
             context_features = positive("context_features", context_features)
-        k = per_axis("kernel_size", kernel_size, r)
-        s = per_axis("stride", stride, r)
-        d = per_axis("dilation", dilation, r)
-        c = per_axis("is_causal", is_causal, r, kind="bool")
-        for a in range(r):
-            if k[a] < 2:
-                raise ValueError(f"kernel_size must be >= 2 on every axis, got {k}.")
-            if not 1 <= s[a] <= k[a]:
-                raise ValueError(f"stride must satisfy 1 <= stride <= kernel_size on every "
-                                 f"axis, got stride={s} with kernel_size={k}.")
-            if d[a] < 1:
-                raise ValueError(f"dilation must be >= 1 on every axis, got {d}.")
+        k, s, d, c = check_window(r, kernel_size, stride, dilation, is_causal)
         head_dim = qkv_features // num_heads
         if rope and head_dim < 2 * r:
             raise ValueError(f"rope needs head_dim >= 2 * num_spatial_dims = {2 * r}, got "

@@ -121,11 +121,10 @@ def per_axis(name: str, value: Any, rank: int, kind: str = "int") -> tuple:
     return tuple(bool(v) for v in items) if kind == "bool" else tuple(int(v) for v in items)
 
 
-def window_params(shape: Sequence[int], kernel_size: IntOrTuple, stride: IntOrTuple = 1,
-                  dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False
-                  ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[bool, ...]]:
-    """Check the GNA parameters against a spatial shape; return them per axis."""
-    rank = len(shape)
+def check_window(rank: int, kernel_size: IntOrTuple, stride: IntOrTuple = 1,
+                 dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False
+                 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[bool, ...]]:
+    """Check the GNA parameters that need no spatial shape; return them per axis."""
     k = per_axis("kernel_size", kernel_size, rank)
     s = per_axis("stride", stride, rank)
     d = per_axis("dilation", dilation, rank)
@@ -139,6 +138,15 @@ def window_params(shape: Sequence[int], kernel_size: IntOrTuple, stride: IntOrTu
                 f"stride={s} with kernel_size={k}.")
         if d[a] < 1:
             raise ValueError(f"dilation must be >= 1 on every axis, got dilation={d}.")
+    return k, s, d, c
+
+
+def window_params(shape: Sequence[int], kernel_size: IntOrTuple, stride: IntOrTuple = 1,
+                  dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False
+                  ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[bool, ...]]:
+    """Check the GNA parameters against a spatial shape; return them per axis."""
+    k, s, d, c = check_window(len(shape), kernel_size, stride, dilation, is_causal)
+    for a in range(len(shape)):
         if k[a] * d[a] > shape[a]:
             raise ValueError(
                 f"kernel_size * dilation must not exceed the axis length: on axis {a}, "
