@@ -221,6 +221,15 @@ def attention(query, key, value, problem: Problem):
     return _attention(query, key, value, problem, False)
 
 
+def _backward(query, key, value, out, lse, d_out, d_lse, problem: Problem):
+    """``(dq, dk, dv)`` from a saved forward: the backend backward protocol
+    (``attention.backward``) that the sharded op uses to skip recomputing the forward."""
+    return _attention_bwd(problem, False, (query, key, value, out, lse), (d_out, d_lse))
+
+
+attention.backward = _backward
+
+
 def _attention_poisoned(query, key, value, problem: Problem):
     """Test hook: like :func:`attention`, but the kernels' output buffers start as NaN."""
     return _attention(query, key, value, problem, True)

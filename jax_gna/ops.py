@@ -53,14 +53,35 @@ def select(backend: str, problem: Problem, query: Any, key: Any, value: Any
         return "cuda", "backend='cuda' was requested", _cuda_module().attention
     if reason is not None:
         return "xla", f"the CUDA kernels do not apply ({reason})", xla.attention
+    return "cuda", "CUDA kernels on NVIDIA GPUs, xla elsewhere", _auto_attention
+
+
+def _auto_attention(q: jax.Array, k: jax.Array, v: jax.Array, problem: Problem
+                    ) -> tuple[jax.Array, jax.Array]:
+    """The CUDA kernels where the call is lowered for CUDA, ``xla`` elsewhere."""
     cuda = _cuda_module()
+    return jax.lax.platform_dependent(
+        q, k, v, cuda=lambda *a: cuda.attention(*a, problem),
+        default=lambda *a: xla.attention(*a, problem))
 
-    def auto(q, k, v, p):
-        return jax.lax.platform_dependent(
-            q, k, v, cuda=lambda *a: cuda.attention(*a, p), default=lambda *a: xla.attention(*a, p))
 
-    auto.backward = sharding.platform_backward(cuda.attention, xla.attention)  # no recompute
-    return "cuda", "CUDA kernels on NVIDIA GPUs, xla elsewhere", auto
+if _cuda_module() is not None:  # its backward, so that sharded calls recompute nothing
+    _auto_attention.backward = sharding.platform_backward(_cuda_module().attention,
+                                                          xla.attention)
+
+
+def _compute(query, key, value, additional_keys, additional_values, impl: Impl,
+             problem: Problem) -> tuple[jax.Array, jax.Array]:
+    out, lse = sharding.attention(impl, query, key, value, problem)  # impl, partitioned
+    if additional_keys is not None:
+        extra_out, extra_lse = sharding.dense_attention(query, additional_keys,
+                                                        additional_values, problem.scale)
+        out, lse = xla.merge(out, lse, extra_out, extra_lse)
+    return out, lse
+
+
+# Eager calls run compiled (once per shape and configuration), not op by op.
+_compute_jit = jax.jit(_compute, static_argnames=("impl", "problem"))
 
 
 def neighborhood_attention(query: jax.Array, key: jax.Array, value: jax.Array,
@@ -100,11 +121,9 @@ def neighborhood_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                            additional_keys, additional_values, rank=_rank)
     name, why, impl = select(backend, problem, query, key, value)
     log.debug("jax_gna: %s backend (%s) for %s", name, why, problem)
-    out, lse = sharding.attention(impl, query, key, value, problem)  # impl, partitioned
-    if additional_keys is not None:
-        extra_out, extra_lse = sharding.dense_attention(query, additional_keys,
-                                                        additional_values, problem.scale)
-        out, lse = xla.merge(out, lse, extra_out, extra_lse)
+    args = (query, key, value, additional_keys, additional_values)
+    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(args))
+    out, lse = (_compute if traced else _compute_jit)(*args, impl=impl, problem=problem)
     return (out, lse) if return_lse else out
 
 

@@ -333,24 +333,8 @@ def _backward_of(impl: Impl) -> Backward | None:
     :func:`local_attention_backward` recomputes the forward (``jax.vjp``).
 
     Protocol for a backend: ``impl.backward(q, k, v, out, lse, d_out, d_lse, problem)
-    -> (dq, dk, dv)``. The ``xla`` and ``cuda`` backends' custom_vjp rules are used
-    directly."""
-    bwd = getattr(impl, "backward", None)
-    if bwd is not None:
-        return bwd
-    if impl is xla.attention:
-        def xla_backward(q, k, v, out, lse, d_out, d_lse, problem):
-            return xla._attention_bwd(problem, None, None, (q, k, v, out, lse), (d_out, d_lse))
-        return xla_backward
-    try:
-        from . import cuda
-    except ImportError:  # pragma: no cover
-        return None
-    if impl is getattr(cuda, "attention", None) and hasattr(cuda, "_attention_bwd"):
-        def cuda_backward(q, k, v, out, lse, d_out, d_lse, problem):
-            return cuda._attention_bwd(problem, False, (q, k, v, out, lse), (d_out, d_lse))
-        return cuda_backward
-    return None
+    -> (dq, dk, dv)`` (``xla.attention`` and ``cuda.attention`` have it)."""
+    return getattr(impl, "backward", None)
 
 
 def platform_backward(cuda_impl: Impl, default_impl: Impl) -> Backward | None:

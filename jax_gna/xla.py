@@ -344,6 +344,15 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, problem: Probl
     return _attention(query, key, value, problem, q_tile, kv_tile)
 
 
+def _backward(query, key, value, out, lse, d_out, d_lse, problem: Problem):
+    """``(dq, dk, dv)`` from a saved forward: the backend backward protocol
+    (``attention.backward``) that the sharded op uses to skip recomputing the forward."""
+    return _attention_bwd(problem, None, None, (query, key, value, out, lse), (d_out, d_lse))
+
+
+attention.backward = _backward
+
+
 # --------------------------------------------------------------------------
 # Plain attention over the additional (global) tokens, and the merge.
 # --------------------------------------------------------------------------
