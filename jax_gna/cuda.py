@@ -221,6 +221,16 @@ def attention(query, key, value, problem: Problem):
     return _attention(query, key, value, problem, False)
 
 
+def export_disabled_checks() -> list:
+    """What to pass as ``disabled_checks`` to ``jax.export.export`` for a function that
+    calls the kernels: ``jax.export`` only trusts custom calls on its own list, so the
+    two targets must be allowed explicitly. The exported module needs this library
+    (same FFI targets) wherever it is deserialized and run."""
+    from jax import export  # noqa: PLC0415
+
+    return [export.DisabledSafetyCheck.custom_call(n) for n in (FWD_TARGET, BWD_TARGET)]
+
+
 def _backward(query, key, value, out, lse, d_out, d_lse, problem: Problem):
     """``(dq, dk, dv)`` from a saved forward: the backend backward protocol
     (``attention.backward``) that the sharded op uses to skip recomputing the forward."""

@@ -231,7 +231,7 @@ def test_export_for_cuda():
         out, lse = cuda.attention(q, k, v, p)
         return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
 
-    checks = [export.DisabledSafetyCheck.custom_call(n) for n in (cuda.FWD_TARGET, cuda.BWD_TARGET)]
+    checks = cuda.export_disabled_checks()
     exp = export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"],
                         disabled_checks=checks)(q, k, v)
     text = exp.mlir_module()
