@@ -71,7 +71,9 @@ if _cuda_module() is not None:  # its backward, so that sharded calls recompute 
 
 
 def _compute(query, key, value, additional_keys, additional_values, impl: Impl,
-             problem: Problem) -> tuple[jax.Array, jax.Array]:
+             problem: Problem, partitioning: bool = True) -> tuple[jax.Array, jax.Array]:
+    # ``partitioning`` (sharding.set_auto_partitioning, read while tracing) is only a key
+    # of the compiled cache below, so that changing it takes effect on eager calls too.
     out, lse = sharding.attention(impl, query, key, value, problem)  # impl, partitioned
     if additional_keys is not None:
         extra_out, extra_lse = sharding.dense_attention(query, additional_keys,
@@ -81,7 +83,7 @@ def _compute(query, key, value, additional_keys, additional_values, impl: Impl,
 
 
 # Eager calls run compiled (once per shape and configuration), not op by op.
-_compute_jit = jax.jit(_compute, static_argnames=("impl", "problem"))
+_compute_jit = jax.jit(_compute, static_argnames=("impl", "problem", "partitioning"))
 
 
 def neighborhood_attention(query: jax.Array, key: jax.Array, value: jax.Array,
@@ -123,7 +125,8 @@ def neighborhood_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     log.debug("jax_gna: %s backend (%s) for %s", name, why, problem)
     args = (query, key, value, additional_keys, additional_values)
     traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(args))
-    out, lse = (_compute if traced else _compute_jit)(*args, impl=impl, problem=problem)
+    out, lse = (_compute if traced else _compute_jit)(
+        *args, impl=impl, problem=problem, partitioning=sharding.auto_partitioning())
     return (out, lse) if return_lse else out
 
 

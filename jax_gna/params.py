@@ -166,6 +166,12 @@ def _shape(x: Any) -> tuple[int, ...]:
 def check_tensors(query: Any, key: Any, value: Any, additional_keys: Any = None,
                   additional_values: Any = None, rank: int | None = None) -> int:
     """Check the shapes and dtypes of the inputs; return the number of spatial axes."""
+    for name, x in (("query", query), ("key", key), ("value", value),
+                    ("additional_keys", additional_keys),
+                    ("additional_values", additional_values)):
+        if x is not None and not (hasattr(x, "shape") and hasattr(x, "dtype")):
+            raise ValueError(f"{name} must be an array (jax.Array or numpy.ndarray), got "
+                             f"{type(x).__name__}.")
     qs, ks, vs = _shape(query), _shape(key), _shape(value)
     for name, s in (("query", qs), ("key", ks), ("value", vs)):
         if len(s) not in (4, 5, 6):

@@ -100,6 +100,11 @@ def set_auto_partitioning(enabled: bool) -> bool:
     return old
 
 
+def auto_partitioning() -> bool:
+    """Whether :func:`attention` partitions the op itself (see :func:`set_auto_partitioning`)."""
+    return _AUTO_PARTITIONING
+
+
 # --------------------------------------------------------------------------
 # Static plan of one sharded spatial axis.
 # --------------------------------------------------------------------------
@@ -114,6 +119,19 @@ def _axis_names(name: AxisName | None) -> tuple[str, ...]:
 
 def _collective_name(names: tuple[str, ...]) -> Any:
     return names[0] if len(names) == 1 else names
+
+
+def _check_mesh_order(names: tuple[str, ...], mesh_axis_names: Sequence[str], what: str) -> None:
+    """A spatial axis split over several mesh axes must name them in the mesh's order:
+    ``lax.ppermute`` numbers the shards of a tuple of axes in mesh order, while the data
+    is laid out in the order the tuple gives (a different order would fetch the halo
+    from the wrong neighbour)."""
+    if len(names) > 1:
+        order = [n for n in mesh_axis_names if n in names]
+        if list(names) != order:
+            raise ValueError(
+                f"{what} is sharded over mesh axes {names}, not in the mesh's order "
+                f"{tuple(order)}; list them as {tuple(order)} (or reorder the mesh).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -431,6 +449,7 @@ def _layout(problem: Problem, spec: Sequence[Any], mesh_shape: Mapping[str, int]
     plans = []
     for a in range(problem.rank):
         names = _axis_names(spec[1 + a])
+        _check_mesh_order(names, list(mesh_shape), f"spatial axis {a}")
         if names and size(names) > 1:
             plans.append(plan_axis(problem, a, names, size(names)))
     spatial = [None] * problem.rank
@@ -719,6 +738,9 @@ def neighborhood_attention_local(query: jax.Array, key: jax.Array, value: jax.Ar
         if not isinstance(a, (int, np.integer)) or not 0 <= a < max(rank, 0):
             raise ValueError(f"spatial_axes keys must be spatial axis indices in [0, {rank}), "
                              f"got {a!r} (spatial_axes={spatial_axes}).")
+    mesh_names = getattr(jax.sharding.get_abstract_mesh(), "axis_names", ())
+    for a, n in spatial_axes.items():
+        _check_mesh_order(_axis_names(n), mesh_names, f"spatial axis {a}")
     counts = {a: int(jax.lax.axis_size(_collective_name(_axis_names(n))))
               for a, n in spatial_axes.items()}
 
@@ -778,6 +800,7 @@ def neighborhood_attention_sharded(query: jax.Array, key: jax.Array, value: jax.
         raise ValueError(f"batch_axis={batch_axis!r} splits {_mesh_size(mesh, batch)} ways, "
                          f"which does not divide the batch {np.shape(query)[0]}.")
     for a, names in spatial_axes.items():
+        _check_mesh_order(_axis_names(names), mesh.axis_names, f"spatial axis {a}")
         n = _mesh_size(mesh, _axis_names(names))
         if np.shape(query)[1 + a] % n:
             raise ValueError(

@@ -170,6 +170,24 @@ def test_plan_errors():
     assert (plan.left, plan.right, plan.size) == (7, 7, 4)  # border windows shift inward
 
 
+def test_mesh_axes_out_of_mesh_order_rejected():
+    """ppermute numbers the shards of a tuple of mesh axes in mesh order; a spatial axis
+    sharded over them in another order would get its halo from the wrong neighbour."""
+    from jax_gna.params import make_problem
+    from jax_gna.sharding import _check_mesh_order, _layout
+
+    _check_mesh_order(("a", "b"), ("a", "b", "c"), "spatial axis 0")
+    _check_mesh_order(("a", "c"), ("a", "b", "c"), "spatial axis 0")
+    with pytest.raises(ValueError, match="not in the mesh's order \\('a', 'b'\\)"):
+        _check_mesh_order(("b", "a"), ("a", "b"), "spatial axis 0")
+    x = np.zeros((1, 16, 2, 8), np.float32)
+    prob = make_problem(x, x, x, 5, 2)
+    with pytest.raises(ValueError, match="not in the mesh's order"):
+        _layout(prob, (None, ("b", "a")), {"a": 2, "b": 2}, x.shape, x.shape)
+    plans, _ = _layout(prob, (None, ("a", "b")), {"a": 2, "b": 2}, x.shape, x.shape)
+    assert plans[0].shards == 4
+
+
 def test_halo_sizes():
     from jax_gna.sharding import halo_sizes
 

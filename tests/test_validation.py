@@ -79,6 +79,13 @@ def test_bad_parameters(kwargs, match):
     rejects(match, q, k, v, **kwargs)
 
 
+def test_not_arrays():
+    q, k, v = arrays()
+    rejects("query must be an array", np.zeros((1, 8, 8, 2, 8)).tolist(), k, v, 3)
+    rejects("additional_values must be an array", q, k, v, 3,
+            additional_keys=jnp.zeros((1, 5, 2, 8)), additional_values=[[0.0]])
+
+
 def test_dtypes():
     q, k, v = arrays()
     rejects("same dtype", q, k.astype(jnp.bfloat16), v, 3)
