@@ -131,6 +131,16 @@ def _flatten_tokens(x: jax.Array, rank: int) -> jax.Array:
     return x.reshape((x.shape[0], -1) + x.shape[1 + rank:])
 
 
+def _group_heads(x: jax.Array, h_kv: int) -> jax.Array:
+    """[B, N, H, D] -> [B, N, H_kv, G, D]: query head h uses key/value head h // G."""
+    return x.reshape(x.shape[:2] + (h_kv, x.shape[2] // h_kv, x.shape[-1]))
+
+
+def _group_rows(x: jax.Array, h_kv: int) -> jax.Array:
+    """Per-query scalars [B, N, H] -> [B, H_kv, G, N], laid out like the scores' rows."""
+    return x.reshape(x.shape[0], x.shape[1], h_kv, -1).transpose(0, 2, 3, 1)
+
+
 def _untile(y: jax.Array, tiling: _Tiling) -> jax.Array:
     """[n_tiles, B, prod(tile), ...] -> [B, *extent, ...] (tiles back in place, padding cut)."""
     rank = len(tiling.tile)
@@ -188,7 +198,6 @@ def _forward(query, key, value, problem: Problem, tile: tuple | None):
     rank = problem.rank
     tiling = _query_tiling(problem, tile)
     b, h, h_kv, d_v = query.shape[0], query.shape[-2], key.shape[-2], value.shape[-1]
-    g = h // h_kv
     acc = _acc_dtype(query.dtype)
     prec = _precision(query.dtype)
     q_pad = _pad_to_tiles(query, tiling)
@@ -198,7 +207,7 @@ def _forward(query, key, value, problem: Problem, tile: tuple | None):
         q = _flatten_tokens(_slice(q_pad, q_start, tiling.tile), rank)
         k = _flatten_tokens(_slice(key, k_start, tiling.width), rank)
         v = _flatten_tokens(_slice(value, k_start, tiling.width), rank)
-        q = q.reshape(q.shape[:2] + (h_kv, g, q.shape[-1]))
+        q = _group_heads(q, h_kv)
         s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=acc, precision=prec)
         s = s * problem.scale
         m = _tile_mask(problem, True, q_start, k_start, tiling.tile, tiling.width)
@@ -227,7 +236,6 @@ def _backward_dq(query, key, value, lse, d_out, delta, problem: Problem, tile):
     rank = problem.rank
     tiling = _query_tiling(problem, tile)
     b, h, h_kv = query.shape[0], query.shape[-2], key.shape[-2]
-    g = h // h_kv
     acc = _acc_dtype(query.dtype)
     prec = _precision(query.dtype)
     q_pad, do_pad = _pad_to_tiles(query, tiling), _pad_to_tiles(d_out, tiling)
@@ -241,10 +249,8 @@ def _backward_dq(query, key, value, lse, d_out, delta, problem: Problem, tile):
         dl = _flatten_tokens(_slice(delta_pad, q_start, tiling.tile), rank)
         k = _flatten_tokens(_slice(key, k_start, tiling.width), rank)
         v = _flatten_tokens(_slice(value, k_start, tiling.width), rank)
-        q = q.reshape(q.shape[:2] + (h_kv, g, q.shape[-1]))
-        do = do.reshape(do.shape[:2] + (h_kv, g, do.shape[-1]))
-        l = l.reshape(b, -1, h_kv, g).transpose(0, 2, 3, 1)[..., None]
-        dl = dl.reshape(b, -1, h_kv, g).transpose(0, 2, 3, 1)[..., None]
+        q, do = _group_heads(q, h_kv), _group_heads(do, h_kv)
+        l, dl = _group_rows(l, h_kv)[..., None], _group_rows(dl, h_kv)[..., None]
         s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=acc, precision=prec)
         m = _tile_mask(problem, True, q_start, k_start, tiling.tile, tiling.width)
         p = jnp.where(m, jnp.exp(s * problem.scale - l), 0)
@@ -262,7 +268,6 @@ def _backward_dkv(query, key, value, lse, d_out, delta, problem: Problem, tile):
     rank = problem.rank
     tiling = _key_tiling(problem, tile)
     b, h, h_kv = query.shape[0], query.shape[-2], key.shape[-2]
-    g = h // h_kv
     acc = _acc_dtype(query.dtype)
     prec = _precision(query.dtype)
     k_pad, v_pad = _pad_to_tiles(key, tiling), _pad_to_tiles(value, tiling)
@@ -275,10 +280,8 @@ def _backward_dkv(query, key, value, lse, d_out, delta, problem: Problem, tile):
         do = _flatten_tokens(_slice(d_out, q_start, tiling.width), rank)
         l = _flatten_tokens(_slice(lse, q_start, tiling.width), rank)
         dl = _flatten_tokens(_slice(delta, q_start, tiling.width), rank)
-        q = q.reshape(q.shape[:2] + (h_kv, g, q.shape[-1]))
-        do = do.reshape(do.shape[:2] + (h_kv, g, do.shape[-1]))
-        l = l.reshape(b, -1, h_kv, g).transpose(0, 2, 3, 1)[:, :, :, None, :]
-        dl = dl.reshape(b, -1, h_kv, g).transpose(0, 2, 3, 1)[:, :, :, None, :]
+        q, do = _group_heads(q, h_kv), _group_heads(do, h_kv)
+        l, dl = _group_rows(l, h_kv)[:, :, :, None, :], _group_rows(dl, h_kv)[:, :, :, None, :]
         s = jnp.einsum("bkhd,bqhgd->bhgkq", k, q, preferred_element_type=acc, precision=prec)
         m = _tile_mask(problem, False, k_start, q_start, tiling.tile, tiling.width)
         p = jnp.where(m, jnp.exp(s * problem.scale - l), 0)
