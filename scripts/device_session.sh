@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Everything one lent-GPU session needs, in one call (see README, "GPU check"):
 #   build   build the CUDA library (scripts/gpu_check.sh, no tests, no quick bench)
+#   smoke90 one Hopper-path forward check (stops the session if it fails or hangs)
 #   tests   pytest -m gpu (tests/test_cuda_gpu.py and every other gpu-marked test)
 #   check   `python -m jax_gna check` with backend auto (platform_dependent) and cuda
 #   example the Flax digits example with the cuda backend (throughput)
 #   bench   the benchmark suite, presets $BENCH_PRESETS (default small,paper)
+#   quick   forward only, bf16: the three block-sparse paper problems with cuda
+#           (Hopper path where it applies), cuda with JAX_GNA_SM90=0 (sm80 kernels)
+#           and cuDNN dense, side by side
+# TESTS_K: a pytest -k filter for the tests stage.
 # usage: OUT=... bash scripts/device_session.sh build check example bench
 # Results land in $OUT: summary.txt, results/ (bench JSON/markdown/PNG), logs.tar.gz.
 set -uo pipefail
@@ -27,14 +32,25 @@ for stage in "$@"; do
   case $stage in
     build) step build 240 env OUT="$LOGS/gpu_check" GPU_CHECK_BENCH=0 GPU_CHECK_TESTS=none \
              bash scripts/gpu_check.sh || break ;;
+    smoke90) step smoke90 120 env JAX_GNA_SM90=force XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q \
+               -x -rfE -p no:cacheprovider tests/test_cuda_gpu.py -k "sm90_forward_matches_xla and 300" || break ;;
     tests) step tests 300 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -m gpu -q \
-             -rfE -p no:cacheprovider -n 4 tests ;;
+             -rfE -p no:cacheprovider -n 4 ${TESTS_K:+-k "$TESTS_K"} tests ;;
     check) step check_auto 90 python3 -m jax_gna check
            step check_cuda_bf16 90 python3 -m jax_gna check --backend cuda --dtype bfloat16 ;;
     example) step example 120 python3 examples/digits_vit.py --backend cuda ;;
     bench) step bench "${BENCH_LIMIT:-400}" python3 -m benchmarks.run \
              --preset "${BENCH_PRESETS:-small,paper}" --budget-s "${BENCH_BUDGET:-330}" \
              --out "$OUT/results" --no-progress ;;
+    quick) for prob in "32768 2048 2048 1" "256x256 80x80 16x16 24" "30x48x80 18x24x24 16x8x8 24"; do
+             set -- $prob
+             for mode in auto 0; do
+               be=cuda,cudnn; [ "$mode" = 0 ] && be=cuda
+               TAIL=8 step "quick_${1}_sm90_${mode}" 150 env JAX_GNA_SM90=$mode python3 -m benchmarks.run \
+                 --shape "$1" --window "$2" --stride "$3" --heads "$4" --head-dim 128 --backends $be \
+                 --dtypes bf16 --passes fwd --samples 3x20 --out "$LOGS/quick" --name "q_${1}_${mode}" --no-progress
+             done
+           done ;;
     *) say "unknown stage $stage" ;;
   esac
 done

@@ -63,6 +63,22 @@ def test_cuda_sources_compile(tmp_path):
     assert not failed, "\n".join(f"{n}:\n{err[-3000:]}" for n, err in failed)
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_sm90_kernels_compile_without_spills(tmp_path):
+    """The Hopper kernels build for sm_90a with no register spills (ptxas report)."""
+    import jax.ffi
+    cmd = ["nvcc", "-std=c++17", "-O3", "-arch=sm_90a", "--expt-relaxed-constexpr", f"-I{CSRC}",
+           "-isystem", jax.ffi.include_dir(), "-Xcompiler", "-fPIC", "-Xptxas", "-v", "-c",
+           str(CSRC / "gna_sm90.cu"), "-o", str(tmp_path / "gna_sm90.o")]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    reports = re.findall(r"Compiling entry function '(\w*sm90\w*)'.*?(\d+) bytes spill stores, (\d+) bytes spill loads",
+                         r.stderr, re.S)
+    assert len(reports) >= 4, r.stderr[-3000:]
+    spilled = [name for name, st, ld in reports if int(st) or int(ld)]
+    assert not spilled, f"register spills in {spilled}"
+
+
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
 def test_python_module_compiles(tmp_path):
     pybind11 = pytest.importorskip("pybind11")

@@ -270,3 +270,72 @@ def test_large_tensor_64bit_offsets():
     assert _rel(dq, rdq) < 1e-2
     # Keys L-tail+1 .. L-1 are seen only by queries of the block.
     assert _rel(dk[:, 2:], rdk[:, 4:]) < 1e-2 and _rel(dv[:, 2:], rdv[:, 4:]) < 1e-2
+
+
+# ---------------------------------------------------------------------------
+# Hopper path (sm_90a TMA + wgmma forward). JAX_GNA_SM90=force makes a forward call
+# fail unless the Hopper kernel ran it, so these cases prove which kernel they check.
+# ---------------------------------------------------------------------------
+
+def _is_sm90() -> bool:
+    try:
+        return any(getattr(d, "compute_capability", "") == "9.0" for d in jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
+SM90_CASES = [
+    # shape, k, s, causal, (b, h, h_kv, d), dtype
+    ((300,), 16, 16, True, (1, 2, 1, 64), jnp.float16),
+    ((1000,), 129, 1, False, (1, 4, 2, 128), jnp.bfloat16),
+    ((2048,), 256, 64, False, (2, 2, 2, 128), jnp.float16),
+    ((20, 23), (5, 4), (2, 1), (False, True), (2, 4, 1, 128), jnp.float16),
+    ((64, 48), 13, 1, False, (1, 2, 2, 64), jnp.bfloat16),
+    ((64, 64), 16, 8, False, (1, 2, 2, 128), jnp.bfloat16),
+    ((33, 70), (9, 17), (3, 5), (True, False), (1, 2, 1, 64), jnp.float16),
+    ((6, 9, 10), (3, 4, 5), (1, 2, 3), (True, False, True), (1, 2, 2, 64), jnp.bfloat16),
+    ((8, 16, 24), (4, 8, 8), (4, 8, 8), False, (1, 2, 2, 128), jnp.float16),
+    ((10, 12, 20), (5, 7, 9), 1, (True, False, False), (2, 2, 1, 128), jnp.bfloat16),
+]
+
+
+@pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
+@pytest.mark.parametrize("shape,k,s,c,dims,dtype", SM90_CASES)
+def test_sm90_forward_matches_xla(monkeypatch, shape, k, s, c, dims, dtype):
+    monkeypatch.setenv("JAX_GNA_SM90", "force")
+    b, h, h_kv, dim = dims
+    _check(_problem(shape, k, s, 1, c, dim=dim), b, h, h_kv, dim, dim, dtype)
+
+
+@pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
+def test_sm90_block_origins(monkeypatch):
+    monkeypatch.setenv("JAX_GNA_SM90", "force")
+    whole = _problem((40, 30), (5, 4), (1, 2), 1, (False, True), dim=64)
+    q_o, q_e = (10, 5), (12, 17)
+    kv_o, kv_e = _key_block(whole, q_o, q_e)
+    block = whole.replace(q_origin=q_o, q_extent=q_e, kv_origin=kv_o, kv_extent=kv_e)
+    _check(block, 2, 2, 1, 64, 64, jnp.float16)
+
+
+@pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
+def test_sm90_force_rejects_other_problems(monkeypatch):
+    monkeypatch.setenv("JAX_GNA_SM90", "force")
+    p = _problem((40,), 5, 1, 2, False, dim=64)  # dilation: not on the Hopper path
+    q, k, v, _, _ = _inputs(p, 1, 1, 1, 64, 64, jnp.float16)
+    with pytest.raises(Exception, match="not supported"):
+        jax.block_until_ready(cuda.attention(q, k, v, p))
+
+
+@pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
+def test_sm90_repeatable_and_close_to_sm80(monkeypatch):
+    p = _problem((48, 40), (9, 7), (1, 2), 1, (False, True), dim=128)
+    q, k, v, _, _ = _inputs(p, 1, 4, 2, 128, 128, jnp.bfloat16)
+    run = jax.jit(lambda q, k, v: cuda._attention_poisoned(q, k, v, p))
+    monkeypatch.setenv("JAX_GNA_SM90", "force")
+    a = jax.tree.map(np.asarray, run(q, k, v))
+    b = jax.tree.map(np.asarray, run(q, k, v))
+    monkeypatch.setenv("JAX_GNA_SM90", "0")
+    c = jax.tree.map(np.asarray, run(q, k, v))
+    for x, y, z in zip(a, b, c):
+        assert np.array_equal(x.view(np.uint8), y.view(np.uint8))
+        assert _rel(x, z) < TOL[jnp.bfloat16][1 if x.dtype == np.float32 else 0]

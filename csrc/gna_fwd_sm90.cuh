@@ -1,0 +1,361 @@
+// Hopper forward kernel (sm_90a): O and LSE with TMA loads, an mbarrier pipeline and
+// wgmma, for fp16/bf16, head dim D = D_v in {64, 128}, no dilation.
+//
+// One CTA (3 warpgroups) per (query tile, head, batch):
+//   warpgroup 0   producer: one thread issues the TMA loads (Q once, then K and V
+//                 of every key tile into a ring of STAGES slots);
+//   warpgroups 1,2 consumers: each owns 64 of the tile's 128 queries, computes
+//                 S = Q K^T with wgmma from shared memory, the online softmax in
+//                 registers, and O += P V with P from registers.
+// Query and key tiles are boxes of 128 tokens (power-of-two extents per axis,
+// chosen on the host) read straight from the [B, *spatial, H, D] tensors by
+// 5-D TMA boxes (head dim, x, y, t, batch): no token permutation. Boxes that
+// reach past the block are zero-filled by TMA; the output tile goes back through
+// shared memory and a TMA store, which drops rows outside the block.
+//
+// The key tiles a query tile visits are the tile-grid box that covers the union of
+// its queries' windows (the windows are monotone, so that is [lo(first), hi(last)]
+// per axis, gna_problem.h); tiles inside the intersection of all windows skip the
+// element mask.
+#pragma once
+#include <cuda.h>
+#include <cfloat>
+#include "gna_mma.cuh"
+#include "gna_problem.h"
+#include "gna_sm90.cuh"
+
+namespace gna {
+namespace sm90 {
+
+constexpr int kTileTokens = 128;  // queries and keys per tile
+constexpr int kThreads = 384;
+
+template <int D, int STAGES>
+struct FwdLayout {
+  static constexpr int kTileBytes = kTileTokens * D * 2;  // one Q, K or V tile (16-bit)
+  static constexpr int kHalfBytes = kTileTokens * 128;    // 64 columns of a tile
+  static constexpr int kQ = 0;
+  static constexpr int kK = kTileBytes;
+  static constexpr int kV = kK + STAGES * kTileBytes;
+  static constexpr int kBars = kV + STAGES * kTileBytes;  // qfull, kfull[S], vfull[S], empty[S]
+  static constexpr size_t smem_bytes() { return kBars + 8 * (1 + 3 * STAGES) + 1024; }
+};
+
+template <typename T> struct Wgmma;
+#if defined(GNA_SM90_ENABLED)
+template <> struct Wgmma<__half> {
+  static __device__ __forceinline__ void ss(float (&d)[64], uint64_t a, uint64_t b, int acc) {
+    wgmma_ss_n128_f16(d, a, b, acc);
+  }
+  static __device__ __forceinline__ void rs(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
+    wgmma_rs_n128_f16(d, a, b);
+  }
+  static __device__ __forceinline__ void rs(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {
+    wgmma_rs_n64_f16(d, a, b);
+  }
+};
+template <> struct Wgmma<__nv_bfloat16> {
+  static __device__ __forceinline__ void ss(float (&d)[64], uint64_t a, uint64_t b, int acc) {
+    wgmma_ss_n128_bf16(d, a, b, acc);
+  }
+  static __device__ __forceinline__ void rs(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
+    wgmma_rs_n128_bf16(d, a, b);
+  }
+  static __device__ __forceinline__ void rs(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {
+    wgmma_rs_n64_bf16(d, a, b);
+  }
+};
+#endif
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Per-CTA geometry: the query tile, the key-tile box it visits, the window
+// intersection. Coordinates are global (no dilation on this path).
+struct FwdTile {
+  int qs[3], qe[3];      // first / last valid query of the tile per axis
+  int kt0[3], nkt[3];    // first key tile index (key-block local) and count per axis
+  int ilo[3], ihi[3];    // keys every valid query of the tile sees
+  int ntiles;
+
+  __device__ __forceinline__ FwdTile(const Params& p, int bid) {
+#pragma unroll
+    for (int a = 2; a >= 0; --a) {
+      const Axis& x = p.ax[a];
+      const int t = bid % x.nqt;
+      bid /= x.nqt;
+      qs[a] = x.q0 + t * x.qt;
+      qe[a] = min(qs[a] + x.qt, x.q0 + x.qn) - 1;
+      int lo0, hi0, lo1, hi1;
+      window(x, 0, qs[a], lo0, hi0);
+      window(x, 0, qe[a], lo1, hi1);
+      kt0[a] = (lo0 - x.kv0) / x.kt;
+      nkt[a] = (hi1 - x.kv0) / x.kt - kt0[a] + 1;
+      ilo[a] = lo1;
+      ihi[a] = hi0;
+    }
+    ntiles = nkt[0] * nkt[1] * nkt[2];
+  }
+  // Key-block local start of key tile `it` (row-major over the box) per axis.
+  __device__ __forceinline__ void key_tile(const Params& p, int it, int ks[3]) const {
+    const int i2 = it % nkt[2];
+    const int r = it / nkt[2];
+    const int i1 = r % nkt[1];
+    const int i0 = r / nkt[1];
+    ks[0] = (kt0[0] + i0) * p.ax[0].kt;
+    ks[1] = (kt0[1] + i1) * p.ax[1].kt;
+    ks[2] = (kt0[2] + i2) * p.ax[2].kt;
+  }
+};
+
+template <typename T, int D, int STAGES>
+__global__ void __launch_bounds__(kThreads, 1)
+    fwd_sm90_kernel(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap tq,
+                    const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv,
+                    const __grid_constant__ CUtensorMap to) {
+#if defined(GNA_SM90_ENABLED)
+  using L = FwdLayout<D, STAGES>;
+  constexpr int HALVES = D / 64;
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t sbase = (saddr(smem_raw) + 1023) & ~1023u;
+  unsigned char* gbase = smem_raw + (sbase - saddr(smem_raw));
+  const uint32_t sQ = sbase + L::kQ, sK = sbase + L::kK, sV = sbase + L::kV;
+  const uint32_t bar_q = sbase + L::kBars;
+  auto bar_k = [&](int s) { return bar_q + 8 * (1 + s); };
+  auto bar_v = [&](int s) { return bar_q + 8 * (1 + STAGES + s); };
+  auto bar_e = [&](int s) { return bar_q + 8 * (1 + 2 * STAGES + s); };
+
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / (p.H / p.Hkv);
+  const FwdTile tile(p, blockIdx.x);
+  const int wg = threadIdx.x / 128;
+
+  if (threadIdx.x == 0) {
+    mbar_init(bar_q, 1);
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(bar_k(s), 1);
+      mbar_init(bar_v(s), 1);
+      mbar_init(bar_e(s), 8);  // one arrival per consumer warp
+    }
+    mbar_fence_init();
+  }
+  __syncthreads();
+
+  if (wg == 0) {  // ---------------------------------------------------- producer
+    regs_dec<40>();
+    if (threadIdx.x != 0) return;
+    tma_prefetch_desc(&tq);
+    tma_prefetch_desc(&tk);
+    tma_prefetch_desc(&tv);
+    mbar_expect_tx(bar_q, L::kTileBytes);
+#pragma unroll
+    for (int c = 0; c < HALVES; ++c)
+      tma_load_5d(sQ + c * L::kHalfBytes, &tq, bar_q, h * D + 64 * c, tile.qs[2] - p.ax[2].q0,
+                  tile.qs[1] - p.ax[1].q0, tile.qs[0] - p.ax[0].q0, b);
+    for (int it = 0; it < tile.ntiles; ++it) {
+      const int s = it % STAGES;
+      if (it >= STAGES) mbar_wait(bar_e(s), ((it / STAGES) & 1) ^ 1);
+      int ks[3];
+      tile.key_tile(p, it, ks);
+      mbar_expect_tx(bar_k(s), L::kTileBytes);
+#pragma unroll
+      for (int c = 0; c < HALVES; ++c)
+        tma_load_5d(sK + s * L::kTileBytes + c * L::kHalfBytes, &tk, bar_k(s), hk * D + 64 * c, ks[2], ks[1],
+                    ks[0], b);
+      mbar_expect_tx(bar_v(s), L::kTileBytes);
+#pragma unroll
+      for (int c = 0; c < HALVES; ++c)
+        tma_load_5d(sV + s * L::kTileBytes + c * L::kHalfBytes, &tv, bar_v(s), hk * D + 64 * c, ks[2], ks[1],
+                    ks[0], b);
+    }
+    return;
+  }
+
+  // ------------------------------------------------------------------ consumers
+  regs_inc<232>();
+  const int cw = wg - 1;                       // consumer warpgroup: query rows 64cw..64cw+63
+  const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const int gid = lane / 4, tig = lane % 4;
+  // Tile extents are powers of two: in-tile coordinates by shifts and masks.
+  const int qsh2 = __ffs(p.ax[2].qt) - 1, qsh1 = __ffs(p.ax[1].qt) - 1;
+  const int ksh2 = __ffs(p.ax[2].kt) - 1, ksh1 = __ffs(p.ax[1].kt) - 1;
+
+  // This thread's two query rows: windows per axis, validity, token index.
+  int wlo[2][3], whi[2][3];
+  bool rvalid[2];
+  int64_t rtok[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int m = 64 * cw + 16 * warp + gid + 8 * r;
+    const int o[3] = {m >> (qsh2 + qsh1), (m >> qsh2) & (p.ax[1].qt - 1), m & (p.ax[2].qt - 1)};
+    bool ok = true;
+    int64_t tok = 0;
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+      const int ig = tile.qs[a] + o[a];
+      ok &= ig <= tile.qe[a];
+      window(p.ax[a], 0, ig, wlo[r][a], whi[r][a]);
+      tok = tok * p.ax[a].qn + (ig - p.ax[a].q0);
+    }
+    rvalid[r] = ok;
+    rtok[r] = tok;
+  }
+
+  constexpr int NO = D / 2;  // O accumulators per thread (64 rows x D per warpgroup)
+  float o_acc[NO];
+#pragma unroll
+  for (int i = 0; i < NO; ++i) o_acc[i] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  const float sl2 = p.scale_log2;
+
+  mbar_wait(bar_q, 0);
+  for (int it = 0; it < tile.ntiles; ++it) {
+    const int s = it % STAGES;
+    const uint32_t phase = (it / STAGES) & 1;
+    int ks[3];
+    tile.key_tile(p, it, ks);
+    bool full = true;
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+      ks[a] += p.ax[a].kv0;  // global start of the key tile
+      full &= ks[a] >= tile.ilo[a] && ks[a] + p.ax[a].kt - 1 <= tile.ihi[a];
+    }
+
+    // S = Q K^T (64 x 128 per warpgroup).
+    float sc[64];
+    mbar_wait(bar_k(s), phase);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t off = (kk / 4) * L::kHalfBytes + (kk % 4) * 32;
+      const uint64_t da = desc_sw128(sQ + cw * 64 * 128 + off, 16, 1024);
+      const uint64_t db = desc_sw128(sK + s * L::kTileBytes + off, 16, 1024);
+      Wgmma<T>::ss(sc, da, db, kk > 0);
+    }
+    wg_commit();
+    wg_wait<0>();
+    reg_fence(sc);
+
+    // Mask (partial tiles only), scale to base 2.
+    if (full) {
+#pragma unroll
+      for (int i = 0; i < 64; ++i) sc[i] *= sl2;
+    } else {
+      // Per row and axis: key-tile-relative window start and width (unsigned compare).
+      int rlo[2][3];
+      unsigned rw[2][3];
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int a = 0; a < 3; ++a) {
+          rlo[r][a] = wlo[r][a] - ks[a];
+          rw[r][a] = static_cast<unsigned>(whi[r][a] - wlo[r][a]);
+        }
+      // The column's in-tile coordinates are loop invariant; an opaque copy keeps the
+      // compiler from hoisting all 96 of them into registers.
+      int tcol;
+      asm volatile("mov.b32 %0, %1;" : "=r"(tcol) : "r"(2 * tig));
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int n = 8 * i + tcol + e;
+          const int n0 = n >> (ksh2 + ksh1), n1 = (n >> ksh2) & (p.ax[1].kt - 1), n2 = n & (p.ax[2].kt - 1);
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const bool vis = static_cast<unsigned>(n0 - rlo[r][0]) <= rw[r][0] &&
+                             static_cast<unsigned>(n1 - rlo[r][1]) <= rw[r][1] &&
+                             static_cast<unsigned>(n2 - rlo[r][2]) <= rw[r][2];
+            float& x = sc[4 * i + 2 * r + e];
+            x = vis ? x * sl2 : -INFINITY;
+          }
+        }
+      }
+    }
+
+    // Online softmax (base 2); rows r = 0, 1 are accumulator slots {0,1} and {2,3}.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) mx = fmaxf(mx, fmaxf(sc[4 * i + 2 * r], sc[4 * i + 2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m_run[r], mx);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      const float alpha = fast_exp2(m_run[r] - m_use);
+      float sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        sc[4 * i + 2 * r] = fast_exp2(sc[4 * i + 2 * r] - m_use);
+        sc[4 * i + 2 * r + 1] = fast_exp2(sc[4 * i + 2 * r + 1] - m_use);
+        sum += sc[4 * i + 2 * r] + sc[4 * i + 2 * r + 1];
+      }
+      l_run[r] = l_run[r] * alpha + sum;
+      m_run[r] = m_new;
+#pragma unroll
+      for (int i = 0; i < NO / 4; ++i) { o_acc[4 * i + 2 * r] *= alpha; o_acc[4 * i + 2 * r + 1] *= alpha; }
+    }
+
+    // P as A fragments: k16 slice j holds keys 16j..16j+15 = accumulator blocks 2j, 2j+1.
+    uint32_t pa[8][4];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      pa[j][0] = Mma<T>::cvt2(sc[8 * j + 0], sc[8 * j + 1]);
+      pa[j][1] = Mma<T>::cvt2(sc[8 * j + 2], sc[8 * j + 3]);
+      pa[j][2] = Mma<T>::cvt2(sc[8 * j + 4], sc[8 * j + 5]);
+      pa[j][3] = Mma<T>::cvt2(sc[8 * j + 6], sc[8 * j + 7]);
+    }
+
+    // O += P V.
+    mbar_wait(bar_v(s), phase);
+    wg_fence();
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const uint64_t db = desc_sw128(sV + s * L::kTileBytes + j * 16 * 128, L::kHalfBytes, 1024);
+      Wgmma<T>::rs(o_acc, pa[j], db);
+    }
+    wg_commit();
+    wg_wait<0>();
+    reg_fence(o_acc);
+    if (lane == 0) mbar_arrive(bar_e(s));
+  }
+
+  // Epilogue: normalize, write this warpgroup's 64 rows into the (now unused) Q tile
+  // in the swizzled layout, then one TMA store of the whole tile.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = l_run[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int row = 64 * cw + 16 * warp + gid + 8 * r;
+#pragma unroll
+    for (int i = 0; i < NO / 4; ++i) {
+      const int col = 8 * i + 2 * tig, half = col / 64, cc = col % 64;
+      const uint32_t off = half * L::kHalfBytes + row * 128 + ((((cc / 8) ^ (row % 8)) * 16) | ((cc % 8) * 2));
+      *reinterpret_cast<uint32_t*>(gbase + L::kQ + off) =
+          Mma<T>::cvt2(o_acc[4 * i + 2 * r] * inv, o_acc[4 * i + 2 * r + 1] * inv);
+    }
+    if (tig == 0 && rvalid[r]) {
+      const float lse = l > 0.f ? m_run[r] * 0.69314718055994531f + logf(l) : -INFINITY;
+      p.lse[(b * p.nq + rtok[r]) * p.H + h] = lse;
+    }
+  }
+  fence_proxy_async();
+  named_sync(1, 256);
+  if (threadIdx.x == 128) {
+#pragma unroll
+    for (int c = 0; c < HALVES; ++c)
+      tma_store_5d(&to, sQ + c * L::kHalfBytes, h * D + 64 * c, tile.qs[2] - p.ax[2].q0, tile.qs[1] - p.ax[1].q0,
+                   tile.qs[0] - p.ax[0].q0, b);
+    tma_store_commit_and_wait();
+  }
+#endif
+}
+
+}  // namespace sm90
+}  // namespace gna

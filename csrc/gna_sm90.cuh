@@ -1,0 +1,170 @@
+// Hopper (sm_90a) primitives in inline PTX: mbarriers, TMA (cp.async.bulk.tensor),
+// wgmma with shared-memory descriptors, register reallocation, named barriers.
+// Everything here compiles to nothing on other targets (callers guard their
+// kernels with GNA_SM90_ENABLED).
+//
+// Shared-memory tiles for wgmma use the 128-byte swizzle: a tile of R rows and 64
+// 16-bit columns is R rows of 128 bytes, and the 16-byte chunk c of row r sits at
+// chunk c ^ (r % 8). Head dims above 64 are stored as D / 64 such tiles one after
+// the other ("halves"). TMA writes exactly this layout (CU_TENSOR_MAP_SWIZZLE_128B
+// with a 64-element inner box), and wgmma reads it through descriptors:
+//   K-major (rows = M or N, 64 columns = K):   SBO = 1024 bytes (8 rows), LBO unused;
+//     the k16 step s of a half starts 32 * s bytes into the row.
+//   MN-major (rows = K, 64 columns = N):       SBO = 1024 bytes (8 K rows),
+//     LBO = bytes between two 64-column halves; the k16 step s starts 16 rows down.
+// Tiles must start on 1024-byte boundaries (the swizzle phase is the address).
+#pragma once
+#include <cstdint>
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define GNA_SM90_ENABLED 1
+#endif
+
+namespace gna {
+namespace sm90 {
+
+__device__ __forceinline__ uint32_t saddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+#if defined(GNA_SM90_ENABLED)
+
+// ---- mbarrier ---------------------------------------------------------------------
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_fence_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Blocks until the phase with the given parity has completed.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+// ---- TMA ------------------------------------------------------------------------
+__device__ __forceinline__ void tma_prefetch_desc(const void* tmap) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(tmap)) : "memory");
+}
+// 5-D tiled load into shared memory; completes `bytes` on the mbarrier.
+__device__ __forceinline__ void tma_load_5d(uint32_t dst, const void* tmap, uint32_t bar, int c0, int c1,
+                                            int c2, int c3, int c4) {
+  asm volatile(
+      "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4, %5, %6}], [%7];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(tmap)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "r"(bar)
+      : "memory");
+}
+// 5-D tiled store from shared memory (elements outside the tensor are not written).
+__device__ __forceinline__ void tma_store_5d(const void* tmap, uint32_t src, int c0, int c1, int c2, int c3,
+                                             int c4) {
+  asm volatile(
+      "cp.async.bulk.tensor.5d.global.shared::cta.bulk_group [%0, {%1, %2, %3, %4, %5}], [%6];\n" ::"l"(
+          reinterpret_cast<uint64_t>(tmap)),
+      "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "r"(src)
+      : "memory");
+}
+__device__ __forceinline__ void tma_store_commit_and_wait() {
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+}
+// Generic-proxy writes to shared memory become visible to the async proxy (TMA).
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// ---- warp scheduling ----------------------------------------------------------------
+template <int N> __device__ __forceinline__ void regs_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N> __device__ __forceinline__ void regs_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+__device__ __forceinline__ void named_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// ---- wgmma --------------------------------------------------------------------------
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wg_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keeps the compiler from moving accumulator accesses across an async wgmma.
+template <int N> __device__ __forceinline__ void reg_fence(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// Shared-memory matrix descriptor, 128-byte swizzle.
+__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lbo >> 4) << 16) |
+         (static_cast<uint64_t>(sbo >> 4) << 32) | (uint64_t{1} << 62);
+}
+
+#define GNA_ACC32                                                                                   \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, " \
+  "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define GNA_ACC64                                                                                   \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, " \
+  "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, "  \
+  "%40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, "  \
+  "%59, %60, %61, %62, %63}"
+#define GNA_OUT8(i)                                                                                 \
+  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]),      \
+      "+f"(d[i + 6]), "+f"(d[i + 7])
+#define GNA_OUT32 GNA_OUT8(0), GNA_OUT8(8), GNA_OUT8(16), GNA_OUT8(24)
+#define GNA_OUT64 GNA_OUT32, GNA_OUT8(32), GNA_OUT8(40), GNA_OUT8(48), GNA_OUT8(56)
+
+// D[64 x 128] (+)= A[64 x 16] * B[16 x 128], A and B K-major in shared memory.
+// ty: "f16" or "bf16". accumulate = 0 ignores D's old value.
+#define GNA_WGMMA_SS_N128(ty)                                                                       \
+  __device__ __forceinline__ void wgmma_ss_n128_##ty(float (&d)[64], uint64_t da, uint64_t db,     \
+                                                      int accumulate) {                             \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                       \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." #ty "." #ty " " GNA_ACC64           \
+                 ", %64, %65, p, 1, 1, 0, 0;\n}\n"                                                  \
+                 : GNA_OUT64                                                                        \
+                 : "l"(da), "l"(db), "r"(accumulate));                                              \
+  }
+// D[64 x N] += A[64 x 16] * B[16 x N], A from registers (the m16n8k16 A fragment of
+// each warp's 16 rows), B MN-major ("transposed") in shared memory.
+// TAIL names the A registers, the descriptor and the accumulate flag after the
+// NACC accumulators.
+#define GNA_WGMMA_RS(ty, n, nacc, ACC, OUT, TAIL, PRED)                                            \
+  __device__ __forceinline__ void wgmma_rs_n##n##_##ty(float (&d)[nacc], const uint32_t (&a)[4],    \
+                                                       uint64_t db) {                               \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " PRED ", 0;\n"                                  \
+                 "wgmma.mma_async.sync.aligned.m64n" #n "k16.f32." #ty "." #ty " " ACC ", " TAIL  \
+                 ", p, 1, 1, 1;\n}\n"                                                              \
+                 : OUT                                                                              \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));                   \
+  }
+#define GNA_RS_TAIL32 "{%32, %33, %34, %35}, %36"
+#define GNA_RS_TAIL64 "{%64, %65, %66, %67}, %68"
+
+GNA_WGMMA_SS_N128(f16)
+GNA_WGMMA_SS_N128(bf16)
+GNA_WGMMA_RS(f16, 64, 32, GNA_ACC32, GNA_OUT32, GNA_RS_TAIL32, "%37")
+GNA_WGMMA_RS(bf16, 64, 32, GNA_ACC32, GNA_OUT32, GNA_RS_TAIL32, "%37")
+GNA_WGMMA_RS(f16, 128, 64, GNA_ACC64, GNA_OUT64, GNA_RS_TAIL64, "%69")
+GNA_WGMMA_RS(bf16, 128, 64, GNA_ACC64, GNA_OUT64, GNA_RS_TAIL64, "%69")
+
+#endif  // GNA_SM90_ENABLED
+
+}  // namespace sm90
+}  // namespace gna
