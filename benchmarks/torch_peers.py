@@ -20,17 +20,28 @@ Timing: CUDA events around back-to-back calls after warm-up, median of samples
 (wall clock on CPU). Block mask creation is not timed (it is reusable), its time
 is recorded. Tensors are ``[B, H, N, D]`` (PyTorch's layout). FLOPs as
 SEMANTICS.md counts them (:func:`jax_gna.sim.flops`).
+
+Robustness (big problems compile slowly): a line is printed (flushed) before each
+block mask, compilation and measurement; ``--out`` files are rewritten after every
+problem, so a run cut short keeps what it measured; ``--case-limit-s`` bounds each
+peer on each problem and dtype (SIGALRM; its remaining passes are recorded as
+skipped), and
+``--budget-s`` the whole run. Block masks are built once per problem and reused
+across dtypes. Dynamo's recompile limit is raised (every problem is a new mask_mod).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import statistics
 import sys
+import threading
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 # jax_gna is imported only for its window math and presets: keep JAX off the GPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -121,9 +132,84 @@ def measure(torch, device, fn, min_samples=3, max_samples=20, target_s=0.25, slo
             "inner": inner, "warmup_s": warm}
 
 
+class _Timeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None, why: str = ""):
+    """Raise :class:`_Timeout` in this block after ``seconds`` (SIGALRM, main thread only).
+
+    The signal lands between Python bytecodes: a long call into C (a CUDA sync, a
+    compiler subprocess) is interrupted when it returns. No-op where SIGALRM or the
+    main thread is not available, or for ``None``.
+    """
+    if (seconds is None or not hasattr(signal, "SIGALRM")
+            or threading.current_thread() is not threading.main_thread()):
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Timeout(why or f"problem time limit ({seconds:.0f} s) reached")
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _is_timeout(e: BaseException) -> bool:
+    """``e`` is, wraps or names a :class:`_Timeout` (compilers re-raise their own type)."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, _Timeout) or "_Timeout" in str(e):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+def add_tflops(rec: dict, case: Case) -> dict:
+    """Effective TFLOP/s of an ``ok`` record (SEMANTICS.md FLOPs, any peer)."""
+    if rec.get("status") == "ok" and rec.get("time_s"):
+        rec["tflops"] = sim.flops(*case.window_args(), batch=case.batch, heads=case.heads,
+                                  head_dim=case.head_dim, pass_=rec["pass"]) / rec["time_s"] / 1e12
+    return rec
+
+
+def write_split(result: dict, presets: dict[str, Sequence[str]], out_dir: str,
+                suffix: str = "torch") -> list[str]:
+    """Write ``<preset>-<suffix>.json`` per preset (records of its cases), atomically."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for name, case_names in presets.items():
+        keep = set(case_names)
+        part = dict(result, records=[r for r in result["records"] if r["case"] in keep],
+                    name=name)
+        path = os.path.join(out_dir, f"{name}-{suffix}.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(part, f, indent=1)
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+def _raise_recompile_limits(torch) -> None:
+    cfg = torch._dynamo.config
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                 "accumulated_recompile_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(int(getattr(cfg, name)), 4096))
+
+
 def run(cases: Sequence[Case], *, peers: Sequence[str] = PEERS, dtypes=None,
         passes: Sequence[str] = PASSES, sampling=(3, 20, 0.25), deadline=None,
-        progress: bool = True) -> dict:
+        progress: bool = True, case_limit_s: float | None = None,
+        on_update: Callable[[dict], None] | None = None) -> dict:
+    """Measure ``peers`` on ``cases``; ``on_update(result)`` after every problem and dtype."""
     import torch
     import torch.nn.functional as F
 
@@ -138,87 +224,140 @@ def run(cases: Sequence[Case], *, peers: Sequence[str] = PEERS, dtypes=None,
     flex_why = ""
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        _raise_recompile_limits(torch)
         flex_attention = torch.compile(flex_attention, dynamic=False)
     except Exception as e:  # noqa: BLE001
         flex_why = f"FlexAttention unavailable: {type(e).__name__}: {e}"
-    records = []
+    records: list[dict] = []
+    result = {"kind": "torch-peers", "env": env, "records": records,
+              "config": {"peers": list(peers), "dtypes": list(dtypes), "passes": list(passes),
+                         "case_limit_s": case_limit_s}}
     total = len(dtypes) * len(cases) * len(peers) * len(passes)
     done = 0
+    masks: dict[str, tuple] = {}  # case name -> (block mask, seconds to build it)
+    t_start = time.perf_counter()
+
+    def say(msg: str) -> None:
+        if progress:
+            print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
+
     for dtype in dtypes:
         tdtype = getattr(torch, dtype)
         for case in cases:
             smp = sampling[case.name] if isinstance(sampling, dict) else sampling
             n = case.tokens
-            g = torch.Generator(device=device).manual_seed(0)
-            shape = (case.batch, case.heads, n, case.head_dim)
-            q, k, v, do = (torch.randn(shape, generator=g, device=device, dtype=tdtype)
-                           for _ in range(4))
-            block_mask, mask_s = None, None
+            say(f"{case.name} {dtype}: {n} tokens")
+            q = k = v = do = None
+            timed_out = ""
+            try:
+                with time_limit(case_limit_s):
+                    g = torch.Generator(device=device).manual_seed(0)
+                    shape = (case.batch, case.heads, n, case.head_dim)
+                    q, k, v, do = (torch.randn(shape, generator=g, device=device, dtype=tdtype)
+                                   for _ in range(4))
+            except _Timeout as e:
+                timed_out = str(e)
+            inputs_timed_out = timed_out
             for peer in peers:
+                # The limit holds for each peer of a problem (a slow flex leaves sdpa its time).
+                case_t0, timed_out = time.perf_counter(), inputs_timed_out
                 for p in passes:
                     done += 1
                     rec = {"case": case.name, "dtype": dtype, "backend": peer, "pass": p,
                            "status": "ok"}
+                    left, why = None, ""
+                    if case_limit_s is not None:
+                        left = case_limit_s - (time.perf_counter() - case_t0)
+                        why = f"problem time limit ({case_limit_s:.0f} s) reached"
+                    if deadline is not None:
+                        dl = deadline - time.perf_counter()
+                        if left is None or dl < left:
+                            left, why = dl, f"time budget spent ({max(dl, 0):.0f} s were left)"
                     try:
+                        if timed_out:
+                            raise _Skip(timed_out)
                         if deadline is not None and time.perf_counter() > deadline:
                             raise _Skip("time budget spent")
-                        if peer == "flex":
-                            if flex_attention is None:
-                                raise _Skip(flex_why)
-                            if block_mask is None:
-                                t0 = time.perf_counter()
-                                block_mask = _block_mask(torch, create_block_mask,
-                                                         gna_mask_mod(case, torch), n, device)
-                                mask_s = time.perf_counter() - t0
-
-                            def attn(q, k, v, bm=block_mask):
-                                return flex_attention(q, k, v, block_mask=bm)
-                        else:
-                            def attn(q, k, v):
-                                return F.scaled_dot_product_attention(q, k, v)
-                        qg, kg, vg = (t.detach().requires_grad_(p != "fwd") for t in (q, k, v))
-                        if p == "fwd":
-                            def fn():
-                                with torch.no_grad():
-                                    return attn(qg, kg, vg)
-                        elif p == "fwdbwd":
-                            def fn():
-                                out = attn(qg, kg, vg)
-                                return torch.autograd.grad(out, (qg, kg, vg), do)
-                        else:
-                            out = attn(qg, kg, vg)
-
-                            def fn():
-                                return torch.autograd.grad(out, (qg, kg, vg), do,
-                                                           retain_graph=True)
-                        rec.update(measure(torch, device, fn, *smp))
-                        if peer == "flex":
-                            rec["block_mask_s"] = mask_s
-                            rec["block_sparsity"] = float(block_mask.sparsity()) / 100.0
-                        if device == "cuda":
-                            # Peak of the process since the last reset (inputs included).
-                            rec["mem_bytes"] = int(torch.cuda.max_memory_allocated())
-                            torch.cuda.reset_peak_memory_stats()
+                        if left is not None and left <= 0:
+                            raise _Skip(why)
+                        with time_limit(left, why):
+                            _measure_one(torch, F, device, case, peer, p, q, k, v, do, smp,
+                                         rec, masks, flex_attention, create_block_mask,
+                                         flex_why, say)
                     except _Skip as e:
                         rec.update(status="skipped", note=str(e))
+                    except _Timeout as e:
+                        timed_out = str(e)
+                        rec.update(status="skipped", note=timed_out)
                     except Exception as e:  # noqa: BLE001 - record and go on
-                        rec.update(status="error",
-                                   note=f"{type(e).__name__}: {e}".splitlines()[0][:300])
+                        if _is_timeout(e):  # torch.compile wraps what it catches
+                            timed_out = why
+                            rec.update(status="skipped", note=timed_out)
+                        else:
+                            rec.update(status="error",
+                                       note=f"{type(e).__name__}: {e}".splitlines()[0][:300])
+                    add_tflops(rec, case)
                     records.append(rec)
-                    if progress:
-                        t = f"{rec['time_s'] * 1e3:.3f} ms" if rec["status"] == "ok" else rec[
-                            "status"]
-                        print(f"[{done}/{total}] {case.name} {dtype} {peer} {p}: {t}", flush=True)
-            del q, k, v, do, block_mask
+                    t = f"{rec['time_s'] * 1e3:.3f} ms" if rec["status"] == "ok" else (
+                        f"{rec['status']} ({rec.get('note', '')[:120]})")
+                    say(f"[{done}/{total}] {case.name} {dtype} {peer} {p}: {t}")
+            del q, k, v, do
             if device == "cuda":
                 torch.cuda.empty_cache()
-    for r in records:
-        if r["status"] == "ok":
-            c = next(c for c in cases if c.name == r["case"])
-            r["tflops"] = sim.flops(*c.window_args(), batch=c.batch, heads=c.heads,
-                                    head_dim=c.head_dim, pass_=r["pass"]) / r["time_s"] / 1e12
-    return {"kind": "torch-peers", "env": env, "records": records,
-            "config": {"peers": list(peers), "dtypes": list(dtypes), "passes": list(passes)}}
+            result["wall_s"] = time.perf_counter() - t_start
+            if on_update is not None:
+                on_update(result)
+    result["wall_s"] = time.perf_counter() - t_start
+    return result
+
+
+def _measure_one(torch, F, device, case, peer, p, q, k, v, do, smp, rec, masks,
+                 flex_attention, create_block_mask, flex_why, say) -> None:
+    """Time one (peer, pass) of one problem into ``rec``."""
+    n = case.tokens
+    block_mask = mask_s = None
+    if peer == "flex":
+        if flex_attention is None:
+            raise _Skip(flex_why)
+        if case.name not in masks:
+            say(f"{case.name}: building the block mask ({n} x {n})")
+            t0 = time.perf_counter()
+            bm = _block_mask(torch, create_block_mask, gna_mask_mod(case, torch), n, device)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            masks[case.name] = (bm, time.perf_counter() - t0)
+            say(f"{case.name}: block mask in {masks[case.name][1]:.1f} s, "
+                f"sparsity {float(bm.sparsity()):.1f}%")
+        block_mask, mask_s = masks[case.name]
+
+        def attn(q, k, v, bm=block_mask):
+            return flex_attention(q, k, v, block_mask=bm)
+    else:
+        def attn(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v)
+    qg, kg, vg = (t.detach().requires_grad_(p != "fwd") for t in (q, k, v))
+    if p == "fwd":
+        def fn():
+            with torch.no_grad():
+                return attn(qg, kg, vg)
+    elif p == "fwdbwd":
+        def fn():
+            out = attn(qg, kg, vg)
+            return torch.autograd.grad(out, (qg, kg, vg), do)
+    else:
+        out = attn(qg, kg, vg)
+
+        def fn():
+            return torch.autograd.grad(out, (qg, kg, vg), do, retain_graph=True)
+    say(f"{case.name} {peer} {p}: compiling / warming up")
+    rec.update(measure(torch, device, fn, *smp))
+    if peer == "flex":
+        rec["block_mask_s"] = mask_s
+        rec["block_sparsity"] = float(block_mask.sparsity()) / 100.0
+    if device == "cuda":
+        # Peak of the process since the last reset (inputs included).
+        rec["mem_bytes"] = int(torch.cuda.max_memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
 
 
 class _Skip(Exception):
@@ -243,7 +382,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--peers", default=",".join(PEERS))
     ap.add_argument("--dtypes", default=None, help="e.g. float16,bfloat16")
     ap.add_argument("--passes", default=",".join(PASSES))
-    ap.add_argument("--budget-s", type=float, default=None)
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="wall-clock budget of the whole run; the rest is recorded as skipped")
+    ap.add_argument("--case-limit-s", type=float, default=None,
+                    help="time limit of one peer on one problem and dtype (block mask, compiles, "
+                         "timing)")
     ap.add_argument("--samples", default=None, help="min x max samples, e.g. 3x20")
     ap.add_argument("--out", default=os.path.join("benchmarks", "results"))
     args = ap.parse_args(argv)
@@ -263,17 +406,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         for c in PRESETS[name]:
             cases.append(c)
             sampling[c.name] = smp
+    presets = {name: [c.name for c in PRESETS[name]] for name in names}
+
+    def save(result):
+        write_split(result, presets, args.out)
+
     result = run(cases, peers=tuple(args.peers.split(",")), dtypes=dtypes,
-                 passes=tuple(args.passes.split(",")), sampling=sampling, deadline=deadline)
-    os.makedirs(args.out, exist_ok=True)
-    for name in names:
-        keep = {c.name for c in PRESETS[name]}
-        part = dict(result, records=[r for r in result["records"] if r["case"] in keep],
-                    name=name)
-        path = os.path.join(args.out, f"{name}-torch.json")
-        with open(path, "w") as f:
-            json.dump(part, f, indent=1)
-        print(f"wrote {path}")
+                 passes=tuple(args.passes.split(",")), sampling=sampling, deadline=deadline,
+                 case_limit_s=args.case_limit_s, on_update=save)
+    for path in write_split(result, presets, args.out):
+        print(f"wrote {path}", flush=True)
     return 0
 
 

@@ -1,0 +1,174 @@
+"""The PyTorch peers' harness (benchmarks/torch_peers.py, natten_peer.py) and the minimal
+NATTEN build's source rewrite (scripts/natten_minimal.py), on CPU. Parts that run
+PyTorch skip where it is not installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+
+import pytest
+
+from jax_gna.bench import Case
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _natten_minimal():
+    spec = importlib.util.spec_from_file_location(
+        "natten_minimal", os.path.join(ROOT, "scripts", "natten_minimal.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_time_limit_interrupts_and_is_recognised_when_wrapped():
+    from benchmarks.torch_peers import _is_timeout, _Timeout, time_limit
+
+    t0 = time.perf_counter()
+    with pytest.raises(_Timeout):
+        with time_limit(0.05):
+            while time.perf_counter() - t0 < 5:
+                pass
+    assert time.perf_counter() - t0 < 2
+    with time_limit(None):  # no limit: a no-op
+        pass
+    with time_limit(5):  # the alarm is cleared on exit
+        pass
+    time.sleep(0.01)
+    try:
+        try:
+            raise _Timeout("problem time limit (1 s) reached")
+        except _Timeout as e:
+            raise RuntimeError("LoweringException: wrapped") from e
+    except RuntimeError as wrapped:
+        assert _is_timeout(wrapped)
+    assert _is_timeout(RuntimeError("InductorError: _Timeout: problem time limit"))
+    assert not _is_timeout(ValueError("other"))
+
+
+def test_write_split_one_file_per_preset(tmp_path):
+    from benchmarks.torch_peers import write_split
+
+    result = {"kind": "torch-peers", "env": {}, "records": [
+        {"case": "a", "dtype": "float16", "backend": "flex", "pass": "fwd", "status": "ok",
+         "time_s": 1e-3},
+        {"case": "b", "dtype": "float16", "backend": "flex", "pass": "fwd", "status": "skipped"}]}
+    paths = write_split(result, {"p1": ["a"], "p2": ["b", "c"]}, str(tmp_path), suffix="natten")
+    assert [os.path.basename(p) for p in paths] == ["p1-natten.json", "p2-natten.json"]
+    p1 = json.loads((tmp_path / "p1-natten.json").read_text())
+    assert p1["name"] == "p1" and [r["case"] for r in p1["records"]] == ["a"]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_run_reports_after_every_problem_and_honours_limits():
+    torch = pytest.importorskip("torch")
+    from benchmarks import torch_peers
+
+    cases = [Case("t1", (32,), 1, 16, (5,)), Case("t2", (4, 6), 1, 16, (3, 3))]
+    seen = []
+    res = torch_peers.run(cases, peers=("sdpa",), dtypes=("float32",), passes=("fwd",),
+                          sampling=(1, 2, 0.001), progress=False,
+                          on_update=lambda r: seen.append(len(r["records"])))
+    assert seen == [1, 2]
+    assert [r["status"] for r in res["records"]] == ["ok", "ok"]
+    assert all(r["tflops"] > 0 for r in res["records"])
+    # A spent budget: every measurement is recorded as skipped, none is lost.
+    res = torch_peers.run(cases, peers=("sdpa",), dtypes=("float32",), passes=("fwd",),
+                          sampling=(1, 2, 0.001), progress=False,
+                          deadline=time.perf_counter() - 1)
+    assert [r["status"] for r in res["records"]] == ["skipped", "skipped"]
+    assert torch.__version__
+
+
+_GENERATED = """#ifdef NATTEN_WITH_CUTLASS
+#include <natten/natten.h>
+namespace natten { 
+namespace cuda { 
+
+
+///////////////////////////////////////////////////////////////////
+// banner
+///////////////////////////////////////////////////////////////////
+
+__global__ void __launch_bounds__(
+    K<1, 32>::kNumThreads,
+    K<1, 32>::kMinBlocksPerSm)
+fna1d_keepme_cm_0(typename K<1, 32>::Params p) {
+#ifdef __CUDA_ARCH__
+  if (!p.advance_to_block()) {
+    return;
+  }
+  K<1, 32>::attention_kernel(p);
+#endif
+}
+
+
+void hopper_fna2d_float16_dropme(
+      void* ptr_Q,
+      cute::tuple<int, int> q_shape,
+      at::TensorOptions tensor_options) {
+  auto workspace = at::empty({bytes}, tensor_options.dtype(at::ScalarType::Byte));
+  kernel.run(args, workspace_ptr, stream);
+}
+
+} // namespace cuda 
+} // namespace natten 
+#endif 
+"""
+
+
+def test_natten_minimal_keeps_named_kernels_and_stubs_the_rest(tmp_path):
+    nm = _natten_minimal()
+    cat = tmp_path / "autogen" / "src" / "cuda" / "fna"
+    cat.mkdir(parents=True)
+    (cat / "source_0.cu").write_text(_GENERATED)
+    (cat / "source_1.cu").write_text(_GENERATED.replace("keepme", "other").replace(
+        "dropme", "keepme_too"))
+    res = nm.rewrite_autogen(str(tmp_path / "autogen"), r"keepme")
+    assert res == {"fna": (2, 2)}
+    files = sorted(os.listdir(cat))
+    assert files == ["keep_0.cu", "keep_1.cu", "stubs_0.cu"]
+    keep0, keep1, stubs = ((cat / f).read_text() for f in files)
+    for text in (keep0, keep1, stubs):  # header and footer kept, braces balanced
+        assert text.startswith("#ifdef NATTEN_WITH_CUTLASS") and text.rstrip().endswith("#endif")
+        assert text.count("{") == text.count("}")
+    assert "K<1, 32>::attention_kernel(p);" in keep0 and "fna1d_keepme_cm_0" in keep0
+    assert "kernel.run(args" in keep1 and "hopper_fna2d_float16_keepme_too" in keep1
+    assert "fna1d_other_cm_0(typename K<1, 32>::Params p) {}" in stubs
+    assert "attention_kernel" not in stubs and "kernel.run" not in stubs
+    assert 'throw std::runtime_error("jax_gna minimal NATTEN build: kernel ' \
+           'hopper_fna2d_float16_dropme was not compiled");' in stubs
+
+
+def test_natten_minimal_patches_setup(tmp_path):
+    nm = _natten_minimal()
+    setup = ('        subprocess.check_call(\n            [\n                "python",\n'
+             '                script_path,\n'
+             '            autogen_kernel_instantitations(\n'
+             '                cuda_arch_list=cuda_arch_list,\n            )\n'
+             '\n            # Set up cmake\n')
+    (tmp_path / "setup.py").write_text(setup)
+    nm.patch_setup(str(tmp_path))
+    out = (tmp_path / "setup.py").read_text()
+    assert '"python",' not in out and "sys.executable," in out
+    assert 'os.getenv("NATTEN_KEEP_KERNELS")' in out
+    with pytest.raises(SystemExit):
+        (tmp_path / "s2").mkdir()
+        (tmp_path / "s2" / "setup.py").write_text("print('other version')\n")
+        nm.patch_setup(str(tmp_path / "s2"))
+
+
+def test_natten_peer_config_names_and_fallback():
+    from benchmarks import natten_peer
+
+    class Sched:
+        name = "WarpSpecializedCooperative"
+
+    assert natten_peer._cfg_str(None) == "default"
+    assert natten_peer._cfg_str((((2, 8, 8), (2, 8, 8)), Sched())) == \
+        "q2x8x8-kv2x8x8-WarpSpecializedCooperative"
+    # Without NATTEN's config module: the default configuration only.
+    assert natten_peer._configs(None, None)[0] is None
