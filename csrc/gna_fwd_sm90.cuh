@@ -211,10 +211,32 @@ __global__ void __launch_bounds__(kThreads, 1)
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
   const float sl2 = p.scale_log2;
 
-  mbar_wait(bar_q, 0);
-  for (int it = 0; it < tile.ntiles; ++it) {
+  // S = Q K^T for key tile `it` (64 x 128 per warpgroup), issued asynchronously.
+  auto issue_s = [&](int it, float(&sc)[64]) {
     const int s = it % STAGES;
-    const uint32_t phase = (it / STAGES) & 1;
+    mbar_wait(bar_k(s), (it / STAGES) & 1);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t off = (kk / 4) * L::kHalfBytes + (kk % 4) * 32;
+      Wgmma<T>::ss(sc, desc_sw128(sQ + cw * 64 * 128 + off, 16, 1024),
+                   desc_sw128(sK + s * L::kTileBytes + off, 16, 1024), kk > 0);
+    }
+    wg_commit();
+  };
+  // O += P V for key tile `it`, issued asynchronously.
+  auto issue_pv = [&](int it, const uint32_t(&pa)[8][4]) {
+    const int s = it % STAGES;
+    mbar_wait(bar_v(s), (it / STAGES) & 1);
+    wg_fence();
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      Wgmma<T>::rs(o_acc, pa[j], desc_sw128(sV + s * L::kTileBytes + j * 16 * 128, L::kHalfBytes, 1024));
+    wg_commit();
+  };
+  // Mask (partial tiles only) and online softmax of tile `it`: updates m_run, l_run,
+  // turns sc into unnormalized probabilities, returns the rescale factors of O.
+  auto softmax = [&](int it, float(&sc)[64], float(&alpha)[2]) {
     int ks[3];
     tile.key_tile(p, it, ks);
     bool full = true;
@@ -223,23 +245,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       ks[a] += p.ax[a].kv0;  // global start of the key tile
       full &= ks[a] >= tile.ilo[a] && ks[a] + p.ax[a].kt - 1 <= tile.ihi[a];
     }
-
-    // S = Q K^T (64 x 128 per warpgroup).
-    float sc[64];
-    mbar_wait(bar_k(s), phase);
-    wg_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const uint32_t off = (kk / 4) * L::kHalfBytes + (kk % 4) * 32;
-      const uint64_t da = desc_sw128(sQ + cw * 64 * 128 + off, 16, 1024);
-      const uint64_t db = desc_sw128(sK + s * L::kTileBytes + off, 16, 1024);
-      Wgmma<T>::ss(sc, da, db, kk > 0);
-    }
-    wg_commit();
-    wg_wait<0>();
-    reg_fence(sc);
-
-    // Mask (partial tiles only), scale to base 2.
     if (full) {
 #pragma unroll
       for (int i = 0; i < 64; ++i) sc[i] *= sl2;
@@ -275,8 +280,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
-
-    // Online softmax (base 2); rows r = 0, 1 are accumulator slots {0,1} and {2,3}.
+    // Rows r = 0, 1 are accumulator slots {0,1} and {2,3} of each 8-column block.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float mx = -INFINITY;
@@ -286,7 +290,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float m_new = fmaxf(m_run[r], mx);
       const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      const float alpha = fast_exp2(m_run[r] - m_use);
+      alpha[r] = fast_exp2(m_run[r] - m_use);
       float sum = 0.f;
 #pragma unroll
       for (int i = 0; i < 16; ++i) {
@@ -294,14 +298,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         sc[4 * i + 2 * r + 1] = fast_exp2(sc[4 * i + 2 * r + 1] - m_use);
         sum += sc[4 * i + 2 * r] + sc[4 * i + 2 * r + 1];
       }
-      l_run[r] = l_run[r] * alpha + sum;
+      l_run[r] = l_run[r] * alpha[r] + sum;
       m_run[r] = m_new;
-#pragma unroll
-      for (int i = 0; i < NO / 4; ++i) { o_acc[4 * i + 2 * r] *= alpha; o_acc[4 * i + 2 * r + 1] *= alpha; }
     }
-
-    // P as A fragments: k16 slice j holds keys 16j..16j+15 = accumulator blocks 2j, 2j+1.
-    uint32_t pa[8][4];
+  };
+  // P as A fragments: k16 slice j holds keys 16j..16j+15 = accumulator blocks 2j, 2j+1.
+  auto to_a = [&](const float(&sc)[64], uint32_t(&pa)[8][4]) {
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       pa[j][0] = Mma<T>::cvt2(sc[8 * j + 0], sc[8 * j + 1]);
@@ -309,20 +311,62 @@ __global__ void __launch_bounds__(kThreads, 1)
       pa[j][2] = Mma<T>::cvt2(sc[8 * j + 4], sc[8 * j + 5]);
       pa[j][3] = Mma<T>::cvt2(sc[8 * j + 6], sc[8 * j + 7]);
     }
-
-    // O += P V.
-    mbar_wait(bar_v(s), phase);
-    wg_fence();
+  };
+  auto pa_fence = [](uint32_t(&pa)[8][4]) {
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const uint64_t db = desc_sw128(sV + s * L::kTileBytes + j * 16 * 128, L::kHalfBytes, 1024);
-      Wgmma<T>::rs(o_acc, pa[j], db);
-    }
-    wg_commit();
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(pa[j][i])::"memory");
+  };
+  // Ping-pong: the two consumer warpgroups take turns issuing their matrix work
+  // (named barriers 2 and 3), so one's softmax runs under the other's wgmma.
+  auto turn_wait = [&] { named_sync(2 + cw, 256); };
+  auto turn_pass = [&] { named_arrive(2 + (1 - cw), 256); };
+  auto release = [&](int it) {
+    if (lane == 0) mbar_arrive(bar_e(it % STAGES));
+  };
+
+  // Pipeline: S of tile `it` is issued with P V of tile it-1, and the softmax of
+  // `it` runs while that P V is in flight.
+  float sc[64], alpha[2];
+  uint32_t pa[8][4];
+  const int n = tile.ntiles;
+  if (cw == 1) turn_pass();  // warpgroup 0 goes first
+  mbar_wait(bar_q, 0);
+  turn_wait();
+  issue_s(0, sc);
+  turn_pass();
+  wg_wait<0>();
+  reg_fence(sc);
+  softmax(0, sc, alpha);
+  to_a(sc, pa);
+  for (int it = 1; it < n; ++it) {
+    turn_wait();
+    issue_s(it, sc);
+    issue_pv(it - 1, pa);
+    turn_pass();
+    wg_wait<1>();
+    reg_fence(sc);
+    softmax(it, sc, alpha);
     wg_wait<0>();
     reg_fence(o_acc);
-    if (lane == 0) mbar_arrive(bar_e(s));
+    pa_fence(pa);
+    release(it - 1);
+#pragma unroll
+    for (int i = 0; i < NO / 4; ++i) {
+      o_acc[4 * i] *= alpha[0];
+      o_acc[4 * i + 1] *= alpha[0];
+      o_acc[4 * i + 2] *= alpha[1];
+      o_acc[4 * i + 3] *= alpha[1];
+    }
+    to_a(sc, pa);
   }
+  turn_wait();
+  issue_pv(n - 1, pa);
+  if (cw == 0) turn_pass();  // warpgroup 1's last pass would have no matching wait
+  wg_wait<0>();
+  reg_fence(o_acc);
+  release(n - 1);
 
   // Epilogue: normalize, write this warpgroup's 64 rows into the (now unused) Q tile
   // in the swizzled layout, then one TMA store of the whole tile.

@@ -25,7 +25,7 @@ using sm90::FwdLayout;
 using sm90::kTileTokens;
 
 template <typename T, int D>
-constexpr int stages_of() { return D == 64 ? 3 : 2; }
+constexpr int stages_of() { return D == 64 ? 4 : 3; }
 
 template <typename T, int D>
 void* fwd_kernel_ptr() {

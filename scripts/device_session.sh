@@ -9,7 +9,7 @@
 #   quick   forward only, bf16: the three block-sparse paper problems with cuda
 #           (Hopper path where it applies), cuda with JAX_GNA_SM90=0 (sm80 kernels)
 #           and cuDNN dense, side by side
-# TESTS_K: a pytest -k filter for the tests stage.
+# TESTS_K: a pytest -k filter for the tests stage; QUICK_MODES: JAX_GNA_SM90 values for quick.
 # usage: OUT=... bash scripts/device_session.sh build check example bench
 # Results land in $OUT: summary.txt, results/ (bench JSON/markdown/PNG), logs.tar.gz.
 set -uo pipefail
@@ -44,7 +44,7 @@ for stage in "$@"; do
              --out "$OUT/results" --no-progress ;;
     quick) for prob in "32768 2048 2048 1" "256x256 80x80 16x16 24" "30x48x80 18x24x24 16x8x8 24"; do
              set -- $prob
-             for mode in auto 0; do
+             for mode in ${QUICK_MODES:-auto 0}; do
                be=cuda,cudnn; [ "$mode" = 0 ] && be=cuda
                TAIL=8 step "quick_${1}_sm90_${mode}" 150 env JAX_GNA_SM90=$mode python3 -m benchmarks.run \
                  --shape "$1" --window "$2" --stride "$3" --heads "$4" --head-dim 128 --backends $be \
