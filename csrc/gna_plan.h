@@ -1,0 +1,113 @@
+// Tile shapes of the Hopper kernels (host only): query and key tiles of 128 tokens
+// with power-of-two extents per axis, chosen to visit the fewest key tiles in total
+// (the same per-axis window counts as jax_gna.sim; tiles that need the element mask
+// weigh 1.25). The total factorizes over axes: for query tile q and key tile k,
+//   visits = prod_a visits_a(q_a, k_a),  unmasked = prod_a full_a(q_a, k_a).
+#pragma once
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <vector>
+
+#include "gna_problem.h"
+
+namespace gna {
+
+constexpr int kPlanTileTokens = 128;
+
+// Key tiles visited (and how many of them need no mask), summed over the query tiles
+// of one axis, for query tile qt and key tile kt (dilation 1).
+inline void axis_cost(const Axis& x, int qt, int kt, int64_t& visits, int64_t& full) {
+  visits = full = 0;
+  for (int q = x.q0; q < x.q0 + x.qn; q += qt) {
+    const int qe = std::min(q + qt, x.q0 + x.qn) - 1;
+    int lo0, hi0, lo1, hi1;
+    window(x, 0, q, lo0, hi0);
+    window(x, 0, qe, lo1, hi1);
+    const int a = (lo0 - x.kv0) / kt, b = (hi1 - x.kv0) / kt;
+    visits += b - a + 1;
+    for (int j = a; j <= b; ++j) {
+      const int s = x.kv0 + j * kt;
+      full += s >= lo1 && s + kt - 1 <= hi0;
+    }
+  }
+}
+
+inline int pow2_cap(int n) {
+  int c = 1;
+  while (c < n && c < kPlanTileTokens) c *= 2;
+  return c;
+}
+
+// Every split of 128 tokens into power-of-two extents per axis, none above cap.
+inline std::vector<std::array<int, 3>> tile_shapes(const int cap[3]) {
+  std::vector<std::array<int, 3>> r;
+  for (int a = 1; a <= cap[0]; a *= 2)
+    for (int b = 1; b <= cap[1]; b *= 2) {
+      const int c = kPlanTileTokens / (a * b);
+      if (c >= 1 && a * b * c == kPlanTileTokens && c <= cap[2]) r.push_back({a, b, c});
+    }
+  return r;
+}
+
+struct Plan {
+  bool ok = false;
+  int qt[3], kt[3];
+};
+
+// Picks the query and key tile shapes that visit the fewest key tiles in total
+// (tiles needing the element mask count 1.25x). The total factorizes over axes.
+inline Plan choose_tiles(const Params& p) {
+  int qcap[3], kcap[3];
+  for (int a = 0; a < 3; ++a) {
+    qcap[a] = pow2_cap(p.ax[a].qn);
+    kcap[a] = pow2_cap(p.ax[a].kvn);
+  }
+  const auto qs = tile_shapes(qcap), ks = tile_shapes(kcap);
+  Plan best;
+  if (qs.empty() || ks.empty()) return best;
+  // Per-axis costs for every power-of-two (qt, kt) pair.
+  int64_t v[3][8][8], f[3][8][8];
+  for (int a = 0; a < 3; ++a)
+    for (int i = 0, qt = 1; qt <= qcap[a]; ++i, qt *= 2)
+      for (int j = 0, kt = 1; kt <= kcap[a]; ++j, kt *= 2) axis_cost(p.ax[a], qt, kt, v[a][i][j], f[a][i][j]);
+  double best_cost = 0;
+  for (const auto& q : qs)
+    for (const auto& k : ks) {
+      double visits = 1, full = 1;
+      for (int a = 0; a < 3; ++a) {
+        const int i = __builtin_ctz(q[a]), j = __builtin_ctz(k[a]);
+        visits *= static_cast<double>(v[a][i][j]);
+        full *= static_cast<double>(f[a][i][j]);
+      }
+      const double cost = visits + 0.25 * (visits - full);
+      if (!best.ok || cost < best_cost) {
+        best.ok = true;
+        best_cost = cost;
+        for (int a = 0; a < 3; ++a) { best.qt[a] = q[a]; best.kt[a] = k[a]; }
+      }
+    }
+  return best;
+}
+
+// Plans are cached by the axis geometry (the search is cheap but runs per call).
+inline Plan cached_plan(const Params& p) {
+  static std::mutex mu;
+  static std::map<std::vector<int>, Plan> cache;
+  std::vector<int> key;
+  for (int a = 0; a < 3; ++a) {
+    const Axis& x = p.ax[a];
+    key.insert(key.end(), {x.L, x.k, x.s, x.d, x.causal, x.q0, x.qn, x.kv0, x.kvn});
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  if (cache.size() > 1024) cache.clear();
+  const Plan plan = choose_tiles(p);
+  cache.emplace(key, plan);
+  return plan;
+}
+
+}  // namespace gna
