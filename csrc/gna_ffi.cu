@@ -189,10 +189,10 @@ ffi::Error launched(cudaError_t e) {
 }
 
 cudaError_t dispatch(DType dt, const Params& p, cudaStream_t s, bool fwd) {
-  if (!fwd) return launch_backward(dt, p, s);
   bool used = false;
-  const cudaError_t e = launch_forward_sm90(dt, p, s, used);
-  return e != cudaSuccess || used ? e : launch_forward(dt, p, s);
+  const cudaError_t e = fwd ? launch_forward_sm90(dt, p, s, used) : launch_backward_sm90(dt, p, s, used);
+  if (e != cudaSuccess || used) return e;
+  return fwd ? launch_forward(dt, p, s) : launch_backward(dt, p, s);
 }
 
 ffi::Error Forward(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,

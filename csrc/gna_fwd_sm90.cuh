@@ -47,6 +47,9 @@ template <> struct Wgmma<__half> {
   static __device__ __forceinline__ void ss(float (&d)[64], uint64_t a, uint64_t b, int acc) {
     wgmma_ss_n128_f16(d, a, b, acc);
   }
+  static __device__ __forceinline__ void ss(float (&d)[32], uint64_t a, uint64_t b, int acc) {
+    wgmma_ss_n64_f16(d, a, b, acc);
+  }
   static __device__ __forceinline__ void rs(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
     wgmma_rs_n128_f16(d, a, b);
   }
@@ -57,6 +60,9 @@ template <> struct Wgmma<__half> {
 template <> struct Wgmma<__nv_bfloat16> {
   static __device__ __forceinline__ void ss(float (&d)[64], uint64_t a, uint64_t b, int acc) {
     wgmma_ss_n128_bf16(d, a, b, acc);
+  }
+  static __device__ __forceinline__ void ss(float (&d)[32], uint64_t a, uint64_t b, int acc) {
+    wgmma_ss_n64_bf16(d, a, b, acc);
   }
   static __device__ __forceinline__ void rs(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
     wgmma_rs_n128_bf16(d, a, b);

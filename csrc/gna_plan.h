@@ -1,4 +1,5 @@
-// Tile shapes of the Hopper kernels (host only): query and key tiles of 128 tokens
+// Tile shapes of the Hopper kernels (host only): query and key tiles of 128 tokens (the
+// backward kernels: 64-token inner tiles)
 // with power-of-two extents per axis, chosen to visit the fewest key tiles in total
 // (the same per-axis window counts as jax_gna.sim; tiles that need the element mask
 // weigh 1.25). The total factorizes over axes: for query tile q and key tile k,
@@ -35,19 +36,19 @@ inline void axis_cost(const Axis& x, int qt, int kt, int64_t& visits, int64_t& f
   }
 }
 
-inline int pow2_cap(int n) {
+inline int pow2_cap(int n, int tokens = kPlanTileTokens) {
   int c = 1;
-  while (c < n && c < kPlanTileTokens) c *= 2;
+  while (c < n && c < tokens) c *= 2;
   return c;
 }
 
-// Every split of 128 tokens into power-of-two extents per axis, none above cap.
-inline std::vector<std::array<int, 3>> tile_shapes(const int cap[3]) {
+// Every split of `tokens` into power-of-two extents per axis, none above cap.
+inline std::vector<std::array<int, 3>> tile_shapes(const int cap[3], int tokens = kPlanTileTokens) {
   std::vector<std::array<int, 3>> r;
   for (int a = 1; a <= cap[0]; a *= 2)
     for (int b = 1; b <= cap[1]; b *= 2) {
-      const int c = kPlanTileTokens / (a * b);
-      if (c >= 1 && a * b * c == kPlanTileTokens && c <= cap[2]) r.push_back({a, b, c});
+      const int c = tokens / (a * b);
+      if (c >= 1 && a * b * c == tokens && c <= cap[2]) r.push_back({a, b, c});
     }
   return r;
 }
@@ -59,13 +60,13 @@ struct Plan {
 
 // Picks the query and key tile shapes that visit the fewest key tiles in total
 // (tiles needing the element mask count 1.25x). The total factorizes over axes.
-inline Plan choose_tiles(const Params& p) {
+inline Plan choose_tiles(const Params& p, int q_tokens = kPlanTileTokens, int kv_tokens = kPlanTileTokens) {
   int qcap[3], kcap[3];
   for (int a = 0; a < 3; ++a) {
-    qcap[a] = pow2_cap(p.ax[a].qn);
-    kcap[a] = pow2_cap(p.ax[a].kvn);
+    qcap[a] = pow2_cap(p.ax[a].qn, q_tokens);
+    kcap[a] = pow2_cap(p.ax[a].kvn, kv_tokens);
   }
-  const auto qs = tile_shapes(qcap), ks = tile_shapes(kcap);
+  const auto qs = tile_shapes(qcap, q_tokens), ks = tile_shapes(kcap, kv_tokens);
   Plan best;
   if (qs.empty() || ks.empty()) return best;
   // Per-axis costs for every power-of-two (qt, kt) pair.
@@ -93,10 +94,10 @@ inline Plan choose_tiles(const Params& p) {
 }
 
 // Plans are cached by the axis geometry (the search is cheap but runs per call).
-inline Plan cached_plan(const Params& p) {
+inline Plan cached_plan(const Params& p, int q_tokens = kPlanTileTokens, int kv_tokens = kPlanTileTokens) {
   static std::mutex mu;
   static std::map<std::vector<int>, Plan> cache;
-  std::vector<int> key;
+  std::vector<int> key{q_tokens, kv_tokens};
   for (int a = 0; a < 3; ++a) {
     const Axis& x = p.ax[a];
     key.insert(key.end(), {x.L, x.k, x.s, x.d, x.causal, x.q0, x.qn, x.kv0, x.kvn});
@@ -105,7 +106,7 @@ inline Plan cached_plan(const Params& p) {
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
   if (cache.size() > 1024) cache.clear();
-  const Plan plan = choose_tiles(p);
+  const Plan plan = choose_tiles(p, q_tokens, kv_tokens);
   cache.emplace(key, plan);
   return plan;
 }

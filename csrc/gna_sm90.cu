@@ -11,7 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "gna_fwd_sm90.cuh"
+#include "gna_bwd_sm90.cuh"
 #include "gna_launch.h"
 #include "gna_plan.h"
 
@@ -26,6 +26,27 @@ constexpr int stages_of() { return D == 64 ? 4 : 3; }
 template <typename T, int D>
 void* fwd_kernel_ptr() {
   return reinterpret_cast<void*>(sm90::fwd_sm90_kernel<T, D, stages_of<T, D>()>);
+}
+
+// Puts a plan's tile shapes into the problem; returns the number of query tiles
+// (query_outer) or key tiles of the blocks.
+int64_t apply_plan(Params& p, const Plan& plan, bool query_outer) {
+  int64_t n = 1;
+  for (int a = 0; a < 3; ++a) {
+    Axis& x = p.ax[a];
+    x.qt = plan.qt[a];
+    x.nqt = (x.qn + x.qt - 1) / x.qt;
+    x.kt = plan.kt[a];
+    x.nkt = (x.kvn + x.kt - 1) / x.kt;
+    n *= query_outer ? x.nqt : x.nkt;
+  }
+  return n;
+}
+
+template <typename Kern>
+cudaError_t set_smem(Kern kern, size_t smem) {
+  return cudaFuncSetAttribute(reinterpret_cast<const void*>(kern), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(smem));
 }
 
 PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
@@ -95,44 +116,88 @@ Mode mode_from_env() {
 template <typename T, int D>
 cudaError_t fwd_sm90(DType dt, Params p, const Plan& plan, cudaStream_t stream, bool& used) {
   constexpr int S = stages_of<T, D>();
-  void* kern = fwd_kernel_ptr<T, D>();
-  if (!sm90_device(kern)) return cudaSuccess;
-  int64_t nqtiles = 1;
-  int qn[3], kn[3];
-  for (int a = 0; a < 3; ++a) {
-    Axis& x = p.ax[a];
-    x.qt = plan.qt[a];
-    x.nqt = (x.qn + x.qt - 1) / x.qt;
-    x.kt = plan.kt[a];
-    x.nkt = (x.kvn + x.kt - 1) / x.kt;
-    nqtiles *= x.nqt;
-    qn[a] = x.qn;
-    kn[a] = x.kvn;
-  }
+  if (!sm90_device(fwd_kernel_ptr<T, D>())) return cudaSuccess;
+  const int64_t nqtiles = apply_plan(p, plan, true);
   if (nqtiles >= (int64_t{1} << 31)) return cudaSuccess;
+  int qn[3], kn[3];
+  for (int a = 0; a < 3; ++a) { qn[a] = p.ax[a].qn; kn[a] = p.ax[a].kvn; }
   CUtensorMap tq, tk, tv, to;
   if (!make_map(&tq, dt, p.q, p.B, qn, p.H * D, plan.qt) || !make_map(&tk, dt, p.k, p.B, kn, p.Hkv * D, plan.kt) ||
       !make_map(&tv, dt, p.v, p.B, kn, p.Hkv * D, plan.kt) || !make_map(&to, dt, p.o, p.B, qn, p.H * D, plan.qt))
     return cudaSuccess;  // not representable as TMA boxes: the sm80 kernels run
+  auto kern = sm90::fwd_sm90_kernel<T, D, S>;
   const size_t smem = FwdLayout<D, S>::smem_bytes();
-  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (e != cudaSuccess) return e;
+  if (cudaError_t e = set_smem(kern, smem); e != cudaSuccess) return e;
   used = true;
-  sm90::fwd_sm90_kernel<T, D, S><<<dim3(static_cast<unsigned>(nqtiles), p.H, p.B), sm90::kThreads, smem, stream>>>(
-      p, tq, tk, tv, to);
+  kern<<<dim3(static_cast<unsigned>(nqtiles), p.H, p.B), sm90::kThreads, smem, stream>>>(p, tq, tk, tv, to);
   return cudaGetLastError();
 }
 
-cudaError_t try_forward_sm90(DType dt, const Params& p, cudaStream_t stream, bool& used) {
-  if (dt == DType::kF32 || p.D != p.Dv || (p.D != 64 && p.D != 128)) return cudaSuccess;
+// Backward: dQ with 128-query x 64-key tiles, dK/dV with 128-key x 64-query tiles.
+template <typename T, int D>
+cudaError_t bwd_sm90(DType dt, const Params& p, cudaStream_t stream, bool& used) {
+  constexpr int S = stages_of<T, D>();
+  auto kdq = sm90::dq_sm90_kernel<T, D, S>;
+  auto kdkv = sm90::dkv_sm90_kernel<T, D, S>;
+  if (!sm90_device(reinterpret_cast<void*>(kdq))) return cudaSuccess;
+  const Plan plq = cached_plan(p, 128, 64), plk = cached_plan(p, 64, 128);
+  if (!plq.ok || !plk.ok) return cudaSuccess;
+  Params pq = p, pk = p;
+  const int64_t nq = apply_plan(pq, plq, true), nk = apply_plan(pk, plk, false);
+  if (nq >= (int64_t{1} << 31) || nk >= (int64_t{1} << 31)) return cudaSuccess;
+  int qn[3], kn[3];
+  for (int a = 0; a < 3; ++a) { qn[a] = p.ax[a].qn; kn[a] = p.ax[a].kvn; }
+  const int HD = p.H * D, KD = p.Hkv * D;
+  CUtensorMap q1, k1, v1, do1, dq1, q2, k2, v2, do2, dk2, dv2;
+  const bool ok = make_map(&q1, dt, p.q, p.B, qn, HD, plq.qt) && make_map(&k1, dt, p.k, p.B, kn, KD, plq.kt) &&
+                  make_map(&v1, dt, p.v, p.B, kn, KD, plq.kt) && make_map(&do1, dt, p.dout, p.B, qn, HD, plq.qt) &&
+                  make_map(&dq1, dt, p.dq, p.B, qn, HD, plq.qt) && make_map(&q2, dt, p.q, p.B, qn, HD, plk.qt) &&
+                  make_map(&k2, dt, p.k, p.B, kn, KD, plk.kt) && make_map(&v2, dt, p.v, p.B, kn, KD, plk.kt) &&
+                  make_map(&do2, dt, p.dout, p.B, qn, HD, plk.qt) && make_map(&dk2, dt, p.dk, p.B, kn, KD, plk.kt) &&
+                  make_map(&dv2, dt, p.dv, p.B, kn, KD, plk.kt);
+  if (!ok) return cudaSuccess;
+  const size_t sq = sm90::DqLayout<D, S>::smem_bytes(), sk = sm90::DkvLayout<D, S>::smem_bytes();
+  if (cudaError_t e = set_smem(kdq, sq); e != cudaSuccess) return e;
+  if (cudaError_t e = set_smem(kdkv, sk); e != cudaSuccess) return e;
+  used = true;
+  kdq<<<dim3(static_cast<unsigned>(nq), p.H, p.B), sm90::kThreads, sq, stream>>>(pq, q1, k1, v1, do1, dq1);
+  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  kdkv<<<dim3(static_cast<unsigned>(nk), p.Hkv, p.B), sm90::kThreads, sk, stream>>>(pk, q2, k2, v2, do2, dk2, dv2);
+  return cudaGetLastError();
+}
+
+bool eligible(DType dt, const Params& p) {
+  if (dt == DType::kF32 || p.D != p.Dv || (p.D != 64 && p.D != 128)) return false;
   for (int a = 0; a < 3; ++a)
-    if (p.ax[a].d != 1) return cudaSuccess;
+    if (p.ax[a].d != 1) return false;
+  return true;
+}
+
+cudaError_t try_forward_sm90(DType dt, const Params& p, cudaStream_t stream, bool& used) {
+  if (!eligible(dt, p)) return cudaSuccess;
   const Plan plan = cached_plan(p);
   if (!plan.ok) return cudaSuccess;
   if (dt == DType::kF16)
     return p.D == 64 ? fwd_sm90<__half, 64>(dt, p, plan, stream, used) : fwd_sm90<__half, 128>(dt, p, plan, stream, used);
   return p.D == 64 ? fwd_sm90<__nv_bfloat16, 64>(dt, p, plan, stream, used)
                    : fwd_sm90<__nv_bfloat16, 128>(dt, p, plan, stream, used);
+}
+
+cudaError_t try_backward_sm90(DType dt, const Params& p, cudaStream_t stream, bool& used) {
+  if (!eligible(dt, p)) return cudaSuccess;
+  if (dt == DType::kF16)
+    return p.D == 64 ? bwd_sm90<__half, 64>(dt, p, stream, used) : bwd_sm90<__half, 128>(dt, p, stream, used);
+  return p.D == 64 ? bwd_sm90<__nv_bfloat16, 64>(dt, p, stream, used) : bwd_sm90<__nv_bfloat16, 128>(dt, p, stream, used);
+}
+
+// JAX_GNA_SM90_BWD: the Hopper backward is new and not yet checked on a GPU, so it
+// runs only when asked: "1" (where it applies) or "force" (fail where it does not).
+Mode bwd_mode_from_env() {
+  const char* e = std::getenv("JAX_GNA_SM90_BWD");
+  if (!e || mode_from_env() == Mode::kOff) return Mode::kOff;
+  if (std::strcmp(e, "1") == 0) return Mode::kAuto;
+  if (std::strcmp(e, "force") == 0) return Mode::kForce;
+  return Mode::kOff;
 }
 
 }  // namespace
@@ -142,6 +207,15 @@ cudaError_t launch_forward_sm90(DType dt, const Params& p, cudaStream_t stream, 
   const Mode mode = mode_from_env();
   if (mode == Mode::kOff) return cudaSuccess;
   const cudaError_t e = try_forward_sm90(dt, p, stream, used);
+  if (e == cudaSuccess && !used && mode == Mode::kForce) return cudaErrorNotSupported;
+  return e;
+}
+
+cudaError_t launch_backward_sm90(DType dt, const Params& p, cudaStream_t stream, bool& used) {
+  used = false;
+  const Mode mode = bwd_mode_from_env();
+  if (mode == Mode::kOff) return cudaSuccess;
+  const cudaError_t e = try_backward_sm90(dt, p, stream, used);
   if (e == cudaSuccess && !used && mode == Mode::kForce) return cudaErrorNotSupported;
   return e;
 }

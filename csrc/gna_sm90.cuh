@@ -144,6 +144,16 @@ __device__ __forceinline__ uint64_t desc_sw128(uint32_t addr, uint32_t lbo, uint
                  : GNA_OUT64                                                                        \
                  : "l"(da), "l"(db), "r"(accumulate));                                              \
   }
+// D[64 x 64] (+)= A[64 x 16] * B[16 x 64], A and B K-major in shared memory.
+#define GNA_WGMMA_SS_N64(ty)                                                                        \
+  __device__ __forceinline__ void wgmma_ss_n64_##ty(float (&d)[32], uint64_t da, uint64_t db,      \
+                                                     int accumulate) {                              \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                       \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." #ty "." #ty " " GNA_ACC32            \
+                 ", %32, %33, p, 1, 1, 0, 0;\n}\n"                                                  \
+                 : GNA_OUT32                                                                        \
+                 : "l"(da), "l"(db), "r"(accumulate));                                              \
+  }
 // D[64 x N] += A[64 x 16] * B[16 x N], A from registers (the m16n8k16 A fragment of
 // each warp's 16 rows), B MN-major ("transposed") in shared memory.
 // TAIL names the A registers, the descriptor and the accumulate flag after the
@@ -162,6 +172,8 @@ __device__ __forceinline__ uint64_t desc_sw128(uint32_t addr, uint32_t lbo, uint
 
 GNA_WGMMA_SS_N128(f16)
 GNA_WGMMA_SS_N128(bf16)
+GNA_WGMMA_SS_N64(f16)
+GNA_WGMMA_SS_N64(bf16)
 GNA_WGMMA_RS(f16, 64, 32, GNA_ACC32, GNA_OUT32, GNA_RS_TAIL32, "%37")
 GNA_WGMMA_RS(bf16, 64, 32, GNA_ACC32, GNA_OUT32, GNA_RS_TAIL32, "%37")
 GNA_WGMMA_RS(f16, 128, 64, GNA_ACC64, GNA_OUT64, GNA_RS_TAIL64, "%69")

@@ -339,3 +339,35 @@ def test_sm90_repeatable_and_close_to_sm80(monkeypatch):
     for x, y, z in zip(a, b, c):
         assert np.array_equal(x.view(np.uint8), y.view(np.uint8))
         assert _rel(x, z) < TOL[jnp.bfloat16][1 if x.dtype == np.float32 else 0]
+
+
+@pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
+@pytest.mark.parametrize("shape,k,s,c,dims,dtype", SM90_CASES)
+def test_sm90_backward_matches_xla(monkeypatch, shape, k, s, c, dims, dtype):
+    """The Hopper backward (opt-in: JAX_GNA_SM90_BWD), forced on for every case."""
+    monkeypatch.setenv("JAX_GNA_SM90", "force")
+    monkeypatch.setenv("JAX_GNA_SM90_BWD", "force")
+    b, h, h_kv, dim = dims
+    _check(_problem(shape, k, s, 1, c, dim=dim), b, h, h_kv, dim, dim, dtype)
+
+
+@pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
+def test_sm90_backward_repeatable_and_block(monkeypatch):
+    monkeypatch.setenv("JAX_GNA_SM90", "force")
+    monkeypatch.setenv("JAX_GNA_SM90_BWD", "force")
+    whole = _problem((40, 30), (5, 4), (1, 2), 1, (False, True), dim=64)
+    q_o, q_e = (10, 5), (12, 17)
+    kv_o, kv_e = _key_block(whole, q_o, q_e)
+    block = whole.replace(q_origin=q_o, q_extent=q_e, kv_origin=kv_o, kv_extent=kv_e)
+    _check(block, 2, 2, 1, 64, 64, jnp.float16)
+    p = _problem((24, 20), (5, 7), (1, 2), 1, (False, True), dim=128)
+    q, k, v, w, u = _inputs(p, 2, 4, 2, 128, 128, jnp.bfloat16)
+
+    def loss(q, k, v):
+        out, lse = cuda._attention_poisoned(q, k, v, p)
+        return jnp.sum(out.astype(jnp.float32) * w) + jnp.sum(lse * u)
+
+    g = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    a, b2 = (jax.tree.map(np.asarray, g(q, k, v)) for _ in range(2))
+    for x, y in zip(a, b2):
+        assert np.array_equal(x.view(np.uint8), y.view(np.uint8))

@@ -1,0 +1,537 @@
+// Hopper backward kernels (sm_90a): dQ (query tiles outer) and dK/dV (key tiles
+// outer), deterministic like the sm80 pair (no atomics; the GQA query heads of a
+// key/value head are summed inside the CTA in a fixed order). Same eligibility as
+// the forward (fp16/bf16, D = D_v in {64, 128}, no dilation); same CTA shape: a
+// producer warpgroup (TMA) and two wgmma consumer warpgroups of 64 rows each.
+//
+//   dQ:    128 queries x 64-key tiles.  S = Q K^T, dP = dO V^T (SS, m64n64),
+//          dS = P (dP - delta), dQ += dS K (RS, K read MN-major).
+//   dK/dV: 128 keys x 64-query tiles.   S^T = K Q^T, dP^T = V dO^T (SS, m64n64),
+//          dV += P^T dO, dK += dS^T Q (RS, dO and Q read MN-major).
+// P = exp2(S * scale * log2 e - lse * log2 e), with delta = rowsum(dO * O) - dLSE
+// from JAX (gna_problem.h). The dK/dV producer warp also stages each query tile's
+// lse and delta in shared memory (ordinary loads, one mbarrier arrival per lane).
+//
+// Not yet run on a GPU: off unless JAX_GNA_SM90_BWD=1 (gna_sm90.cu).
+#pragma once
+#include "gna_fwd_sm90.cuh"
+
+namespace gna {
+namespace sm90 {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Element mask of a thread's 2 rows x (8 NB) columns of a score tile. Rows are given
+// per axis by the interval of column coordinates they see, relative to the column
+// tile's start ([lo, lo + w], unsigned compare); columns by their in-tile coordinates
+// (power-of-two extents: shifts sh2, sh1 and masks m1, m2). f(index, visible).
+template <int NB, typename F>
+__device__ __forceinline__ void for_each_element(const int (&lo)[2][3], const unsigned (&w)[2][3], int sh2,
+                                                 int sh1, int m1, int m2, int tig, F&& f) {
+  int tcol;  // opaque: keeps the loop-invariant column coordinates out of registers
+  asm volatile("mov.b32 %0, %1;" : "=r"(tcol) : "r"(2 * tig));
+#pragma unroll
+  for (int i = 0; i < NB; ++i) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int n = 8 * i + tcol + e;
+      const int n0 = n >> (sh2 + sh1), n1 = (n >> sh2) & m1, n2 = n & m2;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const bool vis = static_cast<unsigned>(n0 - lo[r][0]) <= w[r][0] &&
+                         static_cast<unsigned>(n1 - lo[r][1]) <= w[r][1] &&
+                         static_cast<unsigned>(n2 - lo[r][2]) <= w[r][2];
+        f(4 * i + 2 * r + e, vis);
+      }
+    }
+  }
+}
+
+// Accumulator blocks (2j, 2j+1) of a 64-row score tile as the A fragment of k16 slice j.
+template <typename T, int NS>
+__device__ __forceinline__ void acc_to_a(const float (&x)[8 * NS], uint32_t (&a)[NS][4]) {
+#pragma unroll
+  for (int j = 0; j < NS; ++j) {
+    a[j][0] = Mma<T>::cvt2(x[8 * j + 0], x[8 * j + 1]);
+    a[j][1] = Mma<T>::cvt2(x[8 * j + 2], x[8 * j + 3]);
+    a[j][2] = Mma<T>::cvt2(x[8 * j + 4], x[8 * j + 5]);
+    a[j][3] = Mma<T>::cvt2(x[8 * j + 6], x[8 * j + 7]);
+  }
+}
+
+// Writes a warpgroup's 64 x D accumulator rows (scaled) into a swizzled tile of
+// `rows` rows at shared memory `tile` (generic pointer), rows 64 cw .. 64 cw + 63.
+template <typename T, int D>
+__device__ __forceinline__ void acc_to_smem(const float (&acc)[D / 2], float scale, unsigned char* tile, int rows,
+                                            int cw, int warp, int gid, int tig) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = 64 * cw + 16 * warp + gid + 8 * r;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      const int col = 8 * i + 2 * tig, half = col / 64, cc = col % 64;
+      const uint32_t off = half * rows * 128 + row * 128 + ((((cc / 8) ^ (row % 8)) * 16) | ((cc % 8) * 2));
+      *reinterpret_cast<uint32_t*>(tile + off) =
+          Mma<T>::cvt2(acc[4 * i + 2 * r] * scale, acc[4 * i + 2 * r + 1] * scale);
+    }
+  }
+}
+
+template <typename Acc>
+__device__ __forceinline__ void frag_fence(Acc& a) {
+  uint32_t* x = reinterpret_cast<uint32_t*>(&a);
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(sizeof(Acc) / 4); ++i) asm volatile("" : "+r"(x[i])::"memory");
+}
+
+// --------------------------------------------------------------------------- dQ
+template <int D, int STAGES>
+struct DqLayout {
+  static constexpr int kQBytes = 128 * D * 2, kQHalf = 128 * 128;  // Q, dO, dQ tiles
+  static constexpr int kKBytes = 64 * D * 2, kKHalf = 64 * 128;     // K, V tiles
+  static constexpr int kQ = 0, kDO = kQBytes, kK = 2 * kQBytes, kV = kK + STAGES * kKBytes;
+  static constexpr int kBars = kV + STAGES * kKBytes;  // qfull, kfull[S], vfull[S], empty[S]
+  static constexpr size_t smem_bytes() { return kBars + 8 * (1 + 3 * STAGES) + 1024; }
+};
+
+template <typename T, int D, int STAGES>
+__global__ void __launch_bounds__(kThreads, 1)
+    dq_sm90_kernel(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap tq,
+                   const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv,
+                   const __grid_constant__ CUtensorMap tdo, const __grid_constant__ CUtensorMap tdq) {
+#if defined(GNA_SM90_ENABLED)
+  using L = DqLayout<D, STAGES>;
+  constexpr int HALVES = D / 64;
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t sbase = (saddr(smem_raw) + 1023) & ~1023u;
+  unsigned char* gbase = smem_raw + (sbase - saddr(smem_raw));
+  const uint32_t sQ = sbase + L::kQ, sDO = sbase + L::kDO, sK = sbase + L::kK, sV = sbase + L::kV;
+  const uint32_t bar_q = sbase + L::kBars;
+  auto bar_k = [&](int s) { return bar_q + 8 * (1 + s); };
+  auto bar_v = [&](int s) { return bar_q + 8 * (1 + STAGES + s); };
+  auto bar_e = [&](int s) { return bar_q + 8 * (1 + 2 * STAGES + s); };
+
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / (p.H / p.Hkv);
+  const FwdTile tile(p, blockIdx.x);
+  const int wg = threadIdx.x / 128;
+  if (threadIdx.x == 0) {
+    mbar_init(bar_q, 1);
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(bar_k(s), 1);
+      mbar_init(bar_v(s), 1);
+      mbar_init(bar_e(s), 8);
+    }
+    mbar_fence_init();
+  }
+  __syncthreads();
+  const int qc[3] = {tile.qs[0] - p.ax[0].q0, tile.qs[1] - p.ax[1].q0, tile.qs[2] - p.ax[2].q0};
+
+  if (wg == 0) {  // ---------------------------------------------------- producer
+    regs_dec<40>();
+    if (threadIdx.x != 0) return;
+    mbar_expect_tx(bar_q, 2 * L::kQBytes);
+#pragma unroll
+    for (int c = 0; c < HALVES; ++c) {
+      tma_load_5d(sQ + c * L::kQHalf, &tq, bar_q, h * D + 64 * c, qc[2], qc[1], qc[0], b);
+      tma_load_5d(sDO + c * L::kQHalf, &tdo, bar_q, h * D + 64 * c, qc[2], qc[1], qc[0], b);
+    }
+    for (int it = 0; it < tile.ntiles; ++it) {
+      const int s = it % STAGES;
+      if (it >= STAGES) mbar_wait(bar_e(s), ((it / STAGES) & 1) ^ 1);
+      int ks[3];
+      tile.key_tile(p, it, ks);
+      mbar_expect_tx(bar_k(s), L::kKBytes);
+#pragma unroll
+      for (int c = 0; c < HALVES; ++c)
+        tma_load_5d(sK + s * L::kKBytes + c * L::kKHalf, &tk, bar_k(s), hk * D + 64 * c, ks[2], ks[1], ks[0], b);
+      mbar_expect_tx(bar_v(s), L::kKBytes);
+#pragma unroll
+      for (int c = 0; c < HALVES; ++c)
+        tma_load_5d(sV + s * L::kKBytes + c * L::kKHalf, &tv, bar_v(s), hk * D + 64 * c, ks[2], ks[1], ks[0], b);
+    }
+    return;
+  }
+
+  // ------------------------------------------------------------------ consumers
+  regs_inc<232>();
+  const int cw = wg - 1;
+  const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const int gid = lane / 4, tig = lane % 4;
+  const int qsh2 = __ffs(p.ax[2].qt) - 1, qsh1 = __ffs(p.ax[1].qt) - 1;
+  const int ksh2 = __ffs(p.ax[2].kt) - 1, ksh1 = __ffs(p.ax[1].kt) - 1;
+  // The thread's two query rows: windows, lse (base 2) and delta.
+  int wlo[2][3], whi[2][3];
+  float lse2[2], dlt[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int m = 64 * cw + 16 * warp + gid + 8 * r;
+    const int o[3] = {m >> (qsh2 + qsh1), (m >> qsh2) & (p.ax[1].qt - 1), m & (p.ax[2].qt - 1)};
+    bool ok = true;
+    int64_t tok = 0;
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+      const int ig = tile.qs[a] + o[a];
+      ok &= ig <= tile.qe[a];
+      window(p.ax[a], 0, ig, wlo[r][a], whi[r][a]);
+      tok = tok * p.ax[a].qn + (ig - p.ax[a].q0);
+    }
+    const int64_t at = (b * p.nq + tok) * p.H + h;
+    lse2[r] = ok ? p.lse_in[at] * kLog2e : INFINITY;  // padding rows: P = 0
+    dlt[r] = ok ? p.delta[at] : 0.f;
+  }
+
+  float dq[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) dq[i] = 0.f;
+  const float sl2 = p.scale_log2;
+  mbar_wait(bar_q, 0);
+  for (int it = 0; it < tile.ntiles; ++it) {
+    const int s = it % STAGES;
+    const uint32_t phase = (it / STAGES) & 1;
+    float sc[32], dp[32];
+    mbar_wait(bar_k(s), phase);
+    mbar_wait(bar_v(s), phase);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t qoff = (kk / 4) * L::kQHalf + (kk % 4) * 32 + cw * 64 * 128;
+      const uint32_t koff = s * L::kKBytes + (kk / 4) * L::kKHalf + (kk % 4) * 32;
+      Wgmma<T>::ss(sc, desc_sw128(sQ + qoff, 16, 1024), desc_sw128(sK + koff, 16, 1024), kk > 0);
+      Wgmma<T>::ss(dp, desc_sw128(sDO + qoff, 16, 1024), desc_sw128(sV + koff, 16, 1024), kk > 0);
+    }
+    wg_commit();
+    wg_wait<0>();
+    reg_fence(sc);
+    reg_fence(dp);
+
+    int ks[3];
+    tile.key_tile(p, it, ks);
+    bool full = true;
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+      ks[a] += p.ax[a].kv0;
+      full &= ks[a] >= tile.ilo[a] && ks[a] + p.ax[a].kt - 1 <= tile.ihi[a];
+    }
+    // dS = P (dP - delta), into dp.
+    if (full) {
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        const int r = (i >> 1) & 1;
+        dp[i] = fast_exp2(sc[i] * sl2 - lse2[r]) * (dp[i] - dlt[r]);
+      }
+    } else {
+      int lo[2][3];
+      unsigned w[2][3];
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int a = 0; a < 3; ++a) {
+          lo[r][a] = wlo[r][a] - ks[a];
+          w[r][a] = static_cast<unsigned>(whi[r][a] - wlo[r][a]);
+        }
+      for_each_element<8>(lo, w, ksh2, ksh1, p.ax[1].kt - 1, p.ax[2].kt - 1, tig, [&](int i, bool vis) {
+        const int r = (i >> 1) & 1;
+        dp[i] = vis ? fast_exp2(sc[i] * sl2 - lse2[r]) * (dp[i] - dlt[r]) : 0.f;
+      });
+    }
+    uint32_t da[4][4];
+    acc_to_a<T, 4>(dp, da);
+    // dQ += dS K (K read MN-major: rows are the k dimension).
+    wg_fence();
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      Wgmma<T>::rs(dq, da[j], desc_sw128(sK + s * L::kKBytes + j * 16 * 128, L::kKHalf, 1024));
+    wg_commit();
+    wg_wait<0>();
+    reg_fence(dq);
+    frag_fence(da);
+    if (lane == 0) mbar_arrive(bar_e(s));
+  }
+
+  // dQ = scale * sum dS K: through the (now unused) Q tile and one TMA store.
+  acc_to_smem<T, D>(dq, p.scale, gbase + L::kQ, 128, cw, warp, gid, tig);
+  fence_proxy_async();
+  named_sync(1, 256);
+  if (threadIdx.x == 128) {
+#pragma unroll
+    for (int c = 0; c < HALVES; ++c) tma_store_5d(&tdq, sQ + c * L::kQHalf, h * D + 64 * c, qc[2], qc[1], qc[0], b);
+    tma_store_commit_and_wait();
+  }
+#endif
+}
+
+// ------------------------------------------------------------------------- dK/dV
+template <int D, int STAGES>
+struct DkvLayout {
+  static constexpr int kTBytes = 128 * D * 2, kTHalf = 128 * 128;  // K, V, dK, dV tiles
+  static constexpr int kQBytes = 64 * D * 2, kQHalf = 64 * 128;     // Q, dO tiles
+  static constexpr int kK = 0, kV = kTBytes, kQ = 2 * kTBytes, kDO = kQ + STAGES * kQBytes;
+  static constexpr int kStats = kDO + STAGES * kQBytes;  // [S][128] floats: lse * log2 e, delta
+  static constexpr int kBars = kStats + STAGES * 512;    // kvfull, qfull[S], sfull[S], empty[S]
+  static constexpr size_t smem_bytes() { return kBars + 8 * (1 + 3 * STAGES) + 1024; }
+};
+
+// First query (in [a, b]) whose window ends at or after key j; b + 1 if none.
+__device__ __forceinline__ int first_reaching(const Axis& x, int a, int b, int j) {
+  while (a <= b) {
+    const int m = (a + b) / 2;
+    int lo, hi;
+    window(x, 0, m, lo, hi);
+    if (hi >= j) b = m - 1; else a = m + 1;
+  }
+  return a;
+}
+// Last query (in [a, b]) whose window starts at or before key j; a - 1 if none.
+__device__ __forceinline__ int last_reaching(const Axis& x, int a, int b, int j) {
+  while (a <= b) {
+    const int m = (a + b) / 2;
+    int lo, hi;
+    window(x, 0, m, lo, hi);
+    if (lo <= j) a = m + 1; else b = m - 1;
+  }
+  return b;
+}
+
+// Per-CTA geometry of the dK/dV kernel: the key tile and the box of query tiles
+// (query-block local tile indices) whose queries see some of its keys.
+struct KeyTile {
+  int ks[3], ke[3];      // first / last valid key (global) per axis
+  int qt0[3], nqt[3];    // first query tile and count per axis (0 counts: no queries)
+  int ntiles;
+  __device__ __forceinline__ KeyTile(const Params& p, int bid) {
+    ntiles = 1;
+#pragma unroll
+    for (int a = 2; a >= 0; --a) {
+      const Axis& x = p.ax[a];
+      const int t = bid % x.nkt;
+      bid /= x.nkt;
+      ks[a] = x.kv0 + t * x.kt;
+      ke[a] = min(ks[a] + x.kt, x.kv0 + x.kvn) - 1;
+      const int qa = first_reaching(x, x.q0, x.q0 + x.qn - 1, ks[a]);
+      const int qb = last_reaching(x, x.q0, x.q0 + x.qn - 1, ke[a]);
+      if (qa > qb) {
+        qt0[a] = 0;
+        nqt[a] = 0;
+      } else {
+        qt0[a] = (qa - x.q0) / x.qt;
+        nqt[a] = (qb - x.q0) / x.qt - qt0[a] + 1;
+      }
+      ntiles *= nqt[a];
+    }
+  }
+  // Query-block local start of query tile `t` of the box, per axis.
+  __device__ __forceinline__ void query_tile(const Params& p, int t, int qs[3]) const {
+    const int i2 = t % nqt[2];
+    const int r = t / nqt[2];
+    qs[0] = (qt0[0] + r / nqt[1]) * p.ax[0].qt;
+    qs[1] = (qt0[1] + r % nqt[1]) * p.ax[1].qt;
+    qs[2] = (qt0[2] + i2) * p.ax[2].qt;
+  }
+};
+
+template <typename T, int D, int STAGES>
+__global__ void __launch_bounds__(kThreads, 1)
+    dkv_sm90_kernel(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap tq,
+                    const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv,
+                    const __grid_constant__ CUtensorMap tdo, const __grid_constant__ CUtensorMap tdk,
+                    const __grid_constant__ CUtensorMap tdv) {
+#if defined(GNA_SM90_ENABLED)
+  using L = DkvLayout<D, STAGES>;
+  constexpr int HALVES = D / 64;
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t sbase = (saddr(smem_raw) + 1023) & ~1023u;
+  unsigned char* gbase = smem_raw + (sbase - saddr(smem_raw));
+  const uint32_t sK = sbase + L::kK, sV = sbase + L::kV, sQ = sbase + L::kQ, sDO = sbase + L::kDO;
+  float* stats = reinterpret_cast<float*>(gbase + L::kStats);
+  const uint32_t bar_kv = sbase + L::kBars;
+  auto bar_q = [&](int s) { return bar_kv + 8 * (1 + s); };
+  auto bar_s = [&](int s) { return bar_kv + 8 * (1 + STAGES + s); };
+  auto bar_e = [&](int s) { return bar_kv + 8 * (1 + 2 * STAGES + s); };
+
+  const int hk = blockIdx.y, b = blockIdx.z;
+  const int G = p.H / p.Hkv;  // query heads per key/value head
+  const KeyTile tile(p, blockIdx.x);
+  const int nsteps = G * tile.ntiles;
+  const int wg = threadIdx.x / 128;
+  if (threadIdx.x == 0) {
+    mbar_init(bar_kv, 1);
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(bar_q(s), 1);
+      mbar_init(bar_s(s), 32);  // every lane of the producer warp stages lse/delta
+      mbar_init(bar_e(s), 8);
+    }
+    mbar_fence_init();
+  }
+  __syncthreads();
+  const int kc[3] = {tile.ks[0] - p.ax[0].kv0, tile.ks[1] - p.ax[1].kv0, tile.ks[2] - p.ax[2].kv0};
+  const int qsh2 = __ffs(p.ax[2].qt) - 1, qsh1 = __ffs(p.ax[1].qt) - 1;
+
+  if (wg == 0) {  // ---------------------------------------------------- producer
+    regs_dec<40>();
+    if (threadIdx.x >= 32) return;
+    const int lane = threadIdx.x;
+    if (lane == 0) {
+      mbar_expect_tx(bar_kv, 2 * L::kTBytes);
+#pragma unroll
+      for (int c = 0; c < HALVES; ++c) {
+        tma_load_5d(sK + c * L::kTHalf, &tk, bar_kv, hk * D + 64 * c, kc[2], kc[1], kc[0], b);
+        tma_load_5d(sV + c * L::kTHalf, &tv, bar_kv, hk * D + 64 * c, kc[2], kc[1], kc[0], b);
+      }
+    }
+    for (int it = 0; it < nsteps; ++it) {
+      const int s = it % STAGES;
+      if (it >= STAGES) mbar_wait(bar_e(s), ((it / STAGES) & 1) ^ 1);
+      const int h = hk * G + it / tile.ntiles;
+      int qs[3];
+      tile.query_tile(p, it % tile.ntiles, qs);
+      if (lane == 0) {
+        mbar_expect_tx(bar_q(s), 2 * L::kQBytes);
+#pragma unroll
+        for (int c = 0; c < HALVES; ++c) {
+          tma_load_5d(sQ + s * L::kQBytes + c * L::kQHalf, &tq, bar_q(s), h * D + 64 * c, qs[2], qs[1], qs[0], b);
+          tma_load_5d(sDO + s * L::kQBytes + c * L::kQHalf, &tdo, bar_q(s), h * D + 64 * c, qs[2], qs[1], qs[0], b);
+        }
+      }
+      // lse (base 2) and delta of the tile's 64 queries; padding queries get P = 0.
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const int m = lane + 32 * k;
+        const int o[3] = {m >> (qsh2 + qsh1), (m >> qsh2) & (p.ax[1].qt - 1), m & (p.ax[2].qt - 1)};
+        bool ok = true;
+        int64_t tok = 0;
+#pragma unroll
+        for (int a = 0; a < 3; ++a) {
+          const int il = qs[a] + o[a];
+          ok &= il < p.ax[a].qn;
+          tok = tok * p.ax[a].qn + il;
+        }
+        const int64_t at = (b * p.nq + tok) * p.H + h;
+        stats[s * 128 + m] = ok ? p.lse_in[at] * kLog2e : INFINITY;
+        stats[s * 128 + 64 + m] = ok ? p.delta[at] : 0.f;
+      }
+      mbar_arrive(bar_s(s));
+    }
+    return;
+  }
+
+  // ------------------------------------------------------------------ consumers
+  regs_inc<232>();
+  const int cw = wg - 1;
+  const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const int gid = lane / 4, tig = lane % 4;
+  const int ksh2 = __ffs(p.ax[2].kt) - 1, ksh1 = __ffs(p.ax[1].kt) - 1;
+  // The thread's two key rows: per axis, the queries that see the key (an interval).
+  int qlo[2][3], qhi[2][3];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int m = 64 * cw + 16 * warp + gid + 8 * r;
+    const int o[3] = {m >> (ksh2 + ksh1), (m >> ksh2) & (p.ax[1].kt - 1), m & (p.ax[2].kt - 1)};
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+      const Axis& x = p.ax[a];
+      const int j = tile.ks[a] + o[a];
+      qlo[r][a] = first_reaching(x, x.q0, x.q0 + x.qn - 1, j);
+      qhi[r][a] = last_reaching(x, x.q0, x.q0 + x.qn - 1, j);
+    }
+  }
+
+  float dk[D / 2], dv[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
+  const float sl2 = p.scale_log2;
+  mbar_wait(bar_kv, 0);  // also before the epilogue overwrites K and V when nsteps = 0
+  for (int it = 0; it < nsteps; ++it) {
+    const int s = it % STAGES;
+    const uint32_t phase = (it / STAGES) & 1;
+    float st[32], dpt[32];  // S^T, dP^T: 64 keys (rows) x 64 queries (columns)
+    mbar_wait(bar_q(s), phase);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t toff = (kk / 4) * L::kTHalf + (kk % 4) * 32 + cw * 64 * 128;
+      const uint32_t qoff = s * L::kQBytes + (kk / 4) * L::kQHalf + (kk % 4) * 32;
+      Wgmma<T>::ss(st, desc_sw128(sK + toff, 16, 1024), desc_sw128(sQ + qoff, 16, 1024), kk > 0);
+      Wgmma<T>::ss(dpt, desc_sw128(sV + toff, 16, 1024), desc_sw128(sDO + qoff, 16, 1024), kk > 0);
+    }
+    wg_commit();
+    wg_wait<0>();
+    reg_fence(st);
+    reg_fence(dpt);
+
+    int qs[3];
+    tile.query_tile(p, it % tile.ntiles, qs);
+    bool full = true;
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+      const Axis& x = p.ax[a];
+      qs[a] += x.q0;  // global start of the query tile
+      const int qe = min(qs[a] + x.qt, x.q0 + x.qn) - 1;
+      int lo0, hi0, lo1, hi1;
+      window(x, 0, qs[a], lo0, hi0);
+      window(x, 0, qe, lo1, hi1);
+      full &= tile.ks[a] >= lo1 && tile.ke[a] <= hi0;  // every key seen by every query
+    }
+    mbar_wait(bar_s(s), phase);
+    const float* sl = stats + s * 128;
+    // P^T into st, dS^T into dpt.
+    auto body = [&](int i, bool vis) {
+      const int col = 8 * (i >> 2) + 2 * tig + (i & 1);
+      const float pt = vis ? fast_exp2(st[i] * sl2 - sl[col]) : 0.f;
+      dpt[i] = pt * (dpt[i] - sl[64 + col]);
+      st[i] = pt;
+    };
+    if (full) {
+#pragma unroll
+      for (int i = 0; i < 32; ++i) body(i, true);
+    } else {
+      int lo[2][3];
+      unsigned w[2][3];
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int a = 0; a < 3; ++a) {
+          lo[r][a] = qlo[r][a] - qs[a];
+          w[r][a] = static_cast<unsigned>(qhi[r][a] - qlo[r][a]);  // empty: huge, lo past the tile
+          if (qhi[r][a] < qlo[r][a]) { lo[r][a] = 1 << 20; w[r][a] = 0; }
+        }
+      for_each_element<8>(lo, w, qsh2, qsh1, p.ax[1].qt - 1, p.ax[2].qt - 1, tig, body);
+    }
+    uint32_t pa[4][4], da[4][4];
+    acc_to_a<T, 4>(st, pa);
+    acc_to_a<T, 4>(dpt, da);
+    // dV += P^T dO, dK += dS^T Q (dO and Q read MN-major: rows are the k dimension).
+    wg_fence();
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      Wgmma<T>::rs(dv, pa[j], desc_sw128(sDO + s * L::kQBytes + j * 16 * 128, L::kQHalf, 1024));
+      Wgmma<T>::rs(dk, da[j], desc_sw128(sQ + s * L::kQBytes + j * 16 * 128, L::kQHalf, 1024));
+    }
+    wg_commit();
+    wg_wait<0>();
+    reg_fence(dv);
+    reg_fence(dk);
+    frag_fence(pa);
+    frag_fence(da);
+    if (lane == 0) mbar_arrive(bar_e(s));
+  }
+
+  // dK = scale * sum dS^T Q, dV: through the K and V tiles (each warpgroup overwrites
+  // only the rows it read) and TMA stores that drop rows outside the key block.
+  acc_to_smem<T, D>(dk, p.scale, gbase + L::kK, 128, cw, warp, gid, tig);
+  acc_to_smem<T, D>(dv, 1.f, gbase + L::kV, 128, cw, warp, gid, tig);
+  fence_proxy_async();
+  named_sync(1, 256);
+  if (threadIdx.x == 128) {
+#pragma unroll
+    for (int c = 0; c < HALVES; ++c) {
+      tma_store_5d(&tdk, sK + c * L::kTHalf, hk * D + 64 * c, kc[2], kc[1], kc[0], b);
+      tma_store_5d(&tdv, sV + c * L::kTHalf, hk * D + 64 * c, kc[2], kc[1], kc[0], b);
+    }
+    tma_store_commit_and_wait();
+  }
+#endif
+}
+
+}  // namespace sm90
+}  // namespace gna
