@@ -131,6 +131,40 @@ def unsupported_reason(problem: Problem, query_shape, key_shape, value_shape, dt
     return None
 
 
+def kernel_path(problem: Problem, query_shape, value_shape, dtype) -> str:
+    """Which CUDA kernels a call covered by this backend runs, in words.
+
+    The forward runs the Hopper kernel (``csrc/gna_fwd_sm90.cuh``: TMA + wgmma) on
+    compute capability 9.0 GPUs for fp16/bf16, head dims ``D == D_v`` in {64, 128},
+    no dilation and blocks large enough for 128-token tiles, unless the environment
+    has ``JAX_GNA_SM90=0``; everything else runs the sm80 kernels. The backward runs
+    the sm80 kernels (the Hopper backward is opt-in, ``JAX_GNA_SM90_BWD=1``, until
+    it has been checked on a GPU). Mirrors the checks of ``csrc/gna_sm90.cu``.
+    """
+    import os
+    dt = np.dtype(dtype)
+    d, d_v = int(query_shape[-1]), int(value_shape[-1])
+    why = []
+    if dt not in (np.dtype(np.float16), np.dtype(jnp.bfloat16)):
+        why.append(f"dtype {dt.name}")
+    if d != d_v or d not in (64, 128):
+        why.append(f"head dims {d}/{d_v} (64/64 or 128/128)")
+    if any(x != 1 for x in problem.dilation):
+        why.append("dilation")
+
+    def tiles_fit(extent) -> bool:  # 128-token power-of-two boxes, each axis <= next pow2
+        return int(np.prod([min(1 << max(int(n) - 1, 0).bit_length(), 128) for n in extent])) >= 128
+
+    if not (tiles_fit(problem.q_extent) and tiles_fit(problem.kv_extent)):
+        why.append("blocks smaller than a 128-token tile")
+    if os.environ.get("JAX_GNA_SM90") in ("0", "off"):
+        why.append("JAX_GNA_SM90=0")
+    if why:
+        return "forward and backward: sm80 kernels (Hopper forward not applicable: " + ", ".join(why) + ")"
+    return ("forward: Hopper kernel (TMA + wgmma) on compute capability 9.0 GPUs, sm80 kernels "
+            "elsewhere; backward: sm80 kernels")
+
+
 @functools.lru_cache(maxsize=1)
 def _device_smem_optin() -> int:
     """Opt-in shared memory per block of the current GPU (-1 if unknown)."""

@@ -164,4 +164,6 @@ def explain(query: Any, key: Any, value: Any, kernel_size: IntOrTuple, stride: I
     """
     problem = make_problem(query, key, value, kernel_size, stride, dilation, is_causal, scale)
     name, why, _ = select(backend, problem, query, key, value)
+    if name == "cuda":
+        why += "; " + _cuda_module().kernel_path(problem, query.shape, value.shape, query.dtype)
     return f"{name}: {why}"
