@@ -77,6 +77,27 @@ __device__ __forceinline__ void acc_to_smem(const float (&acc)[D / 2], float sca
   }
 }
 
+// x = A1 B1^T and y = A2 B2^T over the head dim, both 64 x 64: A rows and B rows
+// K-major in swizzled tiles whose 64-column halves lie a_half / b_half bytes apart.
+// Issued, committed and waited for.
+template <typename T, int D>
+__device__ __forceinline__ void ss_pair(float (&x)[32], float (&y)[32], uint32_t a1, uint32_t b1, uint32_t a2,
+                                        uint32_t b2, int a_half, int b_half) {
+#if defined(GNA_SM90_ENABLED)
+  wg_fence();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const uint32_t ao = (kk / 4) * a_half + (kk % 4) * 32, bo = (kk / 4) * b_half + (kk % 4) * 32;
+    Wgmma<T>::ss(x, desc_sw128(a1 + ao, 16, 1024), desc_sw128(b1 + bo, 16, 1024), kk > 0);
+    Wgmma<T>::ss(y, desc_sw128(a2 + ao, 16, 1024), desc_sw128(b2 + bo, 16, 1024), kk > 0);
+  }
+  wg_commit();
+  wg_wait<0>();
+  reg_fence(x);
+  reg_fence(y);
+#endif
+}
+
 template <typename Acc>
 __device__ __forceinline__ void frag_fence(Acc& a) {
   uint32_t* x = reinterpret_cast<uint32_t*>(&a);
@@ -192,18 +213,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     float sc[32], dp[32];
     mbar_wait(bar_k(s), phase);
     mbar_wait(bar_v(s), phase);
-    wg_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const uint32_t qoff = (kk / 4) * L::kQHalf + (kk % 4) * 32 + cw * 64 * 128;
-      const uint32_t koff = s * L::kKBytes + (kk / 4) * L::kKHalf + (kk % 4) * 32;
-      Wgmma<T>::ss(sc, desc_sw128(sQ + qoff, 16, 1024), desc_sw128(sK + koff, 16, 1024), kk > 0);
-      Wgmma<T>::ss(dp, desc_sw128(sDO + qoff, 16, 1024), desc_sw128(sV + koff, 16, 1024), kk > 0);
-    }
-    wg_commit();
-    wg_wait<0>();
-    reg_fence(sc);
-    reg_fence(dp);
+    ss_pair<T, D>(sc, dp, sQ + cw * 64 * 128, sK + s * L::kKBytes, sDO + cw * 64 * 128, sV + s * L::kKBytes,
+                  L::kQHalf, L::kKHalf);
 
     int ks[3];
     tile.key_tile(p, it, ks);
@@ -446,18 +457,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const uint32_t phase = (it / STAGES) & 1;
     float st[32], dpt[32];  // S^T, dP^T: 64 keys (rows) x 64 queries (columns)
     mbar_wait(bar_q(s), phase);
-    wg_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const uint32_t toff = (kk / 4) * L::kTHalf + (kk % 4) * 32 + cw * 64 * 128;
-      const uint32_t qoff = s * L::kQBytes + (kk / 4) * L::kQHalf + (kk % 4) * 32;
-      Wgmma<T>::ss(st, desc_sw128(sK + toff, 16, 1024), desc_sw128(sQ + qoff, 16, 1024), kk > 0);
-      Wgmma<T>::ss(dpt, desc_sw128(sV + toff, 16, 1024), desc_sw128(sDO + qoff, 16, 1024), kk > 0);
-    }
-    wg_commit();
-    wg_wait<0>();
-    reg_fence(st);
-    reg_fence(dpt);
+    ss_pair<T, D>(st, dpt, sK + cw * 64 * 128, sQ + s * L::kQBytes, sV + cw * 64 * 128, sDO + s * L::kQBytes,
+                  L::kTHalf, L::kQHalf);
 
     int qs[3];
     tile.query_tile(p, it % tile.ntiles, qs);
