@@ -6,6 +6,8 @@
 #   check   `python -m jax_gna check` with backend auto (platform_dependent) and cuda
 #   example the Flax digits example with the cuda backend (throughput)
 #   bench   the benchmark suite, presets $BENCH_PRESETS (default small,paper)
+#   quickbwd backward and fwd+bwd, bf16, the same three problems: the Hopper backward
+#           (JAX_GNA_SM90_BWD=1) against the sm80 backward and cuDNN dense
 #   quick   forward only, bf16: the three block-sparse paper problems with cuda
 #           (Hopper path where it applies), cuda with JAX_GNA_SM90=0 (sm80 kernels)
 #           and cuDNN dense, side by side
@@ -49,6 +51,15 @@ for stage in "$@"; do
                TAIL=8 step "quick_${1}_sm90_${mode}" 150 env JAX_GNA_SM90=$mode python3 -m benchmarks.run \
                  --shape "$1" --window "$2" --stride "$3" --heads "$4" --head-dim 128 --backends $be \
                  --dtypes bf16 --passes fwd --samples 3x20 --out "$LOGS/quick" --name "q_${1}_${mode}" --no-progress
+             done
+           done ;;
+    quickbwd) for prob in "32768 2048 2048 1" "256x256 80x80 16x16 24" "30x48x80 18x24x24 16x8x8 24"; do
+             set -- $prob
+             for bwd in 1 0; do
+               be=cuda; [ "$bwd" = 0 ] && be=cuda,cudnn
+               TAIL=8 step "quickbwd_${1}_${bwd}" 150 env JAX_GNA_SM90_BWD=$bwd python3 -m benchmarks.run \
+                 --shape "$1" --window "$2" --stride "$3" --heads "$4" --head-dim 128 --backends $be \
+                 --dtypes bf16 --passes bwd,fwdbwd --samples 3x20 --out "$LOGS/quick" --name "qb_${1}_${bwd}" --no-progress
              done
            done ;;
     *) say "unknown stage $stage" ;;
