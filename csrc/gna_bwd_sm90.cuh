@@ -257,6 +257,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     wg_wait<0>();
     reg_fence(dq);
     frag_fence(da);
+    __syncwarp();  // every lane is done with the stage (and its lse/delta)
     if (lane == 0) mbar_arrive(bar_e(s));
   }
 
@@ -514,6 +515,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     reg_fence(dk);
     frag_fence(pa);
     frag_fence(da);
+    __syncwarp();  // every lane is done with the stage (and its lse/delta)
     if (lane == 0) mbar_arrive(bar_e(s));
   }
 
