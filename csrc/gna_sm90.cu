@@ -1,5 +1,5 @@
-// Host side of the Hopper forward path: eligibility, tile shapes, TMA descriptors,
-// launch. The kernels are compiled for every target but have a body only for sm_90a
+// Host side of the Hopper kernels (forward; backward opt-in): eligibility, tile
+// shapes (gna_plan.h), TMA descriptors, launch. The kernels are compiled for every target but have a body only for sm_90a
 // (gna_sm90.cuh); a problem takes this path only on a compute-capability-9.0 device
 // whose kernel image is sm_90 code, otherwise the sm80 kernels run.
 #include <cuda.h>
@@ -22,11 +22,6 @@ using sm90::FwdLayout;
 
 template <typename T, int D>
 constexpr int stages_of() { return D == 64 ? 4 : 3; }
-
-template <typename T, int D>
-void* fwd_kernel_ptr() {
-  return reinterpret_cast<void*>(sm90::fwd_sm90_kernel<T, D, stages_of<T, D>()>);
-}
 
 // Puts a plan's tile shapes into the problem; returns the number of query tiles
 // (query_outer) or key tiles of the blocks.
@@ -116,7 +111,8 @@ Mode mode_from_env() {
 template <typename T, int D>
 cudaError_t fwd_sm90(DType dt, Params p, const Plan& plan, cudaStream_t stream, bool& used) {
   constexpr int S = stages_of<T, D>();
-  if (!sm90_device(fwd_kernel_ptr<T, D>())) return cudaSuccess;
+  auto kern = sm90::fwd_sm90_kernel<T, D, S>;
+  if (!sm90_device(reinterpret_cast<void*>(kern))) return cudaSuccess;
   const int64_t nqtiles = apply_plan(p, plan, true);
   if (nqtiles >= (int64_t{1} << 31)) return cudaSuccess;
   int qn[3], kn[3];
@@ -125,7 +121,6 @@ cudaError_t fwd_sm90(DType dt, Params p, const Plan& plan, cudaStream_t stream, 
   if (!make_map(&tq, dt, p.q, p.B, qn, p.H * D, plan.qt) || !make_map(&tk, dt, p.k, p.B, kn, p.Hkv * D, plan.kt) ||
       !make_map(&tv, dt, p.v, p.B, kn, p.Hkv * D, plan.kt) || !make_map(&to, dt, p.o, p.B, qn, p.H * D, plan.qt))
     return cudaSuccess;  // not representable as TMA boxes: the sm80 kernels run
-  auto kern = sm90::fwd_sm90_kernel<T, D, S>;
   const size_t smem = FwdLayout<D, S>::smem_bytes();
   if (cudaError_t e = set_smem(kern, smem); e != cudaSuccess) return e;
   used = true;
