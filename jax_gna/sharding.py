@@ -53,6 +53,12 @@ than a shard is gathered from the next shards too (one ``ppermute`` per hop, sen
 the rows that are needed); an all-gather of the sequence is never inserted. Spatial
 lengths must split evenly over their mesh axes (``ValueError`` otherwise).
 
+A spatial axis may be split over several mesh axes, in any order: with
+``P(None, ("y", "x"))`` on a mesh of axes ``("x", "y")`` the data is laid out ``y``-major,
+while ``lax.ppermute`` numbers the devices ``x``-major. Shards are numbered in the
+data's order and every exchange's source/target pairs are mapped to the mesh's numbering
+(:func:`shard_numbering`), so neighbours are neighbours in the data.
+
 One SPMD program serves every shard, but a :class:`~jax_gna.params.Problem` is static.
 Shards whose query windows have the same placement relative to their key block (all
 interior shards, when the shard size is a multiple of the stride period) share one
@@ -78,7 +84,7 @@ from .params import BoolOrTuple, IntOrTuple, Problem
 
 __all__ = ["neighborhood_attention_local", "neighborhood_attention_sharded", "halo_sizes",
            "set_auto_partitioning", "attention", "dense_attention", "platform_backward",
-           "plan_axis", "AxisPlan"]
+           "plan_axis", "AxisPlan", "shard_numbering"]
 
 log = logging.getLogger("jax_gna")
 
@@ -121,17 +127,42 @@ def _collective_name(names: tuple[str, ...]) -> Any:
     return names[0] if len(names) == 1 else names
 
 
-def _check_mesh_order(names: tuple[str, ...], mesh_axis_names: Sequence[str], what: str) -> None:
-    """A spatial axis split over several mesh axes must name them in the mesh's order:
-    ``lax.ppermute`` numbers the shards of a tuple of axes in mesh order, while the data
-    is laid out in the order the tuple gives (a different order would fetch the halo
-    from the wrong neighbour)."""
-    if len(names) > 1:
-        order = [n for n in mesh_axis_names if n in names]
-        if list(names) != order:
-            raise ValueError(
-                f"{what} is sharded over mesh axes {names}, not in the mesh's order "
-                f"{tuple(order)}; list them as {tuple(order)} (or reorder the mesh).")
+def shard_numbering(mesh_axes: AxisName, mesh_shape: Mapping[str, int]
+                    ) -> tuple[Callable[[], jax.Array],
+                               Callable[[Sequence[tuple[int, int]]], list[tuple[int, int]]]]:
+    """How the shards of an array axis split over the mesh axes ``mesh_axes`` are numbered.
+
+    The data is laid out in the order the names are given (as in a ``PartitionSpec``
+    entry ``("y", "x")``: the first name is the major one), while ``lax.ppermute`` numbers
+    the devices of a tuple of mesh axes in the mesh's order (``mesh_shape``: the mesh's
+    axis sizes, in the mesh's order). Returns ``(index, pairs)``:
+
+    * ``index()``: this shard's position along the axis, ``0 .. n-1`` in layout order
+      (traced; call it inside ``shard_map`` or a partition callback);
+    * ``pairs(moves)``: the ``lax.ppermute`` source/target pairs of ``moves``, a sequence
+      of ``(source position, target position)`` in layout order.
+
+    With the names in the mesh's order both numberings agree and ``pairs`` is the
+    identity."""
+    names = _axis_names(mesh_axes)
+    sizes = tuple(int(mesh_shape[n]) for n in names)
+    order = [n for n in mesh_shape if n in names]  # ppermute's numbering: major to minor
+
+    def index() -> jax.Array:
+        i = jnp.int32(0)
+        for n, size in zip(names, sizes):
+            i = i * size + jax.lax.axis_index(n)
+        return i
+
+    def device(position: int) -> int:
+        coord = dict(zip(names, np.unravel_index(position, sizes)))
+        return int(np.ravel_multi_index([coord[n] for n in order],
+                                        [int(mesh_shape[n]) for n in order]))
+
+    def pairs(moves: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+        return [(device(src), device(dst)) for src, dst in moves]
+
+    return index, pairs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +171,8 @@ class AxisPlan:
 
     Attributes:
       axis: spatial axis (0-based among the spatial axes).
-      mesh_axes: the mesh axis name(s) the axis is sharded over (major to minor).
+      mesh_axes: the mesh axis name(s) the axis is sharded over, in the order the data is
+        laid out (major to minor; any order, not necessarily the mesh's).
       shards: number of shards ``n``; ``size``: rows per shard ``S = L / n``.
       left, right: halo rows received from the left / right neighbour.
       shard_class: for each shard, the index of its class (shards of one class share
@@ -148,6 +180,8 @@ class AxisPlan:
       q_origin, kv_origin, kv_slice: per class, the global first query, the global first
         key of the in-grid part of the halo block, and that part's (start, length)
         inside the halo block ``[r S - left, (r+1) S + right)``.
+      mesh_shape: ``(name, size)`` of the mesh axes in ``mesh_axes``, in the mesh's order
+        (how ``lax.ppermute`` numbers the shards; see :func:`shard_numbering`).
     """
 
     axis: int
@@ -160,6 +194,12 @@ class AxisPlan:
     q_origin: tuple[int, ...]
     kv_origin: tuple[int, ...]
     kv_slice: tuple[tuple[int, int], ...]
+    mesh_shape: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def numbering(self):
+        """:func:`shard_numbering` of this axis: ``(index, pairs)``."""
+        return shard_numbering(self.mesh_axes, dict(self.mesh_shape))
 
     @property
     def classes(self) -> int:
@@ -185,9 +225,12 @@ def halo(problem: Problem, axis: int, shards: int) -> tuple[int, int]:
     return left, right
 
 
-def plan_axis(problem: Problem, axis: int, mesh_axes: AxisName, shards: int) -> AxisPlan:
+def plan_axis(problem: Problem, axis: int, mesh_axes: AxisName, shards: int,
+              mesh_shape: Mapping[str, int] | None = None) -> AxisPlan:
     """Plan the halo exchange of ``axis`` split into ``shards`` equal blocks over
-    ``mesh_axes``. Raises ``ValueError`` if the axis does not split evenly."""
+    ``mesh_axes`` (major to minor, in any order). ``mesh_shape`` (the mesh's axis sizes,
+    in the mesh's order, e.g. ``dict(mesh.shape)``) is needed when ``mesh_axes`` names
+    several mesh axes. Raises ``ValueError`` if the axis does not split evenly."""
     names = _axis_names(mesh_axes)
     length = problem.shape[axis]
     if shards < 1 or length % shards:
@@ -195,6 +238,18 @@ def plan_axis(problem: Problem, axis: int, mesh_axes: AxisName, shards: int) -> 
             f"spatial axis {axis} of length {length} cannot be split into {shards} equal "
             f"shards over mesh axis {names}: the length must be a multiple of the number of "
             f"shards (spatial shape {problem.shape}).")
+    if len(names) == 1:
+        order = ((names[0], shards),)
+    else:
+        if mesh_shape is None or any(n not in mesh_shape for n in names):
+            raise ValueError(
+                f"spatial axis {axis} is sharded over mesh axes {names}: planning it needs "
+                f"the mesh's axis sizes in the mesh's order (mesh_shape; inside shard_map, "
+                f"the abstract mesh), got {mesh_shape!r}.")
+        order = tuple((n, int(mesh_shape[n])) for n in mesh_shape if n in names)
+        if math.prod(n for _, n in order) != shards:
+            raise ValueError(f"mesh axes {dict(order)} make {math.prod(n for _, n in order)} "
+                             f"shards, not {shards}.")
     size = length // shards
     left, right = halo(problem, axis, shards)
     block = size + left + right
@@ -215,7 +270,7 @@ def plan_axis(problem: Problem, axis: int, mesh_axes: AxisName, shards: int) -> 
             kv_slice.append((lo - k0, hi - lo))
         shard_class.append(signatures[sig])
     return AxisPlan(axis, names, shards, size, left, right, tuple(shard_class),
-                    tuple(q_origin), tuple(kv_origin), tuple(kv_slice))
+                    tuple(q_origin), tuple(kv_origin), tuple(kv_slice), order)
 
 
 def _class_problems(problem: Problem, plans: Sequence[AxisPlan]) -> list[tuple[Problem, tuple]]:
@@ -245,21 +300,25 @@ def _exchange(x: jax.Array, plans: Sequence[AxisPlan]) -> jax.Array:
     one sharded axis after the other (so the corners of 2-D/3-D windows arrive too).
     A halo wider than a shard comes from several shards (one ``ppermute`` per hop, each
     sending only rows that are needed). Rows outside the global grid arrive as zeros and
-    are never read."""
+    are never read. Neighbours are neighbours in the data's layout order
+    (:func:`shard_numbering`), whatever the order of the mesh axes."""
     for p in plans:
         dim = 1 + p.axis
         name = _collective_name(p.mesh_axes)
+        _, pairs = p.numbering
         hops = lambda rows: -(-rows // p.size)
         parts = []
         for j in range(hops(p.left), 0, -1):  # farthest left neighbour first
             rows = p.left - (j - 1) * p.size if j == hops(p.left) else p.size
             edge = jax.lax.slice_in_dim(x, p.size - rows, p.size, axis=dim)
-            parts.append(jax.lax.ppermute(edge, name, [(r, r + j) for r in range(p.shards - j)]))
+            parts.append(jax.lax.ppermute(edge, name,
+                                          pairs([(r, r + j) for r in range(p.shards - j)])))
         parts.append(x)
         for j in range(1, hops(p.right) + 1):
             rows = p.right - (j - 1) * p.size if j == hops(p.right) else p.size
             edge = jax.lax.slice_in_dim(x, 0, rows, axis=dim)
-            parts.append(jax.lax.ppermute(edge, name, [(r + j, r) for r in range(p.shards - j)]))
+            parts.append(jax.lax.ppermute(edge, name,
+                                          pairs([(r + j, r) for r in range(p.shards - j)])))
         x = jnp.concatenate(parts, axis=dim) if len(parts) > 1 else x
     return x
 
@@ -269,7 +328,8 @@ def _branch_index(plans: Sequence[AxisPlan]) -> jax.Array | None:
         return None
     index = jnp.int32(0)
     for p in plans:
-        r = jax.lax.axis_index(_collective_name(p.mesh_axes))
+        index_of_shard, _ = p.numbering
+        r = index_of_shard()
         index = index * p.classes + jnp.asarray(p.shard_class, jnp.int32)[r]
     return index
 
@@ -449,9 +509,8 @@ def _layout(problem: Problem, spec: Sequence[Any], mesh_shape: Mapping[str, int]
     plans = []
     for a in range(problem.rank):
         names = _axis_names(spec[1 + a])
-        _check_mesh_order(names, list(mesh_shape), f"spatial axis {a}")
         if names and size(names) > 1:
-            plans.append(plan_axis(problem, a, names, size(names)))
+            plans.append(plan_axis(problem, a, names, size(names), mesh_shape))
     spatial = [None] * problem.rank
     for p in plans:
         spatial[p.axis] = _collective_name(p.mesh_axes)
@@ -715,7 +774,9 @@ def neighborhood_attention_local(query: jax.Array, key: jax.Array, value: jax.Ar
     ``query``/``key``/``value`` are the local blocks ``[B_local, *spatial_local, H_local, D]``
     of global arrays split evenly along the spatial axes named in ``spatial_axes``
     (``{spatial_axis: mesh_axis_name or tuple of names}``, spatial axes counted from 0;
-    e.g. ``{0: "context"}`` for ``P("data", "context", None, None)``). Batch and heads may
+    e.g. ``{0: "context"}`` for ``P("data", "context", None, None)``; a tuple names the
+    mesh axes major to minor as in the ``PartitionSpec``, in any order, e.g.
+    ``{0: ("y", "x")}`` for ``P(None, ("y", "x"), None, None)``). Batch and heads may
     be split too (nothing to say: they are independent). The result is this device's
     block of the global operator (``kernel_size``, ``stride``, ... refer to the global
     grid): halo rows are exchanged with the neighbours by ``lax.ppermute``; gradients flow
@@ -738,9 +799,9 @@ def neighborhood_attention_local(query: jax.Array, key: jax.Array, value: jax.Ar
         if not isinstance(a, (int, np.integer)) or not 0 <= a < max(rank, 0):
             raise ValueError(f"spatial_axes keys must be spatial axis indices in [0, {rank}), "
                              f"got {a!r} (spatial_axes={spatial_axes}).")
-    mesh_names = getattr(jax.sharding.get_abstract_mesh(), "axis_names", ())
-    for a, n in spatial_axes.items():
-        _check_mesh_order(_axis_names(n), mesh_names, f"spatial axis {a}")
+    # The mesh's axis order: how ppermute numbers a spatial axis split over several mesh
+    # axes (the data is laid out in the order spatial_axes names them).
+    mesh_shape = dict(getattr(jax.sharding.get_abstract_mesh(), "shape", None) or {}) or None
     counts = {a: int(jax.lax.axis_size(_collective_name(_axis_names(n))))
               for a, n in spatial_axes.items()}
 
@@ -754,7 +815,7 @@ def neighborhood_attention_local(query: jax.Array, key: jax.Array, value: jax.Ar
     problem = make_problem(*g, kernel_size, stride, dilation, is_causal, scale,
                            additional_keys, additional_values)
     _, _, impl = select(backend, problem, query, key, value)
-    plans = tuple(plan_axis(problem, a, spatial_axes[a], counts[a])
+    plans = tuple(plan_axis(problem, a, spatial_axes[a], counts[a], mesh_shape)
                   for a in sorted(spatial_axes) if counts[a] > 1)
     out, lse = local_attention(query, key, value, problem, plans, impl)
     if additional_keys is not None:
@@ -777,7 +838,8 @@ def neighborhood_attention_sharded(query: jax.Array, key: jax.Array, value: jax.
     """:func:`jax_gna.neighborhood_attention` over global arrays laid out on ``mesh`` as
     ``P(batch_axis, *[spatial_axes.get(i) for each spatial axis], head_axis, None)``
     (``shard_map`` around :func:`neighborhood_attention_local`). Outputs come back with
-    that layout (log-sum-exp without the last dim). ``head_axis`` must divide the
+    that layout (log-sum-exp without the last dim); a spatial axis may name a tuple of
+    mesh axes in any order (the layout's, major to minor). ``head_axis`` must divide the
     key/value heads. Additional tokens are split over ``batch_axis``/``head_axis`` only.
     Works under ``jax.jit`` and ``jax.grad``."""
     from .params import make_problem
@@ -800,7 +862,6 @@ def neighborhood_attention_sharded(query: jax.Array, key: jax.Array, value: jax.
         raise ValueError(f"batch_axis={batch_axis!r} splits {_mesh_size(mesh, batch)} ways, "
                          f"which does not divide the batch {np.shape(query)[0]}.")
     for a, names in spatial_axes.items():
-        _check_mesh_order(_axis_names(names), mesh.axis_names, f"spatial axis {a}")
         n = _mesh_size(mesh, _axis_names(names))
         if np.shape(query)[1 + a] % n:
             raise ValueError(

@@ -53,6 +53,31 @@ CASES = {
         (32,), 2, 2, 2, 4, dict(kernel_size=3),
         (2, 4), ("a", "b"), (None, ("a", "b"), None)),
 }
+# A spatial axis split over both axes of a mesh ("x", "y"), in either order (("y", "x"):
+# the data is laid out y-major while ppermute numbers the devices x-major), on a 2x4 and
+# a 4x2 mesh; 8 shards, every halo wider than a shard (multi-hop), causal and strided.
+TUPLE_WINDOWS = {
+    "1d": ((32,), 0, dict(kernel_size=11, stride=2)),
+    "1d_causal": ((32,), 0, dict(kernel_size=7, stride=3, dilation=2, is_causal=True)),
+    "2d": ((16, 6), 0, dict(kernel_size=(5, 3), stride=(2, 1), is_causal=(True, False))),
+    "2d_dilated": ((6, 16), 1, dict(kernel_size=(3, 7), stride=(1, 3), dilation=(2, 1))),
+}
+
+
+def _tuple_cases():
+    cases = {}
+    for mesh_shape, windows in {(2, 4): ("1d", "2d"), (4, 2): ("1d_causal", "2d_dilated")}.items():
+        for order in (("y", "x"), ("x", "y")):
+            for w in windows:
+                shape, axis, kw = TUPLE_WINDOWS[w]
+                lead = [None] * (len(shape) + 2)
+                lead[1 + axis] = order
+                name = f"{w}_tuple_{''.join(order)}_mesh{mesh_shape[0]}x{mesh_shape[1]}"
+                cases[name] = (shape, 1, 2, 1, 4, kw, mesh_shape, ("x", "y"), tuple(lead))
+    return cases
+
+
+CASES.update(_tuple_cases())
 # Batch / heads only: no collective at all.
 LOCAL_CASES = {
     "2d_data2_context4_blocked_no_halo": (
@@ -66,6 +91,7 @@ LOCAL_CASES = {
         (4, 2), ("data", "heads"), ("data", None, "heads")),
 }
 EXTRA_CASES = ["explicit_shard_map_1d", "explicit_shard_map_2d_additional_kv",
+               "explicit_shard_map_tuple_out_of_mesh_order",
                "error_uneven_split", "error_explicit_api", "vmap_falls_back",
                "explicit_axis_types_set_mesh", "nnx_training_step_data2_context4",
                "backend_without_backward_recomputes"]
@@ -170,22 +196,44 @@ def test_plan_errors():
     assert (plan.left, plan.right, plan.size) == (7, 7, 4)  # border windows shift inward
 
 
-def test_mesh_axes_out_of_mesh_order_rejected():
-    """ppermute numbers the shards of a tuple of mesh axes in mesh order; a spatial axis
-    sharded over them in another order would get its halo from the wrong neighbour."""
+def test_shard_numbering_tuple_order():
+    """A spatial axis split over a tuple of mesh axes is laid out in the tuple's order
+    (first name major); ppermute numbers the devices in the mesh's order. The pairs of
+    shard_numbering move data between positions in the layout."""
     from jax_gna.params import make_problem
-    from jax_gna.sharding import _check_mesh_order, _layout
+    from jax_gna.sharding import _layout, plan_axis, shard_numbering
 
-    _check_mesh_order(("a", "b"), ("a", "b", "c"), "spatial axis 0")
-    _check_mesh_order(("a", "c"), ("a", "b", "c"), "spatial axis 0")
-    with pytest.raises(ValueError, match="not in the mesh's order \\('a', 'b'\\)"):
-        _check_mesh_order(("b", "a"), ("a", "b"), "spatial axis 0")
+    mesh = {"x": 2, "y": 4}  # mesh order: x major
+    ppermute_index = lambda c: c["x"] * 4 + c["y"]  # noqa: E731
+    _, pairs = shard_numbering(("y", "x"), mesh)  # layout: y major
+    layout = [dict(y=p // 2, x=p % 2) for p in range(8)]
+    moves = [(p, p + j) for j in (1, 2, 3) for p in range(8 - j)]
+    assert pairs(moves) == [(ppermute_index(layout[a]), ppermute_index(layout[b]))
+                            for a, b in moves]
+    assert pairs([(0, 1), (1, 2)]) == [(0, 4), (4, 1)]
+    _, pairs = shard_numbering(("x", "y"), mesh)  # the mesh's order: the identity
+    assert pairs(moves) == moves
+    # a subset of a larger mesh, out of order: ppermute numbers (a, c) a-major
+    _, pairs = shard_numbering(("c", "a"), {"a": 2, "b": 3, "c": 2})
+    assert pairs([(0, 1), (1, 2), (2, 3)]) == [(0, 2), (2, 1), (1, 3)]
+
     x = np.zeros((1, 16, 2, 8), np.float32)
     prob = make_problem(x, x, x, 5, 2)
-    with pytest.raises(ValueError, match="not in the mesh's order"):
-        _layout(prob, (None, ("b", "a")), {"a": 2, "b": 2}, x.shape, x.shape)
-    plans, _ = _layout(prob, (None, ("a", "b")), {"a": 2, "b": 2}, x.shape, x.shape)
-    assert plans[0].shards == 4
+    for names in (("b", "a"), ("a", "b")):
+        plans, lead = _layout(prob, (None, names), {"a": 2, "b": 2}, x.shape, x.shape)
+        assert plans[0].shards == 4 and plans[0].mesh_axes == names and lead[1] == names
+        assert plans[0].mesh_shape == (("a", 2), ("b", 2))
+    with pytest.raises(ValueError, match="mesh's axis sizes in the mesh's order"):
+        plan_axis(prob, 0, ("b", "a"), 4)
+
+
+def test_tuple_cases_have_multi_hop_halos():
+    """Each tuple-order case needs halo rows from more than one shard away."""
+    from jax_gna.sharding import halo_sizes
+
+    for shape, axis, kw in TUPLE_WINDOWS.values():
+        left, right = halo_sizes(shape, **kw, shards={axis: 8})[axis]
+        assert max(left, right) > shape[axis] // 8, (shape, kw, left, right)
 
 
 def test_halo_sizes():
@@ -344,6 +392,41 @@ def _worker():  # pragma: no cover - runs in the subprocess
         return (f"shard_map: max rel err {max(errs.values()):.2e}; jit: max rel err "
                 f"{max(errs2.values()):.2e}, HLO collectives {coll}")
 
+    def explicit_tuple_order():
+        """neighborhood_attention_sharded (shard_map) and Explicit axis types with a
+        spatial axis split over ("y", "x") on a mesh ("x", "y"), multi-hop halos."""
+        from jax.sharding import AxisType
+
+        kw = dict(kernel_size=(3, 9), stride=(1, 2), is_causal=(False, True))
+        args = inputs((4, 16), 2, 2, 2, 4, seed=6)
+        want = unsharded(kw, args)
+        msgs = []
+        for shape in ((2, 4), (4, 2)):
+            mesh = Mesh(np.array(jax.devices()).reshape(shape), ("x", "y"))
+
+            def f(q, k, v, do, dl):
+                op = lambda q, k, v: sharding.neighborhood_attention_sharded(
+                    q, k, v, **kw, mesh=mesh, spatial_axes={1: ("y", "x")}, return_lse=True,
+                    backend="xla")
+                (o, l), vjp = jax.vjp(op, q, k, v)
+                return (o, l) + tuple(vjp((do, dl)))
+
+            errs = compare(jax.jit(f)(*args), want)
+            msgs.append(f"shard_map {shape}: {max(errs.values()):.2e}")
+        mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(AxisType.Explicit,) * 2)
+        with jax.set_mesh(mesh):
+            lead = (None, None, ("y", "x"), None)
+            sh = [jax.device_put(x, P(*lead, None)) for x in args[:4]]
+            sh.append(jax.device_put(args[4], P(*lead)))
+            compiled = jax.jit(fwd_bwd(kw)).lower(*sh).compile()
+            got = compiled(*sh)
+        errs = compare(got, want)
+        assert got[0].sharding.spec == P(*lead, None), got[0].sharding
+        coll = collectives(compiled.as_text())
+        assert coll["collective-permute"] > 0 and not coll["all-gather"], coll
+        msgs.append(f"set_mesh (2, 4): {max(errs.values()):.2e}; HLO collectives {coll}")
+        return "max rel err " + "; ".join(msgs)
+
     def error_uneven():
         mesh = Mesh(np.array(jax.devices()), ("context",))
         q, k, v, _, _ = inputs((36,), 1, 2, 2, 4)
@@ -481,6 +564,7 @@ def _worker():  # pragma: no cover - runs in the subprocess
     jobs.update({name: (lambda c=cfg: run_case(c, False)) for name, cfg in LOCAL_CASES.items()})
     jobs.update({"explicit_shard_map_1d": explicit_1d,
                  "explicit_shard_map_2d_additional_kv": explicit_2d_extra,
+                 "explicit_shard_map_tuple_out_of_mesh_order": explicit_tuple_order,
                  "error_uneven_split": error_uneven,
                  "error_explicit_api": error_explicit,
                  "vmap_falls_back": vmap_fallback,
