@@ -218,12 +218,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     int ks[3];
     tile.key_tile(p, it, ks);
-    bool full = true;
 #pragma unroll
-    for (int a = 0; a < 3; ++a) {
-      ks[a] += p.ax[a].kv0;
-      full &= ks[a] >= tile.ilo[a] && ks[a] + p.ax[a].kt - 1 <= tile.ihi[a];
-    }
+    for (int a = 0; a < 3; ++a) ks[a] += p.ax[a].kv0;
+    const bool full = tile.full(p, ks);
     // dS = P (dP - delta), into dp.
     if (full) {
 #pragma unroll
@@ -285,7 +282,7 @@ struct DkvLayout {
 };
 
 // First query (in [a, b]) whose window ends at or after key j; b + 1 if none.
-__device__ __forceinline__ int first_reaching(const Axis& x, int a, int b, int j) {
+GNA_HD int first_reaching(const Axis& x, int a, int b, int j) {
   while (a <= b) {
     const int m = (a + b) / 2;
     int lo, hi;
@@ -295,7 +292,7 @@ __device__ __forceinline__ int first_reaching(const Axis& x, int a, int b, int j
   return a;
 }
 // Last query (in [a, b]) whose window starts at or before key j; a - 1 if none.
-__device__ __forceinline__ int last_reaching(const Axis& x, int a, int b, int j) {
+GNA_HD int last_reaching(const Axis& x, int a, int b, int j) {
   while (a <= b) {
     const int m = (a + b) / 2;
     int lo, hi;
@@ -311,7 +308,7 @@ struct KeyTile {
   int ks[3], ke[3];      // first / last valid key (global) per axis
   int qt0[3], nqt[3];    // first query tile and count per axis (0 counts: no queries)
   int ntiles;
-  __device__ __forceinline__ KeyTile(const Params& p, int bid) {
+  GNA_HD KeyTile(const Params& p, int bid) {
     ntiles = 1;
 #pragma unroll
     for (int a = 2; a >= 0; --a) {
@@ -319,7 +316,7 @@ struct KeyTile {
       const int t = bid % x.nkt;
       bid /= x.nkt;
       ks[a] = x.kv0 + t * x.kt;
-      ke[a] = min(ks[a] + x.kt, x.kv0 + x.kvn) - 1;
+      ke[a] = (ks[a] + x.kt < x.kv0 + x.kvn ? ks[a] + x.kt : x.kv0 + x.kvn) - 1;
       const int qa = first_reaching(x, x.q0, x.q0 + x.qn - 1, ks[a]);
       const int qb = last_reaching(x, x.q0, x.q0 + x.qn - 1, ke[a]);
       if (qa > qb) {
@@ -333,12 +330,27 @@ struct KeyTile {
     }
   }
   // Query-block local start of query tile `t` of the box, per axis.
-  __device__ __forceinline__ void query_tile(const Params& p, int t, int qs[3]) const {
+  GNA_HD void query_tile(const Params& p, int t, int qs[3]) const {
     const int i2 = t % nqt[2];
     const int r = t / nqt[2];
     qs[0] = (qt0[0] + r / nqt[1]) * p.ax[0].qt;
     qs[1] = (qt0[1] + r % nqt[1]) * p.ax[1].qt;
     qs[2] = (qt0[2] + i2) * p.ax[2].qt;
+  }
+  // Whether every query of the query tile that starts at global `qs` (the valid ones)
+  // sees every valid key of this tile: their windows all contain [ks, ke].
+  GNA_HD bool full(const Params& p, const int qs[3]) const {
+    bool f = true;
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+      const Axis& x = p.ax[a];
+      const int qe = (qs[a] + x.qt < x.q0 + x.qn ? qs[a] + x.qt : x.q0 + x.qn) - 1;
+      int lo0, hi0, lo1, hi1;
+      window(x, 0, qs[a], lo0, hi0);
+      window(x, 0, qe, lo1, hi1);
+      f &= ks[a] >= lo1 && ke[a] <= hi0;
+    }
+    return f;
   }
 };
 
@@ -463,17 +475,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     int qs[3];
     tile.query_tile(p, it % tile.ntiles, qs);
-    bool full = true;
 #pragma unroll
-    for (int a = 0; a < 3; ++a) {
-      const Axis& x = p.ax[a];
-      qs[a] += x.q0;  // global start of the query tile
-      const int qe = min(qs[a] + x.qt, x.q0 + x.qn) - 1;
-      int lo0, hi0, lo1, hi1;
-      window(x, 0, qs[a], lo0, hi0);
-      window(x, 0, qe, lo1, hi1);
-      full &= tile.ks[a] >= lo1 && tile.ke[a] <= hi0;  // every key seen by every query
-    }
+    for (int a = 0; a < 3; ++a) qs[a] += p.ax[a].q0;  // global start of the query tile
+    const bool full = tile.full(p, qs);
     mbar_wait(bar_s(s), phase);
     const float* sl = stats + s * 128;
     // P^T into st, dS^T into dpt.

@@ -87,7 +87,7 @@ struct FwdTile {
   int ilo[3], ihi[3];    // keys every valid query of the tile sees
   int ntiles;
 
-  __device__ __forceinline__ FwdTile(const Params& p, int bid) {
+  GNA_HD FwdTile(const Params& p, int bid) {
 #pragma unroll
     for (int a = 2; a >= 0; --a) {
       const Axis& x = p.ax[a];
@@ -106,7 +106,7 @@ struct FwdTile {
     ntiles = nkt[0] * nkt[1] * nkt[2];
   }
   // Key-block local start of key tile `it` (row-major over the box) per axis.
-  __device__ __forceinline__ void key_tile(const Params& p, int it, int ks[3]) const {
+  GNA_HD void key_tile(const Params& p, int it, int ks[3]) const {
     const int i2 = it % nkt[2];
     const int r = it / nkt[2];
     const int i1 = r % nkt[1];
@@ -114,6 +114,15 @@ struct FwdTile {
     ks[0] = (kt0[0] + i0) * p.ax[0].kt;
     ks[1] = (kt0[1] + i1) * p.ax[1].kt;
     ks[2] = (kt0[2] + i2) * p.ax[2].kt;
+  }
+  // Whether every valid query of the tile sees every key of the key tile that starts
+  // at global `ks` (then the element mask is skipped; padded key tiles never qualify).
+  // The forward kernel spells the same test inline (its measured code).
+  GNA_HD bool full(const Params& p, const int ks[3]) const {
+    bool f = true;
+#pragma unroll
+    for (int a = 0; a < 3; ++a) f &= ks[a] >= ilo[a] && ks[a] + p.ax[a].kt - 1 <= ihi[a];
+    return f;
   }
 };
 

@@ -1,0 +1,178 @@
+// Host-only check of the Hopper kernels' tile geometry (tests/test_sm90_geometry.py).
+// Runs the kernels' own FwdTile (forward, dQ) and KeyTile (dK/dV) code on the CPU, for
+// the tile shapes gna_plan.h picks, against a brute force over the window math:
+//   query-outer: every key a valid query of the tile sees lies in a visited key tile,
+//                each key tile is visited once, and a tile marked full is entirely seen
+//                by every valid query (and does not run past the key block);
+//   key-outer:   every query that sees a valid key of the tile lies in a visited query
+//                tile, once; full is exact; the per-key query intervals are exact.
+// stdin: one problem per line: rank, then per axis L k s causal q0 qn kv0 kvn.
+// stdout: "ok <checks>" per problem, or "FAIL <what>" (and exit code 1).
+#include <cstdio>
+#include <cstdlib>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "gna_bwd_sm90.cuh"
+#include "gna_plan.h"
+
+using gna::Axis;
+using gna::Params;
+
+static int failures = 0;
+static long checks = 0;
+#define CHECK(cond, ...)                         \
+  do {                                           \
+    ++checks;                                    \
+    if (!(cond)) {                               \
+      ++failures;                                \
+      if (failures < 20) {                       \
+        std::printf("FAIL " __VA_ARGS__);        \
+        std::printf("\n");                       \
+      }                                          \
+    }                                            \
+  } while (0)
+
+static bool sees(const Axis& x, int q, int k) {
+  int lo, hi;
+  gna::window(x, 0, q, lo, hi);
+  return lo <= k && k <= hi;
+}
+
+static void apply(Params& p, const gna::Plan& plan) {
+  for (int a = 0; a < 3; ++a) {
+    Axis& x = p.ax[a];
+    x.qt = plan.qt[a];
+    x.nqt = (x.qn + x.qt - 1) / x.qt;
+    x.kt = plan.kt[a];
+    x.nkt = (x.kvn + x.kt - 1) / x.kt;
+  }
+}
+
+static void query_outer(const Params& p) {
+  const int n = p.ax[0].nqt * p.ax[1].nqt * p.ax[2].nqt;
+  for (int bid = 0; bid < n; ++bid) {
+    const gna::sm90::FwdTile t(p, bid);
+    std::set<std::vector<int>> seen;
+    for (int it = 0; it < t.ntiles; ++it) {
+      int ks[3];
+      t.key_tile(p, it, ks);
+      CHECK(seen.insert({ks[0], ks[1], ks[2]}).second, "query tile %d visits a key tile twice", bid);
+      bool full = true;  // brute force: every valid query sees every key, none padded
+      for (int a = 0; a < 3; ++a) {
+        const Axis& x = p.ax[a];
+        for (int k = x.kv0 + ks[a]; k < x.kv0 + ks[a] + x.kt; ++k) {
+          bool all = k < x.kv0 + x.kvn;
+          for (int q = t.qs[a]; q <= t.qe[a] && all; ++q) all = sees(x, q, k);
+          full &= all;
+        }
+      }
+      int g[3] = {ks[0] + p.ax[0].kv0, ks[1] + p.ax[1].kv0, ks[2] + p.ax[2].kv0};
+      CHECK(t.full(p, g) == full, "query tile %d key tile %d: full flag %d, brute force %d", bid, it,
+            (int)t.full(p, g), (int)full);
+    }
+    CHECK((int)seen.size() == t.ntiles, "query tile %d", bid);
+    for (int a = 0; a < 3; ++a) {  // every seen key is in the visited box (per axis)
+      const Axis& x = p.ax[a];
+      CHECK(t.qs[a] <= t.qe[a] && t.qe[a] < x.q0 + x.qn, "query tile %d range on axis %d", bid, a);
+      for (int q = t.qs[a]; q <= t.qe[a]; ++q)
+        for (int k = 0; k < x.L; ++k)
+          if (sees(x, q, k)) {
+            const int j = (k - x.kv0) / x.kt;
+            CHECK(k >= x.kv0 && j >= t.kt0[a] && j < t.kt0[a] + t.nkt[a],
+                  "query %d sees key %d outside the visited tiles (axis %d)", q, k, a);
+          }
+    }
+  }
+}
+
+static void key_outer(const Params& p) {
+  const int n = p.ax[0].nkt * p.ax[1].nkt * p.ax[2].nkt;
+  for (int bid = 0; bid < n; ++bid) {
+    const gna::sm90::KeyTile t(p, bid);
+    std::set<std::vector<int>> seen;
+    for (int it = 0; it < t.ntiles; ++it) {
+      int qs[3];
+      t.query_tile(p, it, qs);
+      CHECK(seen.insert({qs[0], qs[1], qs[2]}).second, "key tile %d visits a query tile twice", bid);
+      int g[3];
+      bool full = true;
+      for (int a = 0; a < 3; ++a) {
+        const Axis& x = p.ax[a];
+        g[a] = qs[a] + x.q0;
+        for (int q = g[a]; q < g[a] + x.qt && q < x.q0 + x.qn; ++q)
+          for (int k = t.ks[a]; k <= t.ke[a]; ++k) full &= sees(x, q, k);
+      }
+      CHECK(t.full(p, g) == full, "key tile %d query tile %d: full flag %d, brute force %d", bid, it,
+            (int)t.full(p, g), (int)full);
+    }
+    CHECK((int)seen.size() == t.ntiles, "key tile %d", bid);
+    bool any_all_axes = true;
+    for (int a = 0; a < 3; ++a) {
+      const Axis& x = p.ax[a];
+      bool any = false;
+      for (int k = t.ks[a]; k <= t.ke[a]; ++k) {
+        int first = x.q0 + x.qn, last = x.q0 - 1;
+        for (int q = x.q0; q < x.q0 + x.qn; ++q)
+          if (sees(x, q, k)) {
+            first = q < first ? q : first;
+            last = q;
+            any = true;
+            const int i = (q - x.q0) / x.qt;
+            CHECK(t.nqt[a] > 0 && i >= t.qt0[a] && i < t.qt0[a] + t.nqt[a],
+                  "key %d is seen by query %d outside the visited tiles (axis %d)", k, q, a);
+          }
+        const int f = gna::sm90::first_reaching(x, x.q0, x.q0 + x.qn - 1, k);
+        const int l = gna::sm90::last_reaching(x, x.q0, x.q0 + x.qn - 1, k);
+        if (first <= last) {
+          CHECK(f == first && l == last, "key %d: queries [%d, %d], searches give [%d, %d]", k, first, last, f, l);
+        } else {
+          CHECK(f > l, "key %d: no query sees it, searches give [%d, %d]", k, f, l);
+        }
+      }
+      any_all_axes &= any;
+    }
+    if (!any_all_axes) CHECK(t.ntiles == 0, "key tile %d: no query sees it but %d query tiles are visited", bid, t.ntiles);
+  }
+}
+
+int main() {
+  char line[512];
+  while (std::fgets(line, sizeof line, stdin)) {
+    std::vector<long> v;
+    for (char* s = line; *s;) {
+      char* e;
+      const long x = std::strtol(s, &e, 10);
+      if (e == s) break;
+      v.push_back(x);
+      s = e;
+    }
+    if (v.empty()) continue;
+    const int rank = static_cast<int>(v[0]);
+    Params p{};
+    p.rank = rank;
+    for (int a = 0; a < 3; ++a) p.ax[a] = Axis{1, 1, 1, 1, 0, 0, 1, 0, 1, 1, 1, 1, 1};
+    for (int i = 0; i < rank; ++i) {
+      const long* f = &v[1 + 8 * i];
+      Axis& x = p.ax[3 - rank + i];
+      x.L = f[0]; x.k = f[1]; x.s = f[2]; x.causal = f[3];
+      x.q0 = f[4]; x.qn = f[5]; x.kv0 = f[6]; x.kvn = f[7];
+    }
+    const long before = checks;
+    const int before_fail = failures;
+    const int tokens[3][2] = {{128, 128}, {128, 64}, {64, 128}};
+    int plans = 0;
+    for (const auto& tk : tokens) {
+      const gna::Plan plan = gna::choose_tiles(p, tk[0], tk[1]);
+      if (!plan.ok) continue;
+      ++plans;
+      Params q = p;
+      apply(q, plan);
+      query_outer(q);
+      key_outer(q);
+    }
+    if (failures == before_fail) std::printf("ok %ld checks, %d plans\n", checks - before, plans);
+  }
+  return failures ? 1 : 0;
+}
