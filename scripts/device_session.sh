@@ -35,7 +35,7 @@ for stage in "$@"; do
     build) step build 240 env OUT="$LOGS/gpu_check" GPU_CHECK_BENCH=0 GPU_CHECK_TESTS=none \
              bash scripts/gpu_check.sh || break ;;
     smoke90) step smoke90 120 env JAX_GNA_SM90=force XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q \
-               -x -rfE -p no:cacheprovider tests/test_cuda_gpu.py -k "sm90" || break ;;
+               -x -rfE -p no:cacheprovider tests/test_cuda_gpu.py -k "sm90 and not sm90_bwd and not backward" || break ;;
     tests) step tests 300 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -m gpu -q \
              -rfE -p no:cacheprovider -n 4 ${TESTS_K:+-k "$TESTS_K"} tests ;;
     check) step check_auto 90 python3 -m jax_gna check

@@ -299,22 +299,38 @@ SM90_CASES = [
 ]
 
 
-@pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
-@pytest.mark.parametrize("shape,k,s,c,dims,dtype", SM90_CASES)
-def test_sm90_forward_matches_xla(monkeypatch, shape, k, s, c, dims, dtype):
+def _force_sm90(monkeypatch, backward: bool) -> None:
+    """Forward on the Hopper kernel (fail otherwise); the backward too if asked."""
     monkeypatch.setenv("JAX_GNA_SM90", "force")
+    if backward:
+        monkeypatch.setenv("JAX_GNA_SM90_BWD", "force")  # opt-in until checked on a GPU
+
+
+def _sm90_block():
+    """A query block inside a larger key block (a shard) of a dilation-free problem."""
+    whole = _problem((40, 30), (5, 4), (1, 2), 1, (False, True), dim=64)
+    q_o, q_e = (10, 5), (12, 17)
+    kv_o, kv_e = _key_block(whole, q_o, q_e)
+    return whole, whole.replace(q_origin=q_o, q_extent=q_e, kv_origin=kv_o, kv_extent=kv_e)
+
+
+BACKWARDS = pytest.mark.parametrize("backward", [False, True], ids=["sm80_bwd", "sm90_bwd"])
+
+
+@pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
+@BACKWARDS
+@pytest.mark.parametrize("shape,k,s,c,dims,dtype", SM90_CASES)
+def test_sm90_matches_xla(monkeypatch, backward, shape, k, s, c, dims, dtype):
+    _force_sm90(monkeypatch, backward)
     b, h, h_kv, dim = dims
     _check(_problem(shape, k, s, 1, c, dim=dim), b, h, h_kv, dim, dim, dtype)
 
 
 @pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
-def test_sm90_block_origins(monkeypatch):
-    monkeypatch.setenv("JAX_GNA_SM90", "force")
-    whole = _problem((40, 30), (5, 4), (1, 2), 1, (False, True), dim=64)
-    q_o, q_e = (10, 5), (12, 17)
-    kv_o, kv_e = _key_block(whole, q_o, q_e)
-    block = whole.replace(q_origin=q_o, q_extent=q_e, kv_origin=kv_o, kv_extent=kv_e)
-    _check(block, 2, 2, 1, 64, 64, jnp.float16)
+@BACKWARDS
+def test_sm90_block_origins(monkeypatch, backward):
+    _force_sm90(monkeypatch, backward)
+    _check(_sm90_block()[1], 2, 2, 1, 64, 64, jnp.float16)
 
 
 @pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
@@ -342,24 +358,9 @@ def test_sm90_repeatable_and_close_to_sm80(monkeypatch):
 
 
 @pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
-@pytest.mark.parametrize("shape,k,s,c,dims,dtype", SM90_CASES)
-def test_sm90_backward_matches_xla(monkeypatch, shape, k, s, c, dims, dtype):
-    """The Hopper backward (opt-in: JAX_GNA_SM90_BWD), forced on for every case."""
-    monkeypatch.setenv("JAX_GNA_SM90", "force")
-    monkeypatch.setenv("JAX_GNA_SM90_BWD", "force")
-    b, h, h_kv, dim = dims
-    _check(_problem(shape, k, s, 1, c, dim=dim), b, h, h_kv, dim, dim, dtype)
-
-
-@pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
-def test_sm90_backward_repeatable_and_block(monkeypatch):
-    monkeypatch.setenv("JAX_GNA_SM90", "force")
-    monkeypatch.setenv("JAX_GNA_SM90_BWD", "force")
-    whole = _problem((40, 30), (5, 4), (1, 2), 1, (False, True), dim=64)
-    q_o, q_e = (10, 5), (12, 17)
-    kv_o, kv_e = _key_block(whole, q_o, q_e)
-    block = whole.replace(q_origin=q_o, q_extent=q_e, kv_origin=kv_o, kv_extent=kv_e)
-    _check(block, 2, 2, 1, 64, 64, jnp.float16)
+def test_sm90_backward_repeatable_and_slack_block(monkeypatch):
+    _force_sm90(monkeypatch, True)
+    whole, _ = _sm90_block()
     # A key block much larger than the windows need: most key tiles see no query
     # (the dK/dV kernel's empty case must still write zeros over the poison).
     slack = whole.replace(q_origin=(30, 0), q_extent=(6, 30), kv_origin=(0, 0), kv_extent=(40, 30))
