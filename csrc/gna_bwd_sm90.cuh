@@ -12,7 +12,7 @@
 // from JAX (gna_problem.h). The dK/dV producer warp also stages each query tile's
 // lse and delta in shared memory (ordinary loads, one mbarrier arrival per lane).
 //
-// Not yet run on a GPU: off unless JAX_GNA_SM90_BWD=1 (gna_sm90.cu).
+// On by default; JAX_GNA_SM90_BWD=0 turns it off (gna_sm90.cu).
 #pragma once
 #include "gna_fwd_sm90.cuh"
 

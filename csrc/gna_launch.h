@@ -21,8 +21,8 @@ cudaError_t launch_backward(DType t, const Params& p, cudaStream_t stream);
 // a compute-capability-9.0 device, JAX_GNA_SM90 not "0"); otherwise does nothing,
 // or, with JAX_GNA_SM90=force, returns cudaErrorNotSupported.
 cudaError_t launch_forward_sm90(DType t, const Params& p, cudaStream_t stream, bool& used);
-// Hopper backward (dQ and dK/dV kernels), same eligibility; runs only with
-// JAX_GNA_SM90_BWD=1 ("force": fail where it does not apply) until checked on a GPU.
+// Hopper backward (dQ and dK/dV kernels), same eligibility; JAX_GNA_SM90_BWD=0 keeps
+// the backward on the sm80 kernels, "force" makes a call it cannot take fail.
 cudaError_t launch_backward_sm90(DType t, const Params& p, cudaStream_t stream, bool& used);
 
 // Largest dynamic shared memory (bytes) any kernel of a call with these head dims

@@ -1,4 +1,4 @@
-// Host side of the Hopper kernels (forward; backward opt-in): eligibility, tile
+// Host side of the Hopper kernels (forward and backward): eligibility, tile
 // shapes (gna_plan.h), TMA descriptors, launch. The kernels are compiled for every target but have a body only for sm_90a
 // (gna_sm90.cuh); a problem takes this path only on a compute-capability-9.0 device
 // whose kernel image is sm_90 code, otherwise the sm80 kernels run.
@@ -185,14 +185,15 @@ cudaError_t try_backward_sm90(DType dt, const Params& p, cudaStream_t stream, bo
   return p.D == 64 ? bwd_sm90<__nv_bfloat16, 64>(dt, p, stream, used) : bwd_sm90<__nv_bfloat16, 128>(dt, p, stream, used);
 }
 
-// JAX_GNA_SM90_BWD: the Hopper backward is new and not yet checked on a GPU, so it
-// runs only when asked: "1" (where it applies) or "force" (fail where it does not).
+// JAX_GNA_SM90_BWD: "0" keeps the backward on the sm80 kernels (the forward may still
+// take the Hopper path); "force" makes a backward call the Hopper kernels cannot take
+// fail. JAX_GNA_SM90=0 turns both off.
 Mode bwd_mode_from_env() {
+  if (mode_from_env() == Mode::kOff) return Mode::kOff;
   const char* e = std::getenv("JAX_GNA_SM90_BWD");
-  if (!e || mode_from_env() == Mode::kOff) return Mode::kOff;
-  if (std::strcmp(e, "1") == 0) return Mode::kAuto;
-  if (std::strcmp(e, "force") == 0) return Mode::kForce;
-  return Mode::kOff;
+  if (e && std::strcmp(e, "0") == 0) return Mode::kOff;
+  if (e && std::strcmp(e, "force") == 0) return Mode::kForce;
+  return Mode::kAuto;
 }
 
 }  // namespace

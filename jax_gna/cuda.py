@@ -137,9 +137,9 @@ def kernel_path(problem: Problem, query_shape, value_shape, dtype) -> str:
     The forward runs the Hopper kernel (``csrc/gna_fwd_sm90.cuh``: TMA + wgmma) on
     compute capability 9.0 GPUs for fp16/bf16, head dims ``D == D_v`` in {64, 128},
     no dilation and blocks large enough for 128-token tiles, unless the environment
-    has ``JAX_GNA_SM90=0``; everything else runs the sm80 kernels. The backward runs
-    the sm80 kernels (the Hopper backward is opt-in, ``JAX_GNA_SM90_BWD=1``, until
-    it has been checked on a GPU). Mirrors the checks of ``csrc/gna_sm90.cu``.
+    has ``JAX_GNA_SM90=0``; everything else runs the sm80 kernels. The backward takes
+    the Hopper kernels (``csrc/gna_bwd_sm90.cuh``) on the same problems, unless
+    ``JAX_GNA_SM90_BWD=0``. Mirrors the checks of ``csrc/gna_sm90.cu``.
     """
     import os
     dt = np.dtype(dtype)
@@ -161,8 +161,10 @@ def kernel_path(problem: Problem, query_shape, value_shape, dtype) -> str:
         why.append("JAX_GNA_SM90=0")
     if why:
         return "forward and backward: sm80 kernels (Hopper forward not applicable: " + ", ".join(why) + ")"
-    return ("forward: Hopper kernel (TMA + wgmma) on compute capability 9.0 GPUs, sm80 kernels "
-            "elsewhere; backward: sm80 kernels")
+    where = "on compute capability 9.0 GPUs, sm80 kernels elsewhere"
+    if os.environ.get("JAX_GNA_SM90_BWD") == "0":
+        return f"forward: Hopper kernel (TMA + wgmma) {where}; backward: sm80 kernels (JAX_GNA_SM90_BWD=0)"
+    return f"forward and backward: Hopper kernels (TMA + wgmma) {where}"
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # Everything one lent-GPU session needs, in one call (see README, "GPU check"):
 #   build   build the CUDA library (scripts/gpu_check.sh, no tests, no quick bench)
+#   module  instead of build, with jax_gna/libjax_gna_cuda.so built here beforehand (see
+#           scripts/build_cuda_lib.sh) and carried: compile only the small pybind11 module
+#           against it (seconds instead of minutes of device time)
+#   debugbwd scripts/debug_sm90_bwd.py: the Hopper backward against the sm80 one, per gradient
 #   smoke90 one Hopper-path forward check (stops the session if it fails or hangs)
 #   tests   pytest -m gpu (tests/test_cuda_gpu.py and every other gpu-marked test)
 #   check   `python -m jax_gna check` with backend auto (platform_dependent) and cuda
 #   example the Flax digits example with the cuda backend (throughput)
 #   bench   the benchmark suite, presets $BENCH_PRESETS (default small,paper)
 #   quickbwd backward and fwd+bwd, bf16, the same three problems: the Hopper backward
-#           (JAX_GNA_SM90_BWD=1) against the sm80 backward and cuDNN dense
+#           (default) against the sm80 backward (JAX_GNA_SM90_BWD=0) and cuDNN dense
 #   quick   forward only, bf16: the three block-sparse paper problems with cuda
 #           (Hopper path where it applies), cuda with JAX_GNA_SM90=0 (sm80 kernels)
 #           and cuDNN dense, side by side
-# TESTS_K: a pytest -k filter for the tests stage; QUICK_MODES: JAX_GNA_SM90 values for quick.
+# TESTS_K: a pytest -k filter for the tests stage (TESTS_LIMIT seconds, default 300; TESTS_JOBS
+# processes, default 4); QUICK_MODES: JAX_GNA_SM90 values for quick.
 # usage: OUT=... bash scripts/device_session.sh build check example bench
 # Results land in $OUT: summary.txt, results/ (bench JSON/markdown/PNG), logs.tar.gz.
 set -uo pipefail
@@ -34,10 +39,18 @@ for stage in "$@"; do
   case $stage in
     build) step build 240 env OUT="$LOGS/gpu_check" GPU_CHECK_BENCH=0 GPU_CHECK_TESTS=none \
              bash scripts/gpu_check.sh || break ;;
+    module) export LD_LIBRARY_PATH=$(dirname "$(dirname "$(command -v nvcc)")")/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+            step module 90 bash -c 'set -e; test -f jax_gna/libjax_gna_cuda.so
+              c++ -O2 -shared -fPIC -std=c++17 $(python3 -m pybind11 --includes) -Icsrc \
+                -isystem "$(python3 -c "import jax.ffi; print(jax.ffi.include_dir())")" csrc/python_module.cc \
+                -Ljax_gna -ljax_gna_cuda -Wl,-rpath,\$ORIGIN \
+                -o jax_gna/_gna_ffi$(python3 -c "import sysconfig; print(sysconfig.get_config_var(\"EXT_SUFFIX\"))")
+              python3 -c "from jax_gna import cuda; print(\"cuda available:\", cuda.available(), cuda.unavailable_reason())"' || break ;;
+    debugbwd) step debugbwd 150 python3 scripts/debug_sm90_bwd.py ;;
     smoke90) step smoke90 120 env JAX_GNA_SM90=force XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q \
                -x -rfE -p no:cacheprovider tests/test_cuda_gpu.py -k "sm90 and not sm90_bwd and not backward" || break ;;
-    tests) step tests 300 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -m gpu -q \
-             -rfE -p no:cacheprovider -n 4 ${TESTS_K:+-k "$TESTS_K"} tests ;;
+    tests) step tests "${TESTS_LIMIT:-300}" env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -m gpu -q \
+             -rfE -p no:cacheprovider -n "${TESTS_JOBS:-4}" ${TESTS_K:+-k "$TESTS_K"} tests ;;
     check) step check_auto 90 python3 -m jax_gna check
            step check_cuda_bf16 90 python3 -m jax_gna check --backend cuda --dtype bfloat16 ;;
     example) step example 120 python3 examples/digits_vit.py --backend cuda ;;

@@ -261,9 +261,14 @@ def test_export_for_cuda():
 def test_kernel_path_mirrors_the_hopper_eligibility(monkeypatch):
     """cuda.kernel_path (used by explain) states which kernels run, as csrc/gna_sm90.cu decides."""
     monkeypatch.delenv("JAX_GNA_SM90", raising=False)
+    monkeypatch.delenv("JAX_GNA_SM90_BWD", raising=False)
     p2 = _problem((64, 64), (13, 13), (1, 1), (1, 1), (False, False))
     hopper = cuda.kernel_path(p2, (1, 64, 64, 4, 128), (1, 64, 64, 4, 128), jnp.bfloat16)
-    assert hopper.startswith("forward: Hopper kernel")
+    assert hopper.startswith("forward and backward: Hopper kernels")
+    monkeypatch.setenv("JAX_GNA_SM90_BWD", "0")
+    text = cuda.kernel_path(p2, (1, 64, 64, 4, 128), (1, 64, 64, 4, 128), jnp.bfloat16)
+    assert text.startswith("forward: Hopper kernel") and "backward: sm80 kernels" in text, text
+    monkeypatch.delenv("JAX_GNA_SM90_BWD")
     cases = [
         (p2, (1, 64, 64, 4, 128), (1, 64, 64, 4, 128), jnp.float32, "dtype float32"),
         (p2, (1, 64, 64, 4, 32), (1, 64, 64, 4, 32), jnp.float16, "head dims 32/32"),
@@ -278,8 +283,8 @@ def test_kernel_path_mirrors_the_hopper_eligibility(monkeypatch):
         assert text.startswith("forward and backward: sm80 kernels") and why in text, text
     # 8 x 10 fits an 8 x 16 tile; 1-D with 100 tokens one 128-token tile.
     p8 = _problem((8, 10), (3, 3), (1, 1), (1, 1), (False, False))
-    assert cuda.kernel_path(p8, (1, 8, 10, 4, 64), (1, 8, 10, 4, 64), jnp.float16).startswith("forward: Hopper")
+    assert cuda.kernel_path(p8, (1, 8, 10, 4, 64), (1, 8, 10, 4, 64), jnp.float16).startswith("forward and backward: Hopper")
     p1 = _problem((100,), (7,), (1,), (1,), (False,))
-    assert cuda.kernel_path(p1, (1, 100, 2, 64), (1, 100, 2, 64), jnp.float16).startswith("forward: Hopper")
+    assert cuda.kernel_path(p1, (1, 100, 2, 64), (1, 100, 2, 64), jnp.float16).startswith("forward and backward: Hopper")
     monkeypatch.setenv("JAX_GNA_SM90", "0")
     assert "JAX_GNA_SM90=0" in cuda.kernel_path(p2, (1, 64, 64, 4, 128), (1, 64, 64, 4, 128), jnp.bfloat16)

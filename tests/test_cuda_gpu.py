@@ -273,8 +273,9 @@ def test_large_tensor_64bit_offsets():
 
 
 # ---------------------------------------------------------------------------
-# Hopper path (sm_90a TMA + wgmma forward). JAX_GNA_SM90=force makes a forward call
-# fail unless the Hopper kernel ran it, so these cases prove which kernel they check.
+# Hopper path (sm_90a TMA + wgmma). JAX_GNA_SM90=force makes a forward call fail
+# unless the Hopper kernel ran it, JAX_GNA_SM90_BWD=force the same for the backward,
+# so these cases prove which kernels they check.
 # ---------------------------------------------------------------------------
 
 def _is_sm90() -> bool:
@@ -300,10 +301,10 @@ SM90_CASES = [
 
 
 def _force_sm90(monkeypatch, backward: bool) -> None:
-    """Forward on the Hopper kernel (fail otherwise); the backward too if asked."""
+    """Forward on the Hopper kernel (fail otherwise); the backward on the Hopper
+    kernels too (fail otherwise) or on the sm80 kernels."""
     monkeypatch.setenv("JAX_GNA_SM90", "force")
-    if backward:
-        monkeypatch.setenv("JAX_GNA_SM90_BWD", "force")  # opt-in until checked on a GPU
+    monkeypatch.setenv("JAX_GNA_SM90_BWD", "force" if backward else "0")
 
 
 def _sm90_block():
