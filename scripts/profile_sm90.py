@@ -1,0 +1,35 @@
+"""One forward+backward of the cuda backend on one problem, for Nsight Compute.
+
+    ncu --kernel-name regex:sm90 --launch-count 3 --section SpeedOfLight ... \
+        python3 scripts/profile_sm90.py 256x256 80x80 16x16 24
+
+profiles the Hopper forward, dQ and dK/dV kernels (bf16, batch 1, head dim 128).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+import jax.numpy as jnp
+
+import jax_gna
+
+
+def main(shape: str, window: str, stride: str, heads: str) -> None:
+    dims = tuple(int(x) for x in shape.split("x"))
+    n = len(dims)
+    per = lambda s: tuple(int(x) for x in s.split("x")) if "x" in s else (int(s),) * n  # noqa: E731
+    key = jax.random.split(jax.random.PRNGKey(0), 3)
+    q, k, v = (jax.random.normal(kk, (1, *dims, int(heads), 128), jnp.bfloat16) for kk in key)
+
+    def loss(q, k, v):
+        out = jax_gna.neighborhood_attention(q, k, v, per(window), per(stride), backend="cuda")
+        return jnp.sum(out.astype(jnp.float32))
+
+    g = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    jax.block_until_ready(g(q, k, v))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
