@@ -1,5 +1,5 @@
 // Hopper forward kernel (sm_90a): O and LSE with TMA loads, an mbarrier pipeline and
-// wgmma, for fp16/bf16, head dim D = D_v in {64, 128}, no dilation.
+// wgmma, for fp16/bf16, head dim D = D_v in {64, 128, 256}, no dilation.
 //
 // One CTA (3 warpgroups) per (query tile, head, batch):
 //   warpgroup 0   producer: one thread issues the TMA loads (Q once, then K and V
@@ -7,8 +7,9 @@
 //   warpgroups 1,2 consumers: each owns 64 of the tile's 128 queries, computes
 //                 S = Q K^T with wgmma from shared memory, the online softmax in
 //                 registers, and O += P V with P from registers.
-// Query and key tiles are boxes of 128 tokens (power-of-two extents per axis,
-// chosen on the host) read straight from the [B, *spatial, H, D] tensors by
+// Query tiles are boxes of 128 tokens, key tiles of KT = 128 tokens (64 at D = 256,
+// where the 64 x 256 O accumulator takes half the registers); power-of-two extents
+// per axis, chosen on the host, read straight from the [B, *spatial, H, D] tensors by
 // 5-D TMA boxes (head dim, x, y, t, batch): no token permutation. Boxes that
 // reach past the block are zero-filled by TMA; the output tile goes back through
 // shared memory and a TMA store, which drops rows outside the block.
@@ -27,17 +28,24 @@
 namespace gna {
 namespace sm90 {
 
-constexpr int kTileTokens = 128;  // queries and keys per tile
+constexpr int kTileTokens = 128;  // queries per tile (and keys, except at D = 256)
 constexpr int kThreads = 384;
+
+// Keys per forward key tile at head dim D.
+template <int D>
+constexpr int fwd_key_tokens() { return D > 128 ? 64 : 128; }
 
 template <int D, int STAGES>
 struct FwdLayout {
-  static constexpr int kTileBytes = kTileTokens * D * 2;  // one Q, K or V tile (16-bit)
-  static constexpr int kHalfBytes = kTileTokens * 128;    // 64 columns of a tile
+  static constexpr int KT = fwd_key_tokens<D>();
+  static constexpr int kQBytes = kTileTokens * D * 2;  // the Q tile (16-bit), later O
+  static constexpr int kKVBytes = KT * D * 2;          // one K or V tile
+  static constexpr int kQHalf = kTileTokens * 128;     // 64 columns of the Q tile
+  static constexpr int kKVHalf = KT * 128;             // 64 columns of a K or V tile
   static constexpr int kQ = 0;
-  static constexpr int kK = kTileBytes;
-  static constexpr int kV = kK + STAGES * kTileBytes;
-  static constexpr int kBars = kV + STAGES * kTileBytes;  // qfull, kfull[S], vfull[S], empty[S]
+  static constexpr int kK = kQBytes;
+  static constexpr int kV = kK + STAGES * kKVBytes;
+  static constexpr int kBars = kV + STAGES * kKVBytes;  // qfull, kfull[S], vfull[S], empty[S]
   static constexpr size_t smem_bytes() { return kBars + 8 * (1 + 3 * STAGES) + 1024; }
 };
 
@@ -134,6 +142,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if defined(GNA_SM90_ENABLED)
   using L = FwdLayout<D, STAGES>;
   constexpr int HALVES = D / 64;
+  constexpr int KT = L::KT;      // keys per key tile
+  constexpr int NS = KT / 2;     // S accumulators per thread (64 rows x KT per warpgroup)
+  constexpr int NB = KT / 8;     // 8-column blocks of S
+  constexpr int NK = KT / 16;    // k16 slices of P
+  // O: 64 rows x D per warpgroup as NG column groups of OW accumulators per thread
+  // (one wgmma of N = D, or 128-column groups at D = 256).
+  constexpr int NG = D > 128 ? D / 128 : 1;
+  constexpr int OW = D / 2 / NG;
   extern __shared__ unsigned char smem_raw[];
   const uint32_t sbase = (saddr(smem_raw) + 1023) & ~1023u;
   unsigned char* gbase = smem_raw + (sbase - saddr(smem_raw));
@@ -165,25 +181,25 @@ __global__ void __launch_bounds__(kThreads, 1)
     tma_prefetch_desc(&tq);
     tma_prefetch_desc(&tk);
     tma_prefetch_desc(&tv);
-    mbar_expect_tx(bar_q, L::kTileBytes);
+    mbar_expect_tx(bar_q, L::kQBytes);
 #pragma unroll
     for (int c = 0; c < HALVES; ++c)
-      tma_load_5d(sQ + c * L::kHalfBytes, &tq, bar_q, h * D + 64 * c, tile.qs[2] - p.ax[2].q0,
+      tma_load_5d(sQ + c * L::kQHalf, &tq, bar_q, h * D + 64 * c, tile.qs[2] - p.ax[2].q0,
                   tile.qs[1] - p.ax[1].q0, tile.qs[0] - p.ax[0].q0, b);
     for (int it = 0; it < tile.ntiles; ++it) {
       const int s = it % STAGES;
       if (it >= STAGES) mbar_wait(bar_e(s), ((it / STAGES) & 1) ^ 1);
       int ks[3];
       tile.key_tile(p, it, ks);
-      mbar_expect_tx(bar_k(s), L::kTileBytes);
+      mbar_expect_tx(bar_k(s), L::kKVBytes);
 #pragma unroll
       for (int c = 0; c < HALVES; ++c)
-        tma_load_5d(sK + s * L::kTileBytes + c * L::kHalfBytes, &tk, bar_k(s), hk * D + 64 * c, ks[2], ks[1],
+        tma_load_5d(sK + s * L::kKVBytes + c * L::kKVHalf, &tk, bar_k(s), hk * D + 64 * c, ks[2], ks[1],
                     ks[0], b);
-      mbar_expect_tx(bar_v(s), L::kTileBytes);
+      mbar_expect_tx(bar_v(s), L::kKVBytes);
 #pragma unroll
       for (int c = 0; c < HALVES; ++c)
-        tma_load_5d(sV + s * L::kTileBytes + c * L::kHalfBytes, &tv, bar_v(s), hk * D + 64 * c, ks[2], ks[1],
+        tma_load_5d(sV + s * L::kKVBytes + c * L::kKVHalf, &tv, bar_v(s), hk * D + 64 * c, ks[2], ks[1],
                     ks[0], b);
     }
     return;
@@ -219,39 +235,48 @@ __global__ void __launch_bounds__(kThreads, 1)
     rtok[r] = tok;
   }
 
-  constexpr int NO = D / 2;  // O accumulators per thread (64 rows x D per warpgroup)
-  float o_acc[NO];
+  float o_acc[NG][OW];
 #pragma unroll
-  for (int i = 0; i < NO; ++i) o_acc[i] = 0.f;
+  for (int g = 0; g < NG; ++g)
+#pragma unroll
+    for (int i = 0; i < OW; ++i) o_acc[g][i] = 0.f;
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
   const float sl2 = p.scale_log2;
+  // With a positive scale, the row maximum of the raw scores is the maximum of the
+  // scaled ones, so the scale folds into the exponent's FFMA (no multiply per score);
+  // otherwise (scale <= 0) the scores are scaled first, as the mask path always does.
+  const bool fold = sl2 > 0.f;
+  const float pre = fold ? 1.f : sl2, post = fold ? sl2 : 1.f;
 
-  // S = Q K^T for key tile `it` (64 x 128 per warpgroup), issued asynchronously.
-  auto issue_s = [&](int it, float(&sc)[64]) {
+  // S = Q K^T for key tile `it` (64 x KT per warpgroup), issued asynchronously.
+  auto issue_s = [&](int it, float(&sc)[NS]) {
     const int s = it % STAGES;
     mbar_wait(bar_k(s), (it / STAGES) & 1);
     wg_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      const uint32_t off = (kk / 4) * L::kHalfBytes + (kk % 4) * 32;
-      Wgmma<T>::ss(sc, desc_sw128(sQ + cw * 64 * 128 + off, 16, 1024),
-                   desc_sw128(sK + s * L::kTileBytes + off, 16, 1024), kk > 0);
+      Wgmma<T>::ss(sc, desc_sw128(sQ + cw * 64 * 128 + (kk / 4) * L::kQHalf + (kk % 4) * 32, 16, 1024),
+                   desc_sw128(sK + s * L::kKVBytes + (kk / 4) * L::kKVHalf + (kk % 4) * 32, 16, 1024), kk > 0);
     }
     wg_commit();
   };
-  // O += P V for key tile `it`, issued asynchronously.
-  auto issue_pv = [&](int it, const uint32_t(&pa)[8][4]) {
+  // O += P V for key tile `it`, issued asynchronously (column group g of O reads
+  // V's 64-column halves 2g, 2g+1).
+  auto issue_pv = [&](int it, const uint32_t(&pa)[NK][4]) {
     const int s = it % STAGES;
     mbar_wait(bar_v(s), (it / STAGES) & 1);
     wg_fence();
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
-      Wgmma<T>::rs(o_acc, pa[j], desc_sw128(sV + s * L::kTileBytes + j * 16 * 128, L::kHalfBytes, 1024));
+    for (int j = 0; j < NK; ++j)
+#pragma unroll
+      for (int g = 0; g < NG; ++g)
+        Wgmma<T>::rs(o_acc[g], pa[j],
+                     desc_sw128(sV + s * L::kKVBytes + 2 * g * L::kKVHalf + j * 16 * 128, L::kKVHalf, 1024));
     wg_commit();
   };
   // Mask (partial tiles only) and online softmax of tile `it`: updates m_run, l_run,
   // turns sc into unnormalized probabilities, returns the rescale factors of O.
-  auto softmax = [&](int it, float(&sc)[64], float(&alpha)[2]) {
+  auto softmax = [&](int it, float(&sc)[NS], float(&alpha)[2]) {
     int ks[3];
     tile.key_tile(p, it, ks);
     bool full = true;
@@ -261,8 +286,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       full &= ks[a] >= tile.ilo[a] && ks[a] + p.ax[a].kt - 1 <= tile.ihi[a];
     }
     if (full) {
+      if (!fold) {
 #pragma unroll
-      for (int i = 0; i < 64; ++i) sc[i] *= sl2;
+        for (int i = 0; i < NS; ++i) sc[i] *= sl2;
+      }
     } else {
       // Per row and axis: key-tile-relative window start and width (unsigned compare).
       int rlo[2][3];
@@ -279,7 +306,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       int tcol;
       asm volatile("mov.b32 %0, %1;" : "=r"(tcol) : "r"(2 * tig));
 #pragma unroll
-      for (int i = 0; i < 16; ++i) {
+      for (int i = 0; i < NB; ++i) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int n = 8 * i + tcol + e;
@@ -290,7 +317,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                              static_cast<unsigned>(n1 - rlo[r][1]) <= rw[r][1] &&
                              static_cast<unsigned>(n2 - rlo[r][2]) <= rw[r][2];
             float& x = sc[4 * i + 2 * r + e];
-            x = vis ? x * sl2 : -INFINITY;
+            x = vis ? x * pre : -INFINITY;
           }
         }
       }
@@ -300,17 +327,17 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int r = 0; r < 2; ++r) {
       float mx = -INFINITY;
 #pragma unroll
-      for (int i = 0; i < 16; ++i) mx = fmaxf(mx, fmaxf(sc[4 * i + 2 * r], sc[4 * i + 2 * r + 1]));
+      for (int i = 0; i < NB; ++i) mx = fmaxf(mx, fmaxf(sc[4 * i + 2 * r], sc[4 * i + 2 * r + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m_run[r], mx);
+      const float m_new = fmaxf(m_run[r], mx * post);
       const float m_use = m_new == -INFINITY ? 0.f : m_new;
       alpha[r] = fast_exp2(m_run[r] - m_use);
       float sum = 0.f;
 #pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        sc[4 * i + 2 * r] = fast_exp2(sc[4 * i + 2 * r] - m_use);
-        sc[4 * i + 2 * r + 1] = fast_exp2(sc[4 * i + 2 * r + 1] - m_use);
+      for (int i = 0; i < NB; ++i) {
+        sc[4 * i + 2 * r] = fast_exp2(fmaf(sc[4 * i + 2 * r], post, -m_use));
+        sc[4 * i + 2 * r + 1] = fast_exp2(fmaf(sc[4 * i + 2 * r + 1], post, -m_use));
         sum += sc[4 * i + 2 * r] + sc[4 * i + 2 * r + 1];
       }
       l_run[r] = l_run[r] * alpha[r] + sum;
@@ -318,18 +345,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
   // P as A fragments: k16 slice j holds keys 16j..16j+15 = accumulator blocks 2j, 2j+1.
-  auto to_a = [&](const float(&sc)[64], uint32_t(&pa)[8][4]) {
+  auto to_a = [&](const float(&sc)[NS], uint32_t(&pa)[NK][4]) {
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
+    for (int j = 0; j < NK; ++j) {
       pa[j][0] = Mma<T>::cvt2(sc[8 * j + 0], sc[8 * j + 1]);
       pa[j][1] = Mma<T>::cvt2(sc[8 * j + 2], sc[8 * j + 3]);
       pa[j][2] = Mma<T>::cvt2(sc[8 * j + 4], sc[8 * j + 5]);
       pa[j][3] = Mma<T>::cvt2(sc[8 * j + 6], sc[8 * j + 7]);
     }
   };
-  auto pa_fence = [](uint32_t(&pa)[8][4]) {
+  auto pa_fence = [](uint32_t(&pa)[NK][4]) {
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
+    for (int j = 0; j < NK; ++j)
 #pragma unroll
       for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(pa[j][i])::"memory");
   };
@@ -343,8 +370,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // Pipeline: S of tile `it` is issued with P V of tile it-1, and the softmax of
   // `it` runs while that P V is in flight.
-  float sc[64], alpha[2];
-  uint32_t pa[8][4];
+  float sc[NS], alpha[2];
+  uint32_t pa[NK][4];
   const int n = tile.ntiles;
   if (cw == 1) turn_pass();  // warpgroup 0 goes first
   mbar_wait(bar_q, 0);
@@ -364,23 +391,27 @@ __global__ void __launch_bounds__(kThreads, 1)
     reg_fence(sc);
     softmax(it, sc, alpha);
     wg_wait<0>();
-    reg_fence(o_acc);
+#pragma unroll
+    for (int g = 0; g < NG; ++g) reg_fence(o_acc[g]);
     pa_fence(pa);
     release(it - 1);
 #pragma unroll
-    for (int i = 0; i < NO / 4; ++i) {
-      o_acc[4 * i] *= alpha[0];
-      o_acc[4 * i + 1] *= alpha[0];
-      o_acc[4 * i + 2] *= alpha[1];
-      o_acc[4 * i + 3] *= alpha[1];
-    }
+    for (int g = 0; g < NG; ++g)
+#pragma unroll
+      for (int i = 0; i < OW / 4; ++i) {
+        o_acc[g][4 * i] *= alpha[0];
+        o_acc[g][4 * i + 1] *= alpha[0];
+        o_acc[g][4 * i + 2] *= alpha[1];
+        o_acc[g][4 * i + 3] *= alpha[1];
+      }
     to_a(sc, pa);
   }
   turn_wait();
   issue_pv(n - 1, pa);
   if (cw == 0) turn_pass();  // warpgroup 1's last pass would have no matching wait
   wg_wait<0>();
-  reg_fence(o_acc);
+#pragma unroll
+  for (int g = 0; g < NG; ++g) reg_fence(o_acc[g]);
   release(n - 1);
 
   // Epilogue: normalize, write this warpgroup's 64 rows into the (now unused) Q tile
@@ -393,12 +424,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float inv = l > 0.f ? 1.f / l : 0.f;
     const int row = 64 * cw + 16 * warp + gid + 8 * r;
 #pragma unroll
-    for (int i = 0; i < NO / 4; ++i) {
-      const int col = 8 * i + 2 * tig, half = col / 64, cc = col % 64;
-      const uint32_t off = half * L::kHalfBytes + row * 128 + ((((cc / 8) ^ (row % 8)) * 16) | ((cc % 8) * 2));
-      *reinterpret_cast<uint32_t*>(gbase + L::kQ + off) =
-          Mma<T>::cvt2(o_acc[4 * i + 2 * r] * inv, o_acc[4 * i + 2 * r + 1] * inv);
-    }
+    for (int g = 0; g < NG; ++g)
+#pragma unroll
+      for (int i = 0; i < OW / 4; ++i) {
+        const int col = (D / NG) * g + 8 * i + 2 * tig, half = col / 64, cc = col % 64;
+        const uint32_t off = half * L::kQHalf + row * 128 + ((((cc / 8) ^ (row % 8)) * 16) | ((cc % 8) * 2));
+        *reinterpret_cast<uint32_t*>(gbase + L::kQ + off) =
+            Mma<T>::cvt2(o_acc[g][4 * i + 2 * r] * inv, o_acc[g][4 * i + 2 * r + 1] * inv);
+      }
     if (tig == 0 && rvalid[r]) {
       const float lse = l > 0.f ? m_run[r] * 0.69314718055994531f + logf(l) : -INFINITY;
       p.lse[(b * p.nq + rtok[r]) * p.H + h] = lse;
@@ -409,7 +442,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 128) {
 #pragma unroll
     for (int c = 0; c < HALVES; ++c)
-      tma_store_5d(&to, sQ + c * L::kHalfBytes, h * D + 64 * c, tile.qs[2] - p.ax[2].q0, tile.qs[1] - p.ax[1].q0,
+      tma_store_5d(&to, sQ + c * L::kQHalf, h * D + 64 * c, tile.qs[2] - p.ax[2].q0, tile.qs[1] - p.ax[1].q0,
                    tile.qs[0] - p.ax[0].q0, b);
     tma_store_commit_and_wait();
   }

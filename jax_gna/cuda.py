@@ -137,8 +137,10 @@ def kernel_path(problem: Problem, query_shape, value_shape, dtype) -> str:
     The forward runs the Hopper kernel (``csrc/gna_fwd_sm90.cuh``: TMA + wgmma) on
     compute capability 9.0 GPUs for fp16/bf16, head dims ``D == D_v`` in {64, 128},
     no dilation and blocks large enough for 128-token tiles, unless the environment
-    has ``JAX_GNA_SM90=0``; everything else runs the sm80 kernels. The backward takes
-    the Hopper kernels (``csrc/gna_bwd_sm90.cuh``) on the same problems, unless
+    has ``JAX_GNA_SM90=0``; everything else runs the sm80 kernels. (Head dim 256 has
+    a Hopper forward with 64-token key tiles that runs only under
+    ``JAX_GNA_SM90=force`` until its GPU tests have run.) The backward takes the Hopper kernels
+    (``csrc/gna_bwd_sm90.cuh``) on the same problems with head dim 64 or 128, unless
     ``JAX_GNA_SM90_BWD=0``. Mirrors the checks of ``csrc/gna_sm90.cu``.
     """
     import os
@@ -147,21 +149,25 @@ def kernel_path(problem: Problem, query_shape, value_shape, dtype) -> str:
     why = []
     if dt not in (np.dtype(np.float16), np.dtype(jnp.bfloat16)):
         why.append(f"dtype {dt.name}")
-    if d != d_v or d not in (64, 128):
+    force = os.environ.get("JAX_GNA_SM90") == "force"
+    if d != d_v or d not in ((64, 128, 256) if force else (64, 128)):
         why.append(f"head dims {d}/{d_v} (64/64 or 128/128)")
     if any(x != 1 for x in problem.dilation):
         why.append("dilation")
 
-    def tiles_fit(extent) -> bool:  # 128-token power-of-two boxes, each axis <= next pow2
-        return int(np.prod([min(1 << max(int(n) - 1, 0).bit_length(), 128) for n in extent])) >= 128
+    def tiles_fit(extent, tokens) -> bool:  # power-of-two boxes, each axis <= next pow2
+        return int(np.prod([min(1 << max(int(n) - 1, 0).bit_length(), tokens) for n in extent])) >= tokens
 
-    if not (tiles_fit(problem.q_extent) and tiles_fit(problem.kv_extent)):
+    key_tokens = 64 if d == 256 else 128
+    if not (tiles_fit(problem.q_extent, 128) and tiles_fit(problem.kv_extent, key_tokens)):
         why.append("blocks smaller than a 128-token tile")
     if os.environ.get("JAX_GNA_SM90") in ("0", "off"):
         why.append("JAX_GNA_SM90=0")
     if why:
         return "forward and backward: sm80 kernels (Hopper forward not applicable: " + ", ".join(why) + ")"
     where = "on compute capability 9.0 GPUs, sm80 kernels elsewhere"
+    if d == 256:
+        return f"forward: Hopper kernel (TMA + wgmma) {where}; backward: sm80 kernels (head dim 256)"
     if os.environ.get("JAX_GNA_SM90_BWD") == "0":
         return f"forward: Hopper kernel (TMA + wgmma) {where}; backward: sm80 kernels (JAX_GNA_SM90_BWD=0)"
     return f"forward and backward: Hopper kernels (TMA + wgmma) {where}"

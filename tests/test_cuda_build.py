@@ -74,7 +74,9 @@ def test_sm90_kernels_compile_without_spills(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     reports = re.findall(r"Compiling entry function '(\w*sm90\w*)'.*?(\d+) bytes spill stores, (\d+) bytes spill loads",
                          r.stderr, re.S)
-    assert len(reports) >= 4, r.stderr[-3000:]
+    # forward: 2 dtypes x head dims 64/128/256; backward: 2 dtypes x 64/128 x (dQ, dK/dV)
+    assert sum("fwd_sm90" in name for name, _, _ in reports) == 6, r.stderr[-3000:]
+    assert len(reports) == 14, r.stderr[-3000:]
     spilled = [name for name, st, ld in reports if int(st) or int(ld)]
     assert not spilled, f"register spills in {spilled}"
 
@@ -269,9 +271,16 @@ def test_kernel_path_mirrors_the_hopper_eligibility(monkeypatch):
     text = cuda.kernel_path(p2, (1, 64, 64, 4, 128), (1, 64, 64, 4, 128), jnp.bfloat16)
     assert text.startswith("forward: Hopper kernel") and "backward: sm80 kernels" in text, text
     monkeypatch.delenv("JAX_GNA_SM90_BWD")
+    text = cuda.kernel_path(p2, (1, 64, 64, 4, 256), (1, 64, 64, 4, 256), jnp.float16)
+    assert text.startswith("forward and backward: sm80 kernels") and "head dims 256/256" in text, text
+    monkeypatch.setenv("JAX_GNA_SM90", "force")  # the not yet GPU-tested head dim 256 forward
+    text = cuda.kernel_path(p2, (1, 64, 64, 4, 256), (1, 64, 64, 4, 256), jnp.float16)
+    assert text.startswith("forward: Hopper kernel") and "backward: sm80 kernels (head dim 256)" in text, text
+    monkeypatch.delenv("JAX_GNA_SM90")
     cases = [
         (p2, (1, 64, 64, 4, 128), (1, 64, 64, 4, 128), jnp.float32, "dtype float32"),
         (p2, (1, 64, 64, 4, 32), (1, 64, 64, 4, 32), jnp.float16, "head dims 32/32"),
+        (p2, (1, 64, 64, 4, 256), (1, 64, 64, 4, 128), jnp.float16, "head dims 256/128"),
         (p2, (1, 64, 64, 4, 128), (1, 64, 64, 4, 64), jnp.float16, "head dims 128/64"),
         (_problem((64, 64), (5, 5), (1, 1), (2, 1), (False, False)), (1, 64, 64, 4, 64),
          (1, 64, 64, 4, 64), jnp.float16, "dilation"),

@@ -328,10 +328,33 @@ def test_sm90_matches_xla(monkeypatch, backward, shape, k, s, c, dims, dtype):
 
 
 @pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
+@pytest.mark.parametrize("shape,k,s,c,dims,dtype", [
+    ((600,), 200, 1, True, (1, 2, 1, 256), jnp.float16),
+    ((20, 23), (5, 4), (2, 1), (False, True), (2, 4, 2, 256), jnp.bfloat16),
+    ((8, 16, 24), (4, 8, 8), (4, 8, 8), False, (1, 2, 1, 256), jnp.float16),
+    ((10, 12, 20), (5, 7, 9), 1, (True, False, False), (1, 2, 2, 256), jnp.bfloat16),
+])
+def test_sm90_head_dim_256(monkeypatch, shape, k, s, c, dims, dtype):
+    """Head dim 256: the Hopper forward (64-token key tiles, forced), the sm80 backward."""
+    _force_sm90(monkeypatch, False)
+    b, h, h_kv, dim = dims
+    _check(_problem(shape, k, s, 1, c, dim=dim), b, h, h_kv, dim, dim, dtype)
+
+
+@pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
 @BACKWARDS
 def test_sm90_block_origins(monkeypatch, backward):
     _force_sm90(monkeypatch, backward)
     _check(_sm90_block()[1], 2, 2, 1, 64, 64, jnp.float16)
+
+
+@pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
+@pytest.mark.parametrize("scale", [0.37, -0.2, 0.0])
+def test_sm90_scales(monkeypatch, scale):
+    """Custom scales on the Hopper kernels, negative and zero included (the forward
+    folds a positive scale into the exponent; full and masked key tiles both occur)."""
+    _force_sm90(monkeypatch, True)
+    _check(_problem((700,), 300, 1, 1, False, scale=scale, dim=64), 1, 2, 1, 64, 64, jnp.float16)
 
 
 @pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
