@@ -230,3 +230,26 @@ def test_flex_attention_mask_mod_is_the_gna_mask(case):
     n = case.tokens
     m = gna_mask_mod(case, torch)(0, 0, torch.arange(n)[:, None], torch.arange(n)[None, :])
     np.testing.assert_array_equal(m.numpy(), np.asarray(bench._neighbor_mask(case)))
+
+
+def test_hopper_report(tmp_path):
+    """benchmarks/hopper_report.py: per-problem rows, the backward's per-FLOP ratio
+    against cuDNN dense, and the target verdicts, from a small synthetic result file."""
+    from benchmarks import hopper_report
+
+    case = {"name": "flux-256x256-w80x80-s16x16", "density": 0.1}
+    rec = lambda be, ps, t, tf, sp=None: {  # noqa: E731
+        "case": case["name"], "dtype": "bfloat16", "backend": be, "pass": ps, "status": "ok",
+        "time_s": t, "tflops": tf, "speedup": sp, "pct_bound": 80.0}
+    data = {"env": {"device": "H100", "jax": "0.11.2"}, "cases": [case], "records": [
+        rec("cuda", "fwd", 9e-3, 500.0, 9.0), rec("cudnn", "fwd", 81e-3, 60.0, 1.0),
+        rec("cuda", "bwd", 36e-3, 350.0, 6.5), rec("cudnn", "bwd", 234e-3, 50.0, 1.0),
+        rec("cuda", "fwdbwd", 45e-3, 390.0, 7.0)]}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(data))
+    text = hopper_report.report(str(path))
+    row = next(line for line in text.splitlines() if line.startswith("| flux-256x256-w80x80-s16x16 | bf16"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "9.00 ms" and cells[7] == "<= 8.00 ms: missed"
+    assert cells[12] == "70%"  # 350 * 0.1 / 50: useful-FLOP rate over cuDNN's dense rate
+    assert "| flux-256x256-w80x80-s16x16 | <= 8.00 ms | 9.00 ms | missed" in text
