@@ -302,7 +302,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           rw[r][a] = static_cast<unsigned>(whi[r][a] - wlo[r][a]);
         }
       // The column's in-tile coordinates are loop invariant; an opaque copy keeps the
-      // compiler from hoisting all 96 of them into registers.
+      // compiler from hoisting all of them (3 per column: 96 at KT = 128) into registers.
       int tcol;
       asm volatile("mov.b32 %0, %1;" : "=r"(tcol) : "r"(2 * tig));
 #pragma unroll

@@ -139,9 +139,9 @@ def kernel_path(problem: Problem, query_shape, value_shape, dtype) -> str:
     no dilation and blocks large enough for 128-token tiles, unless the environment
     has ``JAX_GNA_SM90=0``; everything else runs the sm80 kernels. (Head dim 256 has
     a Hopper forward with 64-token key tiles that runs only under
-    ``JAX_GNA_SM90=force`` until its GPU tests have run.) The backward takes the Hopper kernels
-    (``csrc/gna_bwd_sm90.cuh``) on the same problems with head dim 64 or 128, unless
-    ``JAX_GNA_SM90_BWD=0``. Mirrors the checks of ``csrc/gna_sm90.cu``.
+    ``JAX_GNA_SM90=force`` until its GPU tests have run.) The backward takes the
+    Hopper kernels (``csrc/gna_bwd_sm90.cuh``) on the same problems with head dim 64
+    or 128, unless ``JAX_GNA_SM90_BWD=0``. Mirrors the checks of ``csrc/gna_sm90.cu``.
     """
     import os
     dt = np.dtype(dtype)
@@ -149,9 +149,9 @@ def kernel_path(problem: Problem, query_shape, value_shape, dtype) -> str:
     why = []
     if dt not in (np.dtype(np.float16), np.dtype(jnp.bfloat16)):
         why.append(f"dtype {dt.name}")
-    force = os.environ.get("JAX_GNA_SM90") == "force"
-    if d != d_v or d not in ((64, 128, 256) if force else (64, 128)):
-        why.append(f"head dims {d}/{d_v} (64/64 or 128/128)")
+    dims = (64, 128, 256) if os.environ.get("JAX_GNA_SM90") == "force" else (64, 128)
+    if d != d_v or d not in dims:
+        why.append(f"head dims {d}/{d_v} ({' or '.join(f'{x}/{x}' for x in dims)})")
     if any(x != 1 for x in problem.dilation):
         why.append("dilation")
 
