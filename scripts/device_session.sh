@@ -18,7 +18,9 @@
 # TESTS_K: a pytest -k filter for the tests stage (TESTS_LIMIT seconds, default 300; TESTS_JOBS
 # processes, default 4); QUICK_MODES: JAX_GNA_SM90 values for quick.
 # usage: OUT=... bash scripts/device_session.sh build check example bench
-# Results land in $OUT: summary.txt, results/ (bench JSON/markdown/PNG), logs.tar.gz.
+# Results land in $OUT: summary.txt, results/ (bench JSON/markdown/PNG), logs.tar.gz (every
+# stage's full log, tests.log with one line per test). The device tool brings back at most
+# 8 files: keep other outputs of a call out of $OUT or inside a tarball.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device_out}
@@ -49,8 +51,11 @@ for stage in "$@"; do
     debugbwd) step debugbwd 150 python3 scripts/debug_sm90_bwd.py ;;
     smoke90) step smoke90 120 env JAX_GNA_SM90=force XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q \
                -x -rfE -p no:cacheprovider tests/test_cuda_gpu.py -k "sm90 and not sm90_bwd and not backward" || break ;;
-    tests) step tests "${TESTS_LIMIT:-300}" env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -m gpu -q \
-             -rfE -p no:cacheprovider -n "${TESTS_JOBS:-4}" ${TESTS_K:+-k "$TESTS_K"} tests ;;
+    tests) TAIL=6 step tests "${TESTS_LIMIT:-300}" env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -m gpu \
+             -v -rfE -p no:cacheprovider -n "${TESTS_JOBS:-4}" ${TESTS_K:+-k "$TESTS_K"} tests
+           # Per-test outcomes (also when the time limit cut the run short).
+           { echo "tests: $(grep -c ' PASSED ' "$LOGS/tests.log") passed, $(grep -cE ' (FAILED|ERROR) ' "$LOGS/tests.log") failed"
+             grep -E ' (FAILED|ERROR) ' "$LOGS/tests.log" | head -40; } | tee -a "$OUT/summary.txt" ;;
     check) step check_auto 90 python3 -m jax_gna check
            step check_cuda_bf16 90 python3 -m jax_gna check --backend cuda --dtype bfloat16 ;;
     example) step example 120 python3 examples/digits_vit.py --backend cuda ;;
