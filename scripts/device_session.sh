@@ -5,6 +5,8 @@
 #           scripts/build_cuda_lib.sh) and carried: compile only the small pybind11 module
 #           against it (seconds instead of minutes of device time)
 #   debugbwd scripts/debug_sm90_bwd.py: the Hopper backward against the sm80 one, per gradient
+#   profile Nsight Compute on one kernel (PROFILE_KERNEL regex, PROFILE_PROBLEM for
+#           scripts/profile_sm90.py): details and per-instruction SASS counters into the logs
 #   smoke90 one Hopper-path forward check (stops the session if it fails or hangs)
 #   tests   pytest -m gpu (tests/test_cuda_gpu.py and every other gpu-marked test)
 #   check   `python -m jax_gna check` with backend auto (platform_dependent) and cuda
@@ -49,6 +51,15 @@ for stage in "$@"; do
                 -o jax_gna/_gna_ffi$(python3 -c "import sysconfig; print(sysconfig.get_config_var(\"EXT_SUFFIX\"))")
               python3 -c "from jax_gna import cuda; print(\"cuda available:\", cuda.available(), cuda.unavailable_reason())"' || break ;;
     debugbwd) step debugbwd 150 python3 scripts/debug_sm90_bwd.py ;;
+    profile) # Nsight Compute, full set, one launch of $PROFILE_KERNEL (default the Hopper forward)
+             # on $PROFILE_PROBLEM; details and per-SASS-instruction counters (stall samples)
+             # go into logs.tar.gz. Written 2026-11-23, not yet run.
+             step profile "${PROFILE_LIMIT:-240}" bash -c 'set -e
+               ncu --set full --import-source no -k "regex:${PROFILE_KERNEL:-fwd_sm90}" -c 1 -f -o "$0/prof" \
+                 python3 scripts/profile_sm90.py ${PROFILE_PROBLEM:-256x256 80x80 16x16 24}
+               ncu -i "$0/prof.ncu-rep" --page details --print-details all > "$0/prof_details.txt"
+               ncu -i "$0/prof.ncu-rep" --page source --csv --print-source sass > "$0/prof_sass.csv"
+               rm -f "$0/prof.ncu-rep"; grep -iE "stall|tensor|issue" "$0/prof_details.txt" | head -40' "$LOGS" ;;
     smoke90) step smoke90 120 env JAX_GNA_SM90=force XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q \
                -x -rfE -p no:cacheprovider tests/test_cuda_gpu.py -k "sm90 and not sm90_bwd and not backward" || break ;;
     tests) TAIL=6 step tests "${TESTS_LIMIT:-300}" env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -m gpu \
