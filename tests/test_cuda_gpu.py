@@ -123,8 +123,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("kernels", ["default", "sm80"])
 @pytest.mark.parametrize("shape,k,s,d,c,dims,dtype", CASES)
-def test_matches_xla(shape, k, s, d, c, dims, dtype):
+def test_matches_xla(monkeypatch, kernels, shape, k, s, d, c, dims, dtype):
+    """Every case on the kernels the GPU picks, and on the sm80 kernels alone (what an
+    sm80 GPU runs: on a Hopper GPU JAX_GNA_SM90=0 turns the Hopper path off)."""
+    if kernels == "sm80":
+        monkeypatch.setenv("JAX_GNA_SM90", "0")
     b, h, h_kv, dim, d_v = dims
     _check(_problem(shape, k, s, d, c, dim=dim), b, h, h_kv, dim, d_v, dtype)
 
