@@ -93,6 +93,21 @@ inline Plan choose_tiles(const Params& p, int q_tokens = kPlanTileTokens, int kv
   return best;
 }
 
+// Puts a plan's tile shapes into the problem; returns the number of query tiles
+// (query_outer) or key tiles of the blocks.
+inline int64_t apply_plan(Params& p, const Plan& plan, bool query_outer) {
+  int64_t n = 1;
+  for (int a = 0; a < 3; ++a) {
+    Axis& x = p.ax[a];
+    x.qt = plan.qt[a];
+    x.nqt = (x.qn + x.qt - 1) / x.qt;
+    x.kt = plan.kt[a];
+    x.nkt = (x.kvn + x.kt - 1) / x.kt;
+    n *= query_outer ? x.nqt : x.nkt;
+  }
+  return n;
+}
+
 // Plans are cached by the axis geometry (the search is cheap but runs per call).
 inline Plan cached_plan(const Params& p, int q_tokens = kPlanTileTokens, int kv_tokens = kPlanTileTokens) {
   static std::mutex mu;

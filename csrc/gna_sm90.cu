@@ -24,20 +24,6 @@ using sm90::FwdLayout;
 template <typename T, int D>
 constexpr int stages_of() { return D == 64 ? 4 : D == 128 ? 3 : 2; }
 
-// Puts a plan's tile shapes into the problem; returns the number of query tiles
-// (query_outer) or key tiles of the blocks.
-int64_t apply_plan(Params& p, const Plan& plan, bool query_outer) {
-  int64_t n = 1;
-  for (int a = 0; a < 3; ++a) {
-    Axis& x = p.ax[a];
-    x.qt = plan.qt[a];
-    x.nqt = (x.qn + x.qt - 1) / x.qt;
-    x.kt = plan.kt[a];
-    x.nkt = (x.kvn + x.kt - 1) / x.kt;
-    n *= query_outer ? x.nqt : x.nkt;
-  }
-  return n;
-}
 
 template <typename Kern>
 cudaError_t set_smem(Kern kern, size_t smem) {

@@ -40,16 +40,6 @@ static bool sees(const Axis& x, int q, int k) {
   return lo <= k && k <= hi;
 }
 
-static void apply(Params& p, const gna::Plan& plan) {
-  for (int a = 0; a < 3; ++a) {
-    Axis& x = p.ax[a];
-    x.qt = plan.qt[a];
-    x.nqt = (x.qn + x.qt - 1) / x.qt;
-    x.kt = plan.kt[a];
-    x.nkt = (x.kvn + x.kt - 1) / x.kt;
-  }
-}
-
 static void query_outer(const Params& p) {
   const int n = p.ax[0].nqt * p.ax[1].nqt * p.ax[2].nqt;
   for (int bid = 0; bid < n; ++bid) {
@@ -168,7 +158,7 @@ int main() {
       if (!plan.ok) continue;
       ++plans;
       Params q = p;
-      apply(q, plan);
+      gna::apply_plan(q, plan, true);  // sets both tilings; the count is not needed
       query_outer(q);
       key_outer(q);
     }
