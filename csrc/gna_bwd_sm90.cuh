@@ -77,24 +77,19 @@ __device__ __forceinline__ void acc_to_smem(const float (&acc)[D / 2], float sca
   }
 }
 
-// x = A1 B1^T and y = A2 B2^T over the head dim, both 64 x 64: A rows and B rows
-// K-major in swizzled tiles whose 64-column halves lie a_half / b_half bytes apart.
-// Issued, committed and waited for.
+// x = A B^T over the head dim, 64 x 64: A rows and B rows K-major in swizzled tiles
+// whose 64-column halves lie a_half / b_half bytes apart. Issued as one commit group.
 template <typename T, int D>
-__device__ __forceinline__ void ss_pair(float (&x)[32], float (&y)[32], uint32_t a1, uint32_t b1, uint32_t a2,
-                                        uint32_t b2, int a_half, int b_half) {
+__device__ __forceinline__ void ss_issue(float (&x)[32], uint32_t a, uint32_t b, int a_half, int b_half) {
 #if defined(GNA_SM90_ENABLED)
   wg_fence();
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     const uint32_t ao = (kk / 4) * a_half + (kk % 4) * 32, bo = (kk / 4) * b_half + (kk % 4) * 32;
-    Wgmma<T>::ss(x, desc_sw128(a1 + ao, 16, 1024), desc_sw128(b1 + bo, 16, 1024), kk > 0);
-    Wgmma<T>::ss(y, desc_sw128(a2 + ao, 16, 1024), desc_sw128(b2 + bo, 16, 1024), kk > 0);
+    if (kk == 0) Wgmma<T>::ss_first(x, desc_sw128(a + ao, 16, 1024), desc_sw128(b + bo, 16, 1024));
+    else Wgmma<T>::ss(x, desc_sw128(a + ao, 16, 1024), desc_sw128(b + bo, 16, 1024), 1);
   }
   wg_commit();
-  wg_wait<0>();
-  reg_fence(x);
-  reg_fence(y);
 #endif
 }
 
@@ -157,11 +152,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       tma_load_5d(sQ + c * L::kQHalf, &tq, bar_q, h * D + 64 * c, qc[2], qc[1], qc[0], b);
       tma_load_5d(sDO + c * L::kQHalf, &tdo, bar_q, h * D + 64 * c, qc[2], qc[1], qc[0], b);
     }
-    for (int it = 0; it < tile.ntiles; ++it) {
+    BoxWalk walk;
+    for (int it = 0; it < tile.ntiles; ++it, walk.next(tile.nkt)) {
       const int s = it % STAGES;
       if (it >= STAGES) mbar_wait(bar_e(s), ((it / STAGES) & 1) ^ 1);
       int ks[3];
-      tile.key_tile(p, it, ks);
+      tile.key_tile(p, walk, ks);
       mbar_expect_tx(bar_k(s), L::kKBytes);
 #pragma unroll
       for (int c = 0; c < HALVES; ++c)
@@ -206,28 +202,47 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) dq[i] = 0.f;
   const float sl2 = p.scale_log2;
-  mbar_wait(bar_q, 0);
-  for (int it = 0; it < tile.ntiles; ++it) {
-    const int s = it % STAGES;
+  const int n = tile.ntiles;  // >= 1: every query sees its own window
+  auto release = [&](int stage) {
+    __syncwarp();  // every lane is done with the stage
+    if (lane == 0) mbar_arrive(bar_e(stage));
+  };
+  float sc[32], dp[32];
+  uint32_t da[4][4];  // dS of the previous key tile as A fragments
+  // Key tile `it` (`first`: it = 0). dQ += dS K of the previous tile is issued with
+  // S = Q K^T of this one; dP = dO V^T runs under the exponentials of P. No matrix work
+  // is in flight across iterations (ptxas serializes wgmma otherwise).
+  BoxWalk walk;
+  auto step = [&](int it, bool first) {
+    const int s = it % STAGES, sp = (it + STAGES - 1) % STAGES;
     const uint32_t phase = (it / STAGES) & 1;
-    float sc[32], dp[32];
     mbar_wait(bar_k(s), phase);
-    mbar_wait(bar_v(s), phase);
-    ss_pair<T, D>(sc, dp, sQ + cw * 64 * 128, sK + s * L::kKBytes, sDO + cw * 64 * 128, sV + s * L::kKBytes,
-                  L::kQHalf, L::kKHalf);
-
+    wg_fence();
+    if (!first) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        Wgmma<T>::rs(dq, da[j], desc_sw128(sK + sp * L::kKBytes + j * 16 * 128, L::kKHalf, 1024));
+    }
+    ss_issue<T, D>(sc, sQ + cw * 64 * 128, sK + s * L::kKBytes, L::kQHalf, L::kKHalf);
     int ks[3];
-    tile.key_tile(p, it, ks);
+    tile.key_tile(p, walk, ks);
+    walk.next(tile.nkt);
 #pragma unroll
     for (int a = 0; a < 3; ++a) ks[a] += p.ax[a].kv0;
     const bool full = tile.full(p, ks);
-    // dS = P (dP - delta), into dp.
+    wg_wait<0>();
+    reg_fence(sc);
+    if (!first) {
+      reg_fence(dq);
+      frag_fence(da);
+      release(sp);
+    }
+    mbar_wait(bar_v(s), phase);
+    ss_issue<T, D>(dp, sDO + cw * 64 * 128, sV + s * L::kKBytes, L::kQHalf, L::kKHalf);
+    // P into sc.
     if (full) {
 #pragma unroll
-      for (int i = 0; i < 32; ++i) {
-        const int r = (i >> 1) & 1;
-        dp[i] = fast_exp2(sc[i] * sl2 - lse2[r]) * (dp[i] - dlt[r]);
-      }
+      for (int i = 0; i < 32; ++i) sc[i] = fast_exp2(sc[i] * sl2 - lse2[(i >> 1) & 1]);
     } else {
       int lo[2][3];
       unsigned w[2][3];
@@ -239,24 +254,28 @@ __global__ void __launch_bounds__(kThreads, 1)
           w[r][a] = static_cast<unsigned>(whi[r][a] - wlo[r][a]);
         }
       for_each_element<8>(lo, w, ksh2, ksh1, p.ax[1].kt - 1, p.ax[2].kt - 1, tig, [&](int i, bool vis) {
-        const int r = (i >> 1) & 1;
-        dp[i] = vis ? fast_exp2(sc[i] * sl2 - lse2[r]) * (dp[i] - dlt[r]) : 0.f;
+        sc[i] = vis ? fast_exp2(sc[i] * sl2 - lse2[(i >> 1) & 1]) : 0.f;
       });
     }
-    uint32_t da[4][4];
-    acc_to_a<T, 4>(dp, da);
-    // dQ += dS K (K read MN-major: rows are the k dimension).
-    wg_fence();
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-      Wgmma<T>::rs(dq, da[j], desc_sw128(sK + s * L::kKBytes + j * 16 * 128, L::kKHalf, 1024));
-    wg_commit();
     wg_wait<0>();
-    reg_fence(dq);
-    frag_fence(da);
-    __syncwarp();  // every lane is done with the stage (and its lse/delta)
-    if (lane == 0) mbar_arrive(bar_e(s));
-  }
+    reg_fence(dp);
+    // dS = P (dP - delta), as A fragments for dQ += dS K (K read MN-major).
+#pragma unroll
+    for (int i = 0; i < 32; ++i) dp[i] = sc[i] * (dp[i] - dlt[(i >> 1) & 1]);
+    acc_to_a<T, 4>(dp, da);
+  };
+  mbar_wait(bar_q, 0);
+  step(0, true);
+  for (int it = 1; it < n; ++it) step(it, false);
+  const int sl = (n - 1) % STAGES;
+  wg_fence();
+#pragma unroll
+  for (int j = 0; j < 4; ++j) Wgmma<T>::rs(dq, da[j], desc_sw128(sK + sl * L::kKBytes + j * 16 * 128, L::kKHalf, 1024));
+  wg_commit();
+  wg_wait<0>();
+  reg_fence(dq);
+  frag_fence(da);
+  release(sl);
 
   // dQ = scale * sum dS K: through the (now unused) Q tile and one TMA store.
   acc_to_smem<T, D>(dq, p.scale, gbase + L::kQ, 128, cw, warp, gid, tig);
@@ -307,6 +326,7 @@ GNA_HD int last_reaching(const Axis& x, int a, int b, int j) {
 struct KeyTile {
   int ks[3], ke[3];      // first / last valid key (global) per axis
   int qt0[3], nqt[3];    // first query tile and count per axis (0 counts: no queries)
+  int fa[3], fb[3];      // the queries that see every valid key of the tile: [fa, fb]
   int ntiles;
   GNA_HD KeyTile(const Params& p, int bid) {
     ntiles = 1;
@@ -319,6 +339,9 @@ struct KeyTile {
       ke[a] = (ks[a] + x.kt < x.kv0 + x.kvn ? ks[a] + x.kt : x.kv0 + x.kvn) - 1;
       const int qa = first_reaching(x, x.q0, x.q0 + x.qn - 1, ks[a]);
       const int qb = last_reaching(x, x.q0, x.q0 + x.qn - 1, ke[a]);
+      // Monotone windows: hi(q) >= ke from fa on, lo(q) <= ks up to fb.
+      fa[a] = first_reaching(x, x.q0, x.q0 + x.qn - 1, ke[a]);
+      fb[a] = last_reaching(x, x.q0, x.q0 + x.qn - 1, ks[a]);
       if (qa > qb) {
         qt0[a] = 0;
         nqt[a] = 0;
@@ -337,6 +360,11 @@ struct KeyTile {
     qs[1] = (qt0[1] + r % nqt[1]) * p.ax[1].qt;
     qs[2] = (qt0[2] + i2) * p.ax[2].qt;
   }
+  // The same for the walk's current tile.
+  GNA_HD void query_tile(const Params& p, const BoxWalk& w, int qs[3]) const {
+#pragma unroll
+    for (int a = 0; a < 3; ++a) qs[a] = (qt0[a] + w.i[a]) * p.ax[a].qt;
+  }
   // Whether every query of the query tile that starts at global `qs` (the valid ones)
   // sees every valid key of this tile: their windows all contain [ks, ke].
   GNA_HD bool full(const Params& p, const int qs[3]) const {
@@ -345,10 +373,7 @@ struct KeyTile {
     for (int a = 0; a < 3; ++a) {
       const Axis& x = p.ax[a];
       const int qe = (qs[a] + x.qt < x.q0 + x.qn ? qs[a] + x.qt : x.q0 + x.qn) - 1;
-      int lo0, hi0, lo1, hi1;
-      window(x, 0, qs[a], lo0, hi0);
-      window(x, 0, qe, lo1, hi1);
-      f &= ks[a] >= lo1 && ke[a] <= hi0;
+      f &= qs[a] >= fa[a] && qe <= fb[a];
     }
     return f;
   }
@@ -392,7 +417,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int qsh2 = __ffs(p.ax[2].qt) - 1, qsh1 = __ffs(p.ax[1].qt) - 1;
 
   if (wg == 0) {  // ---------------------------------------------------- producer
-    regs_dec<40>();
+    regs_dec<24>();
     if (threadIdx.x >= 32) return;
     const int lane = threadIdx.x;
     if (lane == 0) {
@@ -403,12 +428,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         tma_load_5d(sV + c * L::kTHalf, &tv, bar_kv, hk * D + 64 * c, kc[2], kc[1], kc[0], b);
       }
     }
-    for (int it = 0; it < nsteps; ++it) {
+    BoxWalk walk;
+    for (int it = 0; it < nsteps; ++it, walk.next(tile.nqt)) {
       const int s = it % STAGES;
       if (it >= STAGES) mbar_wait(bar_e(s), ((it / STAGES) & 1) ^ 1);
       const int h = hk * G + it / tile.ntiles;
       int qs[3];
-      tile.query_tile(p, it % tile.ntiles, qs);
+      tile.query_tile(p, walk, qs);
       if (lane == 0) {
         mbar_expect_tx(bar_q(s), 2 * L::kQBytes);
 #pragma unroll
@@ -440,7 +466,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // ------------------------------------------------------------------ consumers
-  regs_inc<232>();
+  regs_inc<240>();
   const int cw = wg - 1;
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const int gid = lane / 4, tig = lane % 4;
@@ -457,6 +483,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int j = tile.ks[a] + o[a];
       qlo[r][a] = first_reaching(x, x.q0, x.q0 + x.qn - 1, j);
       qhi[r][a] = last_reaching(x, x.q0, x.q0 + x.qn - 1, j);
+      if (qhi[r][a] < qlo[r][a]) qlo[r][a] = qhi[r][a] = 1 << 30;  // none: never inside a query tile
     }
   }
 
@@ -464,32 +491,56 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
   const float sl2 = p.scale_log2;
-  mbar_wait(bar_kv, 0);  // also before the epilogue overwrites K and V when nsteps = 0
-  for (int it = 0; it < nsteps; ++it) {
-    const int s = it % STAGES;
+  float st[32], dpt[32];  // S^T, dP^T: 64 keys (rows) x 64 queries (columns)
+  uint32_t pa[4][4], da[4][4];  // P^T and dS^T of the previous step as A fragments
+  auto release = [&](int stage) {
+    __syncwarp();  // every lane is done with the stage (and its lse/delta)
+    if (lane == 0) mbar_arrive(bar_e(stage));
+  };
+  // dV += P^T dO, dK += dS^T Q of the step in stage `s` (dO and Q read MN-major).
+  auto issue_dkv = [&](int s) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      Wgmma<T>::rs(dv, pa[j], desc_sw128(sDO + s * L::kQBytes + j * 16 * 128, L::kQHalf, 1024));
+      Wgmma<T>::rs(dk, da[j], desc_sw128(sQ + s * L::kQBytes + j * 16 * 128, L::kQHalf, 1024));
+    }
+  };
+  // Step `it` (`first`: it = 0). dV and dK of the previous step are issued with
+  // S^T = K Q^T of this one; dP^T = V dO^T runs under the exponentials of P^T. No matrix
+  // work is in flight across iterations (ptxas serializes wgmma otherwise).
+  BoxWalk walk;
+  auto step = [&](int it, bool first) {
+    const int s = it % STAGES, sp = (it + STAGES - 1) % STAGES;
     const uint32_t phase = (it / STAGES) & 1;
-    float st[32], dpt[32];  // S^T, dP^T: 64 keys (rows) x 64 queries (columns)
     mbar_wait(bar_q(s), phase);
-    ss_pair<T, D>(st, dpt, sK + cw * 64 * 128, sQ + s * L::kQBytes, sV + cw * 64 * 128, sDO + s * L::kQBytes,
-                  L::kTHalf, L::kQHalf);
-
+    wg_fence();
+    if (!first) issue_dkv(sp);
+    ss_issue<T, D>(st, sK + cw * 64 * 128, sQ + s * L::kQBytes, L::kTHalf, L::kQHalf);
     int qs[3];
-    tile.query_tile(p, it % tile.ntiles, qs);
+    tile.query_tile(p, walk, qs);
+    walk.next(tile.nqt);
 #pragma unroll
     for (int a = 0; a < 3; ++a) qs[a] += p.ax[a].q0;  // global start of the query tile
     const bool full = tile.full(p, qs);
+    wg_wait<0>();
+    reg_fence(st);
+    if (!first) {
+      reg_fence(dv);
+      reg_fence(dk);
+      frag_fence(pa);
+      frag_fence(da);
+      release(sp);
+    }
+    ss_issue<T, D>(dpt, sV + cw * 64 * 128, sDO + s * L::kQBytes, L::kTHalf, L::kQHalf);
     mbar_wait(bar_s(s), phase);
     const float* sl = stats + s * 128;
-    // P^T into st, dS^T into dpt.
-    auto body = [&](int i, bool vis) {
-      const int col = 8 * (i >> 2) + 2 * tig + (i & 1);
-      const float pt = vis ? fast_exp2(st[i] * sl2 - sl[col]) : 0.f;
-      dpt[i] = pt * (dpt[i] - sl[64 + col]);
-      st[i] = pt;
+    // P^T into st.
+    auto p_of = [&](int i, bool vis) {
+      st[i] = vis ? fast_exp2(st[i] * sl2 - sl[8 * (i >> 2) + 2 * tig + (i & 1)]) : 0.f;
     };
     if (full) {
 #pragma unroll
-      for (int i = 0; i < 32; ++i) body(i, true);
+      for (int i = 0; i < 32; ++i) p_of(i, true);
     } else {
       int lo[2][3];
       unsigned w[2][3];
@@ -498,29 +549,31 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int a = 0; a < 3; ++a) {
           lo[r][a] = qlo[r][a] - qs[a];
-          w[r][a] = static_cast<unsigned>(qhi[r][a] - qlo[r][a]);  // empty: huge, lo past the tile
-          if (qhi[r][a] < qlo[r][a]) { lo[r][a] = 1 << 20; w[r][a] = 0; }
+          w[r][a] = static_cast<unsigned>(qhi[r][a] - qlo[r][a]);
         }
-      for_each_element<8>(lo, w, qsh2, qsh1, p.ax[1].qt - 1, p.ax[2].qt - 1, tig, body);
+      for_each_element<8>(lo, w, qsh2, qsh1, p.ax[1].qt - 1, p.ax[2].qt - 1, tig, p_of);
     }
-    uint32_t pa[4][4], da[4][4];
+    wg_wait<0>();
+    reg_fence(dpt);
+    // dS^T = P^T (dP^T - delta).
+#pragma unroll
+    for (int i = 0; i < 32; ++i) dpt[i] = st[i] * (dpt[i] - sl[64 + 8 * (i >> 2) + 2 * tig + (i & 1)]);
     acc_to_a<T, 4>(st, pa);
     acc_to_a<T, 4>(dpt, da);
-    // dV += P^T dO, dK += dS^T Q (dO and Q read MN-major: rows are the k dimension).
+  };
+  mbar_wait(bar_kv, 0);  // also before the epilogue overwrites K and V when nsteps = 0
+  if (nsteps > 0) {
+    step(0, true);
+    for (int it = 1; it < nsteps; ++it) step(it, false);
     wg_fence();
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      Wgmma<T>::rs(dv, pa[j], desc_sw128(sDO + s * L::kQBytes + j * 16 * 128, L::kQHalf, 1024));
-      Wgmma<T>::rs(dk, da[j], desc_sw128(sQ + s * L::kQBytes + j * 16 * 128, L::kQHalf, 1024));
-    }
+    issue_dkv((nsteps - 1) % STAGES);
     wg_commit();
     wg_wait<0>();
     reg_fence(dv);
     reg_fence(dk);
     frag_fence(pa);
     frag_fence(da);
-    __syncwarp();  // every lane is done with the stage (and its lse/delta)
-    if (lane == 0) mbar_arrive(bar_e(s));
+    release((nsteps - 1) % STAGES);
   }
 
   // dK = scale * sum dS^T Q, dV: through the K and V tiles (each warpgroup overwrites

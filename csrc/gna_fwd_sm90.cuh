@@ -55,8 +55,14 @@ template <> struct Wgmma<__half> {
   static __device__ __forceinline__ void ss(float (&d)[64], uint64_t a, uint64_t b, int acc) {
     wgmma_ss_n128_f16(d, a, b, acc);
   }
+  static __device__ __forceinline__ void ss_first(float (&d)[64], uint64_t a, uint64_t b) {
+    wgmma_ss_n128_f16_first(d, a, b);
+  }
   static __device__ __forceinline__ void ss(float (&d)[32], uint64_t a, uint64_t b, int acc) {
     wgmma_ss_n64_f16(d, a, b, acc);
+  }
+  static __device__ __forceinline__ void ss_first(float (&d)[32], uint64_t a, uint64_t b) {
+    wgmma_ss_n64_f16_first(d, a, b);
   }
   static __device__ __forceinline__ void rs(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
     wgmma_rs_n128_f16(d, a, b);
@@ -69,8 +75,14 @@ template <> struct Wgmma<__nv_bfloat16> {
   static __device__ __forceinline__ void ss(float (&d)[64], uint64_t a, uint64_t b, int acc) {
     wgmma_ss_n128_bf16(d, a, b, acc);
   }
+  static __device__ __forceinline__ void ss_first(float (&d)[64], uint64_t a, uint64_t b) {
+    wgmma_ss_n128_bf16_first(d, a, b);
+  }
   static __device__ __forceinline__ void ss(float (&d)[32], uint64_t a, uint64_t b, int acc) {
     wgmma_ss_n64_bf16(d, a, b, acc);
+  }
+  static __device__ __forceinline__ void ss_first(float (&d)[32], uint64_t a, uint64_t b) {
+    wgmma_ss_n64_bf16_first(d, a, b);
   }
   static __device__ __forceinline__ void rs(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
     wgmma_rs_n128_bf16(d, a, b);
@@ -86,6 +98,19 @@ __device__ __forceinline__ float fast_exp2(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
+
+// Row-major walk over a box of n[0] x n[1] x n[2] tiles without divisions: the in-box
+// index per axis of the current step; next() wraps to the start after the last tile.
+struct BoxWalk {
+  int i[3] = {0, 0, 0};
+  GNA_HD void next(const int (&n)[3]) {
+    if (++i[2] < n[2]) return;
+    i[2] = 0;
+    if (++i[1] < n[1]) return;
+    i[1] = 0;
+    if (++i[0] == n[0]) i[0] = 0;
+  }
+};
 
 // Per-CTA geometry: the query tile, the key-tile box it visits, the window
 // intersection. Coordinates are global (no dilation on this path).
@@ -122,6 +147,11 @@ struct FwdTile {
     ks[0] = (kt0[0] + i0) * p.ax[0].kt;
     ks[1] = (kt0[1] + i1) * p.ax[1].kt;
     ks[2] = (kt0[2] + i2) * p.ax[2].kt;
+  }
+  // The same for the walk's current tile.
+  GNA_HD void key_tile(const Params& p, const BoxWalk& w, int ks[3]) const {
+#pragma unroll
+    for (int a = 0; a < 3; ++a) ks[a] = (kt0[a] + w.i[a]) * p.ax[a].kt;
   }
   // Whether every valid query of the tile sees every key of the key tile that starts
   // at global `ks` (then the element mask is skipped; padded key tiles never qualify).
@@ -186,11 +216,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int c = 0; c < HALVES; ++c)
       tma_load_5d(sQ + c * L::kQHalf, &tq, bar_q, h * D + 64 * c, tile.qs[2] - p.ax[2].q0,
                   tile.qs[1] - p.ax[1].q0, tile.qs[0] - p.ax[0].q0, b);
-    for (int it = 0; it < tile.ntiles; ++it) {
+    BoxWalk walk;
+    for (int it = 0; it < tile.ntiles; ++it, walk.next(tile.nkt)) {
       const int s = it % STAGES;
       if (it >= STAGES) mbar_wait(bar_e(s), ((it / STAGES) & 1) ^ 1);
       int ks[3];
-      tile.key_tile(p, it, ks);
+      tile.key_tile(p, walk, ks);
       mbar_expect_tx(bar_k(s), L::kKVBytes);
 #pragma unroll
       for (int c = 0; c < HALVES; ++c)
@@ -255,8 +286,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     wg_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      Wgmma<T>::ss(sc, desc_sw128(sQ + cw * 64 * 128 + (kk / 4) * L::kQHalf + (kk % 4) * 32, 16, 1024),
-                   desc_sw128(sK + s * L::kKVBytes + (kk / 4) * L::kKVHalf + (kk % 4) * 32, 16, 1024), kk > 0);
+      const uint64_t a = desc_sw128(sQ + cw * 64 * 128 + (kk / 4) * L::kQHalf + (kk % 4) * 32, 16, 1024);
+      const uint64_t b = desc_sw128(sK + s * L::kKVBytes + (kk / 4) * L::kKVHalf + (kk % 4) * 32, 16, 1024);
+      if (kk == 0) Wgmma<T>::ss_first(sc, a, b);
+      else Wgmma<T>::ss(sc, a, b, 1);
     }
     wg_commit();
   };
@@ -274,17 +307,24 @@ __global__ void __launch_bounds__(kThreads, 1)
                      desc_sw128(sV + s * L::kKVBytes + 2 * g * L::kKVHalf + j * 16 * 128, L::kKVHalf, 1024));
     wg_commit();
   };
-  // Mask (partial tiles only) and online softmax of tile `it`: updates m_run, l_run,
-  // turns sc into unnormalized probabilities, returns the rescale factors of O.
-  auto softmax = [&](int it, float(&sc)[NS], float(&alpha)[2]) {
-    int ks[3];
-    tile.key_tile(p, it, ks);
+  // The next key tile of the softmax (tiles in order): its global start and whether it
+  // lies inside every window. Computed before waiting on the scores it masks.
+  BoxWalk walk;
+  auto next_tile = [&](int (&ks)[3]) {
+    tile.key_tile(p, walk, ks);
+    walk.next(tile.nkt);
     bool full = true;
 #pragma unroll
     for (int a = 0; a < 3; ++a) {
-      ks[a] += p.ax[a].kv0;  // global start of the key tile
+      ks[a] += p.ax[a].kv0;
       full &= ks[a] >= tile.ilo[a] && ks[a] + p.ax[a].kt - 1 <= tile.ihi[a];
     }
+    return full;
+  };
+  // Mask (partial tiles only) and online softmax of the key tile at global `ks`:
+  // updates m_run, l_run, turns sc into unnormalized probabilities, returns the rescale
+  // factors of O.
+  auto softmax = [&](const int (&ks)[3], bool full, float(&sc)[NS], float(&alpha)[2]) {
     if (full) {
       if (!fold) {
 #pragma unroll
@@ -372,24 +412,27 @@ __global__ void __launch_bounds__(kThreads, 1)
   // `it` runs while that P V is in flight.
   float sc[NS], alpha[2];
   uint32_t pa[NK][4];
+  int ks[3];
   const int n = tile.ntiles;
   if (cw == 1) turn_pass();  // warpgroup 0 goes first
   mbar_wait(bar_q, 0);
   turn_wait();
   issue_s(0, sc);
   turn_pass();
+  bool full = next_tile(ks);
   wg_wait<0>();
   reg_fence(sc);
-  softmax(0, sc, alpha);
+  softmax(ks, full, sc, alpha);
   to_a(sc, pa);
   for (int it = 1; it < n; ++it) {
     turn_wait();
     issue_s(it, sc);
     issue_pv(it - 1, pa);
     turn_pass();
+    full = next_tile(ks);
     wg_wait<1>();
     reg_fence(sc);
-    softmax(it, sc, alpha);
+    softmax(ks, full, sc, alpha);
     wg_wait<0>();
 #pragma unroll
     for (int g = 0; g < NG; ++g) reg_fence(o_acc[g]);

@@ -132,27 +132,33 @@ __device__ __forceinline__ uint64_t desc_sw128(uint32_t addr, uint32_t lbo, uint
       "+f"(d[i + 6]), "+f"(d[i + 7])
 #define GNA_OUT32 GNA_OUT8(0), GNA_OUT8(8), GNA_OUT8(16), GNA_OUT8(24)
 #define GNA_OUT64 GNA_OUT32, GNA_OUT8(32), GNA_OUT8(40), GNA_OUT8(48), GNA_OUT8(56)
+// Write-only accumulators (the first k slice of a product that starts from zero): the
+// old values are not inputs, so the compiler keeps nothing alive for them.
+#define GNA_NEW8(i)                                                                                 \
+  "=f"(d[i]), "=f"(d[i + 1]), "=f"(d[i + 2]), "=f"(d[i + 3]), "=f"(d[i + 4]), "=f"(d[i + 5]),      \
+      "=f"(d[i + 6]), "=f"(d[i + 7])
+#define GNA_NEW32 GNA_NEW8(0), GNA_NEW8(8), GNA_NEW8(16), GNA_NEW8(24)
+#define GNA_NEW64 GNA_NEW32, GNA_NEW8(32), GNA_NEW8(40), GNA_NEW8(48), GNA_NEW8(56)
 
-// D[64 x 128] (+)= A[64 x 16] * B[16 x 128], A and B K-major in shared memory.
-// ty: "f16" or "bf16". accumulate = 0 ignores D's old value.
-#define GNA_WGMMA_SS_N128(ty)                                                                       \
-  __device__ __forceinline__ void wgmma_ss_n128_##ty(float (&d)[64], uint64_t da, uint64_t db,     \
-                                                      int accumulate) {                             \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                       \
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." #ty "." #ty " " GNA_ACC64           \
-                 ", %64, %65, p, 1, 1, 0, 0;\n}\n"                                                  \
-                 : GNA_OUT64                                                                        \
+// D[64 x N] (+)= A[64 x 16] * B[16 x N], A and B K-major in shared memory, N = 128
+// (64 accumulators) or 64 (32). ty: "f16" or "bf16". accumulate = 0 ignores D's old
+// value; the _first variant (D = A B) does not read it at all.
+#define GNA_WGMMA_SS(ty, n, nacc, ACC, OUT, NEW, DA, DB, FLAG)                                      \
+  __device__ __forceinline__ void wgmma_ss_n##n##_##ty(float (&d)[nacc], uint64_t da, uint64_t db, \
+                                                       int accumulate) {                            \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " FLAG ", 0;\n"                                \
+                 "wgmma.mma_async.sync.aligned.m64n" #n "k16.f32." #ty "." #ty " " ACC              \
+                 ", " DA ", " DB ", p, 1, 1, 0, 0;\n}\n"                                           \
+                 : OUT                                                                              \
                  : "l"(da), "l"(db), "r"(accumulate));                                              \
-  }
-// D[64 x 64] (+)= A[64 x 16] * B[16 x 64], A and B K-major in shared memory.
-#define GNA_WGMMA_SS_N64(ty)                                                                        \
-  __device__ __forceinline__ void wgmma_ss_n64_##ty(float (&d)[32], uint64_t da, uint64_t db,      \
-                                                     int accumulate) {                              \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                       \
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." #ty "." #ty " " GNA_ACC32            \
-                 ", %32, %33, p, 1, 1, 0, 0;\n}\n"                                                  \
-                 : GNA_OUT32                                                                        \
-                 : "l"(da), "l"(db), "r"(accumulate));                                              \
+  }                                                                                                 \
+  __device__ __forceinline__ void wgmma_ss_n##n##_##ty##_first(float (&d)[nacc], uint64_t da,       \
+                                                               uint64_t db) {                       \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " FLAG ", 0;\n"                                \
+                 "wgmma.mma_async.sync.aligned.m64n" #n "k16.f32." #ty "." #ty " " ACC              \
+                 ", " DA ", " DB ", p, 1, 1, 0, 0;\n}\n"                                           \
+                 : NEW                                                                              \
+                 : "l"(da), "l"(db), "r"(0));                                                       \
   }
 // D[64 x N] += A[64 x 16] * B[16 x N], A from registers (the m16n8k16 A fragment of
 // each warp's 16 rows), B MN-major ("transposed") in shared memory.
@@ -170,10 +176,10 @@ __device__ __forceinline__ uint64_t desc_sw128(uint32_t addr, uint32_t lbo, uint
 #define GNA_RS_TAIL32 "{%32, %33, %34, %35}, %36"
 #define GNA_RS_TAIL64 "{%64, %65, %66, %67}, %68"
 
-GNA_WGMMA_SS_N128(f16)
-GNA_WGMMA_SS_N128(bf16)
-GNA_WGMMA_SS_N64(f16)
-GNA_WGMMA_SS_N64(bf16)
+GNA_WGMMA_SS(f16, 128, 64, GNA_ACC64, GNA_OUT64, GNA_NEW64, "%64", "%65", "%66")
+GNA_WGMMA_SS(bf16, 128, 64, GNA_ACC64, GNA_OUT64, GNA_NEW64, "%64", "%65", "%66")
+GNA_WGMMA_SS(f16, 64, 32, GNA_ACC32, GNA_OUT32, GNA_NEW32, "%32", "%33", "%34")
+GNA_WGMMA_SS(bf16, 64, 32, GNA_ACC32, GNA_OUT32, GNA_NEW32, "%32", "%33", "%34")
 GNA_WGMMA_RS(f16, 64, 32, GNA_ACC32, GNA_OUT32, GNA_RS_TAIL32, "%37")
 GNA_WGMMA_RS(bf16, 64, 32, GNA_ACC32, GNA_OUT32, GNA_RS_TAIL32, "%37")
 GNA_WGMMA_RS(f16, 128, 64, GNA_ACC64, GNA_OUT64, GNA_RS_TAIL64, "%69")

@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ARCHS=${JAX_GNA_CUDA_ARCHS:-90a}
 BUILD=build/dev${ARCHS//;/_}
+mkdir -p build
 PY=${PYTHON:-python3}
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -Dpybind11_DIR="$($PY -c 'import pybind11; print(pybind11.get_cmake_dir())')" \

@@ -14,6 +14,8 @@
 #   bench   the benchmark suite, presets $BENCH_PRESETS (default small,paper)
 #   quickbwd backward and fwd+bwd, bf16, the same three problems: the Hopper backward
 #           (default) against the sm80 backward (JAX_GNA_SM90_BWD=0) and cuDNN dense
+#   ab      the carried library against another build ($AB_OLD), same problems as quick,
+#           forward and backward, in one session
 #   quick   forward only, bf16: the three block-sparse paper problems with cuda
 #           (Hopper path where it applies), cuda with JAX_GNA_SM90=0 (sm80 kernels)
 #           and cuDNN dense, side by side
@@ -91,6 +93,23 @@ for stage in "$@"; do
                  --dtypes bf16 --passes bwd,fwdbwd --samples 3x20 --out "$LOGS/quick" --name "qb_${1}_${bwd}" --no-progress
              done
            done ;;
+    ab) # A/B of two builds of the library in one session: the carried jax_gna/libjax_gna_cuda.so
+        # ("new") against $AB_OLD ("old", e.g. build/old/libjax_gna_cuda.so built from an earlier
+        # commit and carried too), bf16, passes $AB_PASSES (default fwd,bwd), the three
+        # block-sparse paper problems; cuDNN dense beside the new one.
+        cp jax_gna/libjax_gna_cuda.so "$LOGS/new.so"
+        for prob in "32768 2048 2048 1" "256x256 80x80 16x16 24" "30x48x80 18x24x24 16x8x8 24"; do
+          set -- $prob
+          for lib in new old; do
+            if [ $lib = new ]; then cp "$LOGS/new.so" jax_gna/libjax_gna_cuda.so; be=cuda,cudnn
+            else cp "${AB_OLD:?AB_OLD: the other library}" jax_gna/libjax_gna_cuda.so; be=cuda; fi
+            TAIL=8 step "ab_${1}_${lib}" 150 python3 -m benchmarks.run \
+              --shape "$1" --window "$2" --stride "$3" --heads "$4" --head-dim 128 --backends $be \
+              --dtypes bf16 --passes "${AB_PASSES:-fwd,bwd}" --samples 3x20 --out "$LOGS/ab" \
+              --name "ab_${1}_${lib}" --no-progress
+          done
+        done
+        cp "$LOGS/new.so" jax_gna/libjax_gna_cuda.so ;;
     *) say "unknown stage $stage" ;;
   esac
 done

@@ -45,9 +45,12 @@ static void query_outer(const Params& p) {
   for (int bid = 0; bid < n; ++bid) {
     const gna::sm90::FwdTile t(p, bid);
     std::set<std::vector<int>> seen;
-    for (int it = 0; it < t.ntiles; ++it) {
-      int ks[3];
+    gna::sm90::BoxWalk walk;
+    for (int it = 0; it < t.ntiles; ++it, walk.next(t.nkt)) {
+      int ks[3], kw[3];
       t.key_tile(p, it, ks);
+      t.key_tile(p, walk, kw);
+      CHECK(ks[0] == kw[0] && ks[1] == kw[1] && ks[2] == kw[2], "query tile %d step %d: the walk differs", bid, it);
       CHECK(seen.insert({ks[0], ks[1], ks[2]}).second, "query tile %d visits a key tile twice", bid);
       bool full = true;  // brute force: every valid query sees every key, none padded
       for (int a = 0; a < 3; ++a) {
@@ -82,9 +85,13 @@ static void key_outer(const Params& p) {
   for (int bid = 0; bid < n; ++bid) {
     const gna::sm90::KeyTile t(p, bid);
     std::set<std::vector<int>> seen;
-    for (int it = 0; it < t.ntiles; ++it) {
-      int qs[3];
-      t.query_tile(p, it, qs);
+    gna::sm90::BoxWalk walk;
+    for (int it = 0; it < 2 * t.ntiles; ++it, walk.next(t.nqt)) {  // two heads: the walk wraps
+      int qs[3], qw[3];
+      t.query_tile(p, it % t.ntiles, qs);
+      t.query_tile(p, walk, qw);
+      CHECK(qs[0] == qw[0] && qs[1] == qw[1] && qs[2] == qw[2], "key tile %d step %d: the walk differs", bid, it);
+      if (it >= t.ntiles) continue;
       CHECK(seen.insert({qs[0], qs[1], qs[2]}).second, "key tile %d visits a query tile twice", bid);
       int g[3];
       bool full = true;
