@@ -5,6 +5,8 @@
 #           scripts/build_cuda_lib.sh) and carried: compile only the small pybind11 module
 #           against it (seconds instead of minutes of device time)
 #   debugbwd scripts/debug_sm90_bwd.py: the Hopper backward against the sm80 one, per gradient
+#   debugfwd scripts/debug_sm90_fwd.py: the forced Hopper forward on a ladder of problems,
+#           each in a child process with a time limit (finds hangs); $DEBUGFWD_DIMS head dims
 #   profile Nsight Compute on one kernel (PROFILE_KERNEL regex, PROFILE_PROBLEM for
 #           scripts/profile_sm90.py): details and per-instruction SASS counters into the logs
 #   smoke90 one Hopper-path forward check (stops the session if it fails or hangs)
@@ -53,6 +55,7 @@ for stage in "$@"; do
                 -o jax_gna/_gna_ffi$(python3 -c "import sysconfig; print(sysconfig.get_config_var(\"EXT_SUFFIX\"))")
               python3 -c "from jax_gna import cuda; print(\"cuda available:\", cuda.available(), cuda.unavailable_reason())"' || break ;;
     debugbwd) step debugbwd 150 python3 scripts/debug_sm90_bwd.py ;;
+    debugfwd) TAIL=20 step debugfwd "${DEBUGFWD_LIMIT:-200}" python3 scripts/debug_sm90_fwd.py ${DEBUGFWD_DIMS:-256 128} ;;
     profile) # Nsight Compute, full set, one launch of $PROFILE_KERNEL (default the Hopper forward)
              # on $PROFILE_PROBLEM; details and per-SASS-instruction counters (stall samples)
              # go into logs.tar.gz. Written 2026-11-23, not yet run.
