@@ -82,12 +82,13 @@ __device__ __forceinline__ void acc_to_smem(const float (&acc)[D / 2], float sca
 template <typename T, int D>
 __device__ __forceinline__ void ss_issue(float (&x)[32], uint32_t a, uint32_t b, int a_half, int b_half) {
 #if defined(GNA_SM90_ENABLED)
+  const uint64_t da = desc_sw128(a, 16, 1024), db = desc_sw128(b, 16, 1024);
   wg_fence();
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     const uint32_t ao = (kk / 4) * a_half + (kk % 4) * 32, bo = (kk / 4) * b_half + (kk % 4) * 32;
-    if (kk == 0) Wgmma<T>::ss_first(x, desc_sw128(a + ao, 16, 1024), desc_sw128(b + bo, 16, 1024));
-    else Wgmma<T>::ss(x, desc_sw128(a + ao, 16, 1024), desc_sw128(b + bo, 16, 1024), 1);
+    if (kk == 0) Wgmma<T>::ss_first(x, desc_plus(da, ao), desc_plus(db, bo));
+    else Wgmma<T>::ss(x, desc_plus(da, ao), desc_plus(db, bo), 1);
   }
   wg_commit();
 #endif
@@ -130,7 +131,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int h = blockIdx.y, b = blockIdx.z;
   const int hk = h / (p.H / p.Hkv);
   const FwdTile tile(p, blockIdx.x);
-  const int wg = threadIdx.x / 128;
+  const int wg = warpgroup_index();
   if (threadIdx.x == 0) {
     mbar_init(bar_q, 1);
     for (int s = 0; s < STAGES; ++s) {
@@ -209,6 +210,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
   float sc[32], dp[32];
   uint32_t da[4][4];  // dS of the previous key tile as A fragments
+  const uint64_t dk0 = desc_sw128(sK, L::kKHalf, 1024);  // K read MN-major, stage 0
   // Key tile `it` (`first`: it = 0). dQ += dS K of the previous tile is issued with
   // S = Q K^T of this one; dP = dO V^T runs under the exponentials of P. No matrix work
   // is in flight across iterations (ptxas serializes wgmma otherwise).
@@ -219,9 +221,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     mbar_wait(bar_k(s), phase);
     wg_fence();
     if (!first) {
+      const uint64_t dk = desc_plus(dk0, sp * L::kKBytes);
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
-        Wgmma<T>::rs(dq, da[j], desc_sw128(sK + sp * L::kKBytes + j * 16 * 128, L::kKHalf, 1024));
+      for (int j = 0; j < 4; ++j) Wgmma<T>::rs(dq, da[j], desc_plus(dk, j * 16 * 128));
     }
     ss_issue<T, D>(sc, sQ + cw * 64 * 128, sK + s * L::kKBytes, L::kQHalf, L::kKHalf);
     int ks[3];
@@ -270,7 +272,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int sl = (n - 1) % STAGES;
   wg_fence();
 #pragma unroll
-  for (int j = 0; j < 4; ++j) Wgmma<T>::rs(dq, da[j], desc_sw128(sK + sl * L::kKBytes + j * 16 * 128, L::kKHalf, 1024));
+  for (int j = 0; j < 4; ++j) Wgmma<T>::rs(dq, da[j], desc_plus(dk0, sl * L::kKBytes + j * 16 * 128));
   wg_commit();
   wg_wait<0>();
   reg_fence(dq);
@@ -402,7 +404,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int G = p.H / p.Hkv;  // query heads per key/value head
   const KeyTile tile(p, blockIdx.x);
   const int nsteps = G * tile.ntiles;
-  const int wg = threadIdx.x / 128;
+  const int wg = threadIdx.x / 128;  // not warpgroup_index(): with it ptxas spills here
   if (threadIdx.x == 0) {
     mbar_init(bar_kv, 1);
     for (int s = 0; s < STAGES; ++s) {
@@ -499,10 +501,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
   // dV += P^T dO, dK += dS^T Q of the step in stage `s` (dO and Q read MN-major).
   auto issue_dkv = [&](int s) {
+    const uint64_t ddo = desc_sw128(sDO + s * L::kQBytes, L::kQHalf, 1024);
+    const uint64_t dq = desc_sw128(sQ + s * L::kQBytes, L::kQHalf, 1024);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      Wgmma<T>::rs(dv, pa[j], desc_sw128(sDO + s * L::kQBytes + j * 16 * 128, L::kQHalf, 1024));
-      Wgmma<T>::rs(dk, da[j], desc_sw128(sQ + s * L::kQBytes + j * 16 * 128, L::kQHalf, 1024));
+      Wgmma<T>::rs(dv, pa[j], desc_plus(ddo, j * 16 * 128));
+      Wgmma<T>::rs(dk, da[j], desc_plus(dq, j * 16 * 128));
     }
   };
   // Step `it` (`first`: it = 0). dV and dK of the previous step are issued with

@@ -192,7 +192,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int h = blockIdx.y, b = blockIdx.z;
   const int hk = h / (p.H / p.Hkv);
   const FwdTile tile(p, blockIdx.x);
-  const int wg = threadIdx.x / 128;
+  const int wg = warpgroup_index();
 
   if (threadIdx.x == 0) {
     mbar_init(bar_q, 1);
@@ -279,15 +279,20 @@ __global__ void __launch_bounds__(kThreads, 1)
   const bool fold = sl2 > 0.f;
   const float pre = fold ? 1.f : sl2, post = fold ? sl2 : 1.f;
 
+  // wgmma descriptors of this warpgroup's Q rows and of the K and V tiles of stage 0;
+  // stage s and the k slices are constant offsets from them.
+  const uint64_t dq0 = desc_sw128(sQ + cw * 64 * 128, 16, 1024), dk0 = desc_sw128(sK, 16, 1024);
+  const uint64_t dv0 = desc_sw128(sV, L::kKVHalf, 1024);
   // S = Q K^T for key tile `it` (64 x KT per warpgroup), issued asynchronously.
   auto issue_s = [&](int it, float(&sc)[NS]) {
     const int s = it % STAGES;
     mbar_wait(bar_k(s), (it / STAGES) & 1);
+    const uint64_t dk = desc_plus(dk0, s * L::kKVBytes);
     wg_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      const uint64_t a = desc_sw128(sQ + cw * 64 * 128 + (kk / 4) * L::kQHalf + (kk % 4) * 32, 16, 1024);
-      const uint64_t b = desc_sw128(sK + s * L::kKVBytes + (kk / 4) * L::kKVHalf + (kk % 4) * 32, 16, 1024);
+      const uint64_t a = desc_plus(dq0, (kk / 4) * L::kQHalf + (kk % 4) * 32);
+      const uint64_t b = desc_plus(dk, (kk / 4) * L::kKVHalf + (kk % 4) * 32);
       if (kk == 0) Wgmma<T>::ss_first(sc, a, b);
       else Wgmma<T>::ss(sc, a, b, 1);
     }
@@ -298,13 +303,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto issue_pv = [&](int it, const uint32_t(&pa)[NK][4]) {
     const int s = it % STAGES;
     mbar_wait(bar_v(s), (it / STAGES) & 1);
+    const uint64_t dv = desc_plus(dv0, s * L::kKVBytes);
     wg_fence();
 #pragma unroll
     for (int j = 0; j < NK; ++j)
 #pragma unroll
-      for (int g = 0; g < NG; ++g)
-        Wgmma<T>::rs(o_acc[g], pa[j],
-                     desc_sw128(sV + s * L::kKVBytes + 2 * g * L::kKVHalf + j * 16 * 128, L::kKVHalf, 1024));
+      for (int g = 0; g < NG; ++g) Wgmma<T>::rs(o_acc[g], pa[j], desc_plus(dv, 2 * g * L::kKVHalf + j * 16 * 128));
     wg_commit();
   };
   // The next key tile of the softmax (tiles in order): its global start and whether it
@@ -438,15 +442,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int g = 0; g < NG; ++g) reg_fence(o_acc[g]);
     pa_fence(pa);
     release(it - 1);
+    // Rescale O unless no row of the warp has a new maximum (alpha = 1 exactly: the
+    // skipped multiplies would change nothing; later tiles rarely raise the maximum).
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
-    for (int g = 0; g < NG; ++g)
+      for (int g = 0; g < NG; ++g)
 #pragma unroll
-      for (int i = 0; i < OW / 4; ++i) {
-        o_acc[g][4 * i] *= alpha[0];
-        o_acc[g][4 * i + 1] *= alpha[0];
-        o_acc[g][4 * i + 2] *= alpha[1];
-        o_acc[g][4 * i + 3] *= alpha[1];
-      }
+        for (int i = 0; i < OW / 4; ++i) {
+          o_acc[g][4 * i] *= alpha[0];
+          o_acc[g][4 * i + 1] *= alpha[0];
+          o_acc[g][4 * i + 2] *= alpha[1];
+          o_acc[g][4 * i + 3] *= alpha[1];
+        }
+    }
     to_a(sc, pa);
   }
   turn_wait();

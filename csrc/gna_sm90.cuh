@@ -118,6 +118,14 @@ __device__ __forceinline__ uint64_t desc_sw128(uint32_t addr, uint32_t lbo, uint
   return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lbo >> 4) << 16) |
          (static_cast<uint64_t>(sbo >> 4) << 32) | (uint64_t{1} << 62);
 }
+// The descriptor of the same layout `bytes` further on (a multiple of 16; shared memory
+// stays below 256 KiB, so the 14-bit address field never carries): one add instead of
+// rebuilding the descriptor before every wgmma.
+__device__ __forceinline__ uint64_t desc_plus(uint64_t d, uint32_t bytes) { return d + (bytes >> 4); }
+
+// The warpgroup index as a value the compiler knows is the same across the warp (so
+// addresses derived from it live in uniform registers, as wgmma descriptors must).
+__device__ __forceinline__ int warpgroup_index() { return __shfl_sync(0xffffffffu, threadIdx.x / 128, 0); }
 
 #define GNA_ACC32                                                                                   \
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, " \

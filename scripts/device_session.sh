@@ -5,6 +5,7 @@
 #           scripts/build_cuda_lib.sh) and carried: compile only the small pybind11 module
 #           against it (seconds instead of minutes of device time)
 #   debugbwd scripts/debug_sm90_bwd.py: the Hopper backward against the sm80 one, per gradient
+#   dispatch scripts/dispatch_overhead.py: per-call vs chained time of short forwards (host cost)
 #   debugfwd scripts/debug_sm90_fwd.py: the forced Hopper forward on a ladder of problems,
 #           each in a child process with a time limit (finds hangs); $DEBUGFWD_DIMS head dims
 #   profile Nsight Compute on one kernel (PROFILE_KERNEL regex, PROFILE_PROBLEM for
@@ -22,7 +23,8 @@
 #           (Hopper path where it applies), cuda with JAX_GNA_SM90=0 (sm80 kernels)
 #           and cuDNN dense, side by side
 # TESTS_K: a pytest -k filter for the tests stage (TESTS_LIMIT seconds, default 300; TESTS_JOBS
-# processes, default 4); QUICK_MODES: JAX_GNA_SM90 values for quick.
+# processes, default 4; TESTS_TIMEOUT: pytest-timeout seconds per test, which dumps the stacks
+# of a test that hangs); QUICK_MODES: JAX_GNA_SM90 values for quick.
 # usage: OUT=... bash scripts/device_session.sh build check example bench
 # Results land in $OUT: summary.txt, results/ (bench JSON/markdown/PNG), logs.tar.gz (every
 # stage's full log, tests.log with one line per test). The device tool brings back at most
@@ -55,20 +57,22 @@ for stage in "$@"; do
                 -o jax_gna/_gna_ffi$(python3 -c "import sysconfig; print(sysconfig.get_config_var(\"EXT_SUFFIX\"))")
               python3 -c "from jax_gna import cuda; print(\"cuda available:\", cuda.available(), cuda.unavailable_reason())"' || break ;;
     debugbwd) step debugbwd 150 python3 scripts/debug_sm90_bwd.py ;;
+    dispatch) step dispatch 120 python3 scripts/dispatch_overhead.py ${DISPATCH_PROBLEMS:-32768 2048 2048 1 32768 2048 1 1} ;;
     debugfwd) TAIL=20 step debugfwd "${DEBUGFWD_LIMIT:-200}" python3 scripts/debug_sm90_fwd.py ${DEBUGFWD_DIMS:-256 128} ;;
     profile) # Nsight Compute, full set, one launch of $PROFILE_KERNEL (default the Hopper forward)
              # on $PROFILE_PROBLEM; details and per-SASS-instruction counters (stall samples)
              # go into logs.tar.gz. Written 2026-11-23, not yet run.
              step profile "${PROFILE_LIMIT:-240}" bash -c 'set -e
-               ncu --set full --import-source no -k "regex:${PROFILE_KERNEL:-fwd_sm90}" -c 1 -f -o "$0/prof" \
+               ncu --set full --import-source no -k "regex:${PROFILE_KERNEL:-fwd_sm90}" -c ${PROFILE_COUNT:-1} -f -o "$0/prof" \
                  python3 scripts/profile_sm90.py ${PROFILE_PROBLEM:-256x256 80x80 16x16 24}
                ncu -i "$0/prof.ncu-rep" --page details --print-details all > "$0/prof_details.txt"
                ncu -i "$0/prof.ncu-rep" --page source --csv --print-source sass > "$0/prof_sass.csv"
-               rm -f "$0/prof.ncu-rep"; grep -iE "stall|tensor|issue" "$0/prof_details.txt" | head -40' "$LOGS" ;;
+               rm -f "$0/prof.ncu-rep"; grep -iE "^  [a-z_]+_kernel|duration|stall|tensor|issue|throughput" "$0/prof_details.txt" | head -60' "$LOGS" ;;
     smoke90) step smoke90 120 env JAX_GNA_SM90=force XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q \
                -x -rfE -p no:cacheprovider tests/test_cuda_gpu.py -k "sm90 and not sm90_bwd and not backward" || break ;;
     tests) TAIL=6 step tests "${TESTS_LIMIT:-300}" env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -m gpu \
-             -v -rfE -p no:cacheprovider -n "${TESTS_JOBS:-4}" ${TESTS_K:+-k "$TESTS_K"} tests
+             -v -rfE -p no:cacheprovider -n "${TESTS_JOBS:-4}" ${TESTS_K:+-k "$TESTS_K"} \
+             ${TESTS_TIMEOUT:+--timeout "$TESTS_TIMEOUT"} tests
            # Per-test outcomes (also when the time limit cut the run short).
            { echo "tests: $(grep -c ' PASSED ' "$LOGS/tests.log") passed, $(grep -cE ' (FAILED|ERROR) ' "$LOGS/tests.log") failed"
              grep -E ' (FAILED|ERROR) ' "$LOGS/tests.log" | head -40; } | tee -a "$OUT/summary.txt" ;;
