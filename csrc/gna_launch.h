@@ -17,8 +17,7 @@ inline int padded_head_dim(int D, int Dv) {
 cudaError_t launch_forward(DType t, const Params& p, cudaStream_t stream);
 cudaError_t launch_backward(DType t, const Params& p, cudaStream_t stream);
 // Hopper forward (gna_sm90.cu): launches and sets `used` when the problem and the
-// device fit that path (fp16/bf16, D = D_v in {64, 128} (256 only under force, until
-// GPU-tested), no dilation, sm_90a code on
+// device fit that path (fp16/bf16, D = D_v in {64, 128, 256}, no dilation, sm_90a code on
 // a compute-capability-9.0 device, JAX_GNA_SM90 not "0"); otherwise does nothing,
 // or, with JAX_GNA_SM90=force, returns cudaErrorNotSupported.
 cudaError_t launch_forward_sm90(DType t, const Params& p, cudaStream_t stream, bool& used);

@@ -167,11 +167,8 @@ cudaError_t fwd_sm90_dim(DType dt, const Params& p, cudaStream_t stream, bool& u
   return fwd_sm90<T, 256>(dt, p, stream, used);
 }
 
-// Head dim 256 (64-token key tiles) compiles without spills and was timed on an H100,
-// but its GPU tests have not run yet: it takes the Hopper path only under
-// JAX_GNA_SM90=force (the tests), otherwise the sm80 kernels run it.
-cudaError_t try_forward_sm90(DType dt, const Params& p, Mode mode, cudaStream_t stream, bool& used) {
-  if (!eligible(dt, p, false) || (p.D == 256 && mode != Mode::kForce)) return cudaSuccess;
+cudaError_t try_forward_sm90(DType dt, const Params& p, cudaStream_t stream, bool& used) {
+  if (!eligible(dt, p, false)) return cudaSuccess;
   return dt == DType::kF16 ? fwd_sm90_dim<__half>(dt, p, stream, used)
                            : fwd_sm90_dim<__nv_bfloat16>(dt, p, stream, used);
 }
@@ -200,7 +197,7 @@ cudaError_t launch_forward_sm90(DType dt, const Params& p, cudaStream_t stream, 
   used = false;
   const Mode mode = mode_from_env();
   if (mode == Mode::kOff) return cudaSuccess;
-  const cudaError_t e = try_forward_sm90(dt, p, mode, stream, used);
+  const cudaError_t e = try_forward_sm90(dt, p, stream, used);
   if (e == cudaSuccess && !used && mode == Mode::kForce) return cudaErrorNotSupported;
   return e;
 }

@@ -135,13 +135,12 @@ def kernel_path(problem: Problem, query_shape, value_shape, dtype) -> str:
     """Which CUDA kernels a call covered by this backend runs, in words.
 
     The forward runs the Hopper kernel (``csrc/gna_fwd_sm90.cuh``: TMA + wgmma) on
-    compute capability 9.0 GPUs for fp16/bf16, head dims ``D == D_v`` in {64, 128},
-    no dilation and blocks large enough for 128-token tiles, unless the environment
-    has ``JAX_GNA_SM90=0``; everything else runs the sm80 kernels. (Head dim 256 has
-    a Hopper forward with 64-token key tiles that runs only under
-    ``JAX_GNA_SM90=force`` until its GPU tests have run.) The backward takes the
-    Hopper kernels (``csrc/gna_bwd_sm90.cuh``) on the same problems with head dim 64
-    or 128, unless ``JAX_GNA_SM90_BWD=0``. Mirrors the checks of ``csrc/gna_sm90.cu``.
+    compute capability 9.0 GPUs for fp16/bf16, head dims ``D == D_v`` in {64, 128,
+    256} (256 with 64-token key tiles), no dilation and blocks large enough for its
+    tiles, unless the environment has ``JAX_GNA_SM90=0``; everything else runs the
+    sm80 kernels. The backward takes the Hopper kernels (``csrc/gna_bwd_sm90.cuh``) on
+    the same problems with head dim 64 or 128, unless ``JAX_GNA_SM90_BWD=0``. Mirrors
+    the checks of ``csrc/gna_sm90.cu``.
     """
     import os
     dt = np.dtype(dtype)
@@ -149,7 +148,7 @@ def kernel_path(problem: Problem, query_shape, value_shape, dtype) -> str:
     why = []
     if dt not in (np.dtype(np.float16), np.dtype(jnp.bfloat16)):
         why.append(f"dtype {dt.name}")
-    dims = (64, 128, 256) if os.environ.get("JAX_GNA_SM90") == "force" else (64, 128)
+    dims = (64, 128, 256)
     if d != d_v or d not in dims:
         why.append(f"head dims {d}/{d_v} ({' or '.join(f'{x}/{x}' for x in dims)})")
     if any(x != 1 for x in problem.dilation):
