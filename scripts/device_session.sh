@@ -31,6 +31,8 @@
 # 8 files: keep other outputs of a call out of $OUT or inside a tarball.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# The three block-sparse paper problems (shape window stride heads) of quick, quickbwd, ab.
+PROBLEMS3=("32768 2048 2048 1" "256x256 80x80 16x16 24" "30x48x80 18x24x24 16x8x8 24")
 OUT=${OUT:-$PWD/device_out}
 LOGS=$(mktemp -d)
 mkdir -p "$OUT/results"
@@ -82,7 +84,7 @@ for stage in "$@"; do
     bench) step bench "${BENCH_LIMIT:-400}" python3 -m benchmarks.run \
              --preset "${BENCH_PRESETS:-small,paper}" --budget-s "${BENCH_BUDGET:-330}" \
              --out "$OUT/results" --no-progress ;;
-    quick) for prob in "32768 2048 2048 1" "256x256 80x80 16x16 24" "30x48x80 18x24x24 16x8x8 24"; do
+    quick) for prob in "${PROBLEMS3[@]}"; do
              set -- $prob
              for mode in ${QUICK_MODES:-auto 0}; do
                be=cuda,cudnn; [ "$mode" = 0 ] && be=cuda
@@ -91,7 +93,7 @@ for stage in "$@"; do
                  --dtypes bf16 --passes fwd --samples 3x20 --out "$LOGS/quick" --name "q_${1}_${mode}" --no-progress
              done
            done ;;
-    quickbwd) for prob in "32768 2048 2048 1" "256x256 80x80 16x16 24" "30x48x80 18x24x24 16x8x8 24"; do
+    quickbwd) for prob in "${PROBLEMS3[@]}"; do
              set -- $prob
              for bwd in 1 0; do
                be=cuda; [ "$bwd" = 0 ] && be=cuda,cudnn
@@ -105,7 +107,7 @@ for stage in "$@"; do
         # commit and carried too), bf16, passes $AB_PASSES (default fwd,bwd), the three
         # block-sparse paper problems; cuDNN dense beside the new one.
         cp jax_gna/libjax_gna_cuda.so "$LOGS/new.so"
-        for prob in "32768 2048 2048 1" "256x256 80x80 16x16 24" "30x48x80 18x24x24 16x8x8 24"; do
+        for prob in "${PROBLEMS3[@]}"; do
           set -- $prob
           for lib in new old; do
             if [ $lib = new ]; then cp "$LOGS/new.so" jax_gna/libjax_gna_cuda.so; be=cuda,cudnn

@@ -16,16 +16,26 @@ import jax.numpy as jnp
 import jax_gna
 
 
-def main(shape: str, window: str, stride: str, heads: str) -> None:
+def problem(shape: str, window: str, stride: str, heads: str):
+    """The command line's problem: random bf16 q, k, v (batch 1, head dim 128) and the
+    cuda forward on them, `op(q, k, v)` (also used by scripts/dispatch_overhead.py)."""
     dims = tuple(int(x) for x in shape.split("x"))
     n = len(dims)
     per = lambda s: tuple(int(x) for x in s.split("x")) if "x" in s else (int(s),) * n  # noqa: E731
     key = jax.random.split(jax.random.PRNGKey(0), 3)
     q, k, v = (jax.random.normal(kk, (1, *dims, int(heads), 128), jnp.bfloat16) for kk in key)
 
+    def op(q, k, v):
+        return jax_gna.neighborhood_attention(q, k, v, per(window), per(stride), backend="cuda")
+
+    return op, (q, k, v)
+
+
+def main(shape: str, window: str, stride: str, heads: str) -> None:
+    op, (q, k, v) = problem(shape, window, stride, heads)
+
     def loss(q, k, v):
-        out = jax_gna.neighborhood_attention(q, k, v, per(window), per(stride), backend="cuda")
-        return jnp.sum(out.astype(jnp.float32))
+        return jnp.sum(op(q, k, v).astype(jnp.float32))
 
     g = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     jax.block_until_ready(g(q, k, v))
