@@ -12,7 +12,8 @@
 // per axis, chosen on the host, read straight from the [B, *spatial, H, D] tensors by
 // 5-D TMA boxes (head dim, x, y, t, batch): no token permutation. Boxes that
 // reach past the block are zero-filled by TMA; the output tile goes back through
-// shared memory and a TMA store, which drops rows outside the block.
+// shared memory and a TMA store per consumer warpgroup (its 64 rows), which drops rows
+// outside the block.
 //
 // The key tiles a query tile visits are the tile-grid box that covers the union of
 // its queries' windows (the windows are monotone, so that is [lo(first), hi(last)]
@@ -245,25 +246,21 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int qsh2 = __ffs(p.ax[2].qt) - 1, qsh1 = __ffs(p.ax[1].qt) - 1;
   const int ksh2 = __ffs(p.ax[2].kt) - 1, ksh1 = __ffs(p.ax[1].kt) - 1;
 
-  // This thread's two query rows: windows per axis, validity, token index.
+  // In-tile coordinates of query row m (rows are row-major in the tile box).
+  auto row_coords = [&](int m, int (&o)[3]) {
+    o[0] = m >> (qsh2 + qsh1);
+    o[1] = (m >> qsh2) & (p.ax[1].qt - 1);
+    o[2] = m & (p.ax[2].qt - 1);
+  };
+  // This thread's two query rows: windows per axis (validity and token index are
+  // recomputed in the epilogue rather than held through the loop).
   int wlo[2][3], whi[2][3];
-  bool rvalid[2];
-  int64_t rtok[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int m = 64 * cw + 16 * warp + gid + 8 * r;
-    const int o[3] = {m >> (qsh2 + qsh1), (m >> qsh2) & (p.ax[1].qt - 1), m & (p.ax[2].qt - 1)};
-    bool ok = true;
-    int64_t tok = 0;
+    int o[3];
+    row_coords(64 * cw + 16 * warp + gid + 8 * r, o);
 #pragma unroll
-    for (int a = 0; a < 3; ++a) {
-      const int ig = tile.qs[a] + o[a];
-      ok &= ig <= tile.qe[a];
-      window(p.ax[a], 0, ig, wlo[r][a], whi[r][a]);
-      tok = tok * p.ax[a].qn + (ig - p.ax[a].q0);
-    }
-    rvalid[r] = ok;
-    rtok[r] = tok;
+    for (int a = 0; a < 3; ++a) window(p.ax[a], 0, tile.qs[a] + o[a], wlo[r][a], whi[r][a]);
   }
 
   float o_acc[NG][OW];
@@ -437,14 +434,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     wg_wait<1>();
     reg_fence(sc);
     softmax(ks, full, sc, alpha);
-    wg_wait<0>();
-#pragma unroll
-    for (int g = 0; g < NG; ++g) reg_fence(o_acc[g]);
-    pa_fence(pa);
-    release(it - 1);
+    // The softmax is what runs under P V: it must finish before the wait on P V. The
+    // fence keeps the compiler front end from sinking it below; ptxas would still hoist
+    // the wait above it (seen in the SASS and in Nsight Compute's stall samples, session
+    // 5), unless the wait sits behind a branch: the O rescale's, with a wait on each side
+    // (spelled differently, so the two are not merged back above the branch).
+    reg_fence(sc);
+    reg_fence(alpha);
     // Rescale O unless no row of the warp has a new maximum (alpha = 1 exactly: the
     // skipped multiplies would change nothing; later tiles rarely raise the maximum).
     if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+      wg_wait<0>();
+#pragma unroll
+      for (int g = 0; g < NG; ++g) reg_fence(o_acc[g]);
 #pragma unroll
       for (int g = 0; g < NG; ++g)
 #pragma unroll
@@ -454,7 +456,13 @@ __global__ void __launch_bounds__(kThreads, 1)
           o_acc[g][4 * i + 2] *= alpha[1];
           o_acc[g][4 * i + 3] *= alpha[1];
         }
+    } else {
+      wg_wait_0_alt();
     }
+#pragma unroll
+    for (int g = 0; g < NG; ++g) reg_fence(o_acc[g]);
+    pa_fence(pa);
+    release(it - 1);
     to_a(sc, pa);
   }
   turn_wait();
@@ -465,8 +473,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int g = 0; g < NG; ++g) reg_fence(o_acc[g]);
   release(n - 1);
 
-  // Epilogue: normalize, write this warpgroup's 64 rows into the (now unused) Q tile
-  // in the swizzled layout, then one TMA store of the whole tile.
+  // Epilogue: normalize, write this warpgroup's 64 rows into its rows of the (now
+  // unused) Q tile in the swizzled layout, then a TMA store of them: the `to` map's box
+  // is half a tile (rows 64cw..64cw+63 of the tile form a box), so the two warpgroups
+  // store independently.
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float l = l_run[r];
@@ -483,18 +493,30 @@ __global__ void __launch_bounds__(kThreads, 1)
         *reinterpret_cast<uint32_t*>(gbase + L::kQ + off) =
             Mma<T>::cvt2(o_acc[g][4 * i + 2 * r] * inv, o_acc[g][4 * i + 2 * r + 1] * inv);
       }
-    if (tig == 0 && rvalid[r]) {
+    int o[3];
+    row_coords(row, o);
+    bool valid = true;
+    int64_t tok = 0;
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+      const int ig = tile.qs[a] + o[a];
+      valid &= ig <= tile.qe[a];
+      tok = tok * p.ax[a].qn + (ig - p.ax[a].q0);
+    }
+    if (tig == 0 && valid) {
       const float lse = l > 0.f ? m_run[r] * 0.69314718055994531f + logf(l) : -INFINITY;
-      p.lse[(b * p.nq + rtok[r]) * p.H + h] = lse;
+      p.lse[(b * p.nq + tok) * p.H + h] = lse;
     }
   }
   fence_proxy_async();
-  named_sync(1, 256);
-  if (threadIdx.x == 128) {
+  named_sync(4 + cw, 128);  // this warpgroup's O rows are written
+  if (threadIdx.x % 128 == 0) {
+    int o[3];
+    row_coords(64 * cw, o);
 #pragma unroll
     for (int c = 0; c < HALVES; ++c)
-      tma_store_5d(&to, sQ + c * L::kQHalf, h * D + 64 * c, tile.qs[2] - p.ax[2].q0, tile.qs[1] - p.ax[1].q0,
-                   tile.qs[0] - p.ax[0].q0, b);
+      tma_store_5d(&to, sQ + c * L::kQHalf + cw * 64 * 128, h * D + 64 * c, tile.qs[2] + o[2] - p.ax[2].q0,
+                   tile.qs[1] + o[1] - p.ax[1].q0, tile.qs[0] + o[0] - p.ax[0].q0, b);
     tma_store_commit_and_wait();
   }
 #endif

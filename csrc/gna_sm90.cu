@@ -106,11 +106,15 @@ cudaError_t fwd_sm90(DType dt, Params p, cudaStream_t stream, bool& used) {
   if (!plan.ok) return cudaSuccess;
   const int64_t nqtiles = apply_plan(p, plan, true);
   if (nqtiles >= (int64_t{1} << 31)) return cudaSuccess;
-  int qn[3], kn[3];
-  for (int a = 0; a < 3; ++a) { qn[a] = p.ax[a].qn; kn[a] = p.ax[a].kvn; }
+  int qn[3], kn[3], half[3];
+  for (int a = 0; a < 3; ++a) { qn[a] = p.ax[a].qn; kn[a] = p.ax[a].kvn; half[a] = plan.qt[a]; }
+  // Each consumer warpgroup stores its 64 rows of the tile: the first axis of extent > 1
+  // halved (rows are row-major in the tile, so each half is a box).
+  for (int a = 0; a < 3; ++a)
+    if (half[a] > 1) { half[a] /= 2; break; }
   CUtensorMap tq, tk, tv, to;
   if (!make_map(&tq, dt, p.q, p.B, qn, p.H * D, plan.qt) || !make_map(&tk, dt, p.k, p.B, kn, p.Hkv * D, plan.kt) ||
-      !make_map(&tv, dt, p.v, p.B, kn, p.Hkv * D, plan.kt) || !make_map(&to, dt, p.o, p.B, qn, p.H * D, plan.qt))
+      !make_map(&tv, dt, p.v, p.B, kn, p.Hkv * D, plan.kt) || !make_map(&to, dt, p.o, p.B, qn, p.H * D, half))
     return cudaSuccess;  // not representable as TMA boxes: the sm80 kernels run
   const size_t smem = FwdLayout<D, S>::smem_bytes();
   if (cudaError_t e = set_smem(kern, smem); e != cudaSuccess) return e;

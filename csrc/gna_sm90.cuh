@@ -82,6 +82,13 @@ __device__ __forceinline__ void tma_store_commit_and_wait() {
   asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
   asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
 }
+// Store groups: close the group of the stores issued so far; wait until every group has
+// read its shared memory (the buffer may be rewritten), or has completed.
+__device__ __forceinline__ void tma_store_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void tma_store_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+}
+__device__ __forceinline__ void tma_store_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 // Generic-proxy writes to shared memory become visible to the async proxy (TMA).
 __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -106,6 +113,11 @@ __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.alig
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void wg_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// wg_wait<0> spelled differently (a PTX comment), for the other side of a branch that
+// must keep its own wait (identical asm on both sides would be merged above the branch).
+__device__ __forceinline__ void wg_wait_0_alt() {
+  asm volatile("wgmma.wait_group.sync.aligned 0; // alt\n" ::: "memory");
 }
 // Keeps the compiler from moving accumulator accesses across an async wgmma.
 template <int N> __device__ __forceinline__ void reg_fence(float (&d)[N]) {

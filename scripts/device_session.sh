@@ -19,6 +19,8 @@
 #           (default) against the sm80 backward (JAX_GNA_SM90_BWD=0) and cuDNN dense
 #   ab      the carried library against another build ($AB_OLD), same problems as quick,
 #           forward and backward, in one session
+#   abenv   scripts/ab_env.py: kernel variants chosen by environment variables, interleaved
+#           in one process ($ABENV_ARGS), and the old library ($AB_OLD) on the same problems
 #   quick   forward only, bf16: the three block-sparse paper problems with cuda
 #           (Hopper path where it applies), cuda with JAX_GNA_SM90=0 (sm80 kernels)
 #           and cuDNN dense, side by side
@@ -119,6 +121,16 @@ for stage in "$@"; do
           done
         done
         cp "$LOGS/new.so" jax_gna/libjax_gna_cuda.so ;;
+    abenv) # scripts/ab_env.py: variants the library picks from the environment, interleaved in
+           # one process ($ABENV_ARGS: --variant NAME=VAR=VAL,... --passes ... problems); then,
+           # with $AB_OLD, the same problems with that library (base variant only).
+           TAIL=12 step abenv "${ABENV_LIMIT:-300}" python3 scripts/ab_env.py ${ABENV_ARGS:-}
+           if [ -n "${AB_OLD:-}" ]; then
+             cp jax_gna/libjax_gna_cuda.so "$LOGS/new.so"; cp "$AB_OLD" jax_gna/libjax_gna_cuda.so
+             TAIL=12 step abenv_old "${ABENV_LIMIT:-300}" python3 scripts/ab_env.py \
+               $(echo " ${ABENV_ARGS:-}" | sed -E 's/ --variant [^ ]+//g')
+             cp "$LOGS/new.so" jax_gna/libjax_gna_cuda.so
+           fi ;;
     *) say "unknown stage $stage" ;;
   esac
 done

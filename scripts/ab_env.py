@@ -1,0 +1,99 @@
+"""A/B of kernel variants that the library picks from environment variables at launch
+(a GPU measurement aid): one process, one compiled function per problem and pass, the
+variants interleaved round by round so clock and thermal drift hit them alike.
+
+Each variant is a set of environment assignments ("base" = none); the library reads
+them on every launch (csrc/gna_sm90.cu), so switching needs no recompilation. Also
+prints, per variant, the largest difference of its output from the first variant's
+(0 where a variant changes only the schedule, not the arithmetic).
+
+usage (on the GPU): python3 scripts/ab_env.py [--passes fwd,bwd] [--rounds 9]
+    [--variant NAME=VAR=VALUE,VAR=VALUE ...] [shape window stride heads] ...
+  default problems: the three block-sparse paper problems.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from profile_sm90 import problem  # this directory (python3 scripts/ab_env.py)
+
+DEFAULT = ["32768", "2048", "2048", "1", "256x256", "80x80", "16x16", "24",
+           "30x48x80", "18x24x24", "16x8x8", "24"]
+
+
+def parse_variant(s: str) -> tuple[str, dict[str, str]]:
+    name, _, rest = s.partition("=")
+    env = dict(kv.split("=", 1) for kv in rest.split(",") if kv) if rest else {}
+    return name, env
+
+
+def set_env(env: dict[str, str], names: set[str]) -> None:
+    for n in names:
+        os.environ.pop(n, None)
+    os.environ.update(env)
+
+
+def time_calls(fn, args, inner: int) -> float:
+    jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / inner
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--passes", default="fwd")
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--variant", action="append", default=[])
+    ap.add_argument("problems", nargs="*")
+    a = ap.parse_args()
+    variants = [("base", {})] + [parse_variant(v) for v in a.variant]
+    names = {n for _, env in variants for n in env}
+    probs = a.problems or DEFAULT
+    for i in range(0, len(probs), 4):
+        shape, window, stride, heads = probs[i:i + 4]
+        op, args = problem(shape, window, stride, heads)
+        fns = {}
+        if "fwd" in a.passes.split(","):
+            fns["fwd"] = jax.jit(op)
+        if "bwd" in a.passes.split(","):
+            def loss(q, k, v):
+                return jnp.sum(op(q, k, v).astype(jnp.float32))
+            fns["fwd+bwd"] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        for pname, fn in fns.items():
+            one = time_calls(fn, args, 1)
+            inner = int(min(50, max(1, 0.02 // one)))
+            times = {name: [] for name, _ in variants}
+            outs = {}
+            for name, env in variants:  # warm-up and outputs per variant
+                set_env(env, names)
+                outs[name] = jax.tree_util.tree_map(np.asarray, fn(*args))
+            for r in range(a.rounds):
+                order = variants[r % len(variants):] + variants[:r % len(variants)]
+                for name, env in order:
+                    set_env(env, names)
+                    times[name].append(time_calls(fn, args, inner))
+            ref = jax.tree_util.tree_leaves(outs[variants[0][0]])
+            line = []
+            for name, _ in variants:
+                med = statistics.median(times[name])
+                diff = max(float(np.max(np.abs(x.astype(np.float32) - y.astype(np.float32))))
+                           for x, y in zip(jax.tree_util.tree_leaves(outs[name]), ref))
+                line.append(f"{name} {med * 1e3:.4f} ms (diff {diff:.3g})")
+            print(f"{shape} w{window} s{stride} H{heads} {pname} [{inner}x{a.rounds}]: " + "; ".join(line),
+                  flush=True)
+    set_env({}, names)
+
+
+if __name__ == "__main__":
+    main()
