@@ -3,9 +3,11 @@
 variants interleaved round by round so clock and thermal drift hit them alike.
 
 Each variant is a set of environment assignments ("base" = none); the library reads
-them on every launch (csrc/gna_sm90.cu), so switching needs no recompilation. Also
-prints, per variant, the largest difference of its output from the first variant's
-(0 where a variant changes only the schedule, not the arithmetic).
+its variables on every launch (csrc/gna_sm90.cu: JAX_GNA_SM90, JAX_GNA_SM90_BWD, and
+whatever switch an experiment adds there for the session), so switching needs no
+recompilation. Also prints, per variant, the largest difference of its output from the
+first variant's (0 where a variant changes only the schedule, not the arithmetic).
+Example: --variant sm80=JAX_GNA_SM90=0 times the Hopper forward against the sm80 one.
 
 usage (on the GPU): python3 scripts/ab_env.py [--passes fwd,bwd] [--rounds 9]
     [--variant NAME=VAR=VALUE,VAR=VALUE ...] [shape window stride heads] ...
