@@ -185,15 +185,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int r = 0; r < 2; ++r) {
     const int m = 64 * cw + 16 * warp + gid + 8 * r;
     const int o[3] = {m >> (qsh2 + qsh1), (m >> qsh2) & (p.ax[1].qt - 1), m & (p.ax[2].qt - 1)};
-    bool ok = true;
-    int64_t tok = 0;
 #pragma unroll
-    for (int a = 0; a < 3; ++a) {
-      const int ig = tile.qs[a] + o[a];
-      ok &= ig <= tile.qe[a];
-      window(p.ax[a], 0, ig, wlo[r][a], whi[r][a]);
-      tok = tok * p.ax[a].qn + (ig - p.ax[a].q0);
-    }
+    for (int a = 0; a < 3; ++a) window(p.ax[a], 0, tile.qs[a] + o[a], wlo[r][a], whi[r][a]);
+    int64_t tok;
+    const bool ok = tile.query_token(p, o, tok);
     const int64_t at = (b * p.nq + tok) * p.H + h;
     lse2[r] = ok ? p.lse_in[at] * kLog2e : INFINITY;  // padding rows: P = 0
     dlt[r] = ok ? p.delta[at] : 0.f;

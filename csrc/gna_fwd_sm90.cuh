@@ -154,6 +154,19 @@ struct FwdTile {
 #pragma unroll
     for (int a = 0; a < 3; ++a) ks[a] = (kt0[a] + w.i[a]) * p.ax[a].kt;
   }
+  // Query `o` (in-tile coordinates per axis) of the tile: whether it lies in the block,
+  // and its token index in the query block (row-major over the block's extents).
+  GNA_HD bool query_token(const Params& p, const int (&o)[3], int64_t& tok) const {
+    bool valid = true;
+    tok = 0;
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+      const int ig = qs[a] + o[a];
+      valid &= ig <= qe[a];
+      tok = tok * p.ax[a].qn + (ig - p.ax[a].q0);
+    }
+    return valid;
+  }
   // Whether every valid query of the tile sees every key of the key tile that starts
   // at global `ks` (then the element mask is skipped; padded key tiles never qualify).
   // The forward kernel spells the same test inline (its measured code).
@@ -495,14 +508,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     int o[3];
     row_coords(row, o);
-    bool valid = true;
-    int64_t tok = 0;
-#pragma unroll
-    for (int a = 0; a < 3; ++a) {
-      const int ig = tile.qs[a] + o[a];
-      valid &= ig <= tile.qe[a];
-      tok = tok * p.ax[a].qn + (ig - p.ax[a].q0);
-    }
+    int64_t tok;
+    const bool valid = tile.query_token(p, o, tok);
     if (tig == 0 && valid) {
       const float lse = l > 0.f ? m_run[r] * 0.69314718055994531f + logf(l) : -INFINITY;
       p.lse[(b * p.nq + tok) * p.H + h] = lse;
