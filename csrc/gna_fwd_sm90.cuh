@@ -26,8 +26,26 @@
 #include "gna_problem.h"
 #include "gna_sm90.cuh"
 
+// GNA_FWD_TIMELINE=1 (a measurement build, scripts/fwd_timeline.py): the first thread of
+// the first consumer warpgroup records %globaltimer and its SM's clock at six points of
+// its CTA's life and writes them, with the SM and the key tile count, over the lse of
+// the tile's first 16 queries.
+#ifndef GNA_FWD_TIMELINE
+#define GNA_FWD_TIMELINE 0
+#endif
+
 namespace gna {
 namespace sm90 {
+
+struct Stamps {
+  uint32_t v[16];
+  __device__ __forceinline__ void take(int i) {
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    v[i] = static_cast<uint32_t>(t);
+    v[8 + i] = static_cast<uint32_t>(clock64());
+  }
+};
 
 constexpr int kTileTokens = 128;  // queries per tile (and keys, except at D = 256)
 constexpr int kThreads = 384;
@@ -207,6 +225,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int hk = h / (p.H / p.Hkv);
   const FwdTile tile(p, blockIdx.x);
   const int wg = warpgroup_index();
+  [[maybe_unused]] Stamps stamp;
+  if (GNA_FWD_TIMELINE) stamp.take(0);
 
   if (threadIdx.x == 0) {
     mbar_init(bar_q, 1);
@@ -430,11 +450,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int n = tile.ntiles;
   if (cw == 1) turn_pass();  // warpgroup 0 goes first
   mbar_wait(bar_q, 0);
+  if (GNA_FWD_TIMELINE) stamp.take(1);
   turn_wait();
   issue_s(0, sc);
   turn_pass();
   bool full = next_tile(ks);
   wg_wait<0>();
+  if (GNA_FWD_TIMELINE) stamp.take(2);
   reg_fence(sc);
   softmax(ks, full, sc, alpha);
   to_a(sc, pa);
@@ -478,10 +500,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     release(it - 1);
     to_a(sc, pa);
   }
+  if (GNA_FWD_TIMELINE) stamp.take(3);
   turn_wait();
   issue_pv(n - 1, pa);
   if (cw == 0) turn_pass();  // warpgroup 1's last pass would have no matching wait
   wg_wait<0>();
+  if (GNA_FWD_TIMELINE) stamp.take(4);
 #pragma unroll
   for (int g = 0; g < NG; ++g) reg_fence(o_acc[g]);
   release(n - 1);
@@ -525,6 +549,17 @@ __global__ void __launch_bounds__(kThreads, 1)
       tma_store_5d(&to, sQ + c * L::kQHalf + cw * 64 * 128, h * D + 64 * c, tile.qs[2] + o[2] - p.ax[2].q0,
                    tile.qs[1] + o[1] - p.ax[1].q0, tile.qs[0] + o[0] - p.ax[0].q0, b);
     tma_store_commit_and_wait();
+  }
+  if (GNA_FWD_TIMELINE && threadIdx.x == 128) {
+    stamp.take(5);
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(stamp.v[6]));
+    stamp.v[7] = static_cast<uint32_t>(n);
+    for (int i = 0; i < 16; ++i) {
+      int o[3];
+      row_coords(i, o);
+      int64_t tok;
+      if (tile.query_token(p, o, tok)) p.lse[(b * p.nq + tok) * p.H + h] = __uint_as_float(stamp.v[i]);
+    }
   }
 #endif
 }

@@ -9,7 +9,7 @@ recompilation. Also prints, per variant, the largest difference of its output fr
 first variant's (0 where a variant changes only the schedule, not the arithmetic).
 Example: --variant sm80=JAX_GNA_SM90=0 times the Hopper forward against the sm80 one.
 
-usage (on the GPU): python3 scripts/ab_env.py [--passes fwd,bwd] [--rounds 9]
+usage (on the GPU): python3 scripts/ab_env.py [--passes fwd,bwd] [--rounds 9] [--warm-s 2]
     [--variant NAME=VAR=VALUE,VAR=VALUE ...] [shape window stride heads] ...
   default problems: the three block-sparse paper problems.
 """
@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--passes", default="fwd")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--variant", action="append", default=[])
+    ap.add_argument("--warm-s", type=float, default=0.0,
+                    help="run each problem back to back this long before timing it (GPU clocks)")
     ap.add_argument("problems", nargs="*")
     a = ap.parse_args()
     variants = [("base", {})] + [parse_variant(v) for v in a.variant]
@@ -80,6 +82,9 @@ def main() -> None:
             for name, env in variants:  # warm-up and outputs per variant
                 set_env(env, names)
                 outs[name] = jax.tree_util.tree_map(np.asarray, fn(*args))
+            t_end = time.perf_counter() + a.warm_s
+            while time.perf_counter() < t_end:
+                time_calls(fn, args, inner)
             for r in range(a.rounds):
                 order = variants[r % len(variants):] + variants[:r % len(variants)]
                 for name, env in order:

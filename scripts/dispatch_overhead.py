@@ -1,12 +1,15 @@
 """How much of a short call's time is host work? (a GPU measurement aid)
 
-Times the cuda forward of one problem two ways with jax_gna.bench.measure (bf16, head
-dim 128, median of 30 samples of back-to-back calls):
-  per call: one jitted call at a time, back to back (what benchmarks/run.py does);
-  chained:  one jit that runs the op N times in a row (each output is the next query),
-            divided by N: Python dispatch is paid once, the FFI handler's host work and
-            the kernel N times.
-If "per call" is well above "chained", the GPU waits on the host between calls.
+For each problem (bf16, head dim 128, the cuda forward), with the Hopper path on and
+off (JAX_GNA_SM90=0), prints per call:
+  enqueue:  host time to return from one jitted call while the GPU is busy (the
+            Python dispatch, XLA's thunks and the FFI handler's host work);
+  per call: back-to-back calls, time until the last one is done (what
+            benchmarks/run.py measures);
+and the same for a trivial jitted op (x + 1 on one element), JAX's floor. When
+"enqueue" is close to "per call", the host, not the kernel, sets the time; the kernel's
+own duration then comes from Nsight Compute (device_session.sh `profile`, or
+`ncu --metrics gpu__time_duration.sum`).
 
 usage (on the GPU): python3 scripts/dispatch_overhead.py [shape window stride heads] ...
   default: the 1-D block-sparse paper problem, 32768 2048 2048 1
@@ -14,29 +17,51 @@ usage (on the GPU): python3 scripts/dispatch_overhead.py [shape window stride he
 
 from __future__ import annotations
 
+import os
+import statistics
 import sys
+import time
 
-from jax_gna.bench import measure
+import jax
+import jax.numpy as jnp
+
 from profile_sm90 import problem  # this directory (python3 scripts/dispatch_overhead.py)
 
-N_CHAIN = 16
+N = 200
 
 
-def run(shape: str, window: str, stride: str, heads: str) -> None:
-    op, args = problem(shape, window, stride, heads)
+def times(fn, args) -> tuple[float, float]:
+    """Median over 7 samples of N back-to-back calls: (enqueue, per call) seconds."""
+    jax.block_until_ready(fn(*args))
+    enq, tot = [], []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        for _ in range(N):
+            out = fn(*args)
+        t1 = time.perf_counter()
+        jax.block_until_ready(out)
+        t2 = time.perf_counter()
+        enq.append((t1 - t0) / N)
+        tot.append((t2 - t0) / N)
+    return statistics.median(enq), statistics.median(tot)
 
-    def chain(q, k, v):
-        for _ in range(N_CHAIN):
-            q = op(q, k, v)
-        return q
 
-    t_one = measure(op, args, min_samples=30, max_samples=30)["time_s"]
-    t_chain = measure(chain, args, min_samples=30, max_samples=30)["time_s"] / N_CHAIN
-    print(f"{shape} w{window} s{stride} H{heads}: per call {t_one * 1e6:.1f} us, "
-          f"chained {t_chain * 1e6:.1f} us per op ({N_CHAIN} in one jit)", flush=True)
+def show(name: str, fn, args) -> None:
+    e, t = times(fn, args)
+    print(f"{name}: enqueue {e * 1e6:.1f} us, per call {t * 1e6:.1f} us", flush=True)
+
+
+def main(argv: list[str]) -> None:
+    show("trivial jit (x + 1)", jax.jit(lambda x: x + 1), (jnp.zeros((1,), jnp.float32),))
+    for i in range(0, len(argv), 4):
+        shape, window, stride, heads = argv[i:i + 4]
+        op, args = problem(shape, window, stride, heads)
+        fn = jax.jit(op)
+        for mode in ("auto", "0"):
+            os.environ["JAX_GNA_SM90"] = mode
+            show(f"{shape} w{window} s{stride} H{heads} JAX_GNA_SM90={mode}", fn, args)
+        os.environ.pop("JAX_GNA_SM90")
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:] or ["32768", "2048", "2048", "1"]
-    for i in range(0, len(args), 4):
-        run(*args[i:i + 4])
+    main(sys.argv[1:] or ["32768", "2048", "2048", "1"])
