@@ -27,9 +27,9 @@
 #include "gna_sm90.cuh"
 
 // GNA_FWD_TIMELINE=1 (a measurement build, scripts/fwd_timeline.py): the first thread of
-// the first consumer warpgroup records %globaltimer and its SM's clock at six points of
-// its CTA's life and writes them, with the SM and the key tile count, over the lse of
-// the tile's first 16 queries.
+// the first consumer warpgroup records %globaltimer at six points of its CTA's life (in
+// shared memory) and at the end writes them, with the SM and the key tile count, over
+// the lse of the tile's first eight queries.
 #ifndef GNA_FWD_TIMELINE
 #define GNA_FWD_TIMELINE 0
 #endif
@@ -38,12 +38,17 @@ namespace gna {
 namespace sm90 {
 
 struct Stamps {
-  uint32_t v[16];
-  __device__ __forceinline__ void take(int i) {
-    uint64_t t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    v[i] = static_cast<uint32_t>(t);
-    v[8 + i] = static_cast<uint32_t>(clock64());
+  uint32_t at;  // shared address of 6 words (past the barriers)
+  __device__ __forceinline__ void take(int i) const {
+    asm volatile(
+        "{\n .reg .pred p;\n .reg .u32 t;\n .reg .u32 x;\n mov.u32 x, %%tid.x;\n setp.eq.u32 p, x, 128;\n"
+        " mov.u32 t, %%globaltimer_lo;\n @p st.shared.u32 [%0], t;\n}\n" ::"r"(at + 4 * i)
+        : "memory");
+  }
+  __device__ __forceinline__ uint32_t get(int i) const {
+    uint32_t v;
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(at + 4 * i));
+    return v;
   }
 };
 
@@ -65,7 +70,8 @@ struct FwdLayout {
   static constexpr int kK = kQBytes;
   static constexpr int kV = kK + STAGES * kKVBytes;
   static constexpr int kBars = kV + STAGES * kKVBytes;  // qfull, kfull[S], vfull[S], empty[S]
-  static constexpr size_t smem_bytes() { return kBars + 8 * (1 + 3 * STAGES) + 1024; }
+  static constexpr int kStamps = kBars + 128;  // GNA_FWD_TIMELINE's stamps
+  static constexpr size_t smem_bytes() { return kBars + 8 * (1 + 3 * STAGES) + 1024 + (GNA_FWD_TIMELINE ? 160 : 0); }
 };
 
 template <typename T> struct Wgmma;
@@ -225,7 +231,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int hk = h / (p.H / p.Hkv);
   const FwdTile tile(p, blockIdx.x);
   const int wg = warpgroup_index();
-  [[maybe_unused]] Stamps stamp;
+  [[maybe_unused]] const Stamps stamp{sbase + L::kStamps};
   if (GNA_FWD_TIMELINE) stamp.take(0);
 
   if (threadIdx.x == 0) {
@@ -552,13 +558,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   if (GNA_FWD_TIMELINE && threadIdx.x == 128) {
     stamp.take(5);
-    asm volatile("mov.u32 %0, %%smid;" : "=r"(stamp.v[6]));
-    stamp.v[7] = static_cast<uint32_t>(n);
-    for (int i = 0; i < 16; ++i) {
+    uint32_t sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    for (int i = 0; i < 8; ++i) {
       int o[3];
       row_coords(i, o);
       int64_t tok;
-      if (tile.query_token(p, o, tok)) p.lse[(b * p.nq + tok) * p.H + h] = __uint_as_float(stamp.v[i]);
+      const uint32_t v = i < 6 ? stamp.get(i) : i == 6 ? sm : static_cast<uint32_t>(n);
+      if (tile.query_token(p, o, tok)) p.lse[(b * p.nq + tok) * p.H + h] = __uint_as_float(v);
     }
   }
 #endif
