@@ -9,7 +9,7 @@ recompilation. Also prints, per variant, the largest difference of its output fr
 first variant's (0 where a variant changes only the schedule, not the arithmetic).
 Example: --variant sm80=JAX_GNA_SM90=0 times the Hopper forward against the sm80 one.
 
-usage (on the GPU): python3 scripts/ab_env.py [--passes fwd,bwd] [--rounds 9] [--warm-s 2]
+usage (on the GPU): python3 scripts/ab_env.py [--passes fwd,bwd] [--rounds 9] [--warm-s 2] [--chain 16]
     [--variant NAME=VAR=VALUE,VAR=VALUE ...] [shape window stride heads] ...
   default problems: the three block-sparse paper problems.
 """
@@ -57,6 +57,9 @@ def main() -> None:
     ap.add_argument("--passes", default="fwd")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--variant", action="append", default=[])
+    ap.add_argument("--chain", type=int, default=1,
+                    help="forward: time one jit of this many ops in a row (each output the next "
+                         "query) per call, divided by it: JAX's per-call host time is paid once")
     ap.add_argument("--warm-s", type=float, default=0.0,
                     help="run each problem back to back this long before timing it (GPU clocks)")
     ap.add_argument("problems", nargs="*")
@@ -69,7 +72,11 @@ def main() -> None:
         op, args = problem(shape, window, stride, heads)
         fns = {}
         if "fwd" in a.passes.split(","):
-            fns["fwd"] = jax.jit(op)
+            def chained(q, k, v, op=op):
+                for _ in range(a.chain):
+                    q = op(q, k, v)
+                return q
+            fns["fwd" if a.chain == 1 else f"fwd x{a.chain}"] = jax.jit(chained)
         if "bwd" in a.passes.split(","):
             def loss(q, k, v):
                 return jnp.sum(op(q, k, v).astype(jnp.float32))
@@ -96,7 +103,8 @@ def main() -> None:
                 med = statistics.median(times[name])
                 diff = max(float(np.max(np.abs(x.astype(np.float32) - y.astype(np.float32))))
                            for x, y in zip(jax.tree_util.tree_leaves(outs[name]), ref))
-                line.append(f"{name} {med * 1e3:.4f} ms (diff {diff:.3g})")
+                per = a.chain if pname.startswith("fwd x") else 1
+                line.append(f"{name} {med / per * 1e3:.4f} ms (diff {diff:.3g})")
             print(f"{shape} w{window} s{stride} H{heads} {pname} [{inner}x{a.rounds}]: " + "; ".join(line),
                   flush=True)
     set_env({}, names)
