@@ -5,7 +5,8 @@
 #           scripts/build_cuda_lib.sh) and carried: compile only the small pybind11 module
 #           against it (seconds instead of minutes of device time)
 #   debugbwd scripts/debug_sm90_bwd.py: the Hopper backward against the sm80 one, per gradient
-#   dispatch scripts/dispatch_overhead.py: per-call vs chained time of short forwards (host cost)
+#   dispatch scripts/dispatch_overhead.py: host enqueue time vs time per call of short forwards,
+#           and JAX's floor (a trivial jitted op)
 #   debugfwd scripts/debug_sm90_fwd.py: the forced Hopper forward on a ladder of problems,
 #           each in a child process with a time limit (finds hangs); $DEBUGFWD_DIMS head dims
 #   profile Nsight Compute on one kernel (PROFILE_KERNEL regex, PROFILE_PROBLEM for
