@@ -70,8 +70,11 @@ struct FwdLayout {
   static constexpr int kK = kQBytes;
   static constexpr int kV = kK + STAGES * kKVBytes;
   static constexpr int kBars = kV + STAGES * kKVBytes;  // qfull, kfull[S], vfull[S], empty[S]
-  static constexpr int kStamps = kBars + 128;  // GNA_FWD_TIMELINE's stamps
-  static constexpr size_t smem_bytes() { return kBars + 8 * (1 + 3 * STAGES) + 1024 + (GNA_FWD_TIMELINE ? 160 : 0); }
+  static constexpr int kStamps = kBars + 128;           // GNA_FWD_TIMELINE's 6 stamps
+  static_assert(8 * (1 + 3 * STAGES) <= kStamps - kBars, "the stamps lie past the barriers");
+  static constexpr size_t smem_bytes() {
+    return (GNA_FWD_TIMELINE ? kStamps + 4 * 6 : kBars + 8 * (1 + 3 * STAGES)) + 1024;
+  }
 };
 
 template <typename T> struct Wgmma;

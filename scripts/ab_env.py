@@ -70,18 +70,18 @@ def main() -> None:
     for i in range(0, len(probs), 4):
         shape, window, stride, heads = probs[i:i + 4]
         op, args = problem(shape, window, stride, heads)
-        fns = {}
+        fns = {}  # pass name: (jitted function, ops per call)
         if "fwd" in a.passes.split(","):
             def chained(q, k, v, op=op):
                 for _ in range(a.chain):
                     q = op(q, k, v)
                 return q
-            fns["fwd" if a.chain == 1 else f"fwd x{a.chain}"] = jax.jit(chained)
+            fns["fwd" if a.chain == 1 else f"fwd x{a.chain}"] = (jax.jit(chained), a.chain)
         if "bwd" in a.passes.split(","):
             def loss(q, k, v):
                 return jnp.sum(op(q, k, v).astype(jnp.float32))
-            fns["fwd+bwd"] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-        for pname, fn in fns.items():
+            fns["fwd+bwd"] = (jax.jit(jax.grad(loss, argnums=(0, 1, 2))), 1)
+        for pname, (fn, per) in fns.items():
             one = time_calls(fn, args, 1)
             inner = int(min(50, max(1, 0.02 // one)))
             times = {name: [] for name, _ in variants}
@@ -103,7 +103,6 @@ def main() -> None:
                 med = statistics.median(times[name])
                 diff = max(float(np.max(np.abs(x.astype(np.float32) - y.astype(np.float32))))
                            for x, y in zip(jax.tree_util.tree_leaves(outs[name]), ref))
-                per = a.chain if pname.startswith("fwd x") else 1
                 line.append(f"{name} {med / per * 1e3:.4f} ms (diff {diff:.3g})")
             print(f"{shape} w{window} s{stride} H{heads} {pname} [{inner}x{a.rounds}]: " + "; ".join(line),
                   flush=True)

@@ -28,6 +28,8 @@ def run(tokens: int, window: int, stride: int, heads: int) -> None:
                 is_causal=(False,), scale=128 ** -0.5)
     key = jax.random.split(jax.random.PRNGKey(0), 3)
     q, k, v = (jax.random.normal(kk, (1, tokens, heads, 128), jnp.bfloat16) for kk in key)
+    if tokens % 128:
+        raise SystemExit(f"tokens must be a multiple of the 128-token tile, got {tokens}")
     fn = jax.jit(lambda q, k, v: cuda.attention(q, k, v, p)[1])
     for _ in range(20):  # warm (clocks, caches); the last call is read
         lse = fn(q, k, v)
@@ -37,6 +39,8 @@ def run(tokens: int, window: int, stride: int, heads: int) -> None:
     t = st[:, 0:6].astype(np.int64)
     ns = (t - t[:, 0].min()) % (1 << 32)  # ns since the first CTA's entry (32-bit stamps)
     sm = st[:, 6]
+    if (sm >= 1024).any() or (st[:, 7] >= 1 << 20).any():  # real lse values, not stamps
+        raise SystemExit("no stamps in the lse: build the library with GNA_FWD_TIMELINE=1")
     print(f"== {tokens} w{window} s{stride} H{heads}: {len(st)} CTAs, {st[0, 7]} key tiles each; "
           f"span {ns[:, 5].max() / 1e3:.2f} us (first entry to last epilogue end)")
     for i, name in enumerate(PHASES):
