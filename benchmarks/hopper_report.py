@@ -5,7 +5,10 @@
 Per problem and dtype: our forward, backward and forward+backward against cuDNN dense
 from the same run, % of the simulator's tile bound (speed of light of our tiling),
 the backward's throughput per useful FLOP against cuDNN dense's per FLOP it computes,
-and NATTEN's published H100 figures beside the issue's targets.
+and NATTEN's published H100 figures beside the issue's targets. Forwards fast enough to
+be timed also as 16 ops in one jitted call (jax_gna.bench.CHAIN_BELOW_S) show that time
+per op too, and their target verdict uses it: per call, such a forward measures JAX's
+host time, while NATTEN's figures are kernel times.
 """
 
 from __future__ import annotations
@@ -60,10 +63,14 @@ def report(path: str) -> str:
         "- bwd / cuDNN per FLOP: our backward's useful-FLOP rate over cuDNN dense backward's rate on "
         "the FLOPs it computes (the issue's backward target: >= 70%).",
         "- NATTEN: published figures (fp16; kernel / with permutation), not run here.",
+        "- fwd in one jit: forwards under 300 us per call are also timed as 16 forwards in one jitted "
+        "call (each output the next query), per op, with its % SOL. Back to back, a call that short "
+        "measures JAX's host time per call (about 45 us for a trivial jitted op on the H200 machine) "
+        "more than the kernel; the target verdict uses the in-jit time where there is one.",
         "",
-        "| problem | dtype | fwd | TF/s | % SOL | cuDNN fwd | speedup | target | NATTEN | bwd | % SOL "
-        "| cuDNN bwd | bwd / cuDNN per FLOP | fwd+bwd | speedup |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| problem | dtype | fwd | TF/s | % SOL | fwd in one jit | cuDNN fwd | speedup | target | NATTEN "
+        "| bwd | % SOL | cuDNN bwd | bwd / cuDNN per FLOP | fwd+bwd | speedup |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     summary = {}
     for case in d["cases"]:
@@ -76,20 +83,26 @@ def report(path: str) -> str:
                 continue
             tgt = TARGET_S.get(name)
             verdict = "-"
+            t_fwd = f.get("chained_s") or f["time_s"]
             if tgt is not None:
-                verdict = f"<= {fmt_t(tgt)}: {'met' if f['time_s'] <= tgt else 'missed'}"
-                summary.setdefault(name, []).append((short, f["time_s"], tgt))
+                verdict = f"<= {fmt_t(tgt)}: {'met' if t_fwd <= tgt else 'missed'}"
+                summary.setdefault(name, []).append((short, t_fwd, tgt))
+            in_jit = "-"
+            if f.get("chained_s"):
+                in_jit = fmt_t(f["chained_s"])
+                if f.get("pct_bound"):
+                    in_jit += f" ({f['pct_bound'] * f['time_s'] / f['chained_s']:.0f}%)"
             per_flop = "-"
             if b is not None and bc is not None:
                 per_flop = f"{100 * b['tflops'] * case['density'] / bc['tflops']:.0f}%"
             out.append(" | ".join([
                 f"| {name}", short, fmt_t(f["time_s"]), f"{f['tflops']:.0f}", f"{f.get('pct_bound', 0):.0f}%",
-                fmt_t(fc and fc["time_s"]), f"{f['speedup']:.2f}x" if f.get("speedup") else "-", verdict,
+                in_jit, fmt_t(fc and fc["time_s"]), f"{f['speedup']:.2f}x" if f.get("speedup") else "-", verdict,
                 NATTEN.get(name, "-"), fmt_t(b and b["time_s"]),
                 f"{b['pct_bound']:.0f}%" if b and b.get("pct_bound") else "-", fmt_t(bc and bc["time_s"]), per_flop,
                 fmt_t(fb and fb["time_s"]), f"{fb['speedup']:.2f}x |" if fb and fb.get("speedup") else "- |",
             ]))
-    out += ["", "Forward targets (bf16 / fp16):", "", "| problem | target | measured | |", "| --- | --- | --- | --- |"]
+    out += ["", "Forward targets (bf16 / fp16; in one jit where timed so):", "", "| problem | target | measured | |", "| --- | --- | --- | --- |"]
     for name, rows in summary.items():
         times = " / ".join(fmt_t(t) for _, t, _ in rows)
         met = all(t <= g for _, t, g in rows)

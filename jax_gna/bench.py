@@ -49,6 +49,12 @@ PASSES = ("fwd", "bwd", "fwdbwd")
 BACKENDS = ("cuda", "xla", "cudnn", "masked")
 DTYPES = ("float16", "bfloat16", "float32")
 _SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+#: A forward faster than CHAIN_BELOW_S per call is also timed as CHAIN forwards in one
+#: jitted call (each output the next query): JAX's host time per call (about 45 us for a
+#: trivial jitted op on the H200 machine) is then paid once, not per op, so the figure is
+#: the GPU's time per op, which a kernel-time figure (CUDA events) compares with.
+CHAIN = 16
+CHAIN_BELOW_S = 300e-6
 
 
 # --------------------------------------------------------------------------
@@ -295,6 +301,22 @@ def pass_fn(f: Callable, pass_: str, q, k, v, do, extra: tuple) -> tuple[Callabl
     raise ValueError(f"unknown pass {pass_!r}; choose from {PASSES}.")
 
 
+def chained_fwd(f: Callable, q, k, v, extra: tuple, n: int = CHAIN) -> tuple[Callable, tuple] | None:
+    """``n`` forwards of ``f`` in one jittable function, each output the next query, and
+    its arguments; None when the output is not shaped like the query (cannot chain)."""
+    import jax
+
+    out = jax.eval_shape(f, q, k, v, *extra)
+    if out.shape != q.shape or out.dtype != q.dtype:
+        return None
+
+    def chain(q, k, v, *e):
+        for _ in range(n):
+            q = f(q, k, v, *e)
+        return q
+    return chain, (q, k, v) + extra
+
+
 def _compiled_bytes(compiled) -> int | None:
     try:
         m = compiled.memory_analysis()
@@ -435,7 +457,7 @@ def run(cases: Sequence[Case], *, backends: Sequence[str] = BACKENDS,
         dtypes: Sequence[str] | None = None, passes: Sequence[str] = PASSES,
         sampling: tuple[int, int, float] | dict[str, tuple[int, int, float]] = (3, 20, 0.25),
         deadline: float | None = None, mask_limit_bytes: int = 4 << 30, seed: int = 0,
-        progress: bool = True, name: str = "custom") -> dict:
+        progress: bool = True, name: str = "custom", chain_below_s: float = CHAIN_BELOW_S) -> dict:
     """Run the sweep; return the results (:func:`write_report` writes the files).
 
     Args:
@@ -451,6 +473,9 @@ def run(cases: Sequence[Case], *, backends: Sequence[str] = BACKENDS,
         dtype before ``xla`` and ``masked`` (:data:`PHASES`).
       mask_limit_bytes: the ``masked`` peer is skipped when its [tokens, tokens] mask is
         larger, or its estimated score matrices exceed this or 60% of device memory.
+      chain_below_s: a forward faster than this per call is also timed as :data:`CHAIN`
+        forwards in one jitted call (:func:`chained_fwd`); the record's ``chained_s`` is
+        that time per op.
     """
     import jax
     import jax.numpy as jnp
@@ -525,6 +550,13 @@ def run(cases: Sequence[Case], *, backends: Sequence[str] = BACKENDS,
                                         else sampling))
                 del fn, args
                 rec.update(m)
+                if p == "fwd" and m["time_s"] < chain_below_s:
+                    ch = chained_fwd(f, *inputs[:3], extra)
+                    if ch is not None:
+                        mc = measure(*ch, *(sampling[case.name] if isinstance(sampling, dict)
+                                            else sampling))
+                        rec.update(chained_s=mc["time_s"] / CHAIN, chain=CHAIN)
+                        del ch
                 if backend == "cudnn":
                     dense_cache[key] = dict(m, case_measured=case.name)
                 bar.step(label, f"{m['time_s'] * 1e3:.3f} ms")
@@ -586,6 +618,8 @@ def _cell(r: dict | None) -> str:
         out += f", **{r['speedup']:.2f}x**"
         if r["backend"] not in ("cudnn", "sdpa"):
             out += f" ({r['pct_bound']:.0f}%)"
+    if r.get("chained_s") is not None:
+        out += f"; {r['chain']} in one jit: {r['chained_s'] * 1e6:.3g} us per op"
     return out
 
 
@@ -602,7 +636,9 @@ def markdown(result: dict) -> str:
     if "cuda" in cfg["backends"] and not cfg["cuda"]:
         lines += ["", f"The `cuda` backend was not measured: {cfg['cuda_note']}."]
     lines += [
-        "", "Each cell: median time per call (back-to-back jitted calls after warm-up), "
+        "", "Each cell: median time per call (back-to-back jitted calls after warm-up; a "
+        f"forward under {CHAIN_BELOW_S * 1e6:.0f} us per call is also timed as {CHAIN} in one "
+        "jitted call, per op: JAX's host time per call is then paid once), "
         "effective TFLOP/s (useful FLOPs of SEMANTICS.md for every peer: backward = 2.5x "
         "forward, causal counts attended keys only), **speedup over cuDNN dense** on the same "
         "tensors, pass and dtype, and in parentheses that speedup as % of the simulator's "

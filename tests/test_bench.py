@@ -250,6 +250,27 @@ def test_hopper_report(tmp_path):
     text = hopper_report.report(str(path))
     row = next(line for line in text.splitlines() if line.startswith("| flux-256x256-w80x80-s16x16 | bf16"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[2] == "9.00 ms" and cells[7] == "<= 8.00 ms: missed"
-    assert cells[12] == "70%"  # 350 * 0.1 / 50: useful-FLOP rate over cuDNN's dense rate
+    assert cells[2] == "9.00 ms" and cells[5] == "-" and cells[8] == "<= 8.00 ms: missed"
+    assert cells[13] == "70%"  # 350 * 0.1 / 50: useful-FLOP rate over cuDNN's dense rate
     assert "| flux-256x256-w80x80-s16x16 | <= 8.00 ms | 9.00 ms | missed" in text
+    # A forward also timed in one jit: that time (and its % SOL) is shown and judged.
+    data["records"][0].update(chained_s=7.5e-3, chain=16)
+    path.write_text(json.dumps(data))
+    text = hopper_report.report(str(path))
+    row = next(line for line in text.splitlines() if line.startswith("| flux-256x256-w80x80-s16x16 | bf16"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "9.00 ms" and cells[5] == "7.50 ms (96%)" and cells[8] == "<= 8.00 ms: met"
+    assert "| flux-256x256-w80x80-s16x16 | <= 8.00 ms | 7.50 ms | met" in text
+
+
+def test_fast_forward_also_timed_in_one_jit():
+    """A forward under the chain threshold gets a per-op time from CHAIN forwards in one
+    jitted call (positive, recorded with the chain length) and its markdown cell says so;
+    the backward passes do not."""
+    case = Case("t", (24,), heads=1, head_dim=8, kernel_size=(5,))
+    res = bench.run([case], backends=("xla",), dtypes=("float32",), passes=("fwd", "bwd"),
+                    sampling=(1, 2, 0.01), progress=False, chain_below_s=10.0)
+    fwd, bwd = (next(r for r in res["records"] if r["pass"] == p) for p in ("fwd", "bwd"))
+    assert fwd["status"] == "ok" and fwd["chain"] == bench.CHAIN and fwd["chained_s"] > 0
+    assert "chained_s" not in bwd
+    assert f"{bench.CHAIN} in one jit:" in bench.markdown(res)
