@@ -2,9 +2,10 @@
 
 Needs the library built with GNA_FWD_TIMELINE=1 (csrc/gna_fwd_sm90.cuh): each CTA's
 first consumer thread then writes %globaltimer stamps over the lse of its tile's
-first eight queries. Prints, over the CTAs of one (warm) call: the kernel's span,
-the medians of each phase, when the CTAs start (waves) and the gap on an SM between
-one CTA's end and the next one's start.
+first eight queries (per work item in the persistent kernel, JAX_GNA_SM90_PERSIST=1).
+Prints, over the tiles of one (warm) call: the kernel's span, the medians of each phase,
+when the tiles start (waves) and, on one SM, the gap between one tile's end and the
+next one's start and the tensor-idle handover (last P V done to the next first S done).
 
 usage (on the GPU): python3 scripts/fwd_timeline.py [tokens window stride heads] ...
 """
@@ -50,14 +51,17 @@ def run(tokens: int, window: int, stride: int, heads: int) -> None:
     starts = np.sort(ns[:, 0]) / 1e3
     print("  CTA entry times (us, percentiles 0/25/50/75/100):",
           " ".join(f"{x:.2f}" for x in np.percentile(starts, [0, 25, 50, 75, 100])))
-    gaps = []
+    gaps, handover = [], []
     for s in np.unique(sm):
         rows = ns[sm == s]
         rows = rows[np.argsort(rows[:, 0])]
         gaps += list(rows[1:, 0] - rows[:-1, 5])
+        handover += list(rows[1:, 2] - rows[:-1, 4])
     if gaps:
-        print(f"  same-SM gap, end of one CTA's epilogue to the next CTA's entry: median "
+        print(f"  same SM, end of one tile's epilogue to the next tile's start: median "
               f"{np.median(gaps) / 1e3:.2f} us, max {np.max(gaps) / 1e3:.2f} us ({len(gaps)} gaps)")
+        print(f"  same SM, one tile's last P V done to the next tile's first S done: median "
+              f"{np.median(handover) / 1e3:.2f} us, max {np.max(handover) / 1e3:.2f} us")
 
 
 if __name__ == "__main__":
