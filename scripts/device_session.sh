@@ -11,6 +11,8 @@
 #           each in a child process with a time limit (finds hangs); $DEBUGFWD_DIMS head dims
 #   profile Nsight Compute on one kernel (PROFILE_KERNEL regex, PROFILE_PROBLEM for
 #           scripts/profile_sm90.py): details and per-instruction SASS counters into the logs
+#   clocks  scripts/clocks_probe.py: SM clock, power and throttle reasons while the forward
+#           and cuDNN dense run back to back ($CLOCKS_PROBLEMS, default 2-D stride 16x16)
 #   smoke90 one Hopper-path forward check (stops the session if it fails or hangs)
 #   tests   pytest -m gpu (tests/test_cuda_gpu.py and every other gpu-marked test)
 #   check   `python -m jax_gna check` with backend auto (platform_dependent) and cuda
@@ -62,6 +64,7 @@ for stage in "$@"; do
                 -o jax_gna/_gna_ffi$(python3 -c "import sysconfig; print(sysconfig.get_config_var(\"EXT_SUFFIX\"))")
               python3 -c "from jax_gna import cuda; print(\"cuda available:\", cuda.available(), cuda.unavailable_reason())"' || break ;;
     debugbwd) step debugbwd 150 python3 scripts/debug_sm90_bwd.py ;;
+    clocks) step clocks 150 python3 scripts/clocks_probe.py --cudnn ${CLOCKS_PROBLEMS:-256x256 80x80 16x16 24} ;;
     dispatch) step dispatch 120 python3 scripts/dispatch_overhead.py ${DISPATCH_PROBLEMS:-32768 2048 2048 1 32768 2048 1 1} ;;
     debugfwd) TAIL=20 step debugfwd "${DEBUGFWD_LIMIT:-200}" python3 scripts/debug_sm90_fwd.py ${DEBUGFWD_DIMS:-256 128} ;;
     profile) # Nsight Compute, full set, one launch of $PROFILE_KERNEL (default the Hopper forward)
