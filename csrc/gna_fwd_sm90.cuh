@@ -53,6 +53,10 @@ struct Stamps {
 };
 
 constexpr int kTileTokens = 128;  // queries per tile (and keys, except at D = 256)
+// The forward's online softmax keeps its row maximum until a key tile raises it by more
+// than this (log2 units; FlashAttention-4's trick): the rescale of O is then skipped in
+// most tiles. P stays <= 256, exact in fp32 and representable in fp16/bf16.
+constexpr float kRescaleLog2 = 8.f;
 constexpr int kThreads = 384;
 
 // Keys per forward key tile at head dim D.
@@ -413,7 +417,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < NB; ++i) mx = fmaxf(mx, fmaxf(sc[4 * i + 2 * r], sc[4 * i + 2 * r + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m_run[r], mx * post);
+      // Lazy rescaling: m_run stays the reference until a tile's maximum exceeds it by
+      // more than kRescaleLog2, so P <= 2^kRescaleLog2 and O is rescaled only then.
+      const float m_tile = mx * post;
+      const float m_new = m_tile > m_run[r] + kRescaleLog2 ? m_tile : m_run[r];
       const float m_use = m_new == -INFINITY ? 0.f : m_new;
       alpha[r] = fast_exp2(m_run[r] - m_use);
       float sum = 0.f;
@@ -485,8 +492,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     // (spelled differently, so the two are not merged back above the branch).
     reg_fence(sc);
     reg_fence(alpha);
-    // Rescale O unless no row of the warp has a new maximum (alpha = 1 exactly: the
-    // skipped multiplies would change nothing; later tiles rarely raise the maximum).
+    // Rescale O unless no row of the warp has a new reference maximum (alpha = 1
+    // exactly: the skipped multiplies would change nothing; with lazy rescaling few
+    // tiles after the first set one).
     if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
       wg_wait<0>();
 #pragma unroll
