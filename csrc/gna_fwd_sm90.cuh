@@ -55,7 +55,7 @@ struct Stamps {
 constexpr int kTileTokens = 128;  // queries per tile (and keys, except at D = 256)
 // The forward's online softmax keeps its row maximum until a key tile raises it by more
 // than this (log2 units; FlashAttention-4's trick): the rescale of O is then skipped in
-// most tiles. P stays <= 256, exact in fp32 and representable in fp16/bf16.
+// most tiles. P stays <= 256: no overflow in the fp16/bf16 P operand or the fp32 sums.
 constexpr float kRescaleLog2 = 8.f;
 constexpr int kThreads = 384;
 
