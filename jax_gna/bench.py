@@ -546,15 +546,14 @@ def run(cases: Sequence[Case], *, backends: Sequence[str] = BACKENDS,
                     extra = (mask,)
                 f = attention_fn(backend, case)
                 fn, args = pass_fn(f, p, *inputs, extra)
-                m = measure(fn, args, *(sampling[case.name] if isinstance(sampling, dict)
-                                        else sampling))
+                smp = sampling[case.name] if isinstance(sampling, dict) else sampling
+                m = measure(fn, args, *smp)
                 del fn, args
                 rec.update(m)
                 if p == "fwd" and m["time_s"] < chain_below_s:
                     ch = chained_fwd(f, *inputs[:3], extra)
                     if ch is not None:
-                        mc = measure(*ch, *(sampling[case.name] if isinstance(sampling, dict)
-                                            else sampling))
+                        mc = measure(*ch, *smp)
                         rec.update(chained_s=mc["time_s"] / CHAIN, chain=CHAIN)
                         del ch
                 if backend == "cudnn":

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_gna.bench import chained_fwd
 from profile_sm90 import problem  # this directory (python3 scripts/ab_env.py)
 
 DEFAULT = ["32768", "2048", "2048", "1", "256x256", "80x80", "16x16", "24",
@@ -72,10 +73,7 @@ def main() -> None:
         op, args = problem(shape, window, stride, heads)
         fns = {}  # pass name: (jitted function, ops per call)
         if "fwd" in a.passes.split(","):
-            def chained(q, k, v, op=op):
-                for _ in range(a.chain):
-                    q = op(q, k, v)
-                return q
+            chained, _ = chained_fwd(op, *args, (), n=a.chain)
             fns["fwd" if a.chain == 1 else f"fwd x{a.chain}"] = (jax.jit(chained), a.chain)
         if "bwd" in a.passes.split(","):
             def loss(q, k, v):

@@ -2,9 +2,10 @@
 
 Needs the library built with GNA_FWD_TIMELINE=1 (csrc/gna_fwd_sm90.cuh): each CTA's
 first consumer thread then writes %globaltimer stamps over the lse of its tile's
-first eight queries. Prints, over the tiles of one (warm) call: the kernel's span, the medians of each phase,
-when the tiles start (waves) and, on one SM, the gap between one tile's end and the
-next one's start and the tensor-idle handover (last P V done to the next first S done).
+first eight queries. Prints, over the tiles of one (warm) call: the kernel's span,
+the medians of each phase, when the tiles start (waves) and, on one SM, the gap
+between one tile's end and the next one's start and the tensor-idle handover (last
+P V done to the next first S done).
 
 usage (on the GPU): python3 scripts/fwd_timeline.py [tokens window stride heads] ...
 """
