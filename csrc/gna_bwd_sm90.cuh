@@ -7,7 +7,8 @@
 //   dQ:    128 queries x 64-key tiles.  S = Q K^T, dP = dO V^T (SS, m64n64),
 //          dS = P (dP - delta), dQ += dS K (RS, K read MN-major).
 //   dK/dV: 128 keys x 64-query tiles.   S^T = K Q^T, dP^T = V dO^T (SS, m64n64),
-//          dV += P^T dO, dK += dS^T Q (RS, dO and Q read MN-major).
+//          dV += P^T dO, dK += dS^T Q (SS: P^T and dS^T staged in shared memory,
+//          dO and Q read MN-major).
 // P = exp2(S * scale * log2 e - lse * log2 e), with delta = rowsum(dO * O) - dLSE
 // from JAX (gna_problem.h). The dK/dV producer warp also stages each query tile's
 // lse and delta in shared memory (ordinary loads, one mbarrier arrival per lane).
@@ -74,6 +75,21 @@ __device__ __forceinline__ void acc_to_smem(const float (&acc)[D / 2], float sca
       *reinterpret_cast<uint32_t*>(tile + off) =
           Mma<T>::cvt2(acc[4 * i + 2 * r] * scale, acc[4 * i + 2 * r + 1] * scale);
     }
+  }
+}
+
+// Writes a warpgroup's 64 x 64 accumulator tile as 16-bit values into a swizzled
+// K-major tile of 64 rows of 128 bytes at shared memory `tile` (generic pointer).
+template <typename T>
+__device__ __forceinline__ void tile64_to_smem(const float (&x)[32], unsigned char* tile, int warp, int gid,
+                                               int tig) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = 16 * warp + gid + 8 * r;
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      *reinterpret_cast<uint32_t*>(tile + row * 128 + ((i ^ (row % 8)) * 16) + 4 * tig) =
+          Mma<T>::cvt2(x[4 * i + 2 * r], x[4 * i + 2 * r + 1]);
   }
 }
 
@@ -292,8 +308,11 @@ struct DkvLayout {
   static constexpr int kTBytes = 128 * D * 2, kTHalf = 128 * 128;  // K, V, dK, dV tiles
   static constexpr int kQBytes = 64 * D * 2, kQHalf = 64 * 128;     // Q, dO tiles
   static constexpr int kK = 0, kV = kTBytes, kQ = 2 * kTBytes, kDO = kQ + STAGES * kQBytes;
-  static constexpr int kStats = kDO + STAGES * kQBytes;  // [S][128] floats: lse * log2 e, delta
-  static constexpr int kBars = kStats + STAGES * 512;    // kvfull, qfull[S], sfull[S], empty[S]
+  static constexpr int kPBytes = 64 * 64 * 2;  // one P^T or dS^T tile
+  static constexpr int kP = kDO + STAGES * kQBytes;  // [warpgroup][P^T, dS^T]
+  static constexpr int kStats = kP + 4 * kPBytes;    // [S][128] floats: lse * log2 e, delta
+  static constexpr int kGeo = kStats + STAGES * 512;  // [S][4] ints: the query tile's global start
+  static constexpr int kBars = kGeo + STAGES * 16;       // kvfull, qfull[S], sfull[S], empty[S]
   static constexpr size_t smem_bytes() { return kBars + 8 * (1 + 3 * STAGES) + 1024; }
 };
 
@@ -390,6 +409,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   unsigned char* gbase = smem_raw + (sbase - saddr(smem_raw));
   const uint32_t sK = sbase + L::kK, sV = sbase + L::kV, sQ = sbase + L::kQ, sDO = sbase + L::kDO;
   float* stats = reinterpret_cast<float*>(gbase + L::kStats);
+  int* geo = reinterpret_cast<int*>(gbase + L::kGeo);
   const uint32_t bar_kv = sbase + L::kBars;
   auto bar_q = [&](int s) { return bar_kv + 8 * (1 + s); };
   auto bar_s = [&](int s) { return bar_kv + 8 * (1 + STAGES + s); };
@@ -457,6 +477,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         stats[s * 128 + m] = ok ? p.lse_in[at] * kLog2e : INFINITY;
         stats[s * 128 + 64 + m] = ok ? p.delta[at] : 0.f;
       }
+      if (lane == 0) {  // the step's query tile, so the consumers keep no walk
+#pragma unroll
+        for (int a = 0; a < 3; ++a) geo[4 * s + a] = qs[a] + p.ax[a].q0;
+      }
       mbar_arrive(bar_s(s));
     }
     return;
@@ -489,55 +513,46 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
   const float sl2 = p.scale_log2;
   float st[32], dpt[32];  // S^T, dP^T: 64 keys (rows) x 64 queries (columns)
-  uint32_t pa[4][4], da[4][4];  // P^T and dS^T of the previous step as A fragments
   auto release = [&](int stage) {
     __syncwarp();  // every lane is done with the stage (and its lse/delta)
     if (lane == 0) mbar_arrive(bar_e(stage));
   };
-  // dV += P^T dO, dK += dS^T Q of the step in stage `s` (dO and Q read MN-major).
+  // P^T and dS^T of a step go to this warpgroup's shared-memory tiles, and dV += P^T dO,
+  // dK += dS^T Q are SS products issued after the next step's S^T and dP^T: no A
+  // fragments stay in registers, so dP^T is issued with S^T, without a wait before it.
+  const int cwu = warpgroup_index() - 1;  // warp-uniform: the descriptors below go to uniform registers
+  const uint32_t sP = sbase + L::kP + cwu * 2 * L::kPBytes;
+  unsigned char* gP = gbase + L::kP + cw * 2 * L::kPBytes;
   auto issue_dkv = [&](int s) {
     const uint64_t ddo = desc_sw128(sDO + s * L::kQBytes, L::kQHalf, 1024);
     const uint64_t dq = desc_sw128(sQ + s * L::kQBytes, L::kQHalf, 1024);
+    const uint64_t dp = desc_sw128(sP, 16, 1024), ds = desc_sw128(sP + L::kPBytes, 16, 1024);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      Wgmma<T>::rs(dv, pa[j], desc_plus(ddo, j * 16 * 128));
-      Wgmma<T>::rs(dk, da[j], desc_plus(dq, j * 16 * 128));
+      Wgmma<T>::ss_tb(dv, desc_plus(dp, 32 * j), desc_plus(ddo, j * 16 * 128));
+      Wgmma<T>::ss_tb(dk, desc_plus(ds, 32 * j), desc_plus(dq, j * 16 * 128));
     }
+    wg_commit();
   };
-  // Step `it` (`first`: it = 0). dV and dK of the previous step are issued with
-  // S^T = K Q^T of this one; dP^T = V dO^T runs under the exponentials of P^T. No matrix
-  // work is in flight across iterations (ptxas serializes wgmma otherwise).
-  BoxWalk walk;
+  // Step `it`: S^T, dP^T and the previous step's dV/dK in three commit groups; P^T runs
+  // under dP^T, dS^T under dV/dK; every group retires in the step that issued it.
   auto step = [&](int it, bool first) {
     const int s = it % STAGES, sp = (it + STAGES - 1) % STAGES;
     const uint32_t phase = (it / STAGES) & 1;
     mbar_wait(bar_q(s), phase);
-    wg_fence();
-    if (!first) issue_dkv(sp);
     ss_issue<T, D>(st, sK + cw * 64 * 128, sQ + s * L::kQBytes, L::kTHalf, L::kQHalf);
-    int qs[3];
-    tile.query_tile(p, walk, qs);
-    walk.next(tile.nqt);
-#pragma unroll
-    for (int a = 0; a < 3; ++a) qs[a] += p.ax[a].q0;  // global start of the query tile
-    const bool full = tile.full(p, qs);
-    wg_wait<0>();
-    reg_fence(st);
-    if (!first) {
-      reg_fence(dv);
-      reg_fence(dk);
-      frag_fence(pa);
-      frag_fence(da);
-      release(sp);
-    }
     ss_issue<T, D>(dpt, sV + cw * 64 * 128, sDO + s * L::kQBytes, L::kTHalf, L::kQHalf);
+    if (!first) issue_dkv(sp);
     mbar_wait(bar_s(s), phase);
     const float* sl = stats + s * 128;
-    // P^T into st.
+    const int* g = geo + 4 * s;  // global start of the query tile
+    if (first) wg_wait<1>();
+    else wg_wait<2>();
+    reg_fence(st);
     auto p_of = [&](int i, bool vis) {
       st[i] = vis ? fast_exp2(st[i] * sl2 - sl[8 * (i >> 2) + 2 * tig + (i & 1)]) : 0.f;
     };
-    if (full) {
+    if (tile.full(p, g)) {
 #pragma unroll
       for (int i = 0; i < 32; ++i) p_of(i, true);
     } else {
@@ -547,31 +562,37 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int r = 0; r < 2; ++r)
 #pragma unroll
         for (int a = 0; a < 3; ++a) {
-          lo[r][a] = qlo[r][a] - qs[a];
+          lo[r][a] = qlo[r][a] - g[a];
           w[r][a] = static_cast<unsigned>(qhi[r][a] - qlo[r][a]);
         }
       for_each_element<8>(lo, w, qsh2, qsh1, p.ax[1].qt - 1, p.ax[2].qt - 1, tig, p_of);
     }
-    wg_wait<0>();
+    if (first) wg_wait<0>();
+    else wg_wait<1>();
     reg_fence(dpt);
-    // dS^T = P^T (dP^T - delta).
 #pragma unroll
     for (int i = 0; i < 32; ++i) dpt[i] = st[i] * (dpt[i] - sl[64 + 8 * (i >> 2) + 2 * tig + (i & 1)]);
-    acc_to_a<T, 4>(st, pa);
-    acc_to_a<T, 4>(dpt, da);
+    if (!first) {
+      wg_wait<0>();  // the previous dV/dK read this warpgroup's P^T and dS^T tiles
+      reg_fence(dv);
+      reg_fence(dk);
+      release(sp);
+    }
+    tile64_to_smem<T>(st, gP, warp, gid, tig);
+    tile64_to_smem<T>(dpt, gP + L::kPBytes, warp, gid, tig);
+    fence_proxy_async();
+    named_sync(2 + cw, 128);  // the whole warpgroup's tiles are written
   };
+
   mbar_wait(bar_kv, 0);  // also before the epilogue overwrites K and V when nsteps = 0
   if (nsteps > 0) {
     step(0, true);
     for (int it = 1; it < nsteps; ++it) step(it, false);
     wg_fence();
     issue_dkv((nsteps - 1) % STAGES);
-    wg_commit();
     wg_wait<0>();
     reg_fence(dv);
     reg_fence(dk);
-    frag_fence(pa);
-    frag_fence(da);
     release((nsteps - 1) % STAGES);
   }
 

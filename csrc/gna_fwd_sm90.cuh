@@ -102,6 +102,12 @@ template <> struct Wgmma<__half> {
   static __device__ __forceinline__ void rs(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {
     wgmma_rs_n64_f16(d, a, b);
   }
+  static __device__ __forceinline__ void ss_tb(float (&d)[64], uint64_t a, uint64_t b) {
+    wgmma_ss_tb_n128_f16(d, a, b);
+  }
+  static __device__ __forceinline__ void ss_tb(float (&d)[32], uint64_t a, uint64_t b) {
+    wgmma_ss_tb_n64_f16(d, a, b);
+  }
 };
 template <> struct Wgmma<__nv_bfloat16> {
   static __device__ __forceinline__ void ss(float (&d)[64], uint64_t a, uint64_t b, int acc) {
@@ -121,6 +127,12 @@ template <> struct Wgmma<__nv_bfloat16> {
   }
   static __device__ __forceinline__ void rs(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {
     wgmma_rs_n64_bf16(d, a, b);
+  }
+  static __device__ __forceinline__ void ss_tb(float (&d)[64], uint64_t a, uint64_t b) {
+    wgmma_ss_tb_n128_bf16(d, a, b);
+  }
+  static __device__ __forceinline__ void ss_tb(float (&d)[32], uint64_t a, uint64_t b) {
+    wgmma_ss_tb_n64_bf16(d, a, b);
   }
 };
 #endif

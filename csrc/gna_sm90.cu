@@ -23,8 +23,10 @@ using sm90::FwdLayout;
 // TMA ring depth (what fits in 227 KiB of shared memory beside the Q tile).
 template <typename T, int D>
 constexpr int stages_of() { return D == 64 ? 4 : D == 128 ? 3 : 2; }
-// The dK/dV kernel's ring of 64-query Q/dO tiles (beside its 128-key K and V tiles).
-constexpr int kDkvStages = 4;
+// The dK/dV kernel's ring of 64-query Q/dO tiles (beside its 128-key K and V tiles and
+// the 32 KiB of P^T and dS^T tiles).
+template <int D>
+constexpr int dkv_stages() { return D == 128 ? 3 : 4; }
 
 
 template <typename Kern>
@@ -126,9 +128,9 @@ cudaError_t fwd_sm90(DType dt, Params p, cudaStream_t stream, bool& used) {
 // Backward: dQ with 128-query x 64-key tiles, dK/dV with 128-key x 64-query tiles.
 template <typename T, int D>
 cudaError_t bwd_sm90(DType dt, const Params& p, cudaStream_t stream, bool& used) {
-  constexpr int S = stages_of<T, D>();
+  constexpr int S = stages_of<T, D>(), SK = dkv_stages<D>();
   auto kdq = sm90::dq_sm90_kernel<T, D, S>;
-  auto kdkv = sm90::dkv_sm90_kernel<T, D, kDkvStages>;
+  auto kdkv = sm90::dkv_sm90_kernel<T, D, SK>;
   if (!sm90_device(reinterpret_cast<void*>(kdq))) return cudaSuccess;
   const Plan plq = cached_plan(p, 128, 64), plk = cached_plan(p, 64, 128);
   if (!plq.ok || !plk.ok) return cudaSuccess;
@@ -146,7 +148,7 @@ cudaError_t bwd_sm90(DType dt, const Params& p, cudaStream_t stream, bool& used)
                   make_map(&do2, dt, p.dout, p.B, qn, HD, plk.qt) && make_map(&dk2, dt, p.dk, p.B, kn, KD, plk.kt) &&
                   make_map(&dv2, dt, p.dv, p.B, kn, KD, plk.kt);
   if (!ok) return cudaSuccess;
-  const size_t sq = sm90::DqLayout<D, S>::smem_bytes(), sk = sm90::DkvLayout<D, kDkvStages>::smem_bytes();
+  const size_t sq = sm90::DqLayout<D, S>::smem_bytes(), sk = sm90::DkvLayout<D, SK>::smem_bytes();
   if (cudaError_t e = set_smem(kdq, sq); e != cudaSuccess) return e;
   if (cudaError_t e = set_smem(kdkv, sk); e != cudaSuccess) return e;
   used = true;

@@ -186,6 +186,17 @@ __device__ __forceinline__ int warpgroup_index() { return __shfl_sync(0xffffffff
                  : OUT                                                                              \
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));                   \
   }
+// D[64 x N] += A[64 x 16] * B[16 x N], A K-major and B MN-major ("transposed"), both in
+// shared memory (the dK/dV kernel's dV += P^T dO and dK += dS^T Q with P^T and dS^T
+// staged in shared memory).
+#define GNA_WGMMA_SS_TB(ty, n, nacc, ACC, OUT, DA, DB, FLAG)                                       \
+  __device__ __forceinline__ void wgmma_ss_tb_n##n##_##ty(float (&d)[nacc], uint64_t da, uint64_t db) { \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " FLAG ", 0;\n"                                \
+                 "wgmma.mma_async.sync.aligned.m64n" #n "k16.f32." #ty "." #ty " " ACC              \
+                 ", " DA ", " DB ", p, 1, 1, 0, 1;\n}\n"                                           \
+                 : OUT                                                                              \
+                 : "l"(da), "l"(db), "r"(1));                                                       \
+  }
 #define GNA_RS_TAIL32 "{%32, %33, %34, %35}, %36"
 #define GNA_RS_TAIL64 "{%64, %65, %66, %67}, %68"
 
@@ -193,6 +204,10 @@ GNA_WGMMA_SS(f16, 128, 64, GNA_ACC64, GNA_OUT64, GNA_NEW64, "%64", "%65", "%66")
 GNA_WGMMA_SS(bf16, 128, 64, GNA_ACC64, GNA_OUT64, GNA_NEW64, "%64", "%65", "%66")
 GNA_WGMMA_SS(f16, 64, 32, GNA_ACC32, GNA_OUT32, GNA_NEW32, "%32", "%33", "%34")
 GNA_WGMMA_SS(bf16, 64, 32, GNA_ACC32, GNA_OUT32, GNA_NEW32, "%32", "%33", "%34")
+GNA_WGMMA_SS_TB(f16, 128, 64, GNA_ACC64, GNA_OUT64, "%64", "%65", "%66")
+GNA_WGMMA_SS_TB(bf16, 128, 64, GNA_ACC64, GNA_OUT64, "%64", "%65", "%66")
+GNA_WGMMA_SS_TB(f16, 64, 32, GNA_ACC32, GNA_OUT32, "%32", "%33", "%34")
+GNA_WGMMA_SS_TB(bf16, 64, 32, GNA_ACC32, GNA_OUT32, "%32", "%33", "%34")
 GNA_WGMMA_RS(f16, 64, 32, GNA_ACC32, GNA_OUT32, GNA_RS_TAIL32, "%37")
 GNA_WGMMA_RS(bf16, 64, 32, GNA_ACC32, GNA_OUT32, GNA_RS_TAIL32, "%37")
 GNA_WGMMA_RS(f16, 128, 64, GNA_ACC64, GNA_OUT64, GNA_RS_TAIL64, "%69")
