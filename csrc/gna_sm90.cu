@@ -27,6 +27,8 @@ constexpr int stages_of() { return D == 64 ? 4 : D == 128 ? 3 : 2; }
 // the 32 KiB of P^T and dS^T tiles).
 template <int D>
 constexpr int dkv_stages() { return D == 128 ? 3 : 4; }
+// Dynamic shared memory a Hopper block may opt into (227 KiB).
+constexpr size_t kMaxSmem = 227 * 1024;
 
 
 template <typename Kern>
@@ -118,6 +120,7 @@ cudaError_t fwd_sm90(DType dt, Params p, cudaStream_t stream, bool& used) {
   if (!make_map(&tq, dt, p.q, p.B, qn, p.H * D, plan.qt) || !make_map(&tk, dt, p.k, p.B, kn, p.Hkv * D, plan.kt) ||
       !make_map(&tv, dt, p.v, p.B, kn, p.Hkv * D, plan.kt) || !make_map(&to, dt, p.o, p.B, qn, p.H * D, half))
     return cudaSuccess;  // not representable as TMA boxes: the sm80 kernels run
+  static_assert(FwdLayout<D, S>::smem_bytes() <= kMaxSmem, "forward tiles exceed shared memory");
   const size_t smem = FwdLayout<D, S>::smem_bytes();
   if (cudaError_t e = set_smem(kern, smem); e != cudaSuccess) return e;
   used = true;
@@ -148,6 +151,8 @@ cudaError_t bwd_sm90(DType dt, const Params& p, cudaStream_t stream, bool& used)
                   make_map(&do2, dt, p.dout, p.B, qn, HD, plk.qt) && make_map(&dk2, dt, p.dk, p.B, kn, KD, plk.kt) &&
                   make_map(&dv2, dt, p.dv, p.B, kn, KD, plk.kt);
   if (!ok) return cudaSuccess;
+  static_assert(sm90::DqLayout<D, S>::smem_bytes() <= kMaxSmem, "dQ tiles exceed shared memory");
+  static_assert(sm90::DkvLayout<D, SK>::smem_bytes() <= kMaxSmem, "dK/dV tiles exceed shared memory");
   const size_t sq = sm90::DqLayout<D, S>::smem_bytes(), sk = sm90::DkvLayout<D, SK>::smem_bytes();
   if (cudaError_t e = set_smem(kdq, sq); e != cudaSuccess) return e;
   if (cudaError_t e = set_smem(kdkv, sk); e != cudaSuccess) return e;
