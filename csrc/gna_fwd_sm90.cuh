@@ -103,10 +103,10 @@ template <> struct Wgmma<__half> {
     wgmma_rs_n64_f16(d, a, b);
   }
   static __device__ __forceinline__ void ss_tb(float (&d)[64], uint64_t a, uint64_t b) {
-    wgmma_ss_tb_n128_f16(d, a, b);
+    wgmma_ss_tb_n128_f16(d, a, b, 1);
   }
   static __device__ __forceinline__ void ss_tb(float (&d)[32], uint64_t a, uint64_t b) {
-    wgmma_ss_tb_n64_f16(d, a, b);
+    wgmma_ss_tb_n64_f16(d, a, b, 1);
   }
 };
 template <> struct Wgmma<__nv_bfloat16> {
@@ -129,10 +129,10 @@ template <> struct Wgmma<__nv_bfloat16> {
     wgmma_rs_n64_bf16(d, a, b);
   }
   static __device__ __forceinline__ void ss_tb(float (&d)[64], uint64_t a, uint64_t b) {
-    wgmma_ss_tb_n128_bf16(d, a, b);
+    wgmma_ss_tb_n128_bf16(d, a, b, 1);
   }
   static __device__ __forceinline__ void ss_tb(float (&d)[32], uint64_t a, uint64_t b) {
-    wgmma_ss_tb_n64_bf16(d, a, b);
+    wgmma_ss_tb_n64_bf16(d, a, b, 1);
   }
 };
 #endif

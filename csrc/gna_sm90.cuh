@@ -153,23 +153,25 @@ __device__ __forceinline__ int warpgroup_index() { return __shfl_sync(0xffffffff
 #define GNA_NEW32 GNA_NEW8(0), GNA_NEW8(8), GNA_NEW8(16), GNA_NEW8(24)
 #define GNA_NEW64 GNA_NEW32, GNA_NEW8(32), GNA_NEW8(40), GNA_NEW8(48), GNA_NEW8(56)
 
-// D[64 x N] (+)= A[64 x 16] * B[16 x N], A and B K-major in shared memory, N = 128
-// (64 accumulators) or 64 (32). ty: "f16" or "bf16". accumulate = 0 ignores D's old
-// value; the _first variant (D = A B) does not read it at all.
-#define GNA_WGMMA_SS(ty, n, nacc, ACC, OUT, NEW, DA, DB, FLAG)                                      \
-  __device__ __forceinline__ void wgmma_ss_n##n##_##ty(float (&d)[nacc], uint64_t da, uint64_t db, \
-                                                       int accumulate) {                            \
+// D[64 x N] (+)= A[64 x 16] * B[16 x N], A and B in shared memory, N = 128 (64
+// accumulators) or 64 (32). ty: "f16" or "bf16". A is K-major; B is K-major (TB = 0,
+// wgmma_ss_*) or MN-major, "transposed" (TB = 1, wgmma_ss_tb_*: the dK/dV kernel's
+// dV += P^T dO and dK += dS^T Q with P^T and dS^T staged in shared memory).
+// accumulate = 0 ignores D's old value; the _first variant (D = A B) does not read it.
+#define GNA_WGMMA_SS(name, ty, n, nacc, ACC, OUT, NEW, DA, DB, FLAG, TB)                            \
+  __device__ __forceinline__ void wgmma_##name##_n##n##_##ty(float (&d)[nacc], uint64_t da,         \
+                                                             uint64_t db, int accumulate) {         \
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " FLAG ", 0;\n"                                \
                  "wgmma.mma_async.sync.aligned.m64n" #n "k16.f32." #ty "." #ty " " ACC              \
-                 ", " DA ", " DB ", p, 1, 1, 0, 0;\n}\n"                                           \
+                 ", " DA ", " DB ", p, 1, 1, 0, " #TB ";\n}\n"                                     \
                  : OUT                                                                              \
                  : "l"(da), "l"(db), "r"(accumulate));                                              \
   }                                                                                                 \
-  __device__ __forceinline__ void wgmma_ss_n##n##_##ty##_first(float (&d)[nacc], uint64_t da,       \
-                                                               uint64_t db) {                       \
+  __device__ __forceinline__ void wgmma_##name##_n##n##_##ty##_first(float (&d)[nacc], uint64_t da, \
+                                                                     uint64_t db) {                 \
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " FLAG ", 0;\n"                                \
                  "wgmma.mma_async.sync.aligned.m64n" #n "k16.f32." #ty "." #ty " " ACC              \
-                 ", " DA ", " DB ", p, 1, 1, 0, 0;\n}\n"                                           \
+                 ", " DA ", " DB ", p, 1, 1, 0, " #TB ";\n}\n"                                     \
                  : NEW                                                                              \
                  : "l"(da), "l"(db), "r"(0));                                                       \
   }
@@ -186,28 +188,19 @@ __device__ __forceinline__ int warpgroup_index() { return __shfl_sync(0xffffffff
                  : OUT                                                                              \
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));                   \
   }
-// D[64 x N] += A[64 x 16] * B[16 x N], A K-major and B MN-major ("transposed"), both in
-// shared memory (the dK/dV kernel's dV += P^T dO and dK += dS^T Q with P^T and dS^T
-// staged in shared memory).
-#define GNA_WGMMA_SS_TB(ty, n, nacc, ACC, OUT, DA, DB, FLAG)                                       \
-  __device__ __forceinline__ void wgmma_ss_tb_n##n##_##ty(float (&d)[nacc], uint64_t da, uint64_t db) { \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " FLAG ", 0;\n"                                \
-                 "wgmma.mma_async.sync.aligned.m64n" #n "k16.f32." #ty "." #ty " " ACC              \
-                 ", " DA ", " DB ", p, 1, 1, 0, 1;\n}\n"                                           \
-                 : OUT                                                                              \
-                 : "l"(da), "l"(db), "r"(1));                                                       \
-  }
 #define GNA_RS_TAIL32 "{%32, %33, %34, %35}, %36"
 #define GNA_RS_TAIL64 "{%64, %65, %66, %67}, %68"
 
-GNA_WGMMA_SS(f16, 128, 64, GNA_ACC64, GNA_OUT64, GNA_NEW64, "%64", "%65", "%66")
-GNA_WGMMA_SS(bf16, 128, 64, GNA_ACC64, GNA_OUT64, GNA_NEW64, "%64", "%65", "%66")
-GNA_WGMMA_SS(f16, 64, 32, GNA_ACC32, GNA_OUT32, GNA_NEW32, "%32", "%33", "%34")
-GNA_WGMMA_SS(bf16, 64, 32, GNA_ACC32, GNA_OUT32, GNA_NEW32, "%32", "%33", "%34")
-GNA_WGMMA_SS_TB(f16, 128, 64, GNA_ACC64, GNA_OUT64, "%64", "%65", "%66")
-GNA_WGMMA_SS_TB(bf16, 128, 64, GNA_ACC64, GNA_OUT64, "%64", "%65", "%66")
-GNA_WGMMA_SS_TB(f16, 64, 32, GNA_ACC32, GNA_OUT32, "%32", "%33", "%34")
-GNA_WGMMA_SS_TB(bf16, 64, 32, GNA_ACC32, GNA_OUT32, "%32", "%33", "%34")
+#define GNA_SS_N128(name, ty, TB) GNA_WGMMA_SS(name, ty, 128, 64, GNA_ACC64, GNA_OUT64, GNA_NEW64, "%64", "%65", "%66", TB)
+#define GNA_SS_N64(name, ty, TB) GNA_WGMMA_SS(name, ty, 64, 32, GNA_ACC32, GNA_OUT32, GNA_NEW32, "%32", "%33", "%34", TB)
+GNA_SS_N128(ss, f16, 0)
+GNA_SS_N128(ss, bf16, 0)
+GNA_SS_N64(ss, f16, 0)
+GNA_SS_N64(ss, bf16, 0)
+GNA_SS_N128(ss_tb, f16, 1)
+GNA_SS_N128(ss_tb, bf16, 1)
+GNA_SS_N64(ss_tb, f16, 1)
+GNA_SS_N64(ss_tb, bf16, 1)
 GNA_WGMMA_RS(f16, 64, 32, GNA_ACC32, GNA_OUT32, GNA_RS_TAIL32, "%37")
 GNA_WGMMA_RS(bf16, 64, 32, GNA_ACC32, GNA_OUT32, GNA_RS_TAIL32, "%37")
 GNA_WGMMA_RS(f16, 128, 64, GNA_ACC64, GNA_OUT64, GNA_RS_TAIL64, "%69")
