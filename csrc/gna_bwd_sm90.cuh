@@ -78,21 +78,6 @@ __device__ __forceinline__ void acc_to_smem(const float (&acc)[D / 2], float sca
   }
 }
 
-// Writes a warpgroup's 64 x 64 accumulator tile as 16-bit values into a swizzled
-// K-major tile of 64 rows of 128 bytes at shared memory `tile` (generic pointer).
-template <typename T>
-__device__ __forceinline__ void tile64_to_smem(const float (&x)[32], unsigned char* tile, int warp, int gid,
-                                               int tig) {
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = 16 * warp + gid + 8 * r;
-#pragma unroll
-    for (int i = 0; i < 8; ++i)
-      *reinterpret_cast<uint32_t*>(tile + row * 128 + ((i ^ (row % 8)) * 16) + 4 * tig) =
-          Mma<T>::cvt2(x[4 * i + 2 * r], x[4 * i + 2 * r + 1]);
-  }
-}
-
 // x = A B^T over the head dim, 64 x 64: A rows and B rows K-major in swizzled tiles
 // whose 64-column halves lie a_half / b_half bytes apart. Issued as one commit group.
 template <typename T, int D>
@@ -578,8 +563,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       reg_fence(dk);
       release(sp);
     }
-    tile64_to_smem<T>(st, gP, warp, gid, tig);
-    tile64_to_smem<T>(dpt, gP + L::kPBytes, warp, gid, tig);
+    acc_to_smem<T, 64>(st, 1.f, gP, 64, 0, warp, gid, tig);  // 64 x 64 tiles: one 64-column half
+    acc_to_smem<T, 64>(dpt, 1.f, gP + L::kPBytes, 64, 0, warp, gid, tig);
     fence_proxy_async();
     named_sync(2 + cw, 128);  // the whole warpgroup's tiles are written
   };
