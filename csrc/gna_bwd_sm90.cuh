@@ -296,7 +296,7 @@ struct DkvLayout {
   static constexpr int kPBytes = 64 * 64 * 2;  // one P^T or dS^T tile
   static constexpr int kP = kDO + STAGES * kQBytes;  // [warpgroup][P^T, dS^T]
   static constexpr int kStats = kP + 4 * kPBytes;    // [S][128] floats: lse * log2 e, delta
-  static constexpr int kGeo = kStats + STAGES * 512;  // [S][4] ints: the query tile's global start
+  static constexpr int kGeo = kStats + STAGES * 512;  // [S][4] ints (3 used; one 16-byte load): the query tile start
   static constexpr int kBars = kGeo + STAGES * 16;       // kvfull, qfull[S], sfull[S], empty[S]
   static constexpr size_t smem_bytes() { return kBars + 8 * (1 + 3 * STAGES) + 1024; }
 };
