@@ -142,6 +142,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     mbar_fence_init();
   }
+  grid_dependency_wait();
+  launch_dependents();  // after the wait: the dK/dV kernel reads its inputs at once
   __syncthreads();
   const int qc[3] = {tile.qs[0] - p.ax[0].q0, tile.qs[1] - p.ax[1].q0, tile.qs[2] - p.ax[2].q0};
 
@@ -414,6 +416,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     mbar_fence_init();
   }
+  launch_dependents();
   __syncthreads();
   const int kc[3] = {tile.ks[0] - p.ax[0].kv0, tile.ks[1] - p.ax[1].kv0, tile.ks[2] - p.ax[2].kv0};
   const int qsh2 = __ffs(p.ax[2].qt) - 1, qsh1 = __ffs(p.ax[1].qt) - 1;
@@ -468,6 +471,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       mbar_arrive(bar_s(s));
     }
+    // This block ends only after the kernel ahead of it (dQ) has: see grid_dependency_wait.
+    if (lane == 0) grid_dependency_wait();
     return;
   }
 

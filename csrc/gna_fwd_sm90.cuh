@@ -262,6 +262,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     mbar_fence_init();
   }
+  grid_dependency_wait();
+  launch_dependents();
   __syncthreads();
 
   if (wg == 0) {  // ---------------------------------------------------- producer

@@ -10,6 +10,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 
 #include "gna_bwd_sm90.cuh"
 #include "gna_launch.h"
@@ -35,6 +36,31 @@ template <typename Kern>
 cudaError_t set_smem(Kern kern, size_t smem) {
   return cudaFuncSetAttribute(reinterpret_cast<const void*>(kern), cudaFuncAttributeMaxDynamicSharedMemorySize,
                               static_cast<int>(smem));
+}
+
+// The Hopper kernels are launched with programmatic stream serialization (programmatic
+// dependent launch): each may start while the kernel ahead of it in the stream finishes
+// (see grid_dependency_wait in gna_sm90.cuh); the dK/dV kernel then runs under the dQ
+// kernel's last wave. JAX_GNA_PDL=0 launches them normally.
+bool pdl_from_env() {
+  const char* e = std::getenv("JAX_GNA_PDL");
+  return !(e && std::strcmp(e, "0") == 0);
+}
+
+template <typename... KArgs, typename... Args>
+cudaError_t launch_sm90(void (*kern)(KArgs...), dim3 grid, size_t smem, cudaStream_t stream, bool pdl,
+                        Args&&... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(sm90::kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kern, std::forward<Args>(args)...);
 }
 
 PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
@@ -124,8 +150,8 @@ cudaError_t fwd_sm90(DType dt, Params p, cudaStream_t stream, bool& used) {
   const size_t smem = FwdLayout<D, S>::smem_bytes();
   if (cudaError_t e = set_smem(kern, smem); e != cudaSuccess) return e;
   used = true;
-  kern<<<dim3(static_cast<unsigned>(nqtiles), p.H, p.B), sm90::kThreads, smem, stream>>>(p, tq, tk, tv, to);
-  return cudaGetLastError();
+  return launch_sm90(kern, dim3(static_cast<unsigned>(nqtiles), p.H, p.B), smem, stream, pdl_from_env(), p, tq,
+                     tk, tv, to);
 }
 
 // Backward: dQ with 128-query x 64-key tiles, dK/dV with 128-key x 64-query tiles.
@@ -157,10 +183,13 @@ cudaError_t bwd_sm90(DType dt, const Params& p, cudaStream_t stream, bool& used)
   if (cudaError_t e = set_smem(kdq, sq); e != cudaSuccess) return e;
   if (cudaError_t e = set_smem(kdkv, sk); e != cudaSuccess) return e;
   used = true;
-  kdq<<<dim3(static_cast<unsigned>(nq), p.H, p.B), sm90::kThreads, sq, stream>>>(pq, q1, k1, v1, do1, dq1);
-  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-  kdkv<<<dim3(static_cast<unsigned>(nk), p.Hkv, p.B), sm90::kThreads, sk, stream>>>(pk, q2, k2, v2, do2, dk2, dv2);
-  return cudaGetLastError();
+  const bool pdl = pdl_from_env();
+  if (cudaError_t e = launch_sm90(kdq, dim3(static_cast<unsigned>(nq), p.H, p.B), sq, stream, pdl, pq, q1, k1, v1,
+                                  do1, dq1);
+      e != cudaSuccess)
+    return e;
+  return launch_sm90(kdkv, dim3(static_cast<unsigned>(nk), p.Hkv, p.B), sk, stream, pdl, pk, q2, k2, v2, do2, dk2,
+                     dv2);
 }
 
 // fp16/bf16, D = D_v, no dilation; head dims {64, 128, 256} forward, {64, 128} backward.

@@ -87,6 +87,19 @@ __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
+// ---- programmatic dependent launch ----------------------------------------------------
+// A kernel launched with programmatic stream serialization may start before the kernel
+// ahead of it in the stream has finished. grid_dependency_wait() blocks until that
+// kernel has completed and its writes are visible (a no-op for a normal launch); every
+// Hopper kernel calls it before its first global memory access, or (dK/dV, whose inputs
+// are ready once every dQ block has passed its own wait) before it exits, so that its
+// completion still implies its predecessor's. launch_dependents() lets the next
+// kernel in the stream, if launched that way, start once every block has called it.
+__device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+__device__ __forceinline__ void launch_dependents() {
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+}
+
 // ---- warp scheduling ----------------------------------------------------------------
 template <int N> __device__ __forceinline__ void regs_dec() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
