@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -183,7 +184,10 @@ std::vector<int64_t> with_last(ffi::AnyBuffer::Dimensions d, int drop, std::vect
   return r;
 }
 
+std::atomic<uint64_t> handler_runs{0};
+
 ffi::Error launched(cudaError_t e) {
+  handler_runs.fetch_add(1, std::memory_order_relaxed);
   if (e != cudaSuccess) return ffi::Error::Internal(std::string("jax_gna: CUDA error: ") + cudaGetErrorString(e));
   return ffi::Error::Success();
 }
@@ -305,24 +309,35 @@ int device_smem_optin() {
 
 #define GNA_ARG .Arg<ffi::AnyBuffer>()
 #define GNA_RET .Ret<ffi::AnyBuffer>()
+#define GNA_FWD_BIND                                                                  \
+  ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>() GNA_ARG GNA_ARG GNA_ARG GNA_RET GNA_RET GNA_BIND_ATTRS
+#define GNA_FWD_ALIASED_BIND                                                           \
+  ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>() GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_RET GNA_RET \
+      GNA_BIND_ATTRS
+#define GNA_BWD_BIND                                                                            \
+  ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>() GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG \
+      GNA_RET GNA_RET GNA_RET GNA_BIND_ATTRS
+#define GNA_BWD_ALIASED_BIND                                                                    \
+  ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>() GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG \
+      GNA_ARG GNA_ARG GNA_ARG GNA_RET GNA_RET GNA_RET GNA_BIND_ATTRS
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_gna_fwd, gna::FwdImpl,
-                              ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  GNA_ARG GNA_ARG GNA_ARG GNA_RET GNA_RET GNA_BIND_ATTRS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_gna_fwd_aliased, gna::FwdAliasedImpl,
-                              ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_RET GNA_RET GNA_BIND_ATTRS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_gna_bwd, gna::BwdImpl,
-                              ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG
-                                  GNA_RET GNA_RET GNA_RET GNA_BIND_ATTRS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_gna_bwd_aliased, gna::BwdAliasedImpl,
-                              ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG
-                                  GNA_RET GNA_RET GNA_RET GNA_BIND_ATTRS);
+// Each handler twice: command-buffer compatible (XLA may record the call into a CUDA
+// graph and replay it without calling the handler: it only launches kernels on XLA's
+// stream, with everything they need passed by value) and not (every call runs the
+// handler: what JAX_GNA_COMMAND_BUFFER=0 registers).
+#define GNA_CMD_BUFFER {ffi::Traits::kCmdBufferCompatible}
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_gna_fwd, gna::FwdImpl, GNA_FWD_BIND, GNA_CMD_BUFFER);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_gna_fwd_aliased, gna::FwdAliasedImpl, GNA_FWD_ALIASED_BIND, GNA_CMD_BUFFER);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_gna_bwd, gna::BwdImpl, GNA_BWD_BIND, GNA_CMD_BUFFER);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_gna_bwd_aliased, gna::BwdAliasedImpl, GNA_BWD_ALIASED_BIND, GNA_CMD_BUFFER);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_gna_fwd_nocb, gna::FwdImpl, GNA_FWD_BIND);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_gna_fwd_aliased_nocb, gna::FwdAliasedImpl, GNA_FWD_ALIASED_BIND);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_gna_bwd_nocb, gna::BwdImpl, GNA_BWD_BIND);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_gna_bwd_aliased_nocb, gna::BwdAliasedImpl, GNA_BWD_ALIASED_BIND);
 
 extern "C" size_t jax_gna_max_smem_bytes(int dtype, int d, int d_v) {
   const gna::DType t = dtype == 0 ? gna::DType::kF16 : dtype == 1 ? gna::DType::kBF16 : gna::DType::kF32;
   return gna::max_smem_bytes(t, d, d_v);
 }
 extern "C" int jax_gna_device_smem_optin() { return gna::device_smem_optin(); }
+extern "C" uint64_t jax_gna_handler_runs() { return gna::handler_runs.load(std::memory_order_relaxed); }

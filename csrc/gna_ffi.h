@@ -8,6 +8,7 @@
 // kernel_size, stride, dilation, is_causal, q_origin, q_extent, kv_origin, kv_extent.
 #pragma once
 #include <cstddef>
+#include <cstdint>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -15,9 +16,17 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_gna_fwd);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_gna_bwd);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_gna_fwd_aliased);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_gna_bwd_aliased);
+// The same four without the command-buffer trait (XLA calls them on every execution).
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_gna_fwd_nocb);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_gna_bwd_nocb);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_gna_fwd_aliased_nocb);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_gna_bwd_aliased_nocb);
 
 // Largest dynamic shared memory (bytes) the kernels take for head dims d, d_v and
 // dtype 0 = float16, 1 = bfloat16, 2 = float32; the current device's opt-in limit
 // per block (-1 if unknown).
 extern "C" size_t jax_gna_max_smem_bytes(int dtype, int d, int d_v);
 extern "C" int jax_gna_device_smem_optin();
+// How many times a forward or backward handler has launched its kernels in this process
+// (a diagnostic: calls replayed from a CUDA graph do not count).
+extern "C" uint64_t jax_gna_handler_runs();

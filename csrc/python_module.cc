@@ -17,14 +17,21 @@ py::capsule capsule(Fn* fn) {
 
 PYBIND11_MODULE(_gna_ffi, m) {
   m.doc() = "XLA FFI handlers of jax_gna's CUDA kernels";
-  m.def("registrations", []() {
-    py::dict d;
-    d["jax_gna_fwd"] = capsule(jax_gna_fwd);
-    d["jax_gna_bwd"] = capsule(jax_gna_bwd);
-    d["jax_gna_fwd_aliased"] = capsule(jax_gna_fwd_aliased);
-    d["jax_gna_bwd_aliased"] = capsule(jax_gna_bwd_aliased);
-    return d;
-  });
+  m.def(
+      "registrations",
+      [](bool command_buffer) {
+        py::dict d;
+        d["jax_gna_fwd"] = command_buffer ? capsule(jax_gna_fwd) : capsule(jax_gna_fwd_nocb);
+        d["jax_gna_bwd"] = command_buffer ? capsule(jax_gna_bwd) : capsule(jax_gna_bwd_nocb);
+        d["jax_gna_fwd_aliased"] = command_buffer ? capsule(jax_gna_fwd_aliased) : capsule(jax_gna_fwd_aliased_nocb);
+        d["jax_gna_bwd_aliased"] = command_buffer ? capsule(jax_gna_bwd_aliased) : capsule(jax_gna_bwd_aliased_nocb);
+        return d;
+      },
+      py::arg("command_buffer") = true,
+      "FFI target name -> handler capsule; command_buffer: the handlers that XLA may record into "
+      "CUDA graphs (command buffers), or the ones it calls on every execution.");
+  m.def("handler_runs", &jax_gna_handler_runs,
+        "How many times a jax_gna handler launched kernels in this process (graph replays do not count).");
   m.def(
       "max_smem_bytes",
       [](const std::string& dtype, int d, int d_v) {

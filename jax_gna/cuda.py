@@ -21,6 +21,11 @@ accumulation and softmax; head dims that are multiples of 8 up to 256 (the
 kernels pad to 32/64/128/256 internally). The backward is deterministic (no
 atomics): one pass for dQ with query tiles outer, one for dK/dV with key tiles
 outer.
+
+The FFI handlers are registered as command-buffer compatible: XLA may record a jitted
+function's calls into a CUDA graph and replay them without calling the handler
+(``JAX_GNA_COMMAND_BUFFER=0`` before the first call turns that off). The Hopper kernels
+are launched with programmatic dependent launch (``JAX_GNA_PDL=0`` turns it off).
 """
 
 from __future__ import annotations
@@ -94,7 +99,9 @@ def _register() -> None:
         lib, _ = _load_library()
         if lib is None:
             return
-        for name, capsule in lib.registrations().items():
+        import os
+        command_buffer = os.environ.get("JAX_GNA_COMMAND_BUFFER", "1") != "0"
+        for name, capsule in lib.registrations(command_buffer).items():
             jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
         _registered = True
 

@@ -3,9 +3,11 @@
 variants interleaved round by round so clock and thermal drift hit them alike.
 
 Each variant is a set of environment assignments ("base" = none); the library reads
-its variables on every launch (csrc/gna_sm90.cu: JAX_GNA_SM90, JAX_GNA_SM90_BWD, and
-whatever switch an experiment adds there for the session), so switching needs no
-recompilation. Also prints, per variant, the largest difference of its output from the
+its variables when its FFI handler launches the kernels (csrc/gna_sm90.cu: JAX_GNA_SM90,
+JAX_GNA_SM90_BWD, JAX_GNA_PDL, and whatever switch an experiment adds there for the
+session). XLA may record a jitted function's calls into a CUDA graph and replay them
+without the handler, so each variant gets its own jit, first run with its variables set.
+Also prints, per variant, the largest difference of its output from the
 first variant's (0 where a variant changes only the schedule, not the arithmetic).
 Example: --variant sm80=JAX_GNA_SM90=0 times the Hopper forward against the sm80 one.
 
@@ -71,30 +73,33 @@ def main() -> None:
     for i in range(0, len(probs), 4):
         shape, window, stride, heads = probs[i:i + 4]
         op, args = problem(shape, window, stride, heads)
-        fns = {}  # pass name: (jitted function, ops per call)
+        makers = {}  # pass name: (new jitted function, ops per call)
         if "fwd" in a.passes.split(","):
             chained, _ = chained_fwd(op, *args, (), n=a.chain)
-            fns["fwd" if a.chain == 1 else f"fwd x{a.chain}"] = (jax.jit(chained), a.chain)
+            makers["fwd" if a.chain == 1 else f"fwd x{a.chain}"] = (
+                lambda chained=chained: jax.jit(lambda *x: chained(*x)), a.chain)
         if "bwd" in a.passes.split(","):
             def loss(q, k, v):
                 return jnp.sum(op(q, k, v).astype(jnp.float32))
-            fns["fwd+bwd"] = (jax.jit(jax.grad(loss, argnums=(0, 1, 2))), 1)
-        for pname, (fn, per) in fns.items():
-            one = time_calls(fn, args, 1)
-            inner = int(min(50, max(1, 0.02 // one)))
+            makers["fwd+bwd"] = (lambda loss=loss: jax.jit(jax.grad(lambda *x: loss(*x), argnums=(0, 1, 2))), 1)
+        for pname, (make, per) in makers.items():
             times = {name: [] for name, _ in variants}
-            outs = {}
-            for name, env in variants:  # warm-up and outputs per variant
+            outs, fns = {}, {}
+            for name, env in variants:  # compile, warm up and keep the outputs per variant
                 set_env(env, names)
-                outs[name] = jax.tree_util.tree_map(np.asarray, fn(*args))
+                fns[name] = make()
+                outs[name] = jax.tree_util.tree_map(np.asarray, fns[name](*args))
+            set_env({}, names)
+            one = time_calls(fns["base"], args, 1)
+            inner = int(min(50, max(1, 0.02 // one)))
             t_end = time.perf_counter() + a.warm_s
             while time.perf_counter() < t_end:
-                time_calls(fn, args, inner)
+                time_calls(fns["base"], args, inner)
             for r in range(a.rounds):
                 order = variants[r % len(variants):] + variants[:r % len(variants)]
                 for name, env in order:
                     set_env(env, names)
-                    times[name].append(time_calls(fn, args, inner))
+                    times[name].append(time_calls(fns[name], args, inner))
             ref = jax.tree_util.tree_leaves(outs[variants[0][0]])
             line = []
             for name, _ in variants:

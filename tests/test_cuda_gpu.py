@@ -375,12 +375,16 @@ def test_sm90_force_rejects_other_problems(monkeypatch):
 def test_sm90_repeatable_and_close_to_sm80(monkeypatch):
     p = _problem((48, 40), (9, 7), (1, 2), 1, (False, True), dim=128)
     q, k, v, _, _ = _inputs(p, 1, 4, 2, 128, 128, jnp.bfloat16)
-    run = jax.jit(lambda q, k, v: cuda._attention_poisoned(q, k, v, p))
+    # A new jit per setting: XLA may record a jitted call into a CUDA graph and replay
+    # it, and the switches are read when the handler runs.
+    def make():
+        return jax.jit(lambda q, k, v: cuda._attention_poisoned(q, k, v, p))
     monkeypatch.setenv("JAX_GNA_SM90", "force")
+    run = make()
     a = jax.tree.map(np.asarray, run(q, k, v))
     b = jax.tree.map(np.asarray, run(q, k, v))
     monkeypatch.setenv("JAX_GNA_SM90", "0")
-    c = jax.tree.map(np.asarray, run(q, k, v))
+    c = jax.tree.map(np.asarray, make()(q, k, v))
     for x, y, z in zip(a, b, c):
         assert np.array_equal(x.view(np.uint8), y.view(np.uint8))
         assert _rel(x, z) < TOL[jnp.bfloat16][1 if x.dtype == np.float32 else 0]
@@ -430,3 +434,64 @@ def test_export_round_trip_runs():
         got = jax.tree.map(np.asarray, e.call(q, k, v))
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             assert np.array_equal(np.atleast_1d(a).view(np.uint8), np.atleast_1d(b).view(np.uint8))
+
+
+# XLA told to record every command-buffer-compatible custom call into a CUDA graph, however
+# short the sequence (flags of jax 0.11 era XLA).
+_FORCE_GRAPHS = "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"
+_GRAPH_SCRIPT = r'''
+import json, sys
+import numpy as np, jax, jax.numpy as jnp
+from jax_gna import cuda, xla
+from jax_gna.params import Problem
+
+lib, _ = cuda._load_library()
+p = Problem(shape=(24, 20), kernel_size=(5, 7), stride=(1, 2), dilation=(1, 1), is_causal=(False, True),
+            scale=128 ** -0.5)
+
+def loss(fn, cast):
+    def f(q, k, v, w):
+        out, lse = fn(cast(q), cast(k), cast(v), p)
+        return jnp.sum(out.astype(jnp.float32) * w) + jnp.sum(lse)
+    return f
+
+f32 = lambda x: x.astype(jnp.float32)
+grads = jax.jit(jax.grad(loss(cuda._attention_poisoned, lambda x: x), argnums=(0, 1, 2)))
+refs = jax.jit(jax.grad(loss(xla.attention, f32), argnums=(0, 1, 2)))
+chain = jax.jit(lambda q, k, v: cuda.attention(cuda.attention(q, k, v, p)[0], k, v, p)[0])
+chain_ref = jax.jit(lambda q, k, v: xla.attention(xla.attention(q, k, v, p)[0], k, v, p)[0])
+def err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b)) if not np.isnan(a).any() else 1.0
+
+errs, calls = [], 0
+r0 = lib.handler_runs()
+for i in range(3):  # fresh inputs (new buffers: XLA records the calls again), each used 3 times
+    ks = jax.random.split(jax.random.PRNGKey(i), 4)
+    q, k, v = (jax.random.normal(kk, (2, 24, 20, 4, 128), jnp.float32).astype(jnp.bfloat16) for kk in ks[:3])
+    w = jax.random.normal(ks[3], (2, 24, 20, 4, 128), jnp.float32)
+    want, want_chain = refs(q, k, v, w), chain_ref(f32(q), f32(k), f32(v))
+    for _ in range(3):
+        errs += [err(a, b) for a, b in zip(grads(q, k, v, w), want)] + [err(chain(q, k, v), want_chain)]
+        calls += 4  # forward and backward of the gradient, two forwards of the chain
+print("RESULT " + json.dumps({"runs": lib.handler_runs() - r0, "calls": calls, "errs": errs}))
+'''
+
+
+@pytest.mark.parametrize("sm90", ["auto", "0"])
+def test_command_buffer_replay(sm90):
+    """With every jax_gna call recorded into a CUDA graph (forced XLA flags, in a child
+    process), calls on fresh inputs and repeated calls give the right answers, and the
+    handlers ran fewer times than the calls (so XLA did replay graphs). bf16, forward
+    chain and gradient; the kernels the GPU picks, and the sm80 ones (JAX_GNA_SM90=0)."""
+    import json
+    import subprocess
+    import sys
+    env = {**os.environ, "JAX_GNA_COMMAND_BUFFER": "1", "JAX_GNA_SM90": sm90,
+           "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + _FORCE_GRAPHS).strip()}
+    r = subprocess.run([sys.executable, "-c", _GRAPH_SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads([x for x in r.stdout.splitlines() if x.startswith("RESULT ")][0][7:])
+    assert max(res["errs"]) < TOL[jnp.bfloat16][2], res
+    assert res["runs"] < res["calls"], res
