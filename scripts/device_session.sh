@@ -24,6 +24,8 @@
 #           forward and backward, in one session
 #   abenv   scripts/ab_env.py: kernel variants chosen by environment variables, interleaved
 #           in one process ($ABENV_ARGS), and the old library ($AB_OLD) on the same problems
+#   launchab scripts/launch_ab.py: XLA command buffers and programmatic dependent launch on/off,
+#           one child process per variant ($LAUNCHAB_ARGS)
 #   quick   forward only, bf16: the three block-sparse paper problems with cuda
 #           (Hopper path where it applies), cuda with JAX_GNA_SM90=0 (sm80 kernels)
 #           and cuDNN dense, side by side
@@ -125,6 +127,9 @@ for stage in "$@"; do
           done
         done
         cp "$LOGS/new.so" jax_gna/libjax_gna_cuda.so ;;
+    launchab) # scripts/launch_ab.py: command buffers / programmatic dependent launch, one child
+              # process per variant ($LAUNCHAB_ARGS)
+              TAIL=20 step launchab "${LAUNCHAB_LIMIT:-420}" python3 scripts/launch_ab.py ${LAUNCHAB_ARGS:-} ;;
     abenv) # scripts/ab_env.py: variants the library picks from the environment, interleaved in
            # one process ($ABENV_ARGS: --variant NAME=VAR=VAL,... --passes ... problems); then,
            # with $AB_OLD, the same problems with that library (base variant only).
