@@ -185,6 +185,44 @@ def test_library_missing(monkeypatch):
     assert "jax_gna_fwd" in _lower(lambda q, k, v: cuda.attention(q, k, v, p), q, k, v)
 
 
+def test_command_buffer_switch_picks_the_handlers(monkeypatch):
+    """JAX_GNA_COMMAND_BUFFER=0 registers the handlers XLA calls on every execution, the
+    default the command-buffer-compatible ones."""
+    asked = []
+
+    class Lib:
+        def registrations(self, command_buffer=True):
+            asked.append(command_buffer)
+            return {}
+
+    monkeypatch.setattr(cuda, "_load_library", lambda: (Lib(), ""))
+    for env in ("0", None, "1"):
+        if env is None:
+            monkeypatch.delenv("JAX_GNA_COMMAND_BUFFER", raising=False)
+        else:
+            monkeypatch.setenv("JAX_GNA_COMMAND_BUFFER", env)
+        monkeypatch.setattr(cuda, "_registered", False)
+        cuda._register()
+    assert asked == [False, True, True]
+
+
+def test_library_exports_both_handler_sets():
+    """The built library hands out two different handlers per FFI target (with and
+    without the command-buffer trait) and counts handler runs (none without a GPU)."""
+    import ctypes
+    lib, reason = cuda._load_library()
+    if lib is None:
+        pytest.skip(reason)
+    get = ctypes.pythonapi.PyCapsule_GetPointer
+    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    with_cb, plain = lib.registrations(True), lib.registrations(False)
+    names = {"jax_gna_fwd", "jax_gna_bwd", "jax_gna_fwd_aliased", "jax_gna_bwd_aliased"}
+    assert set(with_cb) == set(plain) == names
+    pointers = {get(c, None) for c in list(with_cb.values()) + list(plain.values())}
+    assert len(pointers) == 8 and None not in pointers
+    assert isinstance(lib.handler_runs(), int)
+
+
 def test_library_import_failure_is_reported(monkeypatch):
     cuda._load_library.cache_clear()
     import jax_gna
