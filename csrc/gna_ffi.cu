@@ -309,17 +309,12 @@ int device_smem_optin() {
 
 #define GNA_ARG .Arg<ffi::AnyBuffer>()
 #define GNA_RET .Ret<ffi::AnyBuffer>()
-#define GNA_FWD_BIND                                                                  \
-  ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>() GNA_ARG GNA_ARG GNA_ARG GNA_RET GNA_RET GNA_BIND_ATTRS
-#define GNA_FWD_ALIASED_BIND                                                           \
-  ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>() GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_RET GNA_RET \
-      GNA_BIND_ATTRS
-#define GNA_BWD_BIND                                                                            \
-  ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>() GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG \
-      GNA_RET GNA_RET GNA_RET GNA_BIND_ATTRS
-#define GNA_BWD_ALIASED_BIND                                                                    \
-  ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>() GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG \
-      GNA_ARG GNA_ARG GNA_ARG GNA_RET GNA_RET GNA_RET GNA_BIND_ATTRS
+#define GNA_BIND ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()
+#define GNA_FWD_BIND GNA_BIND GNA_ARG GNA_ARG GNA_ARG GNA_RET GNA_RET GNA_BIND_ATTRS
+#define GNA_FWD_ALIASED_BIND GNA_BIND GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_RET GNA_RET GNA_BIND_ATTRS
+#define GNA_BWD_BIND GNA_BIND GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_RET GNA_RET GNA_RET GNA_BIND_ATTRS
+#define GNA_BWD_ALIASED_BIND \
+  GNA_BIND GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_RET GNA_RET GNA_RET GNA_BIND_ATTRS
 
 // Each handler twice: command-buffer compatible (XLA may record the call into a CUDA
 // graph and replay it without calling the handler: it only launches kernels on XLA's
