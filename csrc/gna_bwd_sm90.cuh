@@ -303,25 +303,56 @@ struct DkvLayout {
   static constexpr size_t smem_bytes() { return kBars + 8 * (1 + 3 * STAGES) + 1024; }
 };
 
-// First query (in [a, b]) whose window ends at or after key j; b + 1 if none.
+// The queries (in [a, b]) that see key j on one axis of the Hopper path (group 0,
+// dilation 1), in closed form: windows are monotone in the query, a non-causal window
+// depends on the query only through its stride group's leader (window(): c =
+// clamp(leader, wl, L - 1 - wr), keys [c - wl, c + wr]), a causal one is [max(leader -
+// k + 1, 0), q]. A binary search over window() gave the same answers (each of its 15-odd
+// steps divides by the stride), but in the dK/dV kernel, where every thread runs 4 per
+// axis for the tile and 4 per axis for its two key rows, it was most of the prologue.
+// tests/sm90_geometry_driver.cu checks both against that search and a brute force.
+//
+// First query whose window ends at or after key j; b + 1 if none.
 GNA_HD int first_reaching(const Axis& x, int a, int b, int j) {
-  while (a <= b) {
-    const int m = (a + b) / 2;
-    int lo, hi;
-    window(x, 0, m, lo, hi);
-    if (hi >= j) b = m - 1; else a = m + 1;
+  int q;
+  if (x.causal) {
+    q = j;  // the window ends at the query
+  } else {
+    const int wl = x.k / 2, wr = x.k / 2 + (x.k % 2 - 1);
+    const int t = j - wr;  // needs c >= t
+    if (t <= wl) {
+      q = a;  // c >= wl: every window
+    } else if (t > x.L - 1 - wr) {
+      q = b + 1;  // c <= L - 1 - wr: none
+    } else {  // leader = min(g s + s / 2, L - 1) >= t, and L - 1 >= t
+      const int u = t - x.s / 2;
+      q = u > 0 ? (u + x.s - 1) / x.s * x.s : 0;
+    }
   }
-  return a;
+  q = q > a ? q : a;
+  return q > b ? b + 1 : q;
 }
-// Last query (in [a, b]) whose window starts at or before key j; a - 1 if none.
+// Last query whose window starts at or before key j; a - 1 if none.
 GNA_HD int last_reaching(const Axis& x, int a, int b, int j) {
-  while (a <= b) {
-    const int m = (a + b) / 2;
-    int lo, hi;
-    window(x, 0, m, lo, hi);
-    if (lo <= j) a = m + 1; else b = m - 1;
+  int q;
+  if (j < 0) {
+    q = a - 1;  // windows start at 0 or later
+  } else if (x.causal) {  // lo <= j  <=>  leader = min(g s + s - 1, L - 1) <= j + k - 1
+    const int u = j + x.k - 1;
+    if (x.L - 1 <= u) q = b;
+    else q = u - x.s + 1 >= 0 ? (u - x.s + 1) / x.s * x.s + x.s - 1 : a - 1;
+  } else {
+    const int wl = x.k / 2, wr = x.k / 2 + (x.k % 2 - 1);
+    const int u = j + wl;  // needs c <= u, where wl <= u
+    if (u >= x.L - 1 - wr) {
+      q = b;  // every window
+    } else {  // leader = min(g s + s / 2, L - 1) <= u, and L - 1 > u
+      const int v = u - x.s / 2;
+      q = v >= 0 ? v / x.s * x.s + x.s - 1 : a - 1;
+    }
   }
-  return b;
+  q = q < b ? q : b;
+  return q < a ? a - 1 : q;
 }
 
 // Per-CTA geometry of the dK/dV kernel: the key tile and the box of query tiles

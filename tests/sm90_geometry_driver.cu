@@ -5,7 +5,8 @@
 //                each key tile is visited once, and a tile marked full is entirely seen
 //                by every valid query (and does not run past the key block);
 //   key-outer:   every query that sees a valid key of the tile lies in a visited query
-//                tile, once; full is exact; the per-key query intervals are exact.
+//                tile, once; full is exact; the per-key query intervals are exact;
+//   first_reaching / last_reaching (closed forms) equal the binary searches over window().
 // stdin: one problem per line: rank, then per axis L k s causal q0 qn kv0 kvn.
 // stdout: "ok <checks>" per problem, or "FAIL <what>" (and exit code 1).
 #include <cstdio>
@@ -38,6 +39,44 @@ static bool sees(const Axis& x, int q, int k) {
   int lo, hi;
   gna::window(x, 0, q, lo, hi);
   return lo <= k && k <= hi;
+}
+
+// The binary searches that first_reaching / last_reaching replace in closed form.
+static int search_first(const Axis& x, int a, int b, int j) {
+  while (a <= b) {
+    const int m = (a + b) / 2;
+    int lo, hi;
+    gna::window(x, 0, m, lo, hi);
+    if (hi >= j) b = m - 1; else a = m + 1;
+  }
+  return a;
+}
+static int search_last(const Axis& x, int a, int b, int j) {
+  while (a <= b) {
+    const int m = (a + b) / 2;
+    int lo, hi;
+    gna::window(x, 0, m, lo, hi);
+    if (lo <= j) a = m + 1; else b = m - 1;
+  }
+  return b;
+}
+
+// The closed forms equal the searches for every key near the key block and query ranges
+// [a, b] inside the query block (the kernels pass the whole block).
+static void closed_forms(const Params& p) {
+  for (int ax = 0; ax < 3; ++ax) {
+    const Axis& x = p.ax[ax];
+    const int ranges[3][2] = {{x.q0, x.q0 + x.qn - 1}, {x.q0 + 1, x.q0 + x.qn - 1}, {x.q0, x.q0 + x.qn / 2}};
+    for (const auto& r : ranges) {
+      if (r[0] > r[1]) continue;
+      for (int j = x.kv0 - 3; j <= x.kv0 + x.kvn + 2; ++j) {
+        const int f = gna::sm90::first_reaching(x, r[0], r[1], j), l = gna::sm90::last_reaching(x, r[0], r[1], j);
+        const int sf = search_first(x, r[0], r[1], j), sl = search_last(x, r[0], r[1], j);
+        CHECK(f == sf && l == sl, "axis %d key %d queries [%d, %d]: closed forms [%d, %d], searches [%d, %d]", ax, j,
+              r[0], r[1], f, l, sf, sl);
+      }
+    }
+  }
 }
 
 static void query_outer(const Params& p) {
@@ -168,6 +207,7 @@ int main() {
       gna::apply_plan(q, plan, true);  // sets both tilings; the count is not needed
       query_outer(q);
       key_outer(q);
+      closed_forms(q);
     }
     if (failures == before_fail) std::printf("ok %ld checks, %d plans\n", checks - before, plans);
   }
