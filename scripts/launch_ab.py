@@ -10,8 +10,14 @@ next query; problems under 300 us per forward only), per forward; forward+backwa
 XLA replays a recorded CUDA graph) and a hash of the outputs, which must agree across
 variants (neither setting changes the arithmetic).
 
+A variant may also be given as NAME=VAR=VALUE,... (--variant, as in ab_env.py); with
+LD_PRELOAD naming another build of libjax_gna_cuda.so (it has that soname, so it satisfies
+the Python module's dependency) this times two builds of the library side by side, e.g.
+--variant old=LD_PRELOAD=$PWD/build/old/libjax_gna_cuda.so. The child reports which file
+of the library it loaded.
+
 usage (on the GPU): python3 scripts/launch_ab.py [--rounds 2] [--variants base,graph,...]
-    [shape window stride heads] ...
+    [--variant NAME=VAR=VALUE,...] [shape window stride heads] ...
 """
 
 from __future__ import annotations
@@ -48,6 +54,9 @@ def child(probs: list[str], samples: int) -> None:
     from profile_sm90 import problem  # this directory
 
     lib, _ = cuda._load_library()
+    with open("/proc/self/maps") as f:
+        loaded = sorted({ln.split()[-1] for ln in f if ln.rstrip().endswith("libjax_gna_cuda.so")})
+    print("LIBRARY " + " ".join(loaded), flush=True)
 
     def time_calls(fn, args, inner):
         jax.block_until_ready(fn(*args))
@@ -94,6 +103,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--samples", type=int, default=7)
     ap.add_argument("--variants", default="base,graph,pdl,graph+pdl", help=f"from {', '.join(VARIANTS)}")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME=VAR=VALUE,...: a variant of its own environment (after --variants)")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("problems", nargs="*")
     a = ap.parse_args()
@@ -101,7 +112,10 @@ def main() -> None:
     if a.child:
         child(probs, a.samples)
         return
-    variants = [(name, VARIANTS[name]) for name in a.variants.split(",")]
+    variants = [(name, VARIANTS[name]) for name in a.variants.split(",") if name]
+    for v in a.variant:
+        name, _, rest = v.partition("=")
+        variants.append((name, dict(kv.split("=", 1) for kv in rest.split(",") if kv)))
     got: dict[str, dict[str, list]] = {name: {} for name, _ in variants}
     for r in range(a.rounds):
         order = variants[r % len(variants):] + variants[:r % len(variants)]
@@ -110,6 +124,9 @@ def main() -> None:
             p = subprocess.run([sys.executable, __file__, "--child", "--samples", str(a.samples), *probs],
                                env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
             line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+            if r == 0:
+                print(f"{name}: " + next((x for x in p.stdout.splitlines() if x.startswith("LIBRARY ")),
+                                         "LIBRARY ?"), flush=True)
             if p.returncode or not line:
                 print(f"{name} round {r}: rc={p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}", flush=True)
                 continue
