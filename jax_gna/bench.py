@@ -327,13 +327,17 @@ def _compiled_bytes(compiled) -> int | None:
 
 
 def measure(fn: Callable, args: tuple, min_samples: int = 3, max_samples: int = 20,
-            target_s: float = 0.25, slow_s: float = 1.0, very_slow_s: float = 8.0) -> dict:
+            target_s: float = 0.25, slow_s: float = 1.0, very_slow_s: float = 8.0,
+            settle_s: float = 0.0) -> dict:
     """Compile ``fn`` (jitted), warm up, time; return median seconds per call and stats.
 
     A sample times ``inner`` back-to-back calls (enough for ~5 ms) and divides. Calls
     slower than ``slow_s`` are timed once after the warm-up; when the warm-up call
     itself takes more than ``very_slow_s``, it is the only sample (big problems on
-    slow peers; ``samples`` says 0 then).
+    slow peers; ``samples`` says 0 then). Before sampling, calls faster than ``slow_s``
+    run back to back for ``settle_s`` seconds (a GPU left idle drops its clocks; a GPU
+    under sustained load reaches its power cap: with 0.5 s, cuDNN's 1-D dense forward on
+    the H200 machine measured 9-12% slower in two alternating rounds, ours unchanged).
     """
     import jax
 
@@ -356,6 +360,13 @@ def measure(fn: Callable, args: tuple, min_samples: int = 3, max_samples: int = 
     if one < slow_s:
         inner = int(min(100, max(1, 0.005 // one)))
         n = int(min(max_samples, max(min_samples, target_s // (one * inner))))
+        t_end = time.perf_counter() + settle_s
+        while time.perf_counter() < t_end:
+            out = None
+            for _ in range(inner):
+                out = compiled(*args)
+            jax.block_until_ready(out)
+            del out
         samples = []
         for _ in range(n):
             t0 = time.perf_counter()
@@ -367,7 +378,7 @@ def measure(fn: Callable, args: tuple, min_samples: int = 3, max_samples: int = 
             del out
     stats = {"time_s": float(np.median(samples)), "min_s": float(np.min(samples)),
              "samples": len(samples), "inner": inner, "compile_s": compile_s,
-             "warmup_s": warm_s, "mem_bytes": mem}
+             "warmup_s": warm_s, "settle_s": settle_s if one < slow_s else 0.0, "mem_bytes": mem}
     try:
         peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
         if peak is not None:
@@ -457,7 +468,8 @@ def run(cases: Sequence[Case], *, backends: Sequence[str] = BACKENDS,
         dtypes: Sequence[str] | None = None, passes: Sequence[str] = PASSES,
         sampling: tuple[int, int, float] | dict[str, tuple[int, int, float]] = (3, 20, 0.25),
         deadline: float | None = None, mask_limit_bytes: int = 4 << 30, seed: int = 0,
-        progress: bool = True, name: str = "custom", chain_below_s: float = CHAIN_BELOW_S) -> dict:
+        progress: bool = True, name: str = "custom", chain_below_s: float = CHAIN_BELOW_S,
+        settle_s: float = 0.0) -> dict:
     """Run the sweep; return the results (:func:`write_report` writes the files).
 
     Args:
@@ -476,6 +488,8 @@ def run(cases: Sequence[Case], *, backends: Sequence[str] = BACKENDS,
       chain_below_s: a forward faster than this per call is also timed as :data:`CHAIN`
         forwards in one jitted call (:func:`chained_fwd`); the record's ``chained_s`` is
         that time per op.
+      settle_s: seconds of back-to-back calls before each measurement's samples
+        (:func:`measure`).
     """
     import jax
     import jax.numpy as jnp
@@ -547,13 +561,13 @@ def run(cases: Sequence[Case], *, backends: Sequence[str] = BACKENDS,
                 f = attention_fn(backend, case)
                 fn, args = pass_fn(f, p, *inputs, extra)
                 smp = sampling[case.name] if isinstance(sampling, dict) else sampling
-                m = measure(fn, args, *smp)
+                m = measure(fn, args, *smp, settle_s=settle_s)
                 del fn, args
                 rec.update(m)
                 if p == "fwd" and m["time_s"] < chain_below_s:
                     ch = chained_fwd(f, *inputs[:3], extra)
                     if ch is not None:
-                        mc = measure(*ch, *smp)
+                        mc = measure(*ch, *smp, settle_s=settle_s)
                         rec.update(chained_s=mc["time_s"] / CHAIN, chain=CHAIN)
                         del ch
                 if backend == "cudnn":
@@ -577,7 +591,7 @@ def run(cases: Sequence[Case], *, backends: Sequence[str] = BACKENDS,
     return {"name": name, "env": env, "cases": list(infos.values()), "records": records,
             "config": {"backends": list(backends), "dtypes": list(dtypes), "passes": list(passes),
                        "sampling": sampling if isinstance(sampling, dict) else list(sampling),
-                       "mask_limit_bytes": mask_limit_bytes,
+                       "settle_s": settle_s, "mask_limit_bytes": mask_limit_bytes,
                        "cuda": cuda_ok, "cuda_note": cuda_why},
             "wall_s": time.perf_counter() - t_start}
 
@@ -635,7 +649,9 @@ def markdown(result: dict) -> str:
     if "cuda" in cfg["backends"] and not cfg["cuda"]:
         lines += ["", f"The `cuda` backend was not measured: {cfg['cuda_note']}."]
     lines += [
-        "", "Each cell: median time per call (back-to-back jitted calls after warm-up; a "
+        "", "Each cell: median time per call (back-to-back jitted calls after warm-up"
+        + (f" and {cfg['settle_s']:g} s more of calls before sampling" if cfg.get("settle_s") else "")
+        + "; a "
         f"forward under {CHAIN_BELOW_S * 1e6:.0f} us per call is also timed as {CHAIN} in one "
         "jitted call, per op: JAX's host time per call is then paid once), "
         "effective TFLOP/s (useful FLOPs of SEMANTICS.md for every peer: backward = 2.5x "
@@ -873,6 +889,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the remaining measurements are recorded as skipped")
     p.add_argument("--samples", type=_ints, default=None,
                    help="min x max samples per measurement, e.g. 3x20")
+    p.add_argument("--settle-s", type=float, default=0.0,
+                   help="seconds of back-to-back calls before each measurement's samples "
+                        "(default 0: sampling starts after one warm-up call)")
     p.add_argument("--mask-limit-gib", type=float, default=4.0,
                    help="skip the masked-dense peer above this mask size (GiB)")
     p.add_argument("--name", default=None, help="result file name (default: the preset)")
@@ -976,7 +995,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         combined = run(all_cases, backends=backends, dtypes=dtypes, passes=passes,
                        sampling=sampling, deadline=deadline,
                        mask_limit_bytes=int(args.mask_limit_gib * 2**30),
-                       progress=not args.no_progress, name="+".join(n for n, _ in grid))
+                       progress=not args.no_progress, name="+".join(n for n, _ in grid),
+                       settle_s=args.settle_s)
         for name, cases in grid:
             out_name = args.name if (args.name and len(grid) == 1) else name
             result = split_result(combined, [c.name for c in cases], out_name)

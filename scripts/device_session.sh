@@ -26,6 +26,13 @@
 #           in one process ($ABENV_ARGS), and the old library ($AB_OLD) on the same problems
 #   launchab scripts/launch_ab.py: XLA command buffers and programmatic dependent launch on/off,
 #           one child process per variant ($LAUNCHAB_ARGS)
+#   paper   the paper preset, cuda and cuDNN dense, bf16/fp16, all passes, NATTEN's published
+#           and torch peers merged from benchmarks/results/paper-torch.json, into
+#           $OUT/results/paper-sm90.* (then locally: python3 -m benchmarks.hopper_report)
+#   kernels Nsight Compute, kernel time and tensor-pipe share of the forward, dQ and dK/dV
+#           kernels (clocks not locked) on $KERNELS_PROBLEM (default 1-D s2048 H1)
+#   settleab the 1-D s2048 H1 forward benchmark (cuda, cuDNN) with --settle-s 0 and 0.5,
+#           alternating, twice: what letting the GPU clocks rise first changes
 #   quick   forward only, bf16: the three block-sparse paper problems with cuda
 #           (Hopper path where it applies), cuda with JAX_GNA_SM90=0 (sm80 kernels)
 #           and cuDNN dense, side by side
@@ -92,6 +99,20 @@ for stage in "$@"; do
     bench) step bench "${BENCH_LIMIT:-400}" python3 -m benchmarks.run \
              --preset "${BENCH_PRESETS:-small,paper}" --budget-s "${BENCH_BUDGET:-330}" \
              --out "$OUT/results" --no-progress ;;
+    paper) step paper "${PAPER_LIMIT:-420}" python3 -m benchmarks.run --preset paper --backends cuda,cudnn \
+             --passes fwd,bwd,fwdbwd --dtypes bf16,fp16 --name paper-sm90 \
+             --merge-peers benchmarks/results/paper-torch.json --out "$OUT/results" --no-progress ;;
+    kernels) TAIL=40 step kernels "${KERNELS_LIMIT:-180}" ncu --clock-control none --metrics \
+               gpu__time_duration.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_elapsed \
+               python3 scripts/profile_sm90.py ${KERNELS_PROBLEM:-32768 2048 2048 1} ;;
+    settleab) for round in 1 2; do
+                for settle in 0 0.5; do
+                  TAIL=8 step "settle_${settle}_${round}" 120 python3 -m benchmarks.run --shape 32768 \
+                    --window 2048 --stride 2048 --heads 1 --head-dim 128 --backends cuda,cudnn --dtypes bf16 \
+                    --passes fwd --samples 3x20 --settle-s "$settle" --out "$LOGS/settle" \
+                    --name "settle_${settle}_${round}" --no-progress
+                done
+              done ;;
     quick) for prob in "${PROBLEMS3[@]}"; do
              set -- $prob
              for mode in ${QUICK_MODES:-auto 0}; do

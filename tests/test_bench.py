@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -103,7 +104,22 @@ def test_passes_compute_gradients():
     for g, g2 in zip(grads, grads2):
         np.testing.assert_allclose(np.asarray(g), np.asarray(g2), atol=1e-5)
     m = bench.measure(jax.jit(f), (x, x, x), 1, 2, 0.0)
-    assert m["time_s"] > 0 and m["samples"] >= 1
+    assert m["time_s"] > 0 and m["samples"] >= 1 and m["settle_s"] == 0.0
+
+
+def test_measure_settles_before_sampling():
+    calls = []
+
+    def f(x):
+        jax.debug.callback(lambda: calls.append(time.perf_counter()))
+        return x + 1
+
+    x = jnp.ones(4)
+    m = bench.measure(f, (x,), 1, 1, 0.0, settle_s=0.2)
+    # Without settling: the warm-up call, the timing call and one sample of `inner` calls.
+    assert m["settle_s"] == 0.2 and m["samples"] == 1
+    assert len(calls) > 2 + m["inner"]
+    assert calls[-m["inner"] - 1] - calls[1] >= 0.15  # the calls between were the settling
 
 
 def test_masked_peer_skipped_when_too_big():
