@@ -360,22 +360,19 @@ def measure(fn: Callable, args: tuple, min_samples: int = 3, max_samples: int = 
     if one < slow_s:
         inner = int(min(100, max(1, 0.005 // one)))
         n = int(min(max_samples, max(min_samples, target_s // (one * inner))))
-        t_end = time.perf_counter() + settle_s
-        while time.perf_counter() < t_end:
-            out = None
-            for _ in range(inner):
-                out = compiled(*args)
-            jax.block_until_ready(out)
-            del out
-        samples = []
-        for _ in range(n):
+
+        def batch() -> float:  # seconds per call of `inner` back-to-back calls
             t0 = time.perf_counter()
             out = None
             for _ in range(inner):
                 out = compiled(*args)
             jax.block_until_ready(out)
-            samples.append((time.perf_counter() - t0) / inner)
-            del out
+            return (time.perf_counter() - t0) / inner
+
+        t_end = time.perf_counter() + settle_s
+        while time.perf_counter() < t_end:
+            batch()
+        samples = [batch() for _ in range(n)]
     stats = {"time_s": float(np.median(samples)), "min_s": float(np.min(samples)),
              "samples": len(samples), "inner": inner, "compile_s": compile_s,
              "warmup_s": warm_s, "settle_s": settle_s if one < slow_s else 0.0, "mem_bytes": mem}

@@ -31,6 +31,7 @@ are launched with programmatic dependent launch (``JAX_GNA_PDL=0`` turns it off)
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from typing import Any
 
@@ -99,7 +100,6 @@ def _register() -> None:
         lib, _ = _load_library()
         if lib is None:
             return
-        import os
         command_buffer = os.environ.get("JAX_GNA_COMMAND_BUFFER", "1") != "0"
         for name, capsule in lib.registrations(command_buffer).items():
             jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
@@ -149,7 +149,6 @@ def kernel_path(problem: Problem, query_shape, value_shape, dtype) -> str:
     the same problems with head dim 64 or 128, unless ``JAX_GNA_SM90_BWD=0``. Mirrors
     the checks of ``csrc/gna_sm90.cu``.
     """
-    import os
     dt = np.dtype(dtype)
     d, d_v = int(query_shape[-1]), int(value_shape[-1])
     why = []
