@@ -28,16 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_gna.bench import chained_fwd
-from profile_sm90 import problem  # this directory (python3 scripts/ab_env.py)
+from launch_ab import parse_variant  # this directory (python3 scripts/ab_env.py)
+from profile_sm90 import problem
 
 DEFAULT = ["32768", "2048", "2048", "1", "256x256", "80x80", "16x16", "24",
            "30x48x80", "18x24x24", "16x8x8", "24"]
-
-
-def parse_variant(s: str) -> tuple[str, dict[str, str]]:
-    name, _, rest = s.partition("=")
-    env = dict(kv.split("=", 1) for kv in rest.split(",") if kv) if rest else {}
-    return name, env
 
 
 def set_env(env: dict[str, str], names: set[str]) -> None:

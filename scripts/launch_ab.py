@@ -44,6 +44,12 @@ VARIANTS = {
 }
 
 
+def parse_variant(s: str) -> tuple[str, dict[str, str]]:
+    """NAME=VAR=VALUE,VAR=VALUE (or NAME alone): the variant's name and environment."""
+    name, _, rest = s.partition("=")
+    return name, dict(kv.split("=", 1) for kv in rest.split(",") if kv)
+
+
 def child(probs: list[str], samples: int) -> None:
     import jax
     import jax.numpy as jnp
@@ -113,9 +119,7 @@ def main() -> None:
         child(probs, a.samples)
         return
     variants = [(name, VARIANTS[name]) for name in a.variants.split(",") if name]
-    for v in a.variant:
-        name, _, rest = v.partition("=")
-        variants.append((name, dict(kv.split("=", 1) for kv in rest.split(",") if kv)))
+    variants += [parse_variant(v) for v in a.variant]
     got: dict[str, dict[str, list]] = {name: {} for name, _ in variants}
     for r in range(a.rounds):
         order = variants[r % len(variants):] + variants[:r % len(variants)]
