@@ -306,8 +306,9 @@ struct DkvLayout {
 // The queries (in [a, b]) that see key j on one axis of the Hopper path (group 0,
 // dilation 1), in closed form: windows are monotone in the query, a non-causal window
 // depends on the query only through its stride group's leader (window(): c =
-// clamp(leader, wl, L - 1 - wr), keys [c - wl, c + wr]), a causal one is [max(leader -
-// k + 1, 0), q]. A binary search over window() gave the same answers (each of its 15-odd
+// clamp(leader, wl, L - 1 - wr), keys [c - wl, c + wr], with wl = window_left(k) and
+// wr = window_right(k)), a causal one is [max(leader - k + 1, 0), q].
+// A binary search over window() gave the same answers (each of its 15-odd
 // steps divides by the stride), but in the dK/dV kernel, where every thread runs 4 per
 // axis for the tile and 4 per axis for its two key rows, it was most of the prologue.
 // tests/sm90_geometry_driver.cu checks both against that search and a brute force.
@@ -318,7 +319,7 @@ GNA_HD int first_reaching(const Axis& x, int a, int b, int j) {
   if (x.causal) {
     q = j;  // the window ends at the query
   } else {
-    const int wl = x.k / 2, wr = x.k / 2 + (x.k % 2 - 1);
+    const int wl = window_left(x.k), wr = window_right(x.k);
     const int t = j - wr;  // needs c >= t
     if (t <= wl) {
       q = a;  // c >= wl: every window
@@ -342,7 +343,7 @@ GNA_HD int last_reaching(const Axis& x, int a, int b, int j) {
     if (x.L - 1 <= u) q = b;
     else q = u - x.s + 1 >= 0 ? (u - x.s + 1) / x.s * x.s + x.s - 1 : a - 1;
   } else {
-    const int wl = x.k / 2, wr = x.k / 2 + (x.k % 2 - 1);
+    const int wl = window_left(x.k), wr = window_right(x.k);
     const int u = j + wl;  // needs c <= u, where wl <= u
     if (u >= x.L - 1 - wr) {
       q = b;  // every window

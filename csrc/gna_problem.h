@@ -57,11 +57,16 @@ struct Params {
   void* dq; void* dk; void* dv;
 };
 
+// Keys a non-causal window of size k reaches left / right of its center c: the window
+// is [c - window_left(k), c + window_right(k)] (an even k reaches one less to the right).
+GNA_HD int window_left(int k) { return k / 2; }
+GNA_HD int window_right(int k) { return k / 2 + (k % 2 - 1); }
+
 // Inclusive window [lo, hi] of query `ig` of dilation group `g`, in group coordinates.
 GNA_HD void window(const Axis& a, int g, int ig, int& lo, int& hi) {
   const int Lg = (a.L - g + a.d - 1) / a.d;
-  const int wl = a.k / 2;
-  const int wr = a.k / 2 + (a.k % 2 - 1);
+  const int wl = window_left(a.k);
+  const int wr = window_right(a.k);
   const int first = (ig / a.s) * a.s;
   if (a.causal) {
     int leader = first + a.s - 1;
