@@ -3,7 +3,7 @@ installed ``jax-gna bench`` has them too).
 
 * ``smoke``  -- three tiny 1-D/2-D/3-D problems (stride, dilation, causal); seconds on a CPU.
 * ``paper``  -- the use cases, head dim 128, batch 1:
-  1-D 32768, 1 head, window 2048, strides 1 / 256 / 2048;
+  1-D 32768, 1 head and 24 heads, window 2048, strides 1 / 256 / 2048;
   FLUX-4K 2-D 256x256, 24 heads, window 80x80, strides 1 / 16x1 / 16x16;
   HunyuanVideo 3-D 30x48x80, 24 heads, window 18x24x24 with strides 1 / 2x8x8 / 16x8x8,
   and window 30x40x40 with strides 1 / 1x32x8;
