@@ -637,6 +637,20 @@ def _cell(r: dict | None) -> str:
     return out
 
 
+def _peers_where(peer_env: Sequence[dict] | None, device: str) -> str:
+    """Where the merged peers ran (their GPU may not be this run's), as a clause."""
+    parts = []
+    for e in peer_env or []:
+        if not e or e.get("backends") == []:
+            continue
+        what = "/".join(f"`{b}`" for b in e.get("backends") or []) or "peers"
+        where = e.get("device", "?")
+        if where != device:
+            where += ", not this run's GPU"
+        parts.append(f"{what} on {where} (torch {e.get('torch', '?')}, {str(e.get('date', '?'))[:10]})")
+    return "; " + "; ".join(parts) if parts else ""
+
+
 def markdown(result: dict) -> str:
     """The results as markdown: a table of the problems and one of the measurements."""
     env = result["env"]
@@ -664,7 +678,8 @@ def markdown(result: dict) -> str:
         "compiled call (arguments + outputs + temporaries), largest over the passes."
         + (" `flex` / `sdpa`: PyTorch FlexAttention with the GNA block mask / dense "
            "`scaled_dot_product_attention`, measured in a separate process "
-           "(`benchmarks/torch_peers.py`, CUDA events; memory: that process's peak)."
+           "(`benchmarks/torch_peers.py`, CUDA events; memory: that process's peak)"
+           + _peers_where(result.get("peer_env"), dev) + "."
            if {"flex", "sdpa"} & set(cfg["backends"]) else ""),
         "", "## Problems", "",
         "| problem | configuration | sparsity | FLOP bound | tile bound (q / kv tile) "
@@ -908,23 +923,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def merge_peers(result: dict, peer_results: Sequence[dict]) -> dict:
     """Add the records of other processes (``benchmarks.torch_peers``) to a result.
 
-    Records of cases the result does not have are dropped; speedups are recomputed
-    over the result's cuDNN dense times. The peers' environment goes to ``peer_env``.
+    Records of cases the result does not have are dropped; a later file's record
+    replaces an earlier one of the same case, dtype, backend and pass. Speedups are
+    recomputed over the result's cuDNN dense times. Each file's environment goes to
+    ``peer_env``, with the backends whose records came from it (``backends``): the
+    peers may have run on another GPU than the result.
     """
     names = {c["name"] for c in result["cases"]}
     out = dict(result)
     out["records"] = [dict(r) for r in result["records"]]
     backends = list(result["config"]["backends"])
-    for pr in peer_results:
+    source = {}  # (case, dtype, backend, pass) -> index of the peer file it came from
+    for i, pr in enumerate(peer_results):
         for r in pr["records"]:
             if r["case"] in names:
-                out["records"] = [x for x in out["records"] if (x["case"], x["dtype"],
-                                  x["backend"], x["pass"]) != (r["case"], r["dtype"],
-                                                               r["backend"], r["pass"])]
+                key = (r["case"], r["dtype"], r["backend"], r["pass"])
+                out["records"] = [x for x in out["records"]
+                                  if (x["case"], x["dtype"], x["backend"], x["pass"]) != key]
                 out["records"].append(dict(r))
+                source[key] = i
                 if r["backend"] not in backends:
                     backends.append(r["backend"])
-        out.setdefault("peer_env", []).append(pr.get("env"))
+    out["peer_env"] = list(result.get("peer_env") or [])
+    for i, pr in enumerate(peer_results):
+        used = sorted({k[2] for k, j in source.items() if j == i})
+        out["peer_env"].append(dict(pr.get("env") or {}, backends=used))
     out["config"] = dict(result["config"], backends=backends)
     case_i = {c["name"]: i for i, c in enumerate(result["cases"])}
     dtypes = list(dict.fromkeys(list(result["config"]["dtypes"])

@@ -26,9 +26,12 @@
 #           in one process ($ABENV_ARGS), and the old library ($AB_OLD) on the same problems
 #   launchab scripts/launch_ab.py: XLA command buffers and programmatic dependent launch on/off,
 #           one child process per variant ($LAUNCHAB_ARGS)
-#   paper   the paper preset, cuda and cuDNN dense, bf16/fp16, all passes, NATTEN's published
-#           and torch peers merged from benchmarks/results/paper-torch.json, into
-#           $OUT/results/paper-sm90.* (then locally: python3 -m benchmarks.hopper_report)
+#   paper   the paper preset, cuda and cuDNN dense, bf16/fp16, all passes, into
+#           $OUT/results/paper-sm90.* (then locally: python3 -m benchmarks.hopper_report).
+#           Torch peers merged from benchmarks/results/paper-torch.json (an earlier run,
+#           maybe another GPU), and first (PAPER_SDPA=1, the default) dense torch SDPA on
+#           this GPU, fwd and fwd+bwd, into $OUT/results/paper-sdpa.json, which replaces
+#           that file's sdpa records: a second dense peer beside cuDNN, on the same GPU
 #   kernels Nsight Compute, kernel time and tensor-pipe share of the forward, dQ and dK/dV
 #           kernels (clocks not locked) on $KERNELS_PROBLEM (default 1-D s2048 H1)
 #   settleab the 1-D s2048 H1 forward benchmark (cuda, cuDNN) with --settle-s 0 and 0.5,
@@ -99,9 +102,18 @@ for stage in "$@"; do
     bench) step bench "${BENCH_LIMIT:-400}" python3 -m benchmarks.run \
              --preset "${BENCH_PRESETS:-small,paper}" --budget-s "${BENCH_BUDGET:-330}" \
              --out "$OUT/results" --no-progress ;;
-    paper) step paper "${PAPER_LIMIT:-420}" python3 -m benchmarks.run --preset paper --backends cuda,cudnn \
+    paper) peers=benchmarks/results/paper-torch.json
+           if [ "${PAPER_SDPA:-1}" = 1 ]; then
+             step paper_sdpa "${PAPER_SDPA_LIMIT:-200}" python3 -m benchmarks.torch_peers --preset paper \
+               --peers sdpa --passes fwd,fwdbwd --dtypes bf16,fp16 --out "$LOGS/torch"
+             if [ -f "$LOGS/torch/paper-torch.json" ]; then
+               cp "$LOGS/torch/paper-torch.json" "$OUT/results/paper-sdpa.json"
+               peers+=,$OUT/results/paper-sdpa.json
+             fi
+           fi
+           step paper "${PAPER_LIMIT:-420}" python3 -m benchmarks.run --preset paper --backends cuda,cudnn \
              --passes fwd,bwd,fwdbwd --dtypes bf16,fp16 --name paper-sm90 \
-             --merge-peers benchmarks/results/paper-torch.json --out "$OUT/results" --no-progress ;;
+             --merge-peers "$peers" --out "$OUT/results" --no-progress ;;
     kernels) TAIL=40 step kernels "${KERNELS_LIMIT:-180}" ncu --clock-control none --metrics \
                gpu__time_duration.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_elapsed \
                python3 scripts/profile_sm90.py ${KERNELS_PROBLEM:-32768 2048 2048 1} ;;

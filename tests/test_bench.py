@@ -238,6 +238,20 @@ def test_merge_peers_and_from_json(tmp_path):
                        str(out)]) == 0
     md = (out / "r.md").read_text()
     assert "| a | fp16 | flex |" in md and "**2.00x**" in md
+    # A later file replaces the records it has; peer_env says which file each backend
+    # came from, and the markdown where those peers ran.
+    later = {"kind": "torch-peers", "env": {"torch": "y", "device": "GPU-B", "date": "2026-11-29"},
+             "records": [{"case": "a", "dtype": "float16", "backend": "sdpa", "pass": "fwd",
+                          "status": "ok", "time_s": 3e-3},
+                         {"case": "a", "dtype": "float16", "backend": "flex", "pass": "fwd",
+                          "status": "ok", "time_s": 1e-3}]}
+    merged = bench.merge_peers(result, [peers, later])
+    flex = [r for r in merged["records"] if r["backend"] == "flex"]
+    assert len(flex) == 1 and flex[0]["speedup"] == pytest.approx(4.0)
+    assert [e["backends"] for e in merged["peer_env"]] == [[], ["flex", "sdpa"]]
+    md = bench.markdown(merged)
+    assert "`flex`/`sdpa` on GPU-B, not this run's GPU (torch y, 2026-11-29)" in md
+    assert "torch x" not in md  # the first file's records were all replaced
 
 
 @pytest.mark.parametrize("case", bench.PRESETS["smoke"], ids=lambda c: c.name)
