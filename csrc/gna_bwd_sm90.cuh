@@ -22,32 +22,6 @@ namespace sm90 {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Element mask of a thread's 2 rows x (8 NB) columns of a score tile. Rows are given
-// per axis by the interval of column coordinates they see, relative to the column
-// tile's start ([lo, lo + w], unsigned compare); columns by their in-tile coordinates
-// (power-of-two extents: shifts sh2, sh1 and masks m1, m2). f(index, visible).
-template <int NB, typename F>
-__device__ __forceinline__ void for_each_element(const int (&lo)[2][3], const unsigned (&w)[2][3], int sh2,
-                                                 int sh1, int m1, int m2, int tig, F&& f) {
-  int tcol;  // opaque: keeps the loop-invariant column coordinates out of registers
-  asm volatile("mov.b32 %0, %1;" : "=r"(tcol) : "r"(2 * tig));
-#pragma unroll
-  for (int i = 0; i < NB; ++i) {
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int n = 8 * i + tcol + e;
-      const int n0 = n >> (sh2 + sh1), n1 = (n >> sh2) & m1, n2 = n & m2;
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const bool vis = static_cast<unsigned>(n0 - lo[r][0]) <= w[r][0] &&
-                         static_cast<unsigned>(n1 - lo[r][1]) <= w[r][1] &&
-                         static_cast<unsigned>(n2 - lo[r][2]) <= w[r][2];
-        f(4 * i + 2 * r + e, vis);
-      }
-    }
-  }
-}
-
 // Accumulator blocks (2j, 2j+1) of a 64-row score tile as the A fragment of k16 slice j.
 template <typename T, int NS>
 __device__ __forceinline__ void acc_to_a(const float (&x)[8 * NS], uint32_t (&a)[NS][4]) {

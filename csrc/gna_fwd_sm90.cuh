@@ -143,6 +143,32 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// Element mask of a thread's 2 rows x (8 NB) columns of a score tile. Rows are given
+// per axis by the interval of column coordinates they see, relative to the column
+// tile's start ([lo, lo + w], unsigned compare); columns by their in-tile coordinates
+// (power-of-two extents: shifts sh2, sh1 and masks m1, m2). f(index, visible).
+template <int NB, typename F>
+__device__ __forceinline__ void for_each_element(const int (&lo)[2][3], const unsigned (&w)[2][3], int sh2,
+                                                 int sh1, int m1, int m2, int tig, F&& f) {
+  int tcol;  // opaque: keeps the loop-invariant column coordinates out of registers
+  asm volatile("mov.b32 %0, %1;" : "=r"(tcol) : "r"(2 * tig));
+#pragma unroll
+  for (int i = 0; i < NB; ++i) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int n = 8 * i + tcol + e;
+      const int n0 = n >> (sh2 + sh1), n1 = (n >> sh2) & m1, n2 = n & m2;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const bool vis = static_cast<unsigned>(n0 - lo[r][0]) <= w[r][0] &&
+                         static_cast<unsigned>(n1 - lo[r][1]) <= w[r][1] &&
+                         static_cast<unsigned>(n2 - lo[r][2]) <= w[r][2];
+        f(4 * i + 2 * r + e, vis);
+      }
+    }
+  }
+}
+
 // Row-major walk over a box of n[0] x n[1] x n[2] tiles without divisions: the in-box
 // index per axis of the current step; next() wraps to the start after the last tile.
 struct BoxWalk {
@@ -402,26 +428,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           rlo[r][a] = wlo[r][a] - ks[a];
           rw[r][a] = static_cast<unsigned>(whi[r][a] - wlo[r][a]);
         }
-      // The column's in-tile coordinates are loop invariant; an opaque copy keeps the
-      // compiler from hoisting all of them (3 per column: 96 at KT = 128) into registers.
-      int tcol;
-      asm volatile("mov.b32 %0, %1;" : "=r"(tcol) : "r"(2 * tig));
-#pragma unroll
-      for (int i = 0; i < NB; ++i) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int n = 8 * i + tcol + e;
-          const int n0 = n >> (ksh2 + ksh1), n1 = (n >> ksh2) & (p.ax[1].kt - 1), n2 = n & (p.ax[2].kt - 1);
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const bool vis = static_cast<unsigned>(n0 - rlo[r][0]) <= rw[r][0] &&
-                             static_cast<unsigned>(n1 - rlo[r][1]) <= rw[r][1] &&
-                             static_cast<unsigned>(n2 - rlo[r][2]) <= rw[r][2];
-            float& x = sc[4 * i + 2 * r + e];
-            x = vis ? x * pre : -INFINITY;
-          }
-        }
-      }
+      for_each_element<NB>(rlo, rw, ksh2, ksh1, p.ax[1].kt - 1, p.ax[2].kt - 1, tig, [&](int i, bool vis) {
+        sc[i] = vis ? sc[i] * pre : -INFINITY;
+      });
     }
     // Rows r = 0, 1 are accumulator slots {0,1} and {2,3} of each 8-column block.
 #pragma unroll
