@@ -34,8 +34,11 @@
 #           that file's sdpa records: a second dense peer beside cuDNN, on the same GPU
 #   kernels Nsight Compute, kernel time and tensor-pipe share of the forward, dQ and dK/dV
 #           kernels (clocks not locked) on $KERNELS_PROBLEM (default 1-D s2048 H1)
-#   settleab the 1-D s2048 H1 forward benchmark (cuda, cuDNN) with --settle-s 0 and 0.5,
-#           alternating, twice: what letting the GPU clocks rise first changes
+#   settleab the benchmark (cuda, cuDNN, bf16) of each problem of $SETTLE_PROBLEMS
+#           ("shape window stride heads", ';' between problems; default the 1-D s2048 H1
+#           one) with --settle-s each of $SETTLE_VALUES (default "0 0.5"), passes
+#           $SETTLE_PASSES (default fwd), alternating, twice: what running the GPU into
+#           its power cap first changes
 #   quick   forward only, bf16: the three block-sparse paper problems with cuda
 #           (Hopper path where it applies), cuda with JAX_GNA_SM90=0 (sm80 kernels)
 #           and cuDNN dense, side by side
@@ -117,12 +120,16 @@ for stage in "$@"; do
     kernels) TAIL=40 step kernels "${KERNELS_LIMIT:-180}" ncu --clock-control none --metrics \
                gpu__time_duration.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_elapsed \
                python3 scripts/profile_sm90.py ${KERNELS_PROBLEM:-32768 2048 2048 1} ;;
-    settleab) for round in 1 2; do
-                for settle in 0 0.5; do
-                  TAIL=8 step "settle_${settle}_${round}" 120 python3 -m benchmarks.run --shape 32768 \
-                    --window 2048 --stride 2048 --heads 1 --head-dim 128 --backends cuda,cudnn --dtypes bf16 \
-                    --passes fwd --samples 3x20 --settle-s "$settle" --out "$LOGS/settle" \
-                    --name "settle_${settle}_${round}" --no-progress
+    settleab) IFS=';' read -ra probs <<< "${SETTLE_PROBLEMS:-32768 2048 2048 1}"
+              for round in 1 2; do
+                for prob in "${probs[@]}"; do
+                  set -- $prob
+                  for settle in ${SETTLE_VALUES:-0 0.5}; do
+                    TAIL=8 step "settle_${1}_${settle}_${round}" 150 python3 -m benchmarks.run --shape "$1" \
+                      --window "$2" --stride "$3" --heads "$4" --head-dim 128 --backends cuda,cudnn \
+                      --dtypes bf16 --passes "${SETTLE_PASSES:-fwd}" --samples 3x20 --settle-s "$settle" \
+                      --out "$LOGS/settle" --name "settle_${1}_${settle}_${round}" --no-progress
+                  done
                 done
               done ;;
     quick) for prob in "${PROBLEMS3[@]}"; do
