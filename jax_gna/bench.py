@@ -332,10 +332,13 @@ def _compiled_bytes(compiled) -> int | None:
 
 def measure(fn: Callable, args: tuple, min_samples: int = 3, max_samples: int = 20,
             target_s: float = 0.25, slow_s: float = 1.0, very_slow_s: float = 8.0,
-            settle_s: float = 0.0) -> dict:
+            settle_s: float = 0.0, batch_s: float = 0.02) -> dict:
     """Compile ``fn`` (jitted), warm up, time; return median seconds per call and stats.
 
-    A sample times ``inner`` back-to-back calls (enough for ~5 ms) and divides. Calls
+    A sample times ``inner`` back-to-back calls (enough for about ``batch_s``, at most
+    1000) and divides: each sample also pays one start from an idle GPU and one final
+    synchronisation, which at 5 ms per sample added about 5 us per op to the 1-D one-head
+    forward chained 16 times (65 against 60 us on the H200 machine). Calls
     slower than ``slow_s`` are timed once after the warm-up; when the warm-up call
     itself takes more than ``very_slow_s``, it is the only sample (big problems on
     slow peers; ``samples`` says 0 then). Before sampling, calls faster than ``slow_s``
@@ -362,7 +365,7 @@ def measure(fn: Callable, args: tuple, min_samples: int = 3, max_samples: int = 
     samples = [one]
     inner = 1
     if one < slow_s:
-        inner = int(min(100, max(1, 0.005 // one)))
+        inner = int(min(1000, max(1, batch_s // one)))
         n = int(min(max_samples, max(min_samples, target_s // (one * inner))))
 
         def batch() -> float:  # seconds per call of `inner` back-to-back calls
@@ -379,7 +382,8 @@ def measure(fn: Callable, args: tuple, min_samples: int = 3, max_samples: int = 
         samples = [batch() for _ in range(n)]
     stats = {"time_s": float(np.median(samples)), "min_s": float(np.min(samples)),
              "samples": len(samples), "inner": inner, "compile_s": compile_s,
-             "warmup_s": warm_s, "settle_s": settle_s if one < slow_s else 0.0, "mem_bytes": mem}
+             "warmup_s": warm_s, "settle_s": settle_s if one < slow_s else 0.0, "mem_bytes": mem,
+             "batch_s": batch_s}
     try:
         peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
         if peak is not None:
@@ -470,7 +474,7 @@ def run(cases: Sequence[Case], *, backends: Sequence[str] = BACKENDS,
         sampling: tuple[int, int, float] | dict[str, tuple[int, int, float]] = (3, 20, 0.25),
         deadline: float | None = None, mask_limit_bytes: int = 4 << 30, seed: int = 0,
         progress: bool = True, name: str = "custom", chain_below_s: float = CHAIN_BELOW_S,
-        settle_s: float = 0.0) -> dict:
+        settle_s: float = 0.0, batch_s: float = 0.02) -> dict:
     """Run the sweep; return the results (:func:`write_report` writes the files).
 
     Args:
@@ -491,6 +495,7 @@ def run(cases: Sequence[Case], *, backends: Sequence[str] = BACKENDS,
         that time per op.
       settle_s: seconds of back-to-back calls before each measurement's samples
         (:func:`measure`).
+      batch_s: about how long one sample's back-to-back calls last (:func:`measure`).
     """
     import jax
     import jax.numpy as jnp
@@ -562,13 +567,13 @@ def run(cases: Sequence[Case], *, backends: Sequence[str] = BACKENDS,
                 f = attention_fn(backend, case)
                 fn, args = pass_fn(f, p, *inputs, extra)
                 smp = sampling[case.name] if isinstance(sampling, dict) else sampling
-                m = measure(fn, args, *smp, settle_s=settle_s)
+                m = measure(fn, args, *smp, settle_s=settle_s, batch_s=batch_s)
                 del fn, args
                 rec.update(m)
                 if p == "fwd" and m["time_s"] < chain_below_s:
                     ch = chained_fwd(f, *inputs[:3], extra)
                     if ch is not None:
-                        mc = measure(*ch, *smp, settle_s=settle_s)
+                        mc = measure(*ch, *smp, settle_s=settle_s, batch_s=batch_s)
                         rec.update(chained_s=mc["time_s"] / CHAIN, chain=CHAIN)
                         del ch
                 if backend == "cudnn":
@@ -592,7 +597,8 @@ def run(cases: Sequence[Case], *, backends: Sequence[str] = BACKENDS,
     return {"name": name, "env": env, "cases": list(infos.values()), "records": records,
             "config": {"backends": list(backends), "dtypes": list(dtypes), "passes": list(passes),
                        "sampling": sampling if isinstance(sampling, dict) else list(sampling),
-                       "settle_s": settle_s, "mask_limit_bytes": mask_limit_bytes,
+                       "settle_s": settle_s, "batch_s": batch_s,
+                       "mask_limit_bytes": mask_limit_bytes,
                        "cuda": cuda_ok, "cuda_note": cuda_why},
             "wall_s": time.perf_counter() - t_start}
 
@@ -666,7 +672,7 @@ def markdown(result: dict) -> str:
     lines += [
         "", "Each cell: median time per call (back-to-back jitted calls after warm-up"
         + (f" and {cfg['settle_s']:g} s more of calls before sampling" if cfg.get("settle_s") else "")
-        + "; a "
+        + f", samples of about {1e3 * cfg.get('batch_s', 0.005):g} ms of calls each; a "
         f"forward under {CHAIN_BELOW_S * 1e6:.0f} us per call is also timed as {CHAIN} in one "
         "jitted call, per op: JAX's host time per call is then paid once), "
         "effective TFLOP/s (useful FLOPs of SEMANTICS.md for every peer: backward = 2.5x "
@@ -908,6 +914,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--settle-s", type=float, default=0.0,
                    help="seconds of back-to-back calls before each measurement's samples "
                         "(default 0: sampling starts after one warm-up call)")
+    p.add_argument("--batch-ms", type=float, default=20.0,
+                   help="about how many milliseconds of back-to-back calls one sample times "
+                        "(default 20; 5 before 2026-11-29)")
     p.add_argument("--mask-limit-gib", type=float, default=4.0,
                    help="skip the masked-dense peer above this mask size (GiB)")
     p.add_argument("--name", default=None, help="result file name (default: the preset)")
@@ -1020,7 +1029,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                        sampling=sampling, deadline=deadline,
                        mask_limit_bytes=int(args.mask_limit_gib * 2**30),
                        progress=not args.no_progress, name="+".join(n for n, _ in grid),
-                       settle_s=args.settle_s)
+                       settle_s=args.settle_s, batch_s=args.batch_ms / 1e3)
         for name, cases in grid:
             out_name = args.name if (args.name and len(grid) == 1) else name
             result = split_result(combined, [c.name for c in cases], out_name)

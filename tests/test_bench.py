@@ -123,6 +123,22 @@ def test_measure_settles_before_sampling():
     assert calls[-m["inner"] - 1] - calls[1] >= 0.15  # the calls between were the settling
 
 
+def test_measure_samples_last_about_batch_s():
+    calls = []
+
+    def f(x):
+        jax.debug.callback(lambda: calls.append(time.perf_counter()))
+        return x + 1
+
+    x = jnp.ones(4)
+    m = bench.measure(f, (x,), 1, 1, 0.0, batch_s=0.03)
+    assert m["batch_s"] == 0.03 and m["samples"] == 1 and m["inner"] > 1
+    # The last `inner` calls are the one sample: about batch_s long (or 1000 calls).
+    span = calls[-1] - calls[-m["inner"]]
+    assert m["inner"] == 1000 or span >= 0.01, (m["inner"], span)
+    assert bench.measure(f, (x,), 1, 1, 0.0, batch_s=1e-9)["inner"] == 1
+
+
 def test_masked_peer_skipped_when_too_big():
     case = next(c for c in bench.PRESETS["paper"] if c.shape == (30, 48, 80))  # a 115200^2 mask
     res = bench.run([case], backends=("masked", "cudnn"), passes=("fwd",), progress=False)
