@@ -337,8 +337,9 @@ def measure(fn: Callable, args: tuple, min_samples: int = 3, max_samples: int = 
 
     A sample times ``inner`` back-to-back calls (enough for about ``batch_s``, at most
     1000) and divides: each sample also pays one start from an idle GPU and one final
-    synchronisation, which at 5 ms per sample added about 5 us per op to the 1-D one-head
-    forward chained 16 times (65 against 60 us on the H200 machine). Calls
+    synchronisation: with 5 ms per sample the 1-D one-head paper forward chained 16 times
+    measured 65.1 and 72.1 us per op in two runs on the H200 machine, with 20 ms 60.2 and
+    59.8 us (what `scripts/launch_ab.py`, with 20 ms samples, measures). Calls
     slower than ``slow_s`` are timed once after the warm-up; when the warm-up call
     itself takes more than ``very_slow_s``, it is the only sample (big problems on
     slow peers; ``samples`` says 0 then). Before sampling, calls faster than ``slow_s``
