@@ -673,7 +673,8 @@ def markdown(result: dict) -> str:
     lines += [
         "", "Each cell: median time per call (back-to-back jitted calls after warm-up"
         + (f" and {cfg['settle_s']:g} s more of calls before sampling" if cfg.get("settle_s") else "")
-        + f", samples of about {1e3 * cfg.get('batch_s', 0.005):g} ms of calls each; a "
+        + f", samples of about {1e3 * cfg.get('batch_s', 0.005):g} ms of calls each, one call "
+        "when a call takes longer; a "
         f"forward under {CHAIN_BELOW_S * 1e6:.0f} us per call is also timed as {CHAIN} in one "
         "jitted call, per op: JAX's host time per call is then paid once), "
         "effective TFLOP/s (useful FLOPs of SEMANTICS.md for every peer: backward = 2.5x "
