@@ -108,15 +108,19 @@ def test_passes_compute_gradients():
     assert m["time_s"] > 0 and m["samples"] >= 1 and m["settle_s"] == 0.0
 
 
-def test_measure_settles_before_sampling():
+def _stamped_op():
+    """A jittable x + 1 that appends the host time of each of its runs to a list."""
     calls = []
 
     def f(x):
         jax.debug.callback(lambda: calls.append(time.perf_counter()))
         return x + 1
+    return f, calls
 
-    x = jnp.ones(4)
-    m = bench.measure(f, (x,), 1, 1, 0.0, settle_s=0.2)
+
+def test_measure_settles_before_sampling():
+    f, calls = _stamped_op()
+    m = bench.measure(f, (jnp.ones(4),), 1, 1, 0.0, settle_s=0.2)
     # Without settling: the warm-up call, the timing call and one sample of `inner` calls.
     assert m["settle_s"] == 0.2 and m["samples"] == 1
     assert len(calls) > 2 + m["inner"]
@@ -124,12 +128,7 @@ def test_measure_settles_before_sampling():
 
 
 def test_measure_samples_last_about_batch_s():
-    calls = []
-
-    def f(x):
-        jax.debug.callback(lambda: calls.append(time.perf_counter()))
-        return x + 1
-
+    f, calls = _stamped_op()
     x = jnp.ones(4)
     m = bench.measure(f, (x,), 1, 1, 0.0, batch_s=0.03)
     assert m["batch_s"] == 0.03 and m["samples"] == 1 and m["inner"] > 1
