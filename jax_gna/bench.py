@@ -644,6 +644,14 @@ def _cell(r: dict | None) -> str:
     return out
 
 
+def sampling_words(cfg: dict) -> str:
+    """How a result's measurements were sampled (its ``config``), as a phrase."""
+    return ("back-to-back jitted calls after warm-up"
+            + (f" and {cfg['settle_s']:g} s more of calls before sampling" if cfg.get("settle_s") else "")
+            + f", samples of about {1e3 * cfg.get('batch_s', 0.005):g} ms of calls each, one call "
+            "when a call takes longer")
+
+
 def _peers_where(peer_env: Sequence[dict] | None, device: str) -> str:
     """Where the merged peers ran (their GPU may not be this run's), as a clause."""
     parts = []
@@ -671,10 +679,7 @@ def markdown(result: dict) -> str:
     if "cuda" in cfg["backends"] and not cfg["cuda"]:
         lines += ["", f"The `cuda` backend was not measured: {cfg['cuda_note']}."]
     lines += [
-        "", "Each cell: median time per call (back-to-back jitted calls after warm-up"
-        + (f" and {cfg['settle_s']:g} s more of calls before sampling" if cfg.get("settle_s") else "")
-        + f", samples of about {1e3 * cfg.get('batch_s', 0.005):g} ms of calls each, one call "
-        "when a call takes longer; a "
+        "", "Each cell: median time per call (" + sampling_words(cfg) + "; a "
         f"forward under {CHAIN_BELOW_S * 1e6:.0f} us per call is also timed as {CHAIN} in one "
         "jitted call, per op: JAX's host time per call is then paid once), "
         "effective TFLOP/s (useful FLOPs of SEMANTICS.md for every peer: backward = 2.5x "
