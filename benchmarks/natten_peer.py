@@ -15,12 +15,20 @@ NATTEN's default configuration's time, ``natten_configs`` all of them. Timing as
 torch_peers: CUDA events around back-to-back calls (token permutation included:
 it is part of NATTEN's call), median of samples after a warm-up. Before timing,
 one small problem is checked against jax_gna's float64 reference.
+
+``--kernel-time`` also profiles the fastest configuration (``torch.profiler``, 20 calls)
+and records each CUDA kernel's median duration per call (``natten_kernels``) and the
+longest one's (``natten_kernel_s``: the FNA kernel, without the token permutation;
+NATTEN's published figures are kernel times). ``--cases REGEX`` keeps the cases whose
+name matches.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import statistics
 import sys
 import time
 from typing import Sequence
@@ -60,6 +68,27 @@ def _call(natten, case: Case, q, k, v, cfg):
               dilation=case.dilation, is_causal=case.is_causal, backend="hopper-fna", **kw)
 
 
+def kernel_times(torch, fn, calls: int = 20) -> dict:
+    """Median device seconds per call of each CUDA kernel that ``fn`` launches.
+
+    ``torch.profiler`` over ``calls`` back-to-back calls after one warm-up call; kernels
+    launched fewer than ``calls`` times (one-off setup) are left out.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    per: dict = {}
+    for ev in prof.events():
+        if str(getattr(ev, "device_type", "")).endswith("CUDA"):
+            per.setdefault(ev.name, []).append(ev.time_range.elapsed_us() * 1e-6)
+    return {n: statistics.median(v) for n, v in per.items() if len(v) >= calls}
+
+
 def check(torch, natten, dtype: str = "bfloat16") -> dict:
     """NATTEN vs jax_gna's float64 reference on small 1-D/2-D/3-D problems (head dim 128)."""
     import numpy as np
@@ -88,7 +117,7 @@ def check(torch, natten, dtype: str = "bfloat16") -> dict:
 
 def run(cases: Sequence[Case], dtypes: Sequence[str], *, sampling=(3, 20, 0.25),
         deadline: float | None = None, case_limit_s: float | None = None,
-        on_update=None) -> dict:
+        on_update=None, kernel_time: bool = False) -> dict:
     import torch
     import natten
 
@@ -122,6 +151,7 @@ def run(cases: Sequence[Case], dtypes: Sequence[str], *, sampling=(3, 20, 0.25),
                     q = torch.randn(shp, generator=g, device="cuda", dtype=getattr(torch, dtype))
                     k, v = (torch.randn(kv_shp, generator=g, device="cuda",
                                         dtype=getattr(torch, dtype)) for _ in range(2))
+                    fns = {}
                     for cfg in _configs(natten, q):
                         name = _cfg_str(cfg)
                         try:
@@ -129,11 +159,18 @@ def run(cases: Sequence[Case], dtypes: Sequence[str], *, sampling=(3, 20, 0.25),
                                 with torch.no_grad():
                                     return _call(natten, case, q, k, v, cfg)
                             timings[name] = measure(torch, "cuda", fn, *sampling)["time_s"]
+                            fns[name] = fn
                         except _Timeout:
                             raise
                         except Exception as e:  # noqa: BLE001 - e.g. a stubbed kernel
                             timings[name] = f"{type(e).__name__}: {e}".splitlines()[0][:160]
-                    q = k = v = fn = None  # noqa: F841 - free the inputs
+                    ok = {n: t for n, t in timings.items() if isinstance(t, float)}
+                    if kernel_time and ok:
+                        kt = kernel_times(torch, fns[min(ok, key=ok.get)])
+                        if kt:
+                            rec["natten_kernels"] = {n[:80]: t for n, t in kt.items()}
+                            rec["natten_kernel_s"] = max(kt.values())
+                    q = k = v = fn = fns = None  # noqa: F841 - free the inputs
             except _Timeout as e:
                 if not any(isinstance(t, float) for t in timings.values()):
                     rec.update(status="skipped", note=str(e))
@@ -151,6 +188,8 @@ def run(cases: Sequence[Case], dtypes: Sequence[str], *, sampling=(3, 20, 0.25),
             records.append(rec)
             t = f"{rec['time_s'] * 1e3:.3f} ms ({rec['natten_config']})" if rec["status"] == "ok" \
                 else f"{rec['status']}: {rec.get('note', '')[:160]}"
+            if "natten_kernel_s" in rec:
+                t += f", kernel {rec['natten_kernel_s'] * 1e3:.3f} ms"
             print(f"[{time.perf_counter() - t_start:7.1f}s] {case.name} {dtype} natten fwd: {t}",
                   flush=True)
             torch.cuda.empty_cache()
@@ -167,6 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=None)
     ap.add_argument("--case-limit-s", type=float, default=None)
     ap.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    ap.add_argument("--cases", default=None, help="regex: keep the cases whose name matches")
+    ap.add_argument("--kernel-time", action="store_true",
+                    help="also profile the fastest configuration's kernels (torch.profiler)")
     args = ap.parse_args(argv)
     long = {"fp16": "float16", "bf16": "bfloat16"}
     dtypes = tuple(long.get(d, d) for d in args.dtypes.split(",") if d)
@@ -175,12 +217,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if n not in PRESETS:
             print(f"unknown preset {n!r}", file=sys.stderr)
             return 2
-    cases = [c for n in names for c in PRESETS[n]]
+    cases = [c for n in names for c in PRESETS[n]
+             if args.cases is None or re.search(args.cases, c.name)]
     presets = {n: [c.name for c in PRESETS[n]] for n in names}
     deadline = None if args.budget_s is None else time.perf_counter() + args.budget_s
     result = run(cases, dtypes, sampling=(3, 10, 0.1), deadline=deadline,
                  case_limit_s=args.case_limit_s,
-                 on_update=lambda r: write_split(r, presets, args.out, suffix="natten"))
+                 on_update=lambda r: write_split(r, presets, args.out, suffix="natten"),
+                 kernel_time=args.kernel_time)
     for p in write_split(result, presets, args.out, suffix="natten"):
         print(f"wrote {p}", flush=True)
     return 0

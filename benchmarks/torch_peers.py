@@ -114,8 +114,14 @@ def _timer(torch, device):
     return run
 
 
-def measure(torch, device, fn, min_samples=3, max_samples=20, target_s=0.25, slow_s=1.0):
-    """Warm up ``fn`` (compiles), then median seconds per call."""
+def measure(torch, device, fn, min_samples=3, max_samples=20, target_s=0.25, slow_s=1.0,
+            batch_s=0.02):
+    """Warm up ``fn`` (compiles), then median seconds per call.
+
+    A sample times ``inner`` back-to-back calls, enough for about ``batch_s`` (20 ms, as
+    :func:`jax_gna.bench.measure`: shorter samples count each sample's start from an idle
+    GPU into the per-call time of short ops).
+    """
     timer = _timer(torch, device)
     t0 = time.perf_counter()
     fn()
@@ -125,11 +131,11 @@ def measure(torch, device, fn, min_samples=3, max_samples=20, target_s=0.25, slo
     one = max(timer(fn, 1), 1e-7)
     if one >= slow_s:
         return {"time_s": one, "samples": 1, "inner": 1, "warmup_s": warm}
-    inner = int(min(100, max(1, 0.005 // one)))
+    inner = int(min(1000, max(1, batch_s // one)))
     n = int(min(max_samples, max(min_samples, target_s // (one * inner))))
     samples = [timer(fn, inner) for _ in range(n)]
     return {"time_s": statistics.median(samples), "min_s": min(samples), "samples": n,
-            "inner": inner, "warmup_s": warm}
+            "inner": inner, "warmup_s": warm, "batch_s": batch_s}
 
 
 class _Timeout(Exception):

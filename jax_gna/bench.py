@@ -35,6 +35,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -926,6 +927,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default 20; 5 before 2026-11-29)")
     p.add_argument("--mask-limit-gib", type=float, default=4.0,
                    help="skip the masked-dense peer above this mask size (GiB)")
+    p.add_argument("--cases", default=None,
+                   help="regex: keep the preset cases whose name matches")
     p.add_argument("--name", default=None, help="result file name (default: the preset)")
     p.add_argument("--merge-peers", default=None,
                    help="comma-separated JSON files of benchmarks.torch_peers to merge into "
@@ -1016,7 +1019,10 @@ def run_from_args(args: argparse.Namespace) -> int:
             print(f"unknown preset {name!r}; choose from "
                   f"{', '.join(list(PRESETS) + list(MODEL_PRESETS))}", file=sys.stderr)
             return 2
-        jobs.append((name, PRESETS.get(name) or MODEL_PRESETS[name]))
+        cases = PRESETS.get(name) or MODEL_PRESETS[name]
+        if args.cases and isinstance(cases, list):
+            cases = [c for c in cases if re.search(args.cases, c.name)]
+        jobs.append((name, cases))
     deadline = None if args.budget_s is None else time.perf_counter() + args.budget_s
     # All grid presets run as one sweep (so the phase order and the time budget span
     # them all), then the results are split and written per preset.
