@@ -319,6 +319,18 @@ def test_hopper_report(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2] == "9.00 ms" and cells[5] == "7.50 ms (96%)" and cells[8] == "<= 8.00 ms: met"
     assert "| flux-256x256-w80x80-s16x16 | <= 8.00 ms | 7.50 ms | met" in text
+    assert "NATTEN measured" not in text
+    # NATTEN's measured forward merged in: its kernel against our in-jit time, its call
+    # against our time per call.
+    data["records"].append(dict(rec("natten", "fwd", 10.8e-3, 400.0), natten_kernel_s=8.25e-3,
+                                natten_config="q16x8-kv16x8-pp"))
+    data["peer_env"] = [{"natten": "0.21.7", "device": "H100", "date": "d", "backends": ["natten"]}]
+    path.write_text(json.dumps(data))
+    text = hopper_report.report(str(path))
+    assert "NATTEN measured (`benchmarks.natten_peer --kernel-time`: NATTEN 0.21.7" in text
+    row = [line for line in text.splitlines() if line.startswith("| flux-256x256-w80x80-s16x16 | bf16")][-1]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:] == ["9.00 ms", "7.50 ms", "8.25 ms", "+10%", "10.80 ms", "+20%", "q16x8-kv16x8-pp"]
 
 
 def test_fast_forward_also_timed_in_one_jit():
