@@ -6,13 +6,15 @@
 #   2. (foreground, GPU) benchmarks/torch_peers.py: FlexAttention with the GNA block mask
 #      and dense SDPA, presets $FLEX_PRESETS, bf16 then fp16, fwd and fwd+bwd
 #   3. (GPU, once 1 and 2 are done) benchmarks/natten_peer.py: NATTEN forward, paper preset
-# usage: OUT=... bash scripts/device_peers.sh   (carry build/peers)
+# usage: OUT=... bash scripts/device_peers.sh   (carry build/peers: NATTEN's sdist, or the
+#   tarball of scripts/natten_tarball.sh)
 #   STAGES="natten" skips FlexAttention (the build then has the CPUs to itself), STAGES="flex"
 #   skips NATTEN; FLEX_END/BUILD_END/NATTEN_END move the stage deadlines (s after start).
 #   NATTEN installs into $NATTEN_SITE (default build/natten_site, not carried): a later call
 #   on the same (still warm) machine finds it there and skips the build. NATTEN_CASES: a
 #   regex of the cases NATTEN is timed on (default all of the paper preset); each case's
-#   kernels are also timed with torch.profiler (--kernel-time).
+#   kernels are also timed with torch.profiler (--kernel-time). NATTEN_N_WORKERS (default
+#   14) and NATTEN_NICE (default 10) set the build's ninja jobs and niceness.
 # Results in $OUT: summary.txt, <preset>-torch.json, <preset>-natten.json, logs.tar.gz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
