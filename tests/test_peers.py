@@ -172,3 +172,22 @@ def test_natten_peer_config_names_and_fallback():
         "q2x8x8-kv2x8x8-WarpSpecializedCooperative"
     # Without NATTEN's config module: the default configuration only.
     assert natten_peer._configs(None, None)[0] is None
+
+
+def test_kernel_profile_medians_from_a_chrome_trace():
+    """scripts/kernel_profile.py reads kernel durations (us) from torch.profiler's chrome
+    trace: median and count per kernel name; other event categories are ignored."""
+    spec = importlib.util.spec_from_file_location(
+        "kernel_profile", os.path.join(ROOT, "scripts", "kernel_profile.py"))
+    kp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kp)
+    trace = {"traceEvents": [
+        {"cat": "kernel", "name": "fwd", "dur": 60.0},
+        {"cat": "kernel", "name": "fwd", "dur": 58.0},
+        {"cat": "kernel", "name": "fwd", "dur": 70.0},
+        {"cat": "kernel", "name": "perm", "dur": 5.0},
+        {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "dur": 4.0},
+        {"ph": "M", "name": "process_name"}]}
+    got = kp.kernel_medians(trace)
+    assert set(got) == {"fwd", "perm"}
+    assert got["fwd"] == (pytest.approx(60e-6), 3) and got["perm"] == (pytest.approx(5e-6), 1)
