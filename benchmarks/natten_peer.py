@@ -17,9 +17,10 @@ it is part of NATTEN's call), median of samples after a warm-up. Before timing,
 one small problem is checked against jax_gna's float64 reference.
 
 ``--kernel-time`` also profiles the fastest configuration (``torch.profiler``, 20 calls)
-and records each CUDA kernel's median duration per call (``natten_kernels``) and the
-longest one's (``natten_kernel_s``: the FNA kernel, without the token permutation;
-NATTEN's published figures are kernel times). ``--cases REGEX`` keeps the cases whose
+and records each CUDA kernel's median duration and launches per call (``natten_kernels``),
+the longest one's (``natten_kernel_s``: the FNA kernel, without the token permutation;
+NATTEN's published figures are kernel times) and their sum per call (``natten_gpu_s``:
+the GPU time of the whole call, permutations included). ``--cases REGEX`` keeps the cases whose
 name matches.
 """
 
@@ -69,7 +70,7 @@ def _call(natten, case: Case, q, k, v, cfg):
 
 
 def kernel_times(torch, fn, calls: int = 20) -> dict:
-    """Median device seconds per call of each CUDA kernel that ``fn`` launches.
+    """Each CUDA kernel that ``fn`` launches: (median seconds, launches per call).
 
     ``torch.profiler`` over ``calls`` back-to-back calls after one warm-up call; kernels
     launched fewer than ``calls`` times (one-off setup) are left out.
@@ -86,7 +87,7 @@ def kernel_times(torch, fn, calls: int = 20) -> dict:
     for ev in prof.events():
         if str(getattr(ev, "device_type", "")).endswith("CUDA"):
             per.setdefault(ev.name, []).append(ev.time_range.elapsed_us() * 1e-6)
-    return {n: statistics.median(v) for n, v in per.items() if len(v) >= calls}
+    return {n: (statistics.median(v), len(v) // calls) for n, v in per.items() if len(v) >= calls}
 
 
 def check(torch, natten, dtype: str = "bfloat16") -> dict:
@@ -168,8 +169,11 @@ def run(cases: Sequence[Case], dtypes: Sequence[str], *, sampling=(3, 20, 0.25),
                     if kernel_time and ok:
                         kt = kernel_times(torch, fns[min(ok, key=ok.get)])
                         if kt:
-                            rec["natten_kernels"] = {n[:80]: t for n, t in kt.items()}
-                            rec["natten_kernel_s"] = max(kt.values())
+                            # [name, median s, launches per call]: the FNA kernel and its
+                            # token permutations (several share a long name prefix).
+                            rec["natten_kernels"] = [[n[:200], t, c] for n, (t, c) in kt.items()]
+                            rec["natten_kernel_s"] = max(t for t, _ in kt.values())
+                            rec["natten_gpu_s"] = sum(t * c for t, c in kt.values())
                     q = k = v = fn = fns = None  # noqa: F841 - free the inputs
             except _Timeout as e:
                 if not any(isinstance(t, float) for t in timings.values()):

@@ -5,7 +5,11 @@ kernel times come from the same tool. With NATTEN importable, its forward (defau
 configuration) is profiled too, on the same tensors.
 
 usage (on the GPU): python3 scripts/kernel_profile.py [--dtypes bf16,fp16] [--calls 20]
-    [shape window stride heads] ...      (default: the 1-D one-head stride-2048 problem)
+    [--out kernels.json] [shape window stride heads] ...  (default: 1-D one-head stride 2048)
+Each line printed is "<problem> <dtype> <who>: <median> us x<launches> <kernel>", who being
+ours, "ours x16 in one jit" (forwards under 300 us also 16 in one jitted call) or natten.
+--out writes the records as JSON and a markdown table beside it (.md); --from-text FILE
+makes them from such printed lines instead of measuring.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -30,6 +35,49 @@ def kernel_medians(trace: dict) -> dict[str, tuple[float, int]]:
         if e.get("cat") == "kernel":
             per.setdefault(e["name"], []).append(float(e["dur"]) * 1e-6)
     return {n: (statistics.median(v), len(v)) for n, v in per.items()}
+
+
+_LINE = re.compile(r"^(?P<label>.+?) (?P<dtype>bf16|fp16) (?P<who>ours x16 in one jit|ours|natten): +"
+                   r"(?P<us>[0-9.]+) us x(?P<n>[0-9]+) (?P<name>.*)$")
+
+
+def records_from_text(text: str, calls: int = 20) -> list[dict]:
+    """The printed lines back into records: one per (problem, dtype, who), each with its
+    kernels ([name, median s, launches per call]), the longest kernel (``kernel_s``) and
+    the GPU time per call (``gpu_s``: the kernels' medians times launches, summed; for
+    "ours x16 in one jit" per forward)."""
+    recs: dict[tuple[str, str, str], dict] = {}
+    for line in text.splitlines():
+        m = _LINE.match(line.strip())
+        if not m:
+            continue
+        key = (m["label"], m["dtype"], m["who"])
+        r = recs.setdefault(key, {"problem": key[0], "dtype": key[1], "who": key[2], "kernels": []})
+        per = int(m["n"]) / calls / (16 if m["who"].startswith("ours x16") else 1)
+        r["kernels"].append([m["name"], float(m["us"]) * 1e-6, per])
+    for r in recs.values():
+        r["kernel_s"] = max(t for _, t, _ in r["kernels"])
+        r["gpu_s"] = sum(t * c for _, t, c in r["kernels"])
+    return list(recs.values())
+
+
+def markdown(records: list[dict]) -> str:
+    """One row per problem and dtype: our kernel (and in one jit), NATTEN's FNA kernel and
+    its GPU time per call (permutations included), where measured."""
+    rows: dict[tuple[str, str], dict] = {}
+    for r in records:
+        rows.setdefault((r["problem"], r["dtype"]), {})[r["who"]] = r
+    us = lambda s: f"{s * 1e6:.1f} us" if s < 1e-3 else f"{s * 1e3:.3f} ms"  # noqa: E731
+    out = ["| problem | dtype | ours: kernel | ours: kernel, 16 in one jit | NATTEN: FNA kernel "
+           "| NATTEN: GPU time per call | NATTEN kernel vs ours |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    for (prob, dt), w in rows.items():
+        o, o16, n = w.get("ours"), w.get("ours x16 in one jit"), w.get("natten")
+        vs = f"{100 * (n['kernel_s'] / o['kernel_s'] - 1):+.1f}%" if o and n else "-"
+        out.append(f"| {prob} | {dt} | {us(o['kernel_s']) if o else '-'} | "
+                   f"{us(o16['kernel_s']) if o16 else '-'} | {us(n['kernel_s']) if n else '-'} | "
+                   f"{us(n['gpu_s']) if n else '-'} | {vs} |")
+    return "\n".join(out) + "\n"
 
 
 def profile_kernels(torch, fn, calls: int) -> dict[str, tuple[float, int]]:
@@ -56,8 +104,23 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtypes", default="bf16,fp16")
     ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--out", default=None, help="records as JSON (and a .md table beside it)")
+    ap.add_argument("--from-text", default=None, help="measure nothing: records from printed lines")
     ap.add_argument("problems", nargs="*")
     args = ap.parse_args(argv)
+
+    def write(records):
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"calls": args.calls, "records": records}, f, indent=1)
+            with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+                f.write(markdown(records))
+        print(markdown(records), end="")
+
+    if args.from_text:
+        with open(args.from_text) as f:
+            write(records_from_text(f.read(), args.calls))
+        return 0
     probs = args.problems or ["32768", "2048", "2048", "1"]
     if len(probs) % 4:
         ap.error("problems come as shape window stride heads")
@@ -77,6 +140,11 @@ def main(argv=None) -> int:
     except ImportError:
         natten = None
     dts = {"bf16": (jnp.bfloat16, torch.bfloat16), "fp16": (jnp.float16, torch.float16)}
+    lines: list[str] = []
+
+    def say(line: str) -> None:
+        lines.append(line)
+        print(line, flush=True)
     for i in range(0, len(probs), 4):
         shape, window, stride, heads = probs[i:i + 4]
         op, args0 = problem(shape, window, stride, heads)
@@ -92,7 +160,7 @@ def main(argv=None) -> int:
                 runs.append(("ours x16 in one jit", profile_kernels(torch, lambda: g(*cargs), args.calls)))
             for tag, res in runs:
                 for name, (t, n) in sorted(res.items(), key=lambda kv: -kv[1][0]):
-                    print(f"{label} {tag}: {t * 1e6:9.1f} us x{n} {name[:90]}", flush=True)
+                    say(f"{label} {tag}: {t * 1e6:9.1f} us x{n} {name[:160]}")
             if natten is not None:
                 case = Case("p", tuple(int(x) for x in shape.split("x")), int(heads), 128,
                             tuple(int(x) for x in window.split("x")) if "x" in window
@@ -107,9 +175,10 @@ def main(argv=None) -> int:
                         return natten_call(natten, case, q, k, v, None)
                 for name, (t, n) in sorted(profile_kernels(torch, nat, args.calls).items(),
                                            key=lambda kv: -kv[1][0]):
-                    print(f"{label} natten: {t * 1e6:9.1f} us x{n} {name[:90]}", flush=True)
+                    say(f"{label} natten: {t * 1e6:9.1f} us x{n} {name[:160]}")
                 q = k = v = None
             jax.clear_caches()
+    write(records_from_text("\n".join(lines), args.calls))
     return 0
 
 

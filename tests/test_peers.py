@@ -191,3 +191,18 @@ def test_kernel_profile_medians_from_a_chrome_trace():
     got = kp.kernel_medians(trace)
     assert set(got) == {"fwd", "perm"}
     assert got["fwd"] == (pytest.approx(60e-6), 3) and got["perm"] == (pytest.approx(5e-6), 1)
+    # Its printed lines back into records (per call: launches / calls, / 16 in one jit)
+    # and the markdown row comparing NATTEN's kernel with ours.
+    text = "\n".join([
+        "32768 w2048 s2048 H1 bf16 ours:      55.0 us x20 void fwd<bf16>(Params)",
+        "32768 w2048 s2048 H1 bf16 ours x16 in one jit:      54.0 us x320 void fwd<bf16>(Params)",
+        "32768 w2048 s2048 H1 bf16 natten:      57.2 us x20 void fmha<bf16>",
+        "32768 w2048 s2048 H1 bf16 natten:       6.0 us x60 void tokperm<bf16>",
+        "a warning line"])
+    recs = {r["who"]: r for r in kp.records_from_text(text)}
+    assert set(recs) == {"ours", "ours x16 in one jit", "natten"}
+    assert recs["ours x16 in one jit"]["kernels"] == [["void fwd<bf16>(Params)", pytest.approx(54e-6), 1.0]]
+    assert recs["natten"]["kernel_s"] == pytest.approx(57.2e-6)
+    assert recs["natten"]["gpu_s"] == pytest.approx(57.2e-6 + 3 * 6e-6)
+    row = kp.markdown(list(recs.values())).splitlines()[2]
+    assert row == "| 32768 w2048 s2048 H1 | bf16 | 55.0 us | 54.0 us | 57.2 us | 75.2 us | +4.0% |"
