@@ -11,7 +11,8 @@ NATTEN records merged in (``benchmarks.natten_peer``, ``benchmarks.run --from-js
 measured one: its FNA kernel alone and its whole call. Forwards fast enough to
 be timed also as several ops in one jitted call (jax_gna.bench.CHAIN_BELOW_S) show that time
 per op too, and their target verdict uses it: per call, such a forward measures JAX's
-host time, while NATTEN's figures are kernel times.
+host time, while NATTEN's figures are kernel times. ``--kernels FILE`` (the JSON of
+``scripts/kernel_profile.py --out``) adds our kernel durations beside the targets.
 """
 
 from __future__ import annotations
@@ -49,8 +50,19 @@ def fmt_t(s: float | None) -> str:
     return f"{s * 1e6:.1f} us" if s < 1e-3 else f"{s * 1e3:.2f} ms"
 
 
-def report(path: str) -> str:
+def kernel_label(case: dict) -> str:
+    """A case's problem as scripts/kernel_profile.py labels it."""
+    x = lambda t: "x".join(str(v) for v in t)  # noqa: E731
+    return f"{x(case['shape'])} w{x(case['kernel_size'])} s{x(case['stride'])} H{case['heads']}"
+
+
+def report(path: str, kernels: str | None = None) -> str:
     d = json.load(open(path))
+    kt = {}  # (label, bf16|fp16) -> our kernel seconds (in one jit where timed so)
+    if kernels:
+        krecs = json.load(open(kernels))["records"]
+        for who in ("ours", "ours x16 in one jit"):  # the in-jit figure wins where there is one
+            kt.update({(r["problem"], r["dtype"]): r["kernel_s"] for r in krecs if r["who"] == who})
     rec = {(r["case"], r["dtype"], r["backend"], r["pass"]): r for r in d["records"] if r.get("status") == "ok"}
     env = d["env"]
     out = [
@@ -108,12 +120,27 @@ def report(path: str) -> str:
                 f"{b['pct_bound']:.0f}%" if b and b.get("pct_bound") else "-", fmt_t(bc and bc["time_s"]), per_flop,
                 fmt_t(fb and fb["time_s"]), f"{fb['speedup']:.2f}x |" if fb and fb.get("speedup") else "- |",
             ]))
-    out += ["", "Forward targets (bf16 / fp16; in one jit where timed so):", "", "| problem | target | measured | |", "| --- | --- | --- | --- |"]
+    out += ["", "Forward targets (bf16 / fp16; in one jit where timed so):", ""]
+    if kt:
+        out += [f"The last two columns: our forward kernel's duration (`scripts/kernel_profile.py`: "
+                f"torch.profiler, median of 20 back-to-back calls; in one jit where timed so), from "
+                f"`{kernels}`, another device call; NATTEN's figures are kernel times too.", ""]
+    out += ["| problem | target | measured | |" + (" kernel | |" if kt else ""),
+            "| --- | --- | --- | --- |" + (" --- | --- |" if kt else "")]
+    cases = {c["name"]: c for c in d["cases"]}
     for name, rows in summary.items():
         times = " / ".join(fmt_t(t) for _, t, _ in rows)
         met = all(t <= g for _, t, g in rows)
-        out.append(f"| {name} | <= {fmt_t(rows[0][2])} | {times} | {'met' if met else 'missed'} "
-                   f"(NATTEN {NATTEN.get(name, '-')}) |")
+        line = (f"| {name} | <= {fmt_t(rows[0][2])} | {times} | {'met' if met else 'missed'} "
+                f"(NATTEN {NATTEN.get(name, '-')}) |")
+        if kt:
+            ks = [kt.get((kernel_label(cases[name]), short)) for short, _, _ in rows]
+            if all(k is not None for k in ks):
+                kmet = all(k <= rows[0][2] for k in ks)
+                line += f" {' / '.join(fmt_t(k) for k in ks)} | {'met' if kmet else 'missed'} |"
+            else:
+                line += " - | |"
+        out.append(line)
     out += natten_table(d, rec)
     return "\n".join(out) + "\n"
 
@@ -145,7 +172,10 @@ def natten_table(d: dict, rec: dict) -> list[str]:
         "back), timed in the same device call as ours, just before it. \"vs ours\": how much longer "
         "NATTEN takes (+) or how much less (-); its kernel against our forward in one jit where there is "
         "one (our kernel plus the gaps between the ops of a CUDA graph), else per call; its call "
-        "against ours per call.", "",
+        "against ours per call. Its kernel column and our times are different measures (a kernel's "
+        "duration in short profiled bursts, and wall time per call over sustained back-to-back "
+        "calls, which the GPU's power cap slows): for kernel against kernel, see "
+        "`scripts/kernel_profile.py` (both libraries in one process, one tool).", "",
         "| problem | dtype | ours per call | ours in one jit | NATTEN kernel | vs ours | NATTEN call "
         "| vs ours | NATTEN config |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -153,4 +183,11 @@ def natten_table(d: dict, rec: dict) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.stdout.write(report(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/paper-sm90.json"))
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="benchmarks.hopper_report", description=__doc__.split("\n")[0])
+    ap.add_argument("result", nargs="?", default="benchmarks/results/paper-sm90.json")
+    ap.add_argument("--kernels", default=None,
+                    help="scripts/kernel_profile.py --out JSON: our kernel times beside the targets")
+    a = ap.parse_args()
+    sys.stdout.write(report(a.result, a.kernels))

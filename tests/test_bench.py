@@ -331,6 +331,14 @@ def test_hopper_report(tmp_path):
     row = [line for line in text.splitlines() if line.startswith("| flux-256x256-w80x80-s16x16 | bf16")][-1]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2:] == ["9.00 ms", "7.50 ms", "8.25 ms", "+10%", "10.80 ms", "+20%", "q16x8-kv16x8-pp"]
+    # Kernel durations of scripts/kernel_profile.py beside the targets, judged on their own.
+    case.update(shape=[256, 256], kernel_size=[80, 80], stride=[16, 16], heads=24)
+    path.write_text(json.dumps(data))
+    kpath = tmp_path / "k.json"
+    kpath.write_text(json.dumps({"records": [
+        {"problem": "256x256 w80x80 s16x16 H24", "dtype": "bf16", "who": "ours", "kernel_s": 7.9e-3}]}))
+    text = hopper_report.report(str(path), str(kpath))
+    assert "| flux-256x256-w80x80-s16x16 | <= 8.00 ms | 7.50 ms | met (NATTEN 7.9 / 10.6 ms) | 7.90 ms | met |" in text
 
 
 def test_fast_forward_also_timed_in_one_jit():
