@@ -174,7 +174,7 @@ def natten_table(d: dict, rec: dict) -> list[str]:
         "one (our kernel plus the gaps between the ops of a CUDA graph), else per call; its call "
         "against ours per call. Its kernel column and our times are different measures (a kernel's "
         "duration in short profiled bursts, and wall time per call over sustained back-to-back "
-        "calls, which the GPU's power cap slows): for kernel against kernel, see "
+        "calls, which the GPU's power cap presumably slows): for kernel against kernel, see "
         "`scripts/kernel_profile.py` (both libraries in one process, one tool).", "",
         "| problem | dtype | ours per call | ours in one jit | NATTEN kernel | vs ours | NATTEN call "
         "| vs ours | NATTEN config |",

@@ -20,8 +20,8 @@ one small problem is checked against jax_gna's float64 reference.
 and records each CUDA kernel's median duration and launches per call (``natten_kernels``),
 the longest one's (``natten_kernel_s``: the FNA kernel, without the token permutation;
 NATTEN's published figures are kernel times) and their sum per call (``natten_gpu_s``:
-the GPU time of the whole call, permutations included). ``--cases REGEX`` keeps the cases whose
-name matches.
+the GPU time of the whole call, permutations included). ``--cases REGEX`` keeps the
+cases whose name matches.
 """
 
 from __future__ import annotations

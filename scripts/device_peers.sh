@@ -91,14 +91,14 @@ if [ -n "$BUILD_PID" ]; then
 fi
 [ -n "$NATTEN_BUILT" ] && rc=0
 if has natten && [ "$rc" = 0 ] && [ $(( NATTEN_END - $(el) )) -gt 30 ]; then
-    say "natten: timing, budget $(( NATTEN_END - $(el) - 10 )) s"
-    PYTHONPATH=$NATTEN_SITE:$PYTHONPATH timeout $(( NATTEN_END - $(el) )) $PY -m benchmarks.natten_peer \
-      --preset paper ${NATTEN_CASES:+--cases "$NATTEN_CASES"} --kernel-time \
-      --dtypes bfloat16,float16 --budget-s $(( NATTEN_END - $(el) - 10 )) \
-      --case-limit-s 40 --out "$OUT" > "$LOGS/natten_bench.log" 2>&1
-    rc=$?
-    say "natten bench: rc=$rc"
-    tail -n 40 "$LOGS/natten_bench.log" >> "$OUT/summary.txt"
+  say "natten: timing, budget $(( NATTEN_END - $(el) - 10 )) s"
+  PYTHONPATH=$NATTEN_SITE:$PYTHONPATH timeout $(( NATTEN_END - $(el) )) $PY -m benchmarks.natten_peer \
+    --preset paper ${NATTEN_CASES:+--cases "$NATTEN_CASES"} --kernel-time \
+    --dtypes bfloat16,float16 --budget-s $(( NATTEN_END - $(el) - 10 )) \
+    --case-limit-s 40 --out "$OUT" > "$LOGS/natten_bench.log" 2>&1
+  rc=$?
+  say "natten bench: rc=$rc"
+  tail -n 40 "$LOGS/natten_bench.log" >> "$OUT/summary.txt"
 fi
 say "done"
 tar czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null
