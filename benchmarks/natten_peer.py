@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import statistics
 import sys
 import time
 from typing import Sequence
@@ -37,8 +36,8 @@ from typing import Sequence
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-from benchmarks.torch_peers import (_Timeout, add_tflops, measure, time_limit,  # noqa: E402
-                                    write_split)
+from benchmarks.torch_peers import (_Timeout, add_tflops, kernel_times, measure,  # noqa: E402
+                                    time_limit, write_split)
 from jax_gna.bench import PRESETS, Case  # noqa: E402
 
 
@@ -67,27 +66,6 @@ def _call(natten, case: Case, q, k, v, cfg):
         kw = {"q_tile_shape": tuple(qt), "kv_tile_shape": tuple(kt), "kernel_schedule": sched}
     return fn(q, k, v, kernel_size=case.kernel_size, stride=case.stride,
               dilation=case.dilation, is_causal=case.is_causal, backend="hopper-fna", **kw)
-
-
-def kernel_times(torch, fn, calls: int = 20) -> dict:
-    """Each CUDA kernel that ``fn`` launches: (median seconds, launches per call).
-
-    ``torch.profiler`` over ``calls`` back-to-back calls after one warm-up call; kernels
-    launched fewer than ``calls`` times (one-off setup) are left out.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    per: dict = {}
-    for ev in prof.events():
-        if str(getattr(ev, "device_type", "")).endswith("CUDA"):
-            per.setdefault(ev.name, []).append(ev.time_range.elapsed_us() * 1e-6)
-    return {n: (statistics.median(v), len(v) // calls) for n, v in per.items() if len(v) >= calls}
 
 
 def check(torch, natten, dtype: str = "bfloat16") -> dict:

@@ -39,6 +39,7 @@ import os
 import signal
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from typing import Callable, Sequence
@@ -136,6 +137,38 @@ def measure(torch, device, fn, min_samples=3, max_samples=20, target_s=0.25, slo
     samples = [timer(fn, inner) for _ in range(n)]
     return {"time_s": statistics.median(samples), "min_s": min(samples), "samples": n,
             "inner": inner, "warmup_s": warm, "batch_s": batch_s}
+
+
+def kernel_medians(trace: dict, calls: int = 1) -> dict[str, tuple[float, float]]:
+    """Each kernel of a chrome trace (torch.profiler's ``export_chrome_trace``: events of
+    category "kernel", durations in microseconds): (median seconds, launches per call)."""
+    per: dict[str, list[float]] = {}
+    for e in trace.get("traceEvents", []):
+        if e.get("cat") == "kernel":
+            per.setdefault(e["name"], []).append(float(e["dur"]) * 1e-6)
+    return {n: (statistics.median(v), len(v) / calls) for n, v in per.items()}
+
+
+def kernel_times(torch, fn, calls: int = 20) -> dict[str, tuple[float, float]]:
+    """The CUDA kernels of ``calls`` back-to-back calls of ``fn`` (after one warm-up call):
+    (median seconds, launches per call) per kernel name, from torch.profiler (CUPTI's kernel
+    records, so kernels that another framework launches in this process count too)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()  # the whole device: other frameworks' streams too
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            return kernel_medians(json.load(f), calls)
+    finally:
+        os.remove(path)
 
 
 class _Timeout(Exception):

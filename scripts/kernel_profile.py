@@ -18,23 +18,11 @@ import argparse
 import json
 import os
 import re
-import statistics
 import sys
-import tempfile
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def kernel_medians(trace: dict) -> dict[str, tuple[float, int]]:
-    """Median duration (seconds) and count of each kernel in a chrome trace (torch.profiler's
-    ``export_chrome_trace``: events of category "kernel", durations in microseconds)."""
-    per: dict[str, list[float]] = {}
-    for e in trace.get("traceEvents", []):
-        if e.get("cat") == "kernel":
-            per.setdefault(e["name"], []).append(float(e["dur"]) * 1e-6)
-    return {n: (statistics.median(v), len(v)) for n, v in per.items()}
 
 
 _LINE = re.compile(r"^(?P<label>.+?) (?P<dtype>bf16|fp16) (?P<who>ours x16 in one jit|ours|natten): +"
@@ -80,26 +68,6 @@ def markdown(records: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def profile_kernels(torch, fn, calls: int) -> dict[str, tuple[float, int]]:
-    """``fn`` once, then ``calls`` times under torch.profiler; kernel medians."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()  # the whole device: JAX's stream too
-    fd, path = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            return kernel_medians(json.load(f))
-    finally:
-        os.remove(path)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtypes", default="bf16,fp16")
@@ -125,11 +93,12 @@ def main(argv=None) -> int:
     if len(probs) % 4:
         ap.error("problems come as shape window stride heads")
 
-    import jax
+    import jax  # before benchmarks.torch_peers, which defaults JAX_PLATFORMS to cpu
     import jax.numpy as jnp
     import numpy as np
     import torch
 
+    from benchmarks.torch_peers import kernel_times
     from jax_gna.bench import chained_fwd
     from profile_sm90 import problem
 
@@ -153,14 +122,14 @@ def main(argv=None) -> int:
             qkv = tuple(x.astype(jdt) for x in args0)
             f = jax.jit(op)
             label = f"{shape} w{window} s{stride} H{heads} {dname}"
-            runs = [("ours", profile_kernels(torch, lambda: f(*qkv), args.calls))]
+            runs = [("ours", kernel_times(torch, lambda: f(*qkv), args.calls))]
             if max(t for t, _ in runs[0][1].values()) < 300e-6:  # as the bench: short ones chained too
                 chained, cargs = chained_fwd(op, *qkv, (), n=16)
                 g = jax.jit(chained)
-                runs.append(("ours x16 in one jit", profile_kernels(torch, lambda: g(*cargs), args.calls)))
+                runs.append(("ours x16 in one jit", kernel_times(torch, lambda: g(*cargs), args.calls)))
             for tag, res in runs:
-                for name, (t, n) in sorted(res.items(), key=lambda kv: -kv[1][0]):
-                    say(f"{label} {tag}: {t * 1e6:9.1f} us x{n} {name[:160]}")
+                for name, (t, per) in sorted(res.items(), key=lambda kv: -kv[1][0]):
+                    say(f"{label} {tag}: {t * 1e6:9.1f} us x{round(per * args.calls)} {name[:160]}")
             if natten is not None:
                 case = Case("p", tuple(int(x) for x in shape.split("x")), int(heads), 128,
                             tuple(int(x) for x in window.split("x")) if "x" in window
@@ -173,9 +142,9 @@ def main(argv=None) -> int:
                 def nat():
                     with torch.no_grad():
                         return natten_call(natten, case, q, k, v, None)
-                for name, (t, n) in sorted(profile_kernels(torch, nat, args.calls).items(),
-                                           key=lambda kv: -kv[1][0]):
-                    say(f"{label} natten: {t * 1e6:9.1f} us x{n} {name[:160]}")
+                for name, (t, per) in sorted(kernel_times(torch, nat, args.calls).items(),
+                                             key=lambda kv: -kv[1][0]):
+                    say(f"{label} natten: {t * 1e6:9.1f} us x{round(per * args.calls)} {name[:160]}")
                 q = k = v = None
             jax.clear_caches()
     write(records_from_text("\n".join(lines), args.calls))

@@ -175,8 +175,10 @@ def test_natten_peer_config_names_and_fallback():
 
 
 def test_kernel_profile_medians_from_a_chrome_trace():
-    """scripts/kernel_profile.py reads kernel durations (us) from torch.profiler's chrome
-    trace: median and count per kernel name; other event categories are ignored."""
+    """torch_peers.kernel_medians (used by natten_peer --kernel-time and
+    scripts/kernel_profile.py) reads kernel durations (us) from torch.profiler's chrome
+    trace: median and launches per call per kernel name; other categories are ignored."""
+    from benchmarks.torch_peers import kernel_medians
     spec = importlib.util.spec_from_file_location(
         "kernel_profile", os.path.join(ROOT, "scripts", "kernel_profile.py"))
     kp = importlib.util.module_from_spec(spec)
@@ -188,9 +190,10 @@ def test_kernel_profile_medians_from_a_chrome_trace():
         {"cat": "kernel", "name": "perm", "dur": 5.0},
         {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "dur": 4.0},
         {"ph": "M", "name": "process_name"}]}
-    got = kp.kernel_medians(trace)
+    got = kernel_medians(trace, calls=3)
     assert set(got) == {"fwd", "perm"}
-    assert got["fwd"] == (pytest.approx(60e-6), 3) and got["perm"] == (pytest.approx(5e-6), 1)
+    assert got["fwd"] == (pytest.approx(60e-6), 1.0)
+    assert got["perm"] == (pytest.approx(5e-6), pytest.approx(1 / 3))
     # Its printed lines back into records (per call: launches / calls, / 16 in one jit)
     # and the markdown row comparing NATTEN's kernel with ours.
     text = "\n".join([
