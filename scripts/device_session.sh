@@ -28,7 +28,7 @@
 #           one child process per variant ($LAUNCHAB_ARGS)
 #   paper   the paper preset, cuda and cuDNN dense, bf16/fp16, all passes, into
 #           $OUT/results/paper-sm90.* (then locally: python3 -m benchmarks.hopper_report).
-#           Torch peers merged from benchmarks/results/paper-torch.json (an earlier run,
+#           Torch peers merged from benchmarks/results/paper-torch-h200.json (an earlier run,
 #           maybe another GPU), and first (PAPER_SDPA=1, the default) dense torch SDPA on
 #           this GPU, fwd and fwd+bwd, into $OUT/results/paper-sdpa.json, which replaces
 #           that file's sdpa records: a second dense peer beside cuDNN, on the same GPU
@@ -105,7 +105,7 @@ for stage in "$@"; do
     bench) step bench "${BENCH_LIMIT:-400}" python3 -m benchmarks.run \
              --preset "${BENCH_PRESETS:-small,paper}" --budget-s "${BENCH_BUDGET:-330}" \
              --out "$OUT/results" --no-progress ;;
-    paper) peers=benchmarks/results/paper-torch.json
+    paper) peers=benchmarks/results/paper-torch-h200.json
            if [ "${PAPER_SDPA:-1}" = 1 ]; then
              step paper_sdpa "${PAPER_SDPA_LIMIT:-200}" python3 -m benchmarks.torch_peers --preset paper \
                --peers sdpa --passes fwd,fwdbwd --dtypes bf16,fp16 --out "$LOGS/torch"
