@@ -2,12 +2,14 @@
 NATTEN's: torch.profiler (CUPTI's kernel records) over back-to-back calls, median per
 kernel. JAX runs the forward and torch only profiles, in one process, so both libraries'
 kernel times come from the same tool. With NATTEN importable, its forward (default
-configuration) is profiled too, on the same tensors.
+configuration) is profiled too, on the same tensors; with --cudnn, cuDNN dense attention
+(the benchmark's `cudnn` peer, jax_gna.bench.attention_fn) as well.
 
 usage (on the GPU): python3 scripts/kernel_profile.py [--dtypes bf16,fp16] [--calls 20]
     [--out kernels.json] [shape window stride heads] ...  (default: 1-D one-head stride 2048)
 Each line printed is "<problem> <dtype> <who>: <median> us x<launches> <kernel>", who being
-ours, "ours x16 in one jit" (forwards under 300 us also 16 in one jitted call) or natten.
+ours, "ours x16 in one jit" (forwards under 300 us also 16 in one jitted call), natten or
+cudnn.
 --out writes the records as JSON and a markdown table beside it (.md); --from-text FILE
 makes them from such printed lines instead of measuring.
 """
@@ -25,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-_LINE = re.compile(r"^(?P<label>.+?) (?P<dtype>bf16|fp16) (?P<who>ours x16 in one jit|ours|natten): +"
+_LINE = re.compile(r"^(?P<label>.+?) (?P<dtype>bf16|fp16) (?P<who>ours x16 in one jit|ours|natten|cudnn): +"
                    r"(?P<us>[0-9.]+) us x(?P<n>[0-9]+) (?P<name>.*)$")
 
 
@@ -56,15 +58,18 @@ def markdown(records: list[dict]) -> str:
     for r in records:
         rows.setdefault((r["problem"], r["dtype"]), {})[r["who"]] = r
     us = lambda s: f"{s * 1e6:.1f} us" if s < 1e-3 else f"{s * 1e3:.3f} ms"  # noqa: E731
+    dense = any(r["who"] == "cudnn" for r in records)
     out = ["| problem | dtype | ours: kernel | ours: kernel, 16 in one jit | NATTEN: FNA kernel "
-           "| NATTEN: GPU time per call | NATTEN kernel vs ours |",
-           "| --- | --- | --- | --- | --- | --- | --- |"]
+           "| NATTEN: GPU time per call | NATTEN kernel vs ours |" + (" cuDNN dense: GPU time per call |"
+                                                                       if dense else ""),
+           "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if dense else "")]
     for (prob, dt), w in rows.items():
-        o, o16, n = w.get("ours"), w.get("ours x16 in one jit"), w.get("natten")
+        o, o16, n, c = w.get("ours"), w.get("ours x16 in one jit"), w.get("natten"), w.get("cudnn")
         vs = f"{100 * (n['kernel_s'] / o['kernel_s'] - 1):+.1f}%" if o and n else "-"
         out.append(f"| {prob} | {dt} | {us(o['kernel_s']) if o else '-'} | "
                    f"{us(o16['kernel_s']) if o16 else '-'} | {us(n['kernel_s']) if n else '-'} | "
-                   f"{us(n['gpu_s']) if n else '-'} | {vs} |")
+                   f"{us(n['gpu_s']) if n else '-'} | {vs} |"
+                   + (f" {us(c['gpu_s']) if c else '-'} |" if dense else ""))
     return "\n".join(out) + "\n"
 
 
@@ -74,6 +79,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--out", default=None, help="records as JSON (and a .md table beside it)")
     ap.add_argument("--from-text", default=None, help="measure nothing: records from printed lines")
+    ap.add_argument("--cudnn", action="store_true", help="also cuDNN dense attention, same tensors")
     ap.add_argument("problems", nargs="*")
     args = ap.parse_args(argv)
 
@@ -99,13 +105,12 @@ def main(argv=None) -> int:
     import torch
 
     from benchmarks.torch_peers import kernel_times
-    from jax_gna.bench import chained_fwd
+    from jax_gna.bench import Case, attention_fn, chained_fwd
     from profile_sm90 import problem
 
     try:
         import natten
         from benchmarks.natten_peer import _call as natten_call
-        from jax_gna.bench import Case
     except ImportError:
         natten = None
     dts = {"bf16": (jnp.bfloat16, torch.bfloat16), "fp16": (jnp.float16, torch.float16)}
@@ -127,6 +132,10 @@ def main(argv=None) -> int:
                 chained, cargs = chained_fwd(op, *qkv, (), n=16)
                 g = jax.jit(chained)
                 runs.append(("ours x16 in one jit", kernel_times(torch, lambda: g(*cargs), args.calls)))
+            if args.cudnn:
+                # The benchmark's cudnn peer (its case is not used: it only flattens the tokens).
+                dense = jax.jit(attention_fn("cudnn", Case("p", (1,), 1, 128, (1,))))
+                runs.append(("cudnn", kernel_times(torch, lambda: dense(*qkv), args.calls)))
             for tag, res in runs:
                 for name, (t, per) in sorted(res.items(), key=lambda kv: -kv[1][0]):
                     say(f"{label} {tag}: {t * 1e6:9.1f} us x{round(per * args.calls)} {name[:160]}")

@@ -209,3 +209,8 @@ def test_kernel_profile_medians_from_a_chrome_trace():
     assert recs["natten"]["gpu_s"] == pytest.approx(57.2e-6 + 3 * 6e-6)
     row = kp.markdown(list(recs.values())).splitlines()[2]
     assert row == "| 32768 w2048 s2048 H1 | bf16 | 55.0 us | 54.0 us | 57.2 us | 75.2 us | +4.0% |"
+    # With cuDNN dense profiled too, a last column: its GPU time per call.
+    recs = kp.records_from_text(text + "\n32768 w2048 s2048 H1 bf16 cudnn:     880.0 us x20 void flash")
+    lines = kp.markdown(recs).splitlines()
+    assert lines[0].endswith("| cuDNN dense: GPU time per call |")
+    assert lines[2].endswith("| +4.0% | 880.0 us |")
