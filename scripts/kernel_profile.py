@@ -106,7 +106,7 @@ def main(argv=None) -> int:
 
     from benchmarks.torch_peers import kernel_times
     from jax_gna.bench import Case, attention_fn, chained_fwd
-    from profile_sm90 import problem
+    from profile_sm90 import parse, problem
 
     try:
         import natten
@@ -140,11 +140,8 @@ def main(argv=None) -> int:
                 for name, (t, per) in sorted(res.items(), key=lambda kv: -kv[1][0]):
                     say(f"{label} {tag}: {t * 1e6:9.1f} us x{round(per * args.calls)} {name[:160]}")
             if natten is not None:
-                case = Case("p", tuple(int(x) for x in shape.split("x")), int(heads), 128,
-                            tuple(int(x) for x in window.split("x")) if "x" in window
-                            else (int(window),) * len(shape.split("x")),
-                            tuple(int(x) for x in stride.split("x")) if "x" in stride
-                            else (int(stride),) * len(shape.split("x")))
+                dims, win, st = parse(shape, window, stride)
+                case = Case("p", dims, int(heads), 128, win, st)
                 q, k, v = (torch.from_numpy(np.asarray(x.astype(jnp.float32))).to("cuda", tdt)
                            for x in qkv)
 

@@ -16,17 +16,23 @@ import jax.numpy as jnp
 import jax_gna
 
 
+def parse(shape: str, window: str, stride: str) -> tuple[tuple[int, ...], ...]:
+    """The command line's "256x256 80x80 16x16" as per-axis tuples (a single number in
+    window or stride applies to every axis)."""
+    dims = tuple(int(x) for x in shape.split("x"))
+    per = lambda s: tuple(int(x) for x in s.split("x")) if "x" in s else (int(s),) * len(dims)  # noqa: E731
+    return dims, per(window), per(stride)
+
+
 def problem(shape: str, window: str, stride: str, heads: str):
     """The command line's problem: random bf16 q, k, v (batch 1, head dim 128) and the
     cuda forward on them, `op(q, k, v)` (also used by scripts/dispatch_overhead.py)."""
-    dims = tuple(int(x) for x in shape.split("x"))
-    n = len(dims)
-    per = lambda s: tuple(int(x) for x in s.split("x")) if "x" in s else (int(s),) * n  # noqa: E731
+    dims, win, st = parse(shape, window, stride)
     key = jax.random.split(jax.random.PRNGKey(0), 3)
     q, k, v = (jax.random.normal(kk, (1, *dims, int(heads), 128), jnp.bfloat16) for kk in key)
 
     def op(q, k, v):
-        return jax_gna.neighborhood_attention(q, k, v, per(window), per(stride), backend="cuda")
+        return jax_gna.neighborhood_attention(q, k, v, win, st, backend="cuda")
 
     return op, (q, k, v)
 
