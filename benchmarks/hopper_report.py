@@ -50,10 +50,10 @@ def fmt_t(s: float | None) -> str:
     return f"{s * 1e6:.1f} us" if s < 1e-3 else f"{s * 1e3:.2f} ms"
 
 
-def kernel_label(case: dict) -> str:
-    """A case's problem as scripts/kernel_profile.py labels it."""
+def kernel_label(shape, window, stride, heads) -> str:
+    """A problem (per-axis sequences) as scripts/kernel_profile.py labels it in its records."""
     x = lambda t: "x".join(str(v) for v in t)  # noqa: E731
-    return f"{x(case['shape'])} w{x(case['kernel_size'])} s{x(case['stride'])} H{case['heads']}"
+    return f"{x(shape)} w{x(window)} s{x(stride)} H{heads}"
 
 
 def report(path: str, kernels: str | None = None) -> str:
@@ -134,7 +134,9 @@ def report(path: str, kernels: str | None = None) -> str:
         line = (f"| {name} | <= {fmt_t(rows[0][2])} | {times} | {'met' if met else 'missed'} "
                 f"(NATTEN {NATTEN.get(name, '-')}) |")
         if kt:
-            ks = [kt.get((kernel_label(cases[name]), short)) for short, _, _ in rows]
+            c = cases[name]
+            label = kernel_label(c["shape"], c["kernel_size"], c["stride"], c["heads"])
+            ks = [kt.get((label, short)) for short, _, _ in rows]
             if all(k is not None for k in ks):
                 kmet = all(k <= rows[0][2] for k in ks)
                 line += f" {' / '.join(fmt_t(k) for k in ks)} | {'met' if kmet else 'missed'} |"

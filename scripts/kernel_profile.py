@@ -104,6 +104,7 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
+    from benchmarks.hopper_report import kernel_label
     from benchmarks.torch_peers import kernel_times
     from jax_gna.bench import Case, attention_fn, chained_fwd
     from profile_sm90 import parse, problem
@@ -122,11 +123,12 @@ def main(argv=None) -> int:
     for i in range(0, len(probs), 4):
         shape, window, stride, heads = probs[i:i + 4]
         op, args0 = problem(shape, window, stride, heads)
+        dims, win, st = parse(shape, window, stride)
         for dname in args.dtypes.split(","):
             jdt, tdt = dts[dname]
             qkv = tuple(x.astype(jdt) for x in args0)
             f = jax.jit(op)
-            label = f"{shape} w{window} s{stride} H{heads} {dname}"
+            label = f"{kernel_label(dims, win, st, heads)} {dname}"
             runs = [("ours", kernel_times(torch, lambda: f(*qkv), args.calls))]
             if max(t for t, _ in runs[0][1].values()) < 300e-6:  # as the bench: short ones chained too
                 chained, cargs = chained_fwd(op, *qkv, (), n=16)
@@ -140,7 +142,6 @@ def main(argv=None) -> int:
                 for name, (t, per) in sorted(res.items(), key=lambda kv: -kv[1][0]):
                     say(f"{label} {tag}: {t * 1e6:9.1f} us x{round(per * args.calls)} {name[:160]}")
             if natten is not None:
-                dims, win, st = parse(shape, window, stride)
                 case = Case("p", dims, int(heads), 128, win, st)
                 q, k, v = (torch.from_numpy(np.asarray(x.astype(jnp.float32))).to("cuda", tdt)
                            for x in qkv)
