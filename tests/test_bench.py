@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -108,36 +108,51 @@ def test_passes_compute_gradients():
     assert m["time_s"] > 0 and m["samples"] >= 1 and m["settle_s"] == 0.0
 
 
-def _stamped_op():
-    """A jittable x + 1 that appends the host time of each of its runs to a list."""
+STEP = 2.0 ** -10  # seconds one call of the stamped op takes on the fake clock (exact in binary)
+
+
+@pytest.fixture
+def stamped_op(monkeypatch):
+    """A jittable x + 1 whose every run takes exactly STEP seconds of a fake clock that
+    `bench.measure` reads, and the list of the clock's values at the start of each run:
+    the timing logic tested without the host's speed in it (a wall-clock version of these
+    tests once failed on a loaded CI machine)."""
+    now = [0.0]
     calls = []
 
+    def tick():
+        calls.append(now[0])
+        now[0] += STEP
+
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+
     def f(x):
-        jax.debug.callback(lambda: calls.append(time.perf_counter()))
+        jax.debug.callback(tick)
         return x + 1
     return f, calls
 
 
-def test_measure_settles_before_sampling():
-    f, calls = _stamped_op()
-    m = bench.measure(f, (jnp.ones(4),), 1, 1, 0.0, settle_s=0.2)
-    # Without settling: the warm-up call, the timing call and one sample of `inner` calls.
-    assert m["settle_s"] == 0.2 and m["samples"] == 1
-    assert len(calls) > 2 + m["inner"]
-    assert calls[-m["inner"] - 1] - calls[1] >= 0.15  # the calls between were the settling
+def test_measure_settles_before_sampling(stamped_op):
+    f, calls = stamped_op
+    m = bench.measure(f, (jnp.ones(4),), 1, 1, 0.0, batch_s=64 * STEP, settle_s=100 * STEP)
+    assert m["settle_s"] == 100 * STEP and m["samples"] == 1 and m["inner"] == 64
+    # The warm-up call, the call that sizes the batches, two settling batches (128 calls, the
+    # first batch that ends past 100 steps) and the one sample.
+    assert len(calls) == 2 + 2 * 64 + 64
+    assert m["time_s"] == STEP
 
 
-def test_measure_samples_last_about_batch_s():
-    f, calls = _stamped_op()
+def test_measure_samples_last_about_batch_s(stamped_op):
+    f, calls = stamped_op
     x = jnp.ones(4)
-    # batch_s well above one call's time even on a loaded CI machine (a 0.03 s batch once
-    # gave inner == 1 there).
-    m = bench.measure(f, (x,), 1, 1, 0.0, batch_s=0.2)
-    assert m["batch_s"] == 0.2 and m["samples"] == 1 and m["inner"] > 1
-    # The last `inner` calls are the one sample: about batch_s long (or 1000 calls).
-    span = calls[-1] - calls[-m["inner"]]
-    assert m["inner"] == 1000 or span >= 0.07, (m["inner"], span)
-    assert bench.measure(f, (x,), 1, 1, 0.0, batch_s=1e-9)["inner"] == 1
+    m = bench.measure(f, (x,), 1, 3, target_s=250 * STEP, batch_s=100 * STEP)
+    # One call sized the batches: 100 calls each; target_s // 100 steps = 2 samples.
+    assert m["batch_s"] == 100 * STEP and m["inner"] == 100 and m["samples"] == 2
+    assert len(calls) == 2 + 2 * 100
+    assert m["time_s"] == m["min_s"] == STEP
+    # At most 1000 calls a batch, and at least one.
+    assert bench.measure(f, (x,), 1, 1, 0.0, batch_s=5000 * STEP)["inner"] == 1000
+    assert bench.measure(f, (x,), 1, 1, 0.0, batch_s=STEP / 2)["inner"] == 1
 
 
 def test_cases_filter_keeps_matching_preset_cases(tmp_path):
