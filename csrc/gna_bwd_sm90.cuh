@@ -160,10 +160,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   float lse2[2], dlt[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int m = 64 * cw + 16 * warp + gid + 8 * r;
-    const int o[3] = {m >> (qsh2 + qsh1), (m >> qsh2) & (p.ax[1].qt - 1), m & (p.ax[2].qt - 1)};
-#pragma unroll
-    for (int a = 0; a < 3; ++a) window(p.ax[a], 0, tile.qs[a] + o[a], wlo[r][a], whi[r][a]);
+    int o[3];
+    box_coords(64 * cw + 16 * warp + gid + 8 * r, qsh2, qsh1, p.ax[1].qt - 1, p.ax[2].qt - 1, o);
+    tile.query_window(p, o, wlo[r], whi[r]);
     int64_t tok;
     const bool ok = tile.query_token(p, o, tok);
     const int64_t at = (b * p.nq + tok) * p.H + h;
@@ -458,7 +457,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int k = 0; k < 2; ++k) {
         const int m = lane + 32 * k;
-        const int o[3] = {m >> (qsh2 + qsh1), (m >> qsh2) & (p.ax[1].qt - 1), m & (p.ax[2].qt - 1)};
+        int o[3];
+        box_coords(m, qsh2, qsh1, p.ax[1].qt - 1, p.ax[2].qt - 1, o);
         bool ok = true;
         int64_t tok = 0;
 #pragma unroll
@@ -492,8 +492,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   int qlo[2][3], qhi[2][3];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int m = 64 * cw + 16 * warp + gid + 8 * r;
-    const int o[3] = {m >> (ksh2 + ksh1), (m >> ksh2) & (p.ax[1].kt - 1), m & (p.ax[2].kt - 1)};
+    int o[3];
+    box_coords(64 * cw + 16 * warp + gid + 8 * r, ksh2, ksh1, p.ax[1].kt - 1, p.ax[2].kt - 1, o);
 #pragma unroll
     for (int a = 0; a < 3; ++a) {
       const Axis& x = p.ax[a];

@@ -143,6 +143,14 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// In-tile coordinates per axis of element m of a tile box (elements row-major; the
+// extents of axes 1 and 2 are powers of two: shifts sh1, sh2, masks m1, m2).
+GNA_HD void box_coords(int m, int sh2, int sh1, int m1, int m2, int (&o)[3]) {
+  o[0] = m >> (sh2 + sh1);
+  o[1] = (m >> sh2) & m1;
+  o[2] = m & m2;
+}
+
 // Element mask of a thread's 2 rows x (8 NB) columns of a score tile. Rows are given
 // per axis by the interval of column coordinates they see, relative to the column
 // tile's start ([lo, lo + w], unsigned compare); columns by their in-tile coordinates
@@ -156,13 +164,13 @@ __device__ __forceinline__ void for_each_element(const int (&lo)[2][3], const un
   for (int i = 0; i < NB; ++i) {
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      const int n = 8 * i + tcol + e;
-      const int n0 = n >> (sh2 + sh1), n1 = (n >> sh2) & m1, n2 = n & m2;
+      int n[3];
+      box_coords(8 * i + tcol + e, sh2, sh1, m1, m2, n);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const bool vis = static_cast<unsigned>(n0 - lo[r][0]) <= w[r][0] &&
-                         static_cast<unsigned>(n1 - lo[r][1]) <= w[r][1] &&
-                         static_cast<unsigned>(n2 - lo[r][2]) <= w[r][2];
+        const bool vis = static_cast<unsigned>(n[0] - lo[r][0]) <= w[r][0] &&
+                         static_cast<unsigned>(n[1] - lo[r][1]) <= w[r][1] &&
+                         static_cast<unsigned>(n[2] - lo[r][2]) <= w[r][2];
         f(4 * i + 2 * r + e, vis);
       }
     }
@@ -235,6 +243,11 @@ struct FwdTile {
       tok = tok * p.ax[a].qn + (ig - p.ax[a].q0);
     }
     return valid;
+  }
+  // The window of the tile's query `o` (in-tile coordinates) per axis: keys [lo, hi].
+  GNA_HD void query_window(const Params& p, const int (&o)[3], int (&lo)[3], int (&hi)[3]) const {
+#pragma unroll
+    for (int a = 0; a < 3; ++a) window(p.ax[a], 0, qs[a] + o[a], lo[a], hi[a]);
   }
   // Whether every valid query of the tile sees every key of the key tile that starts
   // at global `ks` (then the element mask is skipped; padded key tiles never qualify).
@@ -333,11 +346,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int ksh2 = __ffs(p.ax[2].kt) - 1, ksh1 = __ffs(p.ax[1].kt) - 1;
 
   // In-tile coordinates of query row m (rows are row-major in the tile box).
-  auto row_coords = [&](int m, int (&o)[3]) {
-    o[0] = m >> (qsh2 + qsh1);
-    o[1] = (m >> qsh2) & (p.ax[1].qt - 1);
-    o[2] = m & (p.ax[2].qt - 1);
-  };
+  auto row_coords = [&](int m, int (&o)[3]) { box_coords(m, qsh2, qsh1, p.ax[1].qt - 1, p.ax[2].qt - 1, o); };
   // This thread's two query rows: windows per axis (validity and token index are
   // recomputed in the epilogue rather than held through the loop).
   int wlo[2][3], whi[2][3];
@@ -345,8 +354,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int r = 0; r < 2; ++r) {
     int o[3];
     row_coords(64 * cw + 16 * warp + gid + 8 * r, o);
-#pragma unroll
-    for (int a = 0; a < 3; ++a) window(p.ax[a], 0, tile.qs[a] + o[a], wlo[r][a], whi[r][a]);
+    tile.query_window(p, o, wlo[r], whi[r]);
   }
 
   float o_acc[NG][OW];

@@ -105,6 +105,20 @@ static void query_outer(const Params& p) {
             (int)t.full(p, g), (int)full);
     }
     CHECK((int)seen.size() == t.ntiles, "query tile %d", bid);
+    // The consumers' rows: in-tile coordinates (row-major, by shifts and masks) and windows.
+    const int sh2 = __builtin_ctz(p.ax[2].qt), sh1 = __builtin_ctz(p.ax[1].qt);
+    for (int m = 0; m < p.ax[0].qt * p.ax[1].qt * p.ax[2].qt; ++m) {
+      int o[3], lo[3], hi[3];
+      gna::sm90::box_coords(m, sh2, sh1, p.ax[1].qt - 1, p.ax[2].qt - 1, o);
+      CHECK((o[0] * p.ax[1].qt + o[1]) * p.ax[2].qt + o[2] == m && o[1] < p.ax[1].qt && o[2] < p.ax[2].qt,
+            "query tile %d row %d: coordinates %d %d %d", bid, m, o[0], o[1], o[2]);
+      t.query_window(p, o, lo, hi);
+      for (int a = 0; a < 3; ++a) {
+        int wl, wh;
+        gna::window(p.ax[a], 0, t.qs[a] + o[a], wl, wh);
+        CHECK(lo[a] == wl && hi[a] == wh, "query tile %d row %d axis %d: window", bid, m, a);
+      }
+    }
     for (int a = 0; a < 3; ++a) {  // every seen key is in the visited box (per axis)
       const Axis& x = p.ax[a];
       CHECK(t.qs[a] <= t.qe[a] && t.qe[a] < x.q0 + x.qn, "query tile %d range on axis %d", bid, a);
