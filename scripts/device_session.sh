@@ -32,6 +32,8 @@
 #           maybe another GPU), and first (PAPER_SDPA=1, the default) dense torch SDPA on
 #           this GPU, fwd and fwd+bwd, into $OUT/results/paper-sdpa.json, which replaces
 #           that file's sdpa records: a second dense peer beside cuDNN, on the same GPU
+#   kprofile scripts/kernel_profile.py: kernel durations by torch.profiler ($KPROFILE_ARGS: its
+#           flags and problems) into $OUT/results/kernels.{json,md}
 #   kernels Nsight Compute, kernel time and tensor-pipe share of the forward, dQ and dK/dV
 #           kernels (clocks not locked) on $KERNELS_PROBLEM (default 1-D s2048 H1)
 #   settleab the benchmark (cuda, cuDNN, bf16) of each problem of $SETTLE_PROBLEMS
@@ -117,6 +119,8 @@ for stage in "$@"; do
            step paper "${PAPER_LIMIT:-420}" python3 -m benchmarks.run --preset paper --backends cuda,cudnn \
              --passes fwd,bwd,fwdbwd --dtypes bf16,fp16 --name paper-sm90 \
              --merge-peers "$peers" --out "$OUT/results" --no-progress ;;
+    kprofile) TAIL=40 step kprofile "${KPROFILE_LIMIT:-240}" python3 scripts/kernel_profile.py \
+               --out "$OUT/results/kernels.json" ${KPROFILE_ARGS:-} ;;
     kernels) TAIL=40 step kernels "${KERNELS_LIMIT:-180}" ncu --clock-control none --metrics \
                gpu__time_duration.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_elapsed \
                python3 scripts/profile_sm90.py ${KERNELS_PROBLEM:-32768 2048 2048 1} ;;

@@ -3,13 +3,15 @@ NATTEN's: torch.profiler (CUPTI's kernel records) over back-to-back calls, media
 kernel. JAX runs the forward and torch only profiles, in one process, so both libraries'
 kernel times come from the same tool. With NATTEN importable, its forward (default
 configuration) is profiled too, on the same tensors; with --cudnn, cuDNN dense attention
-(the benchmark's `cudnn` peer, jax_gna.bench.attention_fn) as well.
+(the benchmark's `cudnn` peer, jax_gna.bench.attention_fn) as well; with --backward, our
+backward alone (jax.vjp's function on a cotangent; its residuals come from an untimed
+forward): every kernel of it (XLA's delta fusion, dQ, dK/dV).
 
 usage (on the GPU): python3 scripts/kernel_profile.py [--dtypes bf16,fp16] [--calls 20]
-    [--out kernels.json] [shape window stride heads] ...  (default: 1-D one-head stride 2048)
+    [--cudnn] [--backward] [--out kernels.json] [shape window stride heads] ...  (default: 1-D one-head stride 2048)
 Each line printed is "<problem> <dtype> <who>: <median> us x<launches> <kernel>", who being
-ours, "ours x16 in one jit" (forwards under 300 us also 16 in one jitted call), natten or
-cudnn.
+ours, "ours x16 in one jit" (forwards under 300 us also 16 in one jitted call), "ours bwd",
+natten or cudnn.
 --out writes the records as JSON and a markdown table beside it (.md); --from-text FILE
 makes them from such printed lines instead of measuring.
 """
@@ -27,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-_LINE = re.compile(r"^(?P<label>.+?) (?P<dtype>bf16|fp16) (?P<who>ours x16 in one jit|ours|natten|cudnn): +"
+_LINE = re.compile(r"^(?P<label>.+?) (?P<dtype>bf16|fp16) (?P<who>ours x16 in one jit|ours bwd|ours|natten|cudnn): +"
                    r"(?P<us>[0-9.]+) us x(?P<n>[0-9]+) (?P<name>.*)$")
 
 
@@ -70,6 +72,14 @@ def markdown(records: list[dict]) -> str:
                    f"{us(o16['kernel_s']) if o16 else '-'} | {us(n['kernel_s']) if n else '-'} | "
                    f"{us(n['gpu_s']) if n else '-'} | {vs} |"
                    + (f" {us(c['gpu_s']) if c else '-'} |" if dense else ""))
+    bwd = [r for r in records if r["who"] == "ours bwd"]
+    if bwd:
+        out += ["", "| problem | dtype | our backward: kernels (median each, launches per call) "
+                "| GPU time per call |", "| --- | --- | --- | --- |"]
+        for r in bwd:
+            ks = "; ".join(f"{name[:48]} {us(t)}" + (f" x{per:g}" if per != 1 else "")
+                           for name, t, per in r["kernels"])
+            out.append(f"| {r['problem']} | {r['dtype']} | {ks} | {us(r['gpu_s'])} |")
     return "\n".join(out) + "\n"
 
 
@@ -80,6 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="records as JSON (and a .md table beside it)")
     ap.add_argument("--from-text", default=None, help="measure nothing: records from printed lines")
     ap.add_argument("--cudnn", action="store_true", help="also cuDNN dense attention, same tensors")
+    ap.add_argument("--backward", action="store_true", help="also our backward's kernels")
     ap.add_argument("problems", nargs="*")
     args = ap.parse_args(argv)
 
@@ -106,7 +117,7 @@ def main(argv=None) -> int:
 
     from benchmarks.hopper_report import kernel_label
     from benchmarks.torch_peers import kernel_times
-    from jax_gna.bench import Case, attention_fn, chained_fwd
+    from jax_gna.bench import Case, attention_fn, chained_fwd, pass_fn
     from profile_sm90 import parse, problem
 
     try:
@@ -134,6 +145,10 @@ def main(argv=None) -> int:
                 chained, cargs = chained_fwd(op, *qkv, (), n=16)
                 g = jax.jit(chained)
                 runs.append(("ours x16 in one jit", kernel_times(torch, lambda: g(*cargs), args.calls)))
+            if args.backward:
+                bwd, bargs = pass_fn(op, "bwd", *qkv, qkv[0], ())
+                b = jax.jit(bwd)
+                runs.append(("ours bwd", kernel_times(torch, lambda: b(*bargs), args.calls)))
             if args.cudnn:
                 # The benchmark's cudnn peer (its case is not used: it only flattens the tokens).
                 dense = jax.jit(attention_fn("cudnn", Case("p", (1,), 1, 128, (1,))))

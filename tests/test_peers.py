@@ -214,3 +214,14 @@ def test_kernel_profile_medians_from_a_chrome_trace():
     lines = kp.markdown(recs).splitlines()
     assert lines[0].endswith("| cuDNN dense: GPU time per call |")
     assert lines[2].endswith("| +4.0% | 880.0 us |")
+    # --backward: every kernel of our backward, in a table of its own below.
+    recs = kp.records_from_text(text + "\n" + "\n".join([
+        "32768 w2048 s2048 H1 bf16 ours bwd:     120.0 us x20 void dkv<bf16>(Params)",
+        "32768 w2048 s2048 H1 bf16 ours bwd:      85.0 us x20 void dq<bf16>(Params)",
+        "32768 w2048 s2048 H1 bf16 ours bwd:       5.0 us x20 loop_multiply_reduce_fusion"]))
+    bwd = next(r for r in recs if r["who"] == "ours bwd")
+    assert bwd["kernel_s"] == pytest.approx(120e-6) and bwd["gpu_s"] == pytest.approx(210e-6)
+    lines = kp.markdown(recs).splitlines()
+    assert lines[2] == "| 32768 w2048 s2048 H1 | bf16 | 55.0 us | 54.0 us | 57.2 us | 75.2 us | +4.0% |"
+    assert lines[-1] == ("| 32768 w2048 s2048 H1 | bf16 | void dkv<bf16>(Params) 120.0 us; "
+                         "void dq<bf16>(Params) 85.0 us; loop_multiply_reduce_fusion 5.0 us | 210.0 us |")
