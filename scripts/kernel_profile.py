@@ -53,6 +53,11 @@ def records_from_text(text: str, calls: int = 20) -> list[dict]:
     return list(recs.values())
 
 
+def short(name: str) -> str:
+    """A kernel's name without its return type, namespaces and parameter list."""
+    return re.sub(r"^void |\w+::", "", name.split("(")[0])
+
+
 def markdown(records: list[dict]) -> str:
     """One row per problem and dtype: our kernel (and in one jit), NATTEN's FNA kernel and
     its GPU time per call (permutations included), where measured."""
@@ -77,7 +82,7 @@ def markdown(records: list[dict]) -> str:
         out += ["", "| problem | dtype | our backward: kernels (median each, launches per call) "
                 "| GPU time per call |", "| --- | --- | --- | --- |"]
         for r in bwd:
-            ks = "; ".join(f"{name[:48]} {us(t)}" + (f" x{per:g}" if per != 1 else "")
+            ks = "; ".join(f"{short(name)} {us(t)}" + (f" x{per:g}" if per != 1 else "")
                            for name, t, per in r["kernels"])
             out.append(f"| {r['problem']} | {r['dtype']} | {ks} | {us(r['gpu_s'])} |")
     return "\n".join(out) + "\n"

@@ -223,5 +223,7 @@ def test_kernel_profile_medians_from_a_chrome_trace():
     assert bwd["kernel_s"] == pytest.approx(120e-6) and bwd["gpu_s"] == pytest.approx(210e-6)
     lines = kp.markdown(recs).splitlines()
     assert lines[2] == "| 32768 w2048 s2048 H1 | bf16 | 55.0 us | 54.0 us | 57.2 us | 75.2 us | +4.0% |"
-    assert lines[-1] == ("| 32768 w2048 s2048 H1 | bf16 | void dkv<bf16>(Params) 120.0 us; "
-                         "void dq<bf16>(Params) 85.0 us; loop_multiply_reduce_fusion 5.0 us | 210.0 us |")
+    assert lines[-1] == ("| 32768 w2048 s2048 H1 | bf16 | dkv<bf16> 120.0 us; dq<bf16> 85.0 us; "
+                         "loop_multiply_reduce_fusion 5.0 us | 210.0 us |")
+    assert kp.short("void gna::sm90::dq_sm90_kernel<__nv_bfloat16, 128, 3>(gna::Params, "
+                    "CUtensorMap_st)") == "dq_sm90_kernel<__nv_bfloat16, 128, 3>"
