@@ -15,6 +15,11 @@
 //
 // On by default; JAX_GNA_SM90_BWD=0 turns it off (gna_sm90.cu).
 #pragma once
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
 #include "gna_fwd_sm90.cuh"
 
 namespace gna {
@@ -386,6 +391,32 @@ struct KeyTile {
     return f;
   }
 };
+
+// The dK/dV grid's block order (built on the host): block x takes key tile tile[x], the
+// key tiles by descending step count (KeyTile::ntiles, the query tiles visited), ties in
+// tile order. Windows clamped at the ends of the block give the key tiles there more or
+// fewer steps than the interior's (1-D, window 2048, stride 256: 16 to 48 against 32), and
+// in tile order the heavy ones at the end start in the grid's last wave; heaviest first
+// evens out when the SMs finish. n = 0 (grids of more than kMaxOrder key tiles): tile order.
+// Not wired into the launch yet (csrc/NOTES.md, session 14: it waits for a GPU A/B); the
+// geometry driver checks it.
+constexpr int kMaxOrder = 1024;
+struct TileOrder {
+  int n;
+  uint16_t tile[kMaxOrder];
+};
+
+// The order for a problem whose key tiling is in `pk` (apply_plan), `nk` key tiles.
+inline void dkv_order(const Params& pk, int64_t nk, TileOrder& order) {
+  order.n = 0;
+  if (nk > kMaxOrder) return;
+  std::vector<std::pair<int, int>> w;  // (-steps, tile)
+  w.reserve(static_cast<size_t>(nk));
+  for (int t = 0; t < static_cast<int>(nk); ++t) w.emplace_back(-KeyTile(pk, t).ntiles, t);
+  std::sort(w.begin(), w.end());
+  for (int i = 0; i < static_cast<int>(nk); ++i) order.tile[i] = static_cast<uint16_t>(w[i].second);
+  order.n = static_cast<int>(nk);
+}
 
 template <typename T, int D, int STAGES>
 __global__ void __launch_bounds__(kThreads, 1)

@@ -187,6 +187,29 @@ static void key_outer(const Params& p) {
   }
 }
 
+// The dK/dV block order: a permutation of the key tiles, heaviest first, ties in tile order
+// (tile order past kMaxOrder key tiles).
+static void block_order(const Params& p) {
+  const int64_t nk = int64_t{p.ax[0].nkt} * p.ax[1].nkt * p.ax[2].nkt;
+  static gna::sm90::TileOrder o;
+  gna::sm90::dkv_order(p, nk, o);
+  if (nk > gna::sm90::kMaxOrder) {
+    CHECK(o.n == 0, "%lld key tiles: an order of %d", (long long)nk, o.n);
+    return;
+  }
+  CHECK(o.n == nk, "%lld key tiles: an order of %d", (long long)nk, o.n);
+  std::vector<int> seen(static_cast<size_t>(nk), 0);
+  for (int i = 0; i < o.n; ++i) {
+    const int t = o.tile[i];
+    CHECK(t < nk && !seen[t]++, "block %d: key tile %d out of range or taken twice", i, t);
+    if (i == 0) continue;
+    const int prev = o.tile[i - 1];
+    const int wp = gna::sm90::KeyTile(p, prev).ntiles, wt = gna::sm90::KeyTile(p, t).ntiles;
+    CHECK(wp > wt || (wp == wt && prev < t), "blocks %d, %d: tiles %d (%d steps), %d (%d steps)", i - 1, i, prev, wp,
+          t, wt);
+  }
+}
+
 int main() {
   char line[512];
   while (std::fgets(line, sizeof line, stdin)) {
@@ -221,6 +244,7 @@ int main() {
       gna::apply_plan(q, plan, true);  // sets both tilings; the count is not needed
       query_outer(q);
       key_outer(q);
+      block_order(q);
       closed_forms(q);
     }
     if (failures == before_fail) std::printf("ok %ld checks, %d plans\n", checks - before, plans);

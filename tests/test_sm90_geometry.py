@@ -73,6 +73,7 @@ def _random_lines(seed: int, count: int) -> list[str]:
 
 CASES = [
     _line((2048,), (256,), (64,), (False,)),
+    _line((4096,), (1024,), (128,), (False,)),  # edge key tiles heavier and lighter (block order)
     _line((1000,), (129,), (1,), (True,)),
     _line((64, 48), (13, 13), (1, 1), (False, False)),
     _line((64, 64), (16, 16), (8, 8), (False, False)),
