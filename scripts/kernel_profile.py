@@ -8,7 +8,8 @@ backward alone (jax.vjp's function on a cotangent; its residuals come from an un
 forward): every kernel of it (XLA's delta fusion, dQ, dK/dV).
 
 usage (on the GPU): python3 scripts/kernel_profile.py [--dtypes bf16,fp16] [--calls 20]
-    [--cudnn] [--backward] [--out kernels.json] [shape window stride heads] ...  (default: 1-D one-head stride 2048)
+    [--cudnn] [--backward] [--out kernels.json] [shape window stride heads] ...
+    (default: 1-D one-head stride 2048)
 Each line printed is "<problem> <dtype> <who>: <median> us x<launches> <kernel>", who being
 ours, "ours x16 in one jit" (forwards under 300 us also 16 in one jitted call), "ours bwd",
 natten or cudnn.
@@ -29,7 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-_LINE = re.compile(r"^(?P<label>.+?) (?P<dtype>bf16|fp16) (?P<who>ours x16 in one jit|ours bwd|ours|natten|cudnn): +"
+_LINE = re.compile(r"^(?P<label>.+?) (?P<dtype>bf16|fp16) "
+                   r"(?P<who>ours x16 in one jit|ours bwd|ours|natten|cudnn): +"
                    r"(?P<us>[0-9.]+) us x(?P<n>[0-9]+) (?P<name>.*)$")
 
 
@@ -60,7 +62,8 @@ def short(name: str) -> str:
 
 def markdown(records: list[dict]) -> str:
     """One row per problem and dtype: our kernel (and in one jit), NATTEN's FNA kernel and
-    its GPU time per call (permutations included), where measured."""
+    its GPU time per call (permutations included), where measured; below, with backward
+    records, a row per problem and dtype with each of our backward's kernels."""
     rows: dict[tuple[str, str], dict] = {}
     for r in records:
         rows.setdefault((r["problem"], r["dtype"]), {})[r["who"]] = r
