@@ -849,6 +849,11 @@ def add_sim_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--q-tile-size", type=int, default=128, help="tokens per query tile (search)")
     p.add_argument("--kv-tile-size", type=int, default=128, help="tokens per key tile (search)")
     p.add_argument("--top", type=int, default=5, help="how many tilings the search lists")
+    p.add_argument("--waves", action="store_true",
+                   help="also the wave model (sim.schedule) of the tiling: one CTA per query tile "
+                        "and one per key tile, over --sms SMs, --ctas-per-tile each")
+    p.add_argument("--sms", type=int, default=132, help="SMs for --waves (default 132: H100/H200)")
+    p.add_argument("--ctas-per-tile", type=int, default=1, help="heads x batch, for --waves")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
@@ -871,12 +876,19 @@ def run_sim_from_args(args: argparse.Namespace) -> int:
             out["search"] = sim.best_tiles(*window, q_tile_size=args.q_tile_size,
                                            kv_tile_size=args.kv_tile_size, top=max(2, args.top))
             out["search"] = out["search"][:max(1, args.top)]
+        tiling = out["result"] if "result" in out else out["search"][0]
+        waves = [sim.schedule(tiling, key_outer=ko, ctas_per_tile=args.ctas_per_tile, sms=args.sms)
+                 for ko in (False, True)] if args.waves else []
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({k: (v.as_dict() if k == "result" else [x.as_dict() for x in v])
-                          for k, v in out.items()}, indent=1))
+        js: dict[str, Any] = {k: (v.as_dict() if k == "result" else [x.as_dict() for x in v])
+                              for k, v in out.items()}
+        if waves:
+            js["waves"] = [{f.name: getattr(w, f.name) for f in dataclasses.fields(w)
+                            if f.name != "steps"} | {"efficiency": w.efficiency} for w in waves]
+        print(json.dumps(js, indent=1))
         return 0
     x = lambda t: "x".join(map(str, t))  # noqa: E731
     if "result" in out:
@@ -891,6 +903,10 @@ def run_sim_from_args(args: argparse.Namespace) -> int:
                   f"{b.tile_bound_avg:7.2f}x {100 * b.masked_fraction:7.1f}%")
         if "result" not in out:
             print("\n" + best[0].summary())
+    if waves:
+        print("waves        (one CTA per tile; a CTA's time = the tiles it visits)")
+        for w in waves:
+            print("  " + w.summary())
     return 0
 
 

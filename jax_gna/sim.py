@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import heapq
 import itertools
 import math
 from typing import Iterable, Sequence, Union
@@ -63,8 +64,9 @@ from .params import Axis, per_axis, window_params
 IntOrTuple = Union[int, Sequence[int]]
 BoolOrTuple = Union[bool, Sequence[bool]]
 
-__all__ = ["AxisTiles", "SimResult", "simulate", "best_tiles", "tile_shapes", "LAYOUTS",
-           "attended_keys", "attended_pairs", "flops", "dense_flops", "axis_tiles"]
+__all__ = ["AxisTiles", "SimResult", "Schedule", "simulate", "schedule", "best_tiles",
+           "tile_shapes", "LAYOUTS", "attended_keys", "attended_pairs", "flops", "dense_flops",
+           "axis_tiles"]
 
 # Max number of (query, key tile) cells evaluated at once per axis (memory bound).
 _CHUNK = 1 << 22
@@ -412,6 +414,94 @@ def _combine(axes: Sequence[Axis], qt: tuple[int, ...], kt: tuple[int, ...],
         tile_bound=total_keys / (visited_worst * math.prod(kt)),
         tile_bound_avg=total_keys / (visited_avg * math.prod(kt)),
         per_axis=tuple(per))
+
+
+# --------------------------------------------------------------------------
+# Waves: how a grid of one tile per CTA spreads over the SMs.
+# --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """The steps of every CTA of a grid with one tile per CTA, and when the SMs finish.
+
+    A CTA's *steps* are the tiles it visits: key tiles per query tile (the forward and
+    dQ, query-outer) or query tiles per key tile (dK/dV, key-outer). The model: one CTA
+    per SM at a time, a CTA takes as long as its steps, and a CTA starts on the first
+    SM to become free, in launch order (what the block scheduler does, minus fixed costs
+    per CTA).
+
+    Attributes:
+      key_outer: whether the CTAs are key tiles.
+      steps: ``[tiles]`` steps per tile of one head, in block order (row-major over the
+        tile grid, the last axis fastest).
+      ctas_per_tile: CTAs with the same tile (heads x batch; launched tile-fastest).
+      sms: SMs the grid runs on.
+      in_order: time (steps) until the last SM finishes, CTAs launched in block order.
+      heaviest_first: the same with every head's tiles launched heaviest first (ties in
+        block order).
+      ideal: all steps spread evenly (and at least the heaviest CTA).
+    """
+
+    key_outer: bool
+    steps: np.ndarray = dataclasses.field(repr=False, compare=False)
+    ctas_per_tile: int
+    sms: int
+    in_order: float
+    heaviest_first: float
+    ideal: float
+
+    @property
+    def efficiency(self) -> float:
+        """``ideal / in_order``: the share of the SMs' time the grid keeps busy."""
+        return self.ideal / self.in_order
+
+    def summary(self) -> str:
+        """One line."""
+        st = self.steps
+        what = "query tiles per key tile" if self.key_outer else "key tiles per query tile"
+        return (f"{'key-outer' if self.key_outer else 'query-outer':12} {st.size} x "
+                f"{self.ctas_per_tile} CTAs on {self.sms} SMs, {what} {int(st.min())}-"
+                f"{int(st.max())} (mean {st.mean():.2f}): finish at {self.in_order:g} steps in "
+                f"block order ({100 * self.efficiency:.1f}% busy), {self.heaviest_first:g} "
+                f"heaviest first, {self.ideal:.1f} ideal")
+
+
+def _finish(steps: np.ndarray, order: np.ndarray, ctas_per_tile: int, sms: int) -> float:
+    free = [0.0] * min(sms, steps.size * ctas_per_tile)
+    for _ in range(ctas_per_tile):
+        for t in order:
+            heapq.heappush(free, heapq.heappop(free) + float(steps[t]))
+    return max(free)
+
+
+def schedule(result: SimResult, *, key_outer: bool = False, ctas_per_tile: int = 1,
+             sms: int = 132) -> Schedule:
+    """The wave model of :class:`Schedule` for the tiling of ``result``.
+
+    Args:
+      result: a :func:`simulate` result (its tiles are the CTAs' tiles).
+      key_outer: CTAs are key tiles visiting query tiles (a dK/dV kernel), else query tiles.
+      ctas_per_tile: heads x batch (CTAs launched per tile).
+      sms: streaming multiprocessors (132 on an H100 SXM or H200).
+
+    Example (1-D, window 2048, stride 256: key tiles near the ends take 16 to 48 steps
+    against 32, and in block order the heavy ones at the end start in the second wave)::
+
+      >>> r = simulate((32768,), 2048, 256, q_tile=64, kv_tile=128)
+      >>> s = schedule(r, key_outer=True)
+      >>> s.in_order, s.heaviest_first
+      (80.0, 64.0)
+    """
+    if ctas_per_tile < 1 or sms < 1:
+        raise ValueError(f"ctas_per_tile and sms must be >= 1, got {ctas_per_tile}, {sms}.")
+    per = [p.visited.sum(axis=0 if key_outer else 1).astype(np.int64) for p in result.per_axis]
+    steps = functools.reduce(np.multiply.outer, per).reshape(-1)
+    heavy = np.argsort(-steps, kind="stable")
+    total = float(steps.sum()) * ctas_per_tile
+    return Schedule(key_outer=key_outer, steps=steps, ctas_per_tile=ctas_per_tile, sms=sms,
+                    in_order=_finish(steps, np.arange(steps.size), ctas_per_tile, sms),
+                    heaviest_first=_finish(steps, heavy, ctas_per_tile, sms),
+                    ideal=max(total / sms, float(steps.max())))
 
 
 # --------------------------------------------------------------------------

@@ -229,6 +229,17 @@ def test_cli_sim(capsys):
     data = json.loads(capsys.readouterr().out)
     assert len(data["search"]) == 3 and data["search"][0]["bound"] >= data["search"][1]["bound"]
     assert cli.main(["sim", "--shape", "16", "--kernel-size", "17"]) == 2
+    # --waves: the wave model of the tiling given (or the search's best), both grids.
+    argv = ["sim", "--shape", "32768", "--kernel-size", "2048", "--stride", "256", "--q-tile", "64",
+            "--kv-tile", "128", "--waves"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "key-outer    256 x 1 CTAs on 132 SMs, query tiles per key tile 16-48" in out
+    assert cli.main(argv + ["--json", "--sms", "114", "--ctas-per-tile", "2"]) == 0
+    w = json.loads(capsys.readouterr().out)["waves"]
+    assert [x["key_outer"] for x in w] == [False, True] and w[1]["sms"] == 114
+    assert w[1]["ctas_per_tile"] == 2 and w[1]["in_order"] >= w[1]["heaviest_first"] >= w[1]["ideal"]
+    assert cli.main(argv + ["--sms", "0"]) == 2
 
 
 def test_cli_bench_registered():

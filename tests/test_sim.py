@@ -113,7 +113,7 @@ def _brute_force(axes, qt, kt, layout="interleaved"):
                 masked_total=int((visited & ~full).sum()),
                 visited_worst=int(per_q.max()),
                 visited_avg=float(per_q.mean()),
-                pairs=int(m.sum()))
+                pairs=int(m.sum()), visited=visited)
 
 
 def _random_problem(rng):
@@ -147,6 +147,31 @@ def test_matches_brute_force(seed, layout):
     assert r.visited_avg == pytest.approx(bf["visited_avg"])
     assert sim.attended_pairs(*args) == bf["pairs"]
     assert r.density == pytest.approx(bf["pairs"] / math.prod(shape) ** 2)
+    # The wave model's steps per CTA, in block order (tile ids are row-major).
+    np.testing.assert_array_equal(sim.schedule(r).steps, bf["visited"].sum(axis=1))
+    np.testing.assert_array_equal(sim.schedule(r, key_outer=True).steps, bf["visited"].sum(axis=0))
+
+
+def test_schedule_list_model():
+    """CTAs start on the first free SM in launch order; heaviest first can finish sooner."""
+    r = sim.simulate((6,), 6, q_tile=2, kv_tile=2)  # dense: 3 query tiles of 3 steps
+    s = sim.schedule(r, sms=2)
+    assert list(s.steps) == [3, 3, 3] and s.in_order == 6 and s.ideal == 4.5
+    assert sim.schedule(r, sms=2, ctas_per_tile=2).in_order == 9
+    assert sim.schedule(r, sms=8).in_order == 3  # more SMs than CTAs
+    # 1-D, window 2048, stride 256, the dK/dV kernel's tiles: the windows clamp at the ends,
+    # so key tiles there take 16 to 48 steps against 32; in block order the heavy ones at the
+    # end start in the second of two waves.
+    r = sim.simulate((32768,), 2048, 256, q_tile=64, kv_tile=128)
+    k = sim.schedule(r, key_outer=True)
+    assert (k.steps.min(), k.steps.max(), k.steps.mean()) == (16, 48, 32)
+    assert list(k.steps[:16]) == [16, 20, 20, 24, 24, 28, 28, 32, 32, 36, 36, 40, 40, 44, 44, 48]
+    assert (k.in_order, k.heaviest_first) == (80, 64) and k.ideal == pytest.approx(256 * 32 / 132)
+    q = sim.schedule(r)  # query-outer: every query tile sees 2048 keys
+    assert q.in_order == q.heaviest_first == 64 and set(q.steps) == {16}
+    assert "16-48 (mean 32.00): finish at 80 steps" in k.summary()
+    with pytest.raises(ValueError, match="must be >= 1"):
+        sim.schedule(r, sms=0)
 
 
 # --------------------------------------------------------------------------
