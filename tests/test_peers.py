@@ -16,9 +16,9 @@ from jax_gna.bench import Case
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _natten_minimal():
-    spec = importlib.util.spec_from_file_location(
-        "natten_minimal", os.path.join(ROOT, "scripts", "natten_minimal.py"))
+def _script(name: str):
+    """scripts/<name>.py as a module (the scripts folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -121,7 +121,7 @@ void hopper_fna2d_float16_dropme(
 
 
 def test_natten_minimal_keeps_named_kernels_and_stubs_the_rest(tmp_path):
-    nm = _natten_minimal()
+    nm = _script("natten_minimal")
     cat = tmp_path / "autogen" / "src" / "cuda" / "fna"
     cat.mkdir(parents=True)
     (cat / "source_0.cu").write_text(_GENERATED)
@@ -144,7 +144,7 @@ def test_natten_minimal_keeps_named_kernels_and_stubs_the_rest(tmp_path):
 
 
 def test_natten_minimal_patches_setup(tmp_path):
-    nm = _natten_minimal()
+    nm = _script("natten_minimal")
     setup = ('        subprocess.check_call(\n            [\n                "python",\n'
              '                script_path,\n'
              '            autogen_kernel_instantitations(\n'
@@ -179,10 +179,7 @@ def test_kernel_profile_medians_from_a_chrome_trace():
     scripts/kernel_profile.py) reads kernel durations (us) from torch.profiler's chrome
     trace: median and launches per call per kernel name; other categories are ignored."""
     from benchmarks.torch_peers import kernel_medians
-    spec = importlib.util.spec_from_file_location(
-        "kernel_profile", os.path.join(ROOT, "scripts", "kernel_profile.py"))
-    kp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kp)
+    kp = _script("kernel_profile")
     trace = {"traceEvents": [
         {"cat": "kernel", "name": "fwd", "dur": 60.0},
         {"cat": "kernel", "name": "fwd", "dur": 58.0},
