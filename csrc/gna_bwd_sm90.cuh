@@ -397,9 +397,9 @@ struct KeyTile {
 // tile order. Windows clamped at the ends of the block give the key tiles there more or
 // fewer steps than the interior's (1-D, window 2048, stride 256: 16 to 48 against 32), and
 // in tile order the heavy ones at the end start in the grid's last wave; heaviest first
-// evens out when the SMs finish. n = 0 (grids of more than kMaxOrder key tiles): tile order.
-// Not wired into the launch yet (csrc/NOTES.md, session 14: it waits for a GPU A/B); the
-// geometry driver checks it.
+// evens out when the SMs finish. n = 0: tile order (grids of more than kMaxOrder key tiles,
+// and the launch's choice on grids of many waves: gna_sm90.cu, dkv_heaviest_first). The
+// launch takes it from a cache (cached_dkv_order); the geometry driver checks it.
 constexpr int kMaxOrder = 1024;
 struct TileOrder {
   int n;
@@ -423,7 +423,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     dkv_sm90_kernel(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap tq,
                     const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv,
                     const __grid_constant__ CUtensorMap tdo, const __grid_constant__ CUtensorMap tdk,
-                    const __grid_constant__ CUtensorMap tdv) {
+                    const __grid_constant__ CUtensorMap tdv, const __grid_constant__ TileOrder order) {
 #if defined(GNA_SM90_ENABLED)
   using L = DkvLayout<D, STAGES>;
   constexpr int HALVES = D / 64;
@@ -440,7 +440,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const int hk = blockIdx.y, b = blockIdx.z;
   const int G = p.H / p.Hkv;  // query heads per key/value head
-  const KeyTile tile(p, blockIdx.x);
+  const KeyTile tile(p, order.n ? order.tile[blockIdx.x] : blockIdx.x);
   const int nsteps = G * tile.ntiles;
   const int wg = threadIdx.x / 128;  // not warpgroup_index(): with it ptxas spills here
   if (threadIdx.x == 0) {

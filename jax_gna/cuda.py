@@ -25,7 +25,9 @@ outer.
 The FFI handlers are registered as command-buffer compatible: XLA may record a jitted
 function's calls into a CUDA graph and replay them without calling the handler
 (``JAX_GNA_COMMAND_BUFFER=0`` before the first call turns that off). The Hopper kernels
-are launched with programmatic dependent launch (``JAX_GNA_PDL=0`` turns it off).
+are launched with programmatic dependent launch (``JAX_GNA_PDL=0`` turns it off); the
+Hopper dK/dV kernel takes its key tiles heaviest first on short grids
+(``JAX_GNA_DKV_ORDER=0``/``1``: always tile order / always heaviest first).
 """
 
 from __future__ import annotations
