@@ -187,7 +187,7 @@ sm90::TileOrder cached_dkv_order(const Params& pk, int64_t nk) {
   std::vector<int> key{static_cast<int>(nk)};
   for (int a = 0; a < 3; ++a) {
     const Axis& x = pk.ax[a];
-    key.insert(key.end(), {x.L, x.k, x.s, x.d, x.causal, x.q0, x.qn, x.kv0, x.kvn, x.qt, x.kt});
+    key.insert(key.end(), {x.L, x.k, x.s, x.d, x.causal, x.q0, x.qn, x.kv0, x.kvn, x.qt, x.nqt, x.kt, x.nkt});
   }
   std::lock_guard<std::mutex> lock(mu);
   auto it = cache.find(key);
