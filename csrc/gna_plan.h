@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <initializer_list>
 #include <map>
 #include <mutex>
 #include <vector>
@@ -108,22 +109,36 @@ inline int64_t apply_plan(Params& p, const Plan& plan, bool query_outer) {
   return n;
 }
 
-// Plans are cached by the axis geometry (the search is cheap but runs per call).
-inline Plan cached_plan(const Params& p, int q_tokens = kPlanTileTokens, int kv_tokens = kPlanTileTokens) {
-  static std::mutex mu;
-  static std::map<std::vector<int>, Plan> cache;
-  std::vector<int> key{q_tokens, kv_tokens};
+// The axis geometry a tiling depends on, after `head`: a cache key.
+inline std::vector<int> geometry_key(const Params& p, std::initializer_list<int> head) {
+  std::vector<int> key(head);
   for (int a = 0; a < 3; ++a) {
     const Axis& x = p.ax[a];
     key.insert(key.end(), {x.L, x.k, x.s, x.d, x.causal, x.q0, x.qn, x.kv0, x.kvn});
   }
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(key);
-  if (it != cache.end()) return it->second;
-  if (cache.size() > 1024) cache.clear();
-  const Plan plan = choose_tiles(p, q_tokens, kv_tokens);
-  cache.emplace(key, plan);
-  return plan;
+  return key;
+}
+
+// A per-process cache of host-side results by key (thread safe; `make` runs under the
+// lock; emptied once past 1024 entries). Values are returned by copy.
+template <typename V>
+struct HostCache {
+  std::mutex mu;
+  std::map<std::vector<int>, V> map;
+  template <typename F>
+  V get(const std::vector<int>& key, F make) {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = map.find(key);
+    if (it != map.end()) return it->second;
+    if (map.size() > 1024) map.clear();
+    return map.emplace(key, make()).first->second;
+  }
+};
+
+// Plans are cached by the axis geometry (the search is cheap but runs per call).
+inline Plan cached_plan(const Params& p, int q_tokens = kPlanTileTokens, int kv_tokens = kPlanTileTokens) {
+  static HostCache<Plan> cache;
+  return cache.get(geometry_key(p, {q_tokens, kv_tokens}), [&] { return choose_tiles(p, q_tokens, kv_tokens); });
 }
 
 }  // namespace gna

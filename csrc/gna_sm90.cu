@@ -10,8 +10,6 @@
 
 #include <cstdlib>
 #include <cstring>
-#include <map>
-#include <mutex>
 #include <utility>
 #include <vector>
 
@@ -182,21 +180,14 @@ bool dkv_heaviest_first(int64_t ctas) {
 // the plans: building it visits every key tile, which would cost more host time per call
 // than the launch itself. Returned by value (about 2 KB, copied into the launch anyway).
 sm90::TileOrder cached_dkv_order(const Params& pk, int64_t nk) {
-  static std::mutex mu;
-  static std::map<std::vector<int>, sm90::TileOrder> cache;
-  std::vector<int> key{static_cast<int>(nk)};
-  for (int a = 0; a < 3; ++a) {
-    const Axis& x = pk.ax[a];
-    key.insert(key.end(), {x.L, x.k, x.s, x.d, x.causal, x.q0, x.qn, x.kv0, x.kvn, x.qt, x.nqt, x.kt, x.nkt});
-  }
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(key);
-  if (it != cache.end()) return it->second;
-  if (cache.size() > 1024) cache.clear();
-  sm90::TileOrder order;
-  sm90::dkv_order(pk, nk, order);
-  cache.emplace(key, order);
-  return order;
+  static HostCache<sm90::TileOrder> cache;
+  std::vector<int> key = geometry_key(pk, {static_cast<int>(nk)});
+  for (int a = 0; a < 3; ++a) key.insert(key.end(), {pk.ax[a].qt, pk.ax[a].nqt, pk.ax[a].kt, pk.ax[a].nkt});
+  return cache.get(key, [&] {
+    sm90::TileOrder order;
+    sm90::dkv_order(pk, nk, order);
+    return order;
+  });
 }
 
 // Backward: dQ with 128-query x 64-key tiles, dK/dV with 128-key x 64-query tiles.
