@@ -886,8 +886,7 @@ def run_sim_from_args(args: argparse.Namespace) -> int:
         js: dict[str, Any] = {k: (v.as_dict() if k == "result" else [x.as_dict() for x in v])
                               for k, v in out.items()}
         if waves:
-            js["waves"] = [{f.name: getattr(w, f.name) for f in dataclasses.fields(w)
-                            if f.name != "steps"} | {"efficiency": w.efficiency} for w in waves]
+            js["waves"] = [w.as_dict() for w in waves]
         print(json.dumps(js, indent=1))
         return 0
     x = lambda t: "x".join(map(str, t))  # noqa: E731

@@ -455,6 +455,12 @@ class Schedule:
         """``ideal / in_order``: the share of the SMs' time the grid keeps busy."""
         return self.ideal / self.in_order
 
+    def as_dict(self) -> dict:
+        """JSON-friendly summary (no per-tile steps)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "steps"}
+        out["efficiency"] = self.efficiency
+        return out
+
     def summary(self) -> str:
         """One line."""
         st = self.steps
