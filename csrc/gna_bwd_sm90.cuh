@@ -95,7 +95,8 @@ template <typename T, int D, int STAGES>
 __global__ void __launch_bounds__(kThreads, 1)
     dq_sm90_kernel(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap tq,
                    const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv,
-                   const __grid_constant__ CUtensorMap tdo, const __grid_constant__ CUtensorMap tdq) {
+                   const __grid_constant__ CUtensorMap tdo, const __grid_constant__ CUtensorMap tdq,
+                   const __grid_constant__ TileDivs divs) {
 #if defined(GNA_SM90_ENABLED)
   using L = DqLayout<D, STAGES>;
   constexpr int HALVES = D / 64;
@@ -109,8 +110,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto bar_e = [&](int s) { return bar_q + 8 * (1 + 2 * STAGES + s); };
 
   const int h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / (p.H / p.Hkv);
-  const FwdTile tile(p, blockIdx.x);
+  const int hk = divs.group(h);
+  const FwdTile tile(p, divs, blockIdx.x);
   const int wg = warpgroup_index();
   if (threadIdx.x == 0) {
     mbar_init(bar_q, 1);
@@ -167,7 +168,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int r = 0; r < 2; ++r) {
     int o[3];
     box_coords(64 * cw + 16 * warp + gid + 8 * r, qsh2, qsh1, p.ax[1].qt - 1, p.ax[2].qt - 1, o);
-    tile.query_window(p, o, wlo[r], whi[r]);
+    tile.query_window(p, divs, o, wlo[r], whi[r]);
     int64_t tok;
     const bool ok = tile.query_token(p, o, tok);
     const int64_t at = (b * p.nq + tok) * p.H + h;
@@ -291,8 +292,9 @@ struct DkvLayout {
 // axis for the tile and 4 per axis for its two key rows, it was most of the prologue.
 // tests/sm90_geometry_driver.cu checks both against that search and a brute force.
 //
+// Both take the stride's division from `sd` (FastDiv(x.s), TileDivs::s).
 // First query whose window ends at or after key j; b + 1 if none.
-GNA_HD int first_reaching(const Axis& x, int a, int b, int j) {
+GNA_HD int first_reaching(const Axis& x, const FastDiv& sd, int a, int b, int j) {
   int q;
   if (x.causal) {
     q = j;  // the window ends at the query
@@ -305,21 +307,21 @@ GNA_HD int first_reaching(const Axis& x, int a, int b, int j) {
       q = b + 1;  // c <= L - 1 - wr: none
     } else {  // leader = min(g s + s / 2, L - 1) >= t, and L - 1 >= t
       const int u = t - x.s / 2;
-      q = u > 0 ? (u + x.s - 1) / x.s * x.s : 0;
+      q = u > 0 ? sd(u + x.s - 1) * x.s : 0;
     }
   }
   q = q > a ? q : a;
   return q > b ? b + 1 : q;
 }
 // Last query whose window starts at or before key j; a - 1 if none.
-GNA_HD int last_reaching(const Axis& x, int a, int b, int j) {
+GNA_HD int last_reaching(const Axis& x, const FastDiv& sd, int a, int b, int j) {
   int q;
   if (j < 0) {
     q = a - 1;  // windows start at 0 or later
   } else if (x.causal) {  // lo <= j  <=>  leader = min(g s + s - 1, L - 1) <= j + k - 1
     const int u = j + x.k - 1;
     if (x.L - 1 <= u) q = b;
-    else q = u - x.s + 1 >= 0 ? (u - x.s + 1) / x.s * x.s + x.s - 1 : a - 1;
+    else q = u - x.s + 1 >= 0 ? sd(u - x.s + 1) * x.s + x.s - 1 : a - 1;
   } else {
     const int wl = window_left(x.k), wr = window_right(x.k);
     const int u = j + wl;  // needs c <= u, where wl <= u
@@ -327,7 +329,7 @@ GNA_HD int last_reaching(const Axis& x, int a, int b, int j) {
       q = b;  // every window
     } else {  // leader = min(g s + s / 2, L - 1) <= u, and L - 1 > u
       const int v = u - x.s / 2;
-      q = v >= 0 ? v / x.s * x.s + x.s - 1 : a - 1;
+      q = v >= 0 ? sd(v) * x.s + x.s - 1 : a - 1;
     }
   }
   q = q < b ? q : b;
@@ -341,26 +343,27 @@ struct KeyTile {
   int qt0[3], nqt[3];    // first query tile and count per axis (0 counts: no queries)
   int fa[3], fb[3];      // the queries that see every valid key of the tile: [fa, fb]
   int ntiles;
-  GNA_HD KeyTile(const Params& p, int bid) {
+  GNA_HD KeyTile(const Params& p, const TileDivs& v, int bid) {
     ntiles = 1;
 #pragma unroll
     for (int a = 2; a >= 0; --a) {
       const Axis& x = p.ax[a];
-      const int t = bid % x.nkt;
-      bid /= x.nkt;
+      const int r = v.nkt[a](bid);
+      const int t = bid - r * x.nkt;
+      bid = r;
       ks[a] = x.kv0 + t * x.kt;
       ke[a] = (ks[a] + x.kt < x.kv0 + x.kvn ? ks[a] + x.kt : x.kv0 + x.kvn) - 1;
-      const int qa = first_reaching(x, x.q0, x.q0 + x.qn - 1, ks[a]);
-      const int qb = last_reaching(x, x.q0, x.q0 + x.qn - 1, ke[a]);
+      const int qa = first_reaching(x, v.s[a], x.q0, x.q0 + x.qn - 1, ks[a]);
+      const int qb = last_reaching(x, v.s[a], x.q0, x.q0 + x.qn - 1, ke[a]);
       // Monotone windows: hi(q) >= ke from fa on, lo(q) <= ks up to fb.
-      fa[a] = first_reaching(x, x.q0, x.q0 + x.qn - 1, ke[a]);
-      fb[a] = last_reaching(x, x.q0, x.q0 + x.qn - 1, ks[a]);
+      fa[a] = first_reaching(x, v.s[a], x.q0, x.q0 + x.qn - 1, ke[a]);
+      fb[a] = last_reaching(x, v.s[a], x.q0, x.q0 + x.qn - 1, ks[a]);
       if (qa > qb) {
         qt0[a] = 0;
         nqt[a] = 0;
-      } else {
-        qt0[a] = (qa - x.q0) / x.qt;
-        nqt[a] = (qb - x.q0) / x.qt - qt0[a] + 1;
+      } else {  // q0 <= qa <= qb
+        qt0[a] = (qa - x.q0) >> v.qsh[a];
+        nqt[a] = ((qb - x.q0) >> v.qsh[a]) - qt0[a] + 1;
       }
       ntiles *= nqt[a];
     }
@@ -412,7 +415,8 @@ inline void dkv_order(const Params& pk, int64_t nk, TileOrder& order) {
   if (nk > kMaxOrder) return;
   std::vector<std::pair<int, int>> w;  // (-steps, tile)
   w.reserve(static_cast<size_t>(nk));
-  for (int t = 0; t < static_cast<int>(nk); ++t) w.emplace_back(-KeyTile(pk, t).ntiles, t);
+  const TileDivs v = tile_divs(pk);
+  for (int t = 0; t < static_cast<int>(nk); ++t) w.emplace_back(-KeyTile(pk, v, t).ntiles, t);
   std::sort(w.begin(), w.end());
   for (int i = 0; i < static_cast<int>(nk); ++i) order.tile[i] = static_cast<uint16_t>(w[i].second);
   order.n = static_cast<int>(nk);
@@ -423,7 +427,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     dkv_sm90_kernel(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap tq,
                     const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv,
                     const __grid_constant__ CUtensorMap tdo, const __grid_constant__ CUtensorMap tdk,
-                    const __grid_constant__ CUtensorMap tdv, const __grid_constant__ TileOrder order) {
+                    const __grid_constant__ CUtensorMap tdv, const __grid_constant__ TileOrder order,
+                    const __grid_constant__ TileDivs divs) {
 #if defined(GNA_SM90_ENABLED)
   using L = DkvLayout<D, STAGES>;
   constexpr int HALVES = D / 64;
@@ -440,7 +445,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const int hk = blockIdx.y, b = blockIdx.z;
   const int G = p.H / p.Hkv;  // query heads per key/value head
-  const KeyTile tile(p, order.n ? order.tile[blockIdx.x] : blockIdx.x);
+  const KeyTile tile(p, divs, order.n ? order.tile[blockIdx.x] : blockIdx.x);
   const int nsteps = G * tile.ntiles;
   const int wg = threadIdx.x / 128;  // not warpgroup_index(): with it ptxas spills here
   if (threadIdx.x == 0) {
@@ -529,8 +534,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int a = 0; a < 3; ++a) {
       const Axis& x = p.ax[a];
       const int j = tile.ks[a] + o[a];
-      qlo[r][a] = first_reaching(x, x.q0, x.q0 + x.qn - 1, j);
-      qhi[r][a] = last_reaching(x, x.q0, x.q0 + x.qn - 1, j);
+      qlo[r][a] = first_reaching(x, divs.s[a], x.q0, x.q0 + x.qn - 1, j);
+      qhi[r][a] = last_reaching(x, divs.s[a], x.q0, x.q0 + x.qn - 1, j);
       if (qhi[r][a] < qlo[r][a]) qlo[r][a] = qhi[r][a] = 1 << 30;  // none: never inside a query tile
     }
   }

@@ -190,6 +190,34 @@ struct BoxWalk {
   }
 };
 
+// The divisors of the Hopper kernels' tile geometry (FwdTile, KeyTile) and head
+// mapping, made on the host once the plan is applied (tile_divs): with them the
+// prologue before the first TMA load has no division instruction. Query and key tiles
+// and strides per axis, query heads per K/V head, and log2 of the tile extents (powers
+// of two on this path).
+struct TileDivs {
+  FastDiv nqt[3], nkt[3], s[3], group;
+  int qsh[3], ksh[3];
+};
+inline TileDivs tile_divs(const Params& p) {
+  TileDivs v;
+  for (int a = 0; a < 3; ++a) {
+    v.nqt[a] = FastDiv(p.ax[a].nqt);
+    v.nkt[a] = FastDiv(p.ax[a].nkt);
+    v.s[a] = FastDiv(p.ax[a].s);
+    v.qsh[a] = __builtin_ctz(static_cast<unsigned>(p.ax[a].qt));
+    v.ksh[a] = __builtin_ctz(static_cast<unsigned>(p.ax[a].kt));
+  }
+  v.group = FastDiv(p.H / p.Hkv);
+  return v;
+}
+
+// window() on this path (group 0 of an undilated axis: the group is the axis, Lg = L),
+// with the stride division from `v`.
+GNA_HD void window_sm90(const Axis& x, const TileDivs& v, int a, int ig, int& lo, int& hi) {
+  window_at(x, x.L, v.s[a](ig) * x.s, ig, lo, hi);
+}
+
 // Per-CTA geometry: the query tile, the key-tile box it visits, the window
 // intersection. Coordinates are global (no dilation on this path).
 struct FwdTile {
@@ -198,19 +226,21 @@ struct FwdTile {
   int ilo[3], ihi[3];    // keys every valid query of the tile sees
   int ntiles;
 
-  GNA_HD FwdTile(const Params& p, int bid) {
+  GNA_HD FwdTile(const Params& p, const TileDivs& v, int bid) {
 #pragma unroll
     for (int a = 2; a >= 0; --a) {
       const Axis& x = p.ax[a];
-      const int t = bid % x.nqt;
-      bid /= x.nqt;
+      const int r = v.nqt[a](bid);
+      const int t = bid - r * x.nqt;
+      bid = r;
       qs[a] = x.q0 + t * x.qt;
       qe[a] = min(qs[a] + x.qt, x.q0 + x.qn) - 1;
       int lo0, hi0, lo1, hi1;
-      window(x, 0, qs[a], lo0, hi0);
-      window(x, 0, qe[a], lo1, hi1);
-      kt0[a] = (lo0 - x.kv0) / x.kt;
-      nkt[a] = (hi1 - x.kv0) / x.kt - kt0[a] + 1;
+      window_sm90(x, v, a, qs[a], lo0, hi0);
+      window_sm90(x, v, a, qe[a], lo1, hi1);
+      // Windows lie inside the key block (gna_ffi.cu checks it): lo0 - kv0 >= 0.
+      kt0[a] = (lo0 - x.kv0) >> v.ksh[a];
+      nkt[a] = ((hi1 - x.kv0) >> v.ksh[a]) - kt0[a] + 1;
       ilo[a] = lo1;
       ihi[a] = hi0;
     }
@@ -245,9 +275,9 @@ struct FwdTile {
     return valid;
   }
   // The window of the tile's query `o` (in-tile coordinates) per axis: keys [lo, hi].
-  GNA_HD void query_window(const Params& p, const int (&o)[3], int (&lo)[3], int (&hi)[3]) const {
+  GNA_HD void query_window(const Params& p, const TileDivs& v, const int (&o)[3], int (&lo)[3], int (&hi)[3]) const {
 #pragma unroll
-    for (int a = 0; a < 3; ++a) window(p.ax[a], 0, qs[a] + o[a], lo[a], hi[a]);
+    for (int a = 0; a < 3; ++a) window_sm90(p.ax[a], v, a, qs[a] + o[a], lo[a], hi[a]);
   }
   // Whether every valid query of the tile sees every key of the key tile that starts
   // at global `ks` (then the element mask is skipped; padded key tiles never qualify).
@@ -264,7 +294,7 @@ template <typename T, int D, int STAGES>
 __global__ void __launch_bounds__(kThreads, 1)
     fwd_sm90_kernel(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap tq,
                     const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv,
-                    const __grid_constant__ CUtensorMap to) {
+                    const __grid_constant__ CUtensorMap to, const __grid_constant__ TileDivs divs) {
 #if defined(GNA_SM90_ENABLED)
   using L = FwdLayout<D, STAGES>;
   constexpr int HALVES = D / 64;
@@ -286,8 +316,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto bar_e = [&](int s) { return bar_q + 8 * (1 + 2 * STAGES + s); };
 
   const int h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / (p.H / p.Hkv);
-  const FwdTile tile(p, blockIdx.x);
+  const int hk = divs.group(h);
+  const FwdTile tile(p, divs, blockIdx.x);
   const int wg = warpgroup_index();
   [[maybe_unused]] const Stamps stamp{sbase + L::kStamps};
   if (GNA_FWD_TIMELINE) stamp.take(0);
@@ -354,7 +384,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int r = 0; r < 2; ++r) {
     int o[3];
     row_coords(64 * cw + 16 * warp + gid + 8 * r, o);
-    tile.query_window(p, o, wlo[r], whi[r]);
+    tile.query_window(p, divs, o, wlo[r], whi[r]);
   }
 
   float o_acc[NG][OW];

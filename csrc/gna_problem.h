@@ -62,12 +62,11 @@ struct Params {
 GNA_HD int window_left(int k) { return k / 2; }
 GNA_HD int window_right(int k) { return k / 2 + (k % 2 - 1); }
 
-// Inclusive window [lo, hi] of query `ig` of dilation group `g`, in group coordinates.
-GNA_HD void window(const Axis& a, int g, int ig, int& lo, int& hi) {
-  const int Lg = (a.L - g + a.d - 1) / a.d;
+// window() with its two divisions done by the caller: Lg is the group's length
+// ceil((L - g) / d), first = (ig / s) * s the first query of ig's stride group.
+GNA_HD void window_at(const Axis& a, int Lg, int first, int ig, int& lo, int& hi) {
   const int wl = window_left(a.k);
   const int wr = window_right(a.k);
-  const int first = (ig / a.s) * a.s;
   if (a.causal) {
     int leader = first + a.s - 1;
     leader = leader < Lg - 1 ? leader : Lg - 1;
@@ -82,6 +81,35 @@ GNA_HD void window(const Axis& a, int g, int ig, int& lo, int& hi) {
     hi = c + wr;
   }
 }
+
+// Inclusive window [lo, hi] of query `ig` of dilation group `g`, in group coordinates.
+GNA_HD void window(const Axis& a, int g, int ig, int& lo, int& hi) {
+  window_at(a, (a.L - g + a.d - 1) / a.d, (ig / a.s) * a.s, ig, lo, hi);
+}
+
+// n / d for 0 <= n < 2^31 and a fixed divisor 1 <= d < 2^31, as a multiply-high, an add
+// and a shift (Granlund and Montgomery's round-up method; the magic number is made on
+// the host). A division by a runtime divisor is about 20 dependent instructions on the
+// GPU, with a float reciprocal in them; kernels that need a few before their first load
+// take them from here (tests/sm90_geometry_driver.cu checks it against `/`).
+struct FastDiv {
+  uint32_t mul = 1;  // d = 1: (0 + n) >> 0
+  int shr = 0;
+  FastDiv() = default;
+  explicit FastDiv(int d) {
+    while ((int64_t{1} << shr) < d) ++shr;
+    mul = static_cast<uint32_t>(((int64_t{1} << shr) - d) * (int64_t{1} << 32) / d + 1);
+  }
+  GNA_HD int operator()(int n) const {
+    const uint32_t u = static_cast<uint32_t>(n);
+#if defined(__CUDA_ARCH__)
+    const uint32_t hi = __umulhi(u, mul);
+#else
+    const uint32_t hi = static_cast<uint32_t>((uint64_t{u} * mul) >> 32);
+#endif
+    return static_cast<int>((hi + u) >> shr);
+  }
+};
 
 // Group-coordinate range [first, last] of the positions of a block [origin, origin+extent)
 // that lie in dilation group g; empty when last < first.

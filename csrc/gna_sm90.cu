@@ -152,7 +152,7 @@ cudaError_t fwd_sm90(DType dt, Params p, cudaStream_t stream, bool& used) {
   if (cudaError_t e = set_smem(kern, smem); e != cudaSuccess) return e;
   used = true;
   return launch_sm90(kern, dim3(static_cast<unsigned>(nqtiles), p.H, p.B), smem, stream, pdl_from_env(), p, tq,
-                     tk, tv, to);
+                     tk, tv, to, sm90::tile_divs(p));
 }
 
 // Streaming multiprocessors of the current device (0 if the query fails).
@@ -221,7 +221,7 @@ cudaError_t bwd_sm90(DType dt, const Params& p, cudaStream_t stream, bool& used)
   used = true;
   const bool pdl = pdl_from_env();
   if (cudaError_t e = launch_sm90(kdq, dim3(static_cast<unsigned>(nq), p.H, p.B), sq, stream, pdl, pq, q1, k1, v1,
-                                  do1, dq1);
+                                  do1, dq1, sm90::tile_divs(pq));
       e != cudaSuccess)
     return e;
   // Heaviest first on grids of few waves, where the last wave's imbalance is a large share
@@ -234,7 +234,7 @@ cudaError_t bwd_sm90(DType dt, const Params& p, cudaStream_t stream, bool& used)
   order.n = 0;
   if (dkv_heaviest_first(nk * p.Hkv * p.B)) order = cached_dkv_order(pk, nk);
   return launch_sm90(kdkv, dim3(static_cast<unsigned>(nk), p.Hkv, p.B), sk, stream, pdl, pk, q2, k2, v2, do2, dk2,
-                     dv2, order);
+                     dv2, order, sm90::tile_divs(pk));
 }
 
 // fp16/bf16, D = D_v, no dilation; head dims {64, 128, 256} forward, {64, 128} backward.

@@ -7,8 +7,10 @@
 //   key-outer:   every query that sees a valid key of the tile lies in a visited query
 //                tile, once; full is exact; the per-key query intervals are exact;
 //   first_reaching / last_reaching (closed forms) equal the binary searches over window().
+// The geometry takes its divisions from tile_divs (FastDiv), as the kernels do.
 // stdin: one problem per line: rank, then per axis L k s causal q0 qn kv0 kvn.
 // stdout: "ok <checks>" per problem, or "FAIL <what>" (and exit code 1).
+// With --fast-div: only FastDiv against `/` ("ok <checks>" or FAIL lines).
 #include <cstdio>
 #include <cstdlib>
 #include <set>
@@ -70,7 +72,8 @@ static void closed_forms(const Params& p) {
     for (const auto& r : ranges) {
       if (r[0] > r[1]) continue;
       for (int j = x.kv0 - 3; j <= x.kv0 + x.kvn + 2; ++j) {
-        const int f = gna::sm90::first_reaching(x, r[0], r[1], j), l = gna::sm90::last_reaching(x, r[0], r[1], j);
+        const gna::FastDiv sd(x.s);
+        const int f = gna::sm90::first_reaching(x, sd, r[0], r[1], j), l = gna::sm90::last_reaching(x, sd, r[0], r[1], j);
         const int sf = search_first(x, r[0], r[1], j), sl = search_last(x, r[0], r[1], j);
         CHECK(f == sf && l == sl, "axis %d key %d queries [%d, %d]: closed forms [%d, %d], searches [%d, %d]", ax, j,
               r[0], r[1], f, l, sf, sl);
@@ -80,9 +83,10 @@ static void closed_forms(const Params& p) {
 }
 
 static void query_outer(const Params& p) {
+  const gna::sm90::TileDivs divs = gna::sm90::tile_divs(p);
   const int n = p.ax[0].nqt * p.ax[1].nqt * p.ax[2].nqt;
   for (int bid = 0; bid < n; ++bid) {
-    const gna::sm90::FwdTile t(p, bid);
+    const gna::sm90::FwdTile t(p, divs, bid);
     std::set<std::vector<int>> seen;
     gna::sm90::BoxWalk walk;
     for (int it = 0; it < t.ntiles; ++it, walk.next(t.nkt)) {
@@ -112,7 +116,7 @@ static void query_outer(const Params& p) {
       gna::sm90::box_coords(m, sh2, sh1, p.ax[1].qt - 1, p.ax[2].qt - 1, o);
       CHECK((o[0] * p.ax[1].qt + o[1]) * p.ax[2].qt + o[2] == m && o[1] < p.ax[1].qt && o[2] < p.ax[2].qt,
             "query tile %d row %d: coordinates %d %d %d", bid, m, o[0], o[1], o[2]);
-      t.query_window(p, o, lo, hi);
+      t.query_window(p, divs, o, lo, hi);
       for (int a = 0; a < 3; ++a) {
         int wl, wh;
         gna::window(p.ax[a], 0, t.qs[a] + o[a], wl, wh);
@@ -134,9 +138,10 @@ static void query_outer(const Params& p) {
 }
 
 static void key_outer(const Params& p) {
+  const gna::sm90::TileDivs divs = gna::sm90::tile_divs(p);
   const int n = p.ax[0].nkt * p.ax[1].nkt * p.ax[2].nkt;
   for (int bid = 0; bid < n; ++bid) {
-    const gna::sm90::KeyTile t(p, bid);
+    const gna::sm90::KeyTile t(p, divs, bid);
     std::set<std::vector<int>> seen;
     gna::sm90::BoxWalk walk;
     for (int it = 0; it < 2 * t.ntiles; ++it, walk.next(t.nqt)) {  // two heads: the walk wraps
@@ -173,8 +178,8 @@ static void key_outer(const Params& p) {
             CHECK(t.nqt[a] > 0 && i >= t.qt0[a] && i < t.qt0[a] + t.nqt[a],
                   "key %d is seen by query %d outside the visited tiles (axis %d)", k, q, a);
           }
-        const int f = gna::sm90::first_reaching(x, x.q0, x.q0 + x.qn - 1, k);
-        const int l = gna::sm90::last_reaching(x, x.q0, x.q0 + x.qn - 1, k);
+        const int f = gna::sm90::first_reaching(x, divs.s[a], x.q0, x.q0 + x.qn - 1, k);
+        const int l = gna::sm90::last_reaching(x, divs.s[a], x.q0, x.q0 + x.qn - 1, k);
         if (first <= last) {
           CHECK(f == first && l == last, "key %d: queries [%d, %d], searches give [%d, %d]", k, first, last, f, l);
         } else {
@@ -193,6 +198,7 @@ static void block_order(const Params& p) {
   const int64_t nk = int64_t{p.ax[0].nkt} * p.ax[1].nkt * p.ax[2].nkt;
   static gna::sm90::TileOrder o;
   gna::sm90::dkv_order(p, nk, o);
+  const gna::sm90::TileDivs divs = gna::sm90::tile_divs(p);
   if (nk > gna::sm90::kMaxOrder) {
     CHECK(o.n == 0, "%lld key tiles: an order of %d", (long long)nk, o.n);
     return;
@@ -204,13 +210,40 @@ static void block_order(const Params& p) {
     CHECK(t < nk && !seen[t]++, "block %d: key tile %d out of range or taken twice", i, t);
     if (i == 0) continue;
     const int prev = o.tile[i - 1];
-    const int wp = gna::sm90::KeyTile(p, prev).ntiles, wt = gna::sm90::KeyTile(p, t).ntiles;
+    const int wp = gna::sm90::KeyTile(p, divs, prev).ntiles, wt = gna::sm90::KeyTile(p, divs, t).ntiles;
     CHECK(wp > wt || (wp == wt && prev < t), "blocks %d, %d: tiles %d (%d steps), %d (%d steps)", i - 1, i, prev, wp,
           t, wt);
   }
 }
 
-int main() {
+// FastDiv (the kernels' divisions by a host-made magic number) equals `/` on every
+// divisor up to 4096 and on large ones, for numerators near 0, near multiples of the
+// divisor and up to 2^31 - 1.
+static void fast_div() {
+  std::vector<int> ds;
+  for (int d = 1; d <= 4096; ++d) ds.push_back(d);
+  for (int e = 12; e < 31; ++e)
+    for (int d : {(1 << e) - 1, 1 << e, (1 << e) + 1, 3 << (e - 1)}) ds.push_back(d);
+  ds.push_back(2147483647);
+  for (int d : ds) {
+    const gna::FastDiv f(d);
+    std::vector<int64_t> ns = {0, 1, 2, 2147483647, 2147483646, 2147483647 - int64_t{d}};
+    for (int64_t m = 1; m < 40; ++m) ns.insert(ns.end(), {m * d - 1, m * d, m * d + 1});
+    for (uint64_t i = 1; i <= 64; ++i) ns.push_back(static_cast<int64_t>(2654435761u * i * (d + 7) % 2147483648u));
+    for (int64_t n : ns)
+      if (n >= 0 && n <= 2147483647) {
+        const int q = f(static_cast<int>(n));
+        CHECK(q == n / d, "FastDiv(%d)(%lld) = %d, not %lld", d, (long long)n, q, (long long)(n / d));
+      }
+  }
+}
+
+int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "--fast-div") {
+    fast_div();
+    std::printf("%s %ld checks\n", failures ? "FAIL" : "ok", checks);
+    return failures ? 1 : 0;
+  }
   char line[512];
   while (std::fgets(line, sizeof line, stdin)) {
     std::vector<long> v;
@@ -225,6 +258,7 @@ int main() {
     const int rank = static_cast<int>(v[0]);
     Params p{};
     p.rank = rank;
+    p.H = p.Hkv = 1;
     for (int a = 0; a < 3; ++a) p.ax[a] = Axis{1, 1, 1, 1, 0, 0, 1, 0, 1, 1, 1, 1, 1};
     for (int i = 0; i < rank; ++i) {
       const long* f = &v[1 + 8 * i];

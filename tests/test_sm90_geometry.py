@@ -6,7 +6,9 @@ kernels' own ``FwdTile`` / ``KeyTile`` code (``csrc/gna_fwd_sm90.cuh``,
 the kernels use (128x128 forward, 128x64 dQ, 64x128 dK/dV) it checks against a brute
 force over the window math that each visible (query, key) pair lies in exactly one
 visited tile, that "full" tiles (no element mask) are exactly the fully visible ones,
-and that the per-key query intervals of the dK/dV kernel are exact.
+and that the per-key query intervals of the dK/dV kernel are exact; and that the
+kernels' divisions by host-made magic numbers (``FastDiv``, ``csrc/gna_problem.h``)
+equal integer division.
 """
 
 from __future__ import annotations
@@ -115,3 +117,11 @@ def test_a_wrong_geometry_is_caught(driver):
     bad[7], bad[8] = str(int(bad[7]) + 3), str(int(bad[8]) - 3)  # shrink the key block
     r = subprocess.run([driver], input=" ".join(bad) + "\n", capture_output=True, text=True)
     assert r.returncode == 1 and "FAIL" in r.stdout, r.stdout
+
+
+def test_fast_div(driver):
+    """The kernels' host-made divisions (FastDiv) equal `/` over divisors and numerators
+    up to 2^31 - 1 (near multiples of the divisor, the ends, and scattered values)."""
+    r = subprocess.run([driver, "--fast-div"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout[-3000:] + r.stderr[-2000:]
+    assert int(r.stdout.split()[1]) > 500_000, r.stdout
