@@ -124,7 +124,8 @@ def report(path: str, kernels: str | None = None) -> str:
     if kt:
         out += [f"The last two columns: our forward kernel's duration (`scripts/kernel_profile.py`: "
                 f"torch.profiler, median of 20 back-to-back calls; in one jit where timed so), from "
-                f"`{kernels}`, another device call; NATTEN's figures are kernel times too.", ""]
+                f"`{kernels}` (a run of its own; benchmarks/results/README.md says which device call); NATTEN's "
+                "figures are kernel times too.", ""]
     out += ["| problem | target | measured | |" + (" kernel | |" if kt else ""),
             "| --- | --- | --- | --- |" + (" --- | --- |" if kt else "")]
     cases = {c["name"]: c for c in d["cases"]}
