@@ -229,7 +229,9 @@ cudaError_t bwd_sm90(DType dt, const Params& p, cudaStream_t stream, bool& used)
   // 2048 stride 256, 1 head 308 -> 280 us, 8 heads (15.5 waves) 2.223 -> 2.180 ms; 2-D
   // s16x16 1 head 1.641 -> 1.570 ms). Longer grids keep tile order, which runs neighbouring
   // key tiles (they read the same query tiles) side by side: there heaviest first measured
-  // -1.0% to +1.7% (2-D s16x16 and 3-D s16x8x8 with 24 heads), for a model gain under 1%.
+  // -1.0% to +1.7% (2-D s16x16 and 3-D s16x8x8 with 24 heads), for a model gain under 1%,
+  // and on the 2-D grid it drops the L2 hit rate from 93.8% to 82.3% (DRAM reads 1.8 ->
+  // 5.5 GB per launch; Nsight Compute, benchmarks/results/dkv-order-h200.md).
   sm90::TileOrder order;
   order.n = 0;
   if (dkv_heaviest_first(nk * p.Hkv * p.B)) order = cached_dkv_order(pk, nk);
