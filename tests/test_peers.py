@@ -224,3 +224,15 @@ def test_kernel_profile_medians_from_a_chrome_trace():
                          "loop_multiply_reduce_fusion 5.0 us | 210.0 us |")
     assert kp.short("void gna::sm90::dq_sm90_kernel<__nv_bfloat16, 128, 3>(gna::Params, "
                     "CUtensorMap_st)") == "dq_sm90_kernel<__nv_bfloat16, 128, 3>"
+
+
+def test_chain_gaps_summary():
+    """scripts/chain_gaps.py's summary: gaps inside a call and between calls are told apart
+    by the kernel's position in its call, and negative gaps (overlap) are kept."""
+    summary = _script("chain_gaps").summary
+    ev = [(0.0, 10.0), (11.0, 21.0), (30.0, 40.0), (41.0, 51.0)]  # 2 kernels per call
+    s = summary(ev, 2)
+    assert "kernel  10.00 us" in s and "gap inside a call   1.00 us" in s, s
+    assert "between calls   9.00 us" in s and "span per op  12.75 us (4 kernels)" in s, s
+    s = summary([(0.0, 10.0), (8.0, 18.0)], 2)  # the second launch starts before the first ends
+    assert "gap inside a call  -2.00 us" in s and "between calls      -" in s, s
