@@ -229,7 +229,7 @@ static void fast_div() {
     const gna::FastDiv f(d);
     std::vector<int64_t> ns = {0, 1, 2, 2147483647, 2147483646, 2147483647 - int64_t{d}};
     for (int64_t m = 1; m < 40; ++m) ns.insert(ns.end(), {m * d - 1, m * d, m * d + 1});
-    for (uint64_t i = 1; i <= 64; ++i) ns.push_back(static_cast<int64_t>(2654435761u * i * (d + 7) % 2147483648u));
+    for (uint64_t i = 1; i <= 64; ++i) ns.push_back(static_cast<int64_t>(2654435761u * i * (uint64_t(d) + 7) % 2147483648u));
     for (int64_t n : ns)
       if (n >= 0 && n <= 2147483647) {
         const int q = f(static_cast<int>(n));
