@@ -149,10 +149,10 @@ def kernel_medians(trace: dict, calls: int = 1) -> dict[str, tuple[float, float]
     return {n: (statistics.median(v), len(v) / calls) for n, v in per.items()}
 
 
-def kernel_times(torch, fn, calls: int = 20) -> dict[str, tuple[float, float]]:
-    """The CUDA kernels of ``calls`` back-to-back calls of ``fn`` (after one warm-up call):
-    (median seconds, launches per call) per kernel name, from torch.profiler (CUPTI's kernel
-    records, so kernels that another framework launches in this process count too)."""
+def kernel_trace(torch, fn, calls: int = 20) -> dict:
+    """torch.profiler's chrome trace (CUPTI's kernel records, so kernels that another
+    framework launches in this process count too) of ``calls`` back-to-back calls of
+    ``fn``, after one warm-up call."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -166,9 +166,15 @@ def kernel_times(torch, fn, calls: int = 20) -> dict[str, tuple[float, float]]:
     try:
         prof.export_chrome_trace(path)
         with open(path) as f:
-            return kernel_medians(json.load(f), calls)
+            return json.load(f)
     finally:
         os.remove(path)
+
+
+def kernel_times(torch, fn, calls: int = 20) -> dict[str, tuple[float, float]]:
+    """The CUDA kernels of ``calls`` back-to-back calls of ``fn`` (kernel_trace):
+    (median seconds, launches per call) per kernel name."""
+    return kernel_medians(kernel_trace(torch, fn, calls), calls)
 
 
 class _Timeout(Exception):

@@ -15,11 +15,9 @@ XLA_FLAGS) come from the environment: run it once per setting.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import tempfile
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -28,24 +26,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def kernel_events(torch, fn, calls: int, match: str) -> list[tuple[float, float]]:
     """(start, end) in microseconds of every kernel whose name contains ``match``, over
-    ``calls`` back-to-back calls of ``fn`` after one warm-up call, in start order."""
-    from torch.profiler import ProfilerActivity, profile
+    ``calls`` back-to-back calls of ``fn`` after one warm-up call, in start order; the
+    names of the other kernels are printed."""
+    from benchmarks.torch_peers import kernel_trace
 
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    fd, path = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            trace = json.load(f)
-    finally:
-        os.remove(path)
-    kernels = [e for e in trace.get("traceEvents", []) if e.get("cat") == "kernel"]
+    kernels = [e for e in kernel_trace(torch, fn, calls).get("traceEvents", []) if e.get("cat") == "kernel"]
     others = sorted({e.get("name", "")[:60] for e in kernels if match not in e.get("name", "")})
     if others:
         print("  other kernels in the timed calls:", "; ".join(others))
