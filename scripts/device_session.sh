@@ -33,7 +33,10 @@
 #           this GPU, fwd and fwd+bwd, into $OUT/results/paper-sdpa.json, which replaces
 #           that file's sdpa records: a second dense peer beside cuDNN, on the same GPU
 #   kprofile scripts/kernel_profile.py: kernel durations by torch.profiler ($KPROFILE_ARGS: its
-#           flags and problems) into $OUT/results/kernels.{json,md}
+#           flags and problems) into $OUT/results/kernels.{json,md}; or with $KPROFILE_RUNS
+#           ("NAME:ARGS;NAME:ARGS"), one run each, kprofile/NAME.{json,md} in logs.tar.gz
+#   nattenbuild / nattenwait: NATTEN built in the background (CPU) while later stages run;
+#           nattenwait puts it on PYTHONPATH for the stages after it
 #   kernels Nsight Compute, kernel time and tensor-pipe share of the forward, dQ and dK/dV
 #           kernels (clocks not locked) on $KERNELS_PROBLEM (default 1-D s2048 H1)
 #   settleab the benchmark (cuda, cuDNN, bf16) of each problem of $SETTLE_PROBLEMS
@@ -119,8 +122,32 @@ for stage in "$@"; do
            step paper "${PAPER_LIMIT:-420}" python3 -m benchmarks.run --preset paper --backends cuda,cudnn \
              --passes fwd,bwd,fwdbwd --dtypes bf16,fp16 --name paper-sm90 \
              --merge-peers "$peers" --out "$OUT/results" --no-progress ;;
-    kprofile) TAIL=40 step kprofile "${KPROFILE_LIMIT:-240}" python3 scripts/kernel_profile.py \
-               --out "$OUT/results/kernels.json" ${KPROFILE_ARGS:-} ;;
+    kprofile) if [ -z "${KPROFILE_RUNS:-}" ]; then
+                TAIL=40 step kprofile "${KPROFILE_LIMIT:-240}" python3 scripts/kernel_profile.py \
+                  --out "$OUT/results/kernels.json" ${KPROFILE_ARGS:-}
+              else  # NAME:ARGS;NAME:ARGS...: one process each, records in logs.tar.gz (kprofile/)
+                mkdir -p "$LOGS/kprofile"
+                IFS=';' read -ra runs <<< "$KPROFILE_RUNS"
+                for run in "${runs[@]}"; do
+                  TAIL=16 step "kprofile_${run%%:*}" "${KPROFILE_LIMIT:-240}" python3 scripts/kernel_profile.py \
+                    --out "$LOGS/kprofile/${run%%:*}.json" ${run#*:}
+                done
+              fi ;;
+    nattenbuild) # NATTEN's minimal Hopper build (scripts/device_peers.sh, CPU) in the background,
+                 # into build/natten_site; nattenwait waits for it and puts it on PYTHONPATH
+                 # (so kprofile profiles NATTEN too). Needs build/peers/natten-*.tar.gz carried
+                 # (scripts/natten_tarball.sh), unless a call before on this machine built it.
+                 OUT="$LOGS/peers" STAGES=natten NATTEN_END=0 BUILD_END=${NATTEN_BUILD_LIMIT:-480} \
+                   bash scripts/device_peers.sh > "$LOGS/nattenbuild.log" 2>&1 &
+                 NATTEN_PID=$!
+                 say "nattenbuild: started (pid $NATTEN_PID)" ;;
+    nattenwait) [ -n "${NATTEN_PID:-}" ] && wait "$NATTEN_PID"
+                grep -E "natten|rc=" "$LOGS/peers/summary.txt" 2>/dev/null | tail -n 6 | tee -a "$OUT/summary.txt"
+                if [ -f build/natten_site/natten/__init__.py ]; then
+                  export PYTHONPATH=$PWD/build/natten_site:$PYTHONPATH; say "natten: on PYTHONPATH"
+                else
+                  say "natten: not built"
+                fi ;;
     kernels) TAIL=40 step kernels "${KERNELS_LIMIT:-180}" ncu --clock-control none --metrics \
                gpu__time_duration.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_elapsed \
                python3 scripts/profile_sm90.py ${KERNELS_PROBLEM:-32768 2048 2048 1} ;;

@@ -2,14 +2,21 @@
 NATTEN's: torch.profiler (CUPTI's kernel records) over back-to-back calls, median per
 kernel. JAX runs the forward and torch only profiles, in one process, so both libraries'
 kernel times come from the same tool. With NATTEN importable, its forward (default
-configuration) is profiled too, on the same tensors; with --cudnn, cuDNN dense attention
+configuration, or with --natten-best the fastest of the configurations it lists for the
+problem) is profiled too, on the same tensors; with --cudnn, cuDNN dense attention
 (the benchmark's `cudnn` peer, jax_gna.bench.attention_fn) as well; with --backward, our
 backward alone (jax.vjp's function on a cotangent; its residuals come from an untimed
 forward): every kernel of it (XLA's delta fusion, dQ, dK/dV).
 
 usage (on the GPU): python3 scripts/kernel_profile.py [--dtypes bf16,fp16] [--calls 20]
-    [--cudnn] [--backward] [--out kernels.json] [shape window stride heads] ...
+    [--cudnn] [--backward] [--natten-best] [--inputs native|bf16|mantissaN]
+    [--out kernels.json] [shape window stride heads] ...
     (default: 1-D one-head stride 2048)
+Inputs: standard normal q, k, v drawn in each dtype (native, as the benchmark draws them);
+"bf16" draws them in bf16 and casts (what this script did before 2026-11-29: its fp16
+inputs then had three zero low mantissa bits); "mantissaN" rounds native ones to N
+mantissa bits (same values' scale, fewer bits toggling: a probe of how much the time
+depends on the data, i.e. on energy under the power cap).
 Each line printed is "<problem> <dtype> <who>: <median> us x<launches> <kernel>", who being
 ours, "ours x16 in one jit" (forwards under 300 us also 16 in one jitted call), "ours bwd",
 natten or cudnn.
@@ -53,6 +60,15 @@ def records_from_text(text: str, calls: int = 20) -> list[dict]:
         r["kernel_s"] = max(t for _, t, _ in r["kernels"])
         r["gpu_s"] = sum(t * c for _, t, c in r["kernels"])
     return list(recs.values())
+
+
+def round_mantissa(x, bits: int):
+    """``x`` with its mantissa rounded to ``bits`` bits after the leading one (same dtype)."""
+    import jax.numpy as jnp
+
+    m, e = jnp.frexp(x.astype(jnp.float32))  # x = m * 2^e, 0.5 <= |m| < 1
+    scale = 2.0 ** (bits + 1)
+    return jnp.ldexp(jnp.round(m * scale) / scale, e).astype(x.dtype)
 
 
 def short(name: str) -> str:
@@ -99,6 +115,9 @@ def main(argv=None) -> int:
     ap.add_argument("--from-text", default=None, help="measure nothing: records from printed lines")
     ap.add_argument("--cudnn", action="store_true", help="also cuDNN dense attention, same tensors")
     ap.add_argument("--backward", action="store_true", help="also our backward's kernels")
+    ap.add_argument("--natten-best", action="store_true",
+                    help="NATTEN: every configuration it lists, the fastest FNA kernel kept")
+    ap.add_argument("--inputs", default="native", help="native, bf16 or mantissaN (module doc)")
     ap.add_argument("problems", nargs="*")
     args = ap.parse_args(argv)
 
@@ -131,6 +150,8 @@ def main(argv=None) -> int:
     try:
         import natten
         from benchmarks.natten_peer import _call as natten_call
+        from benchmarks.natten_peer import _cfg_str as cfg_str
+        from benchmarks.natten_peer import _configs as natten_configs
     except ImportError:
         natten = None
     dts = {"bf16": (jnp.bfloat16, torch.bfloat16), "fp16": (jnp.float16, torch.float16)}
@@ -139,13 +160,22 @@ def main(argv=None) -> int:
     def say(line: str) -> None:
         lines.append(line)
         print(line, flush=True)
+    m = re.fullmatch(r"native|bf16|mantissa([0-9]+)", args.inputs)
+    if not m:
+        ap.error(f"--inputs {args.inputs!r}: native, bf16 or mantissaN")
     for i in range(0, len(probs), 4):
         shape, window, stride, heads = probs[i:i + 4]
         op, args0 = problem(shape, window, stride, heads)
         dims, win, st = parse(shape, window, stride)
         for dname in args.dtypes.split(","):
             jdt, tdt = dts[dname]
-            qkv = tuple(x.astype(jdt) for x in args0)
+            if args.inputs == "bf16":
+                qkv = tuple(x.astype(jdt) for x in args0)
+            else:
+                keys = jax.random.split(jax.random.PRNGKey(0), 3)
+                qkv = tuple(jax.random.normal(kk, x.shape, jdt) for kk, x in zip(keys, args0))
+                if m.group(1) is not None:
+                    qkv = tuple(round_mantissa(x, int(m.group(1))) for x in qkv)
             f = jax.jit(op)
             label = f"{kernel_label(dims, win, st, heads)} {dname}"
             runs = [("ours", kernel_times(torch, lambda: f(*qkv), args.calls))]
@@ -171,12 +201,25 @@ def main(argv=None) -> int:
                 q, k, v = (torch.from_numpy(np.asarray(x.astype(jnp.float32))).to("cuda", tdt)
                            for x in qkv)
 
-                def nat():
-                    with torch.no_grad():
-                        return natten_call(natten, case, q, k, v, None)
-                for name, (t, per) in sorted(kernel_times(torch, nat, args.calls).items(),
-                                             key=lambda kv: -kv[1][0]):
-                    say(f"{label} natten: {t * 1e6:9.1f} us x{round(per * args.calls)} {name[:160]}")
+                best = None  # (FNA kernel s, config name, kernel records)
+                for cfg in natten_configs(natten, q) if args.natten_best else [None]:
+                    def nat(cfg=cfg):
+                        with torch.no_grad():
+                            return natten_call(natten, case, q, k, v, cfg)
+                    try:
+                        kt = kernel_times(torch, nat, args.calls)
+                    except Exception as e:  # noqa: BLE001 - a configuration this build stubs
+                        print(f"{label} natten config {cfg_str(cfg)} failed: "
+                              f"{str(e).splitlines()[0][:120] if str(e) else type(e).__name__}")
+                        continue
+                    t_fna = max(t for t, _ in kt.values())
+                    print(f"{label} natten config {cfg_str(cfg)}: FNA kernel {t_fna * 1e6:.1f} us")
+                    if best is None or t_fna < best[0]:
+                        best = (t_fna, cfg_str(cfg), kt)
+                if best is not None:
+                    say(f"{label} natten config used: {best[1]}")
+                    for name, (t, per) in sorted(best[2].items(), key=lambda kv: -kv[1][0]):
+                        say(f"{label} natten: {t * 1e6:9.1f} us x{round(per * args.calls)} {name[:160]}")
                 q = k = v = None
             jax.clear_caches()
     write(records_from_text("\n".join(lines), args.calls))

@@ -9,6 +9,7 @@ import json
 import os
 import time
 
+import numpy as np
 import pytest
 
 from jax_gna.bench import Case
@@ -224,6 +225,26 @@ def test_kernel_profile_medians_from_a_chrome_trace():
                          "loop_multiply_reduce_fusion 5.0 us | 210.0 us |")
     assert kp.short("void gna::sm90::dq_sm90_kernel<__nv_bfloat16, 128, 3>(gna::Params, "
                     "CUtensorMap_st)") == "dq_sm90_kernel<__nv_bfloat16, 128, 3>"
+
+
+def test_kernel_profile_round_mantissa():
+    """--inputs mantissaN: values keep their sign and scale, and keep N mantissa bits after
+    the leading one (bf16 inputs are exactly representable, so the rounding is exact)."""
+    import jax.numpy as jnp
+    kp = _script("kernel_profile")
+    x = jnp.asarray([1.0, -1.75, 1.8125, 3.3, 0.0, -0.1, 1e-3], jnp.float16)
+    y = np.asarray(kp.round_mantissa(x, 2), np.float64)
+    assert kp.round_mantissa(x, 2).dtype == jnp.float16
+    want = []
+    for v in np.asarray(x, np.float64):
+        m, e = np.frexp(v)
+        want.append(np.ldexp(np.round(m * 8) / 8, e))
+    np.testing.assert_array_equal(y, want)
+    assert y[1] == -1.75 and y[2] == 1.75 and y[3] == 3.5 and y[4] == 0.0
+    # Every result has at most 3 significant bits.
+    for v in y[y != 0]:
+        m, _ = np.frexp(abs(v))
+        assert (m * 8) == np.round(m * 8)
 
 
 def test_chain_gaps_summary():
