@@ -9,7 +9,7 @@ backward alone (jax.vjp's function on a cotangent; its residuals come from an un
 forward): every kernel of it (XLA's delta fusion, dQ, dK/dV).
 
 usage (on the GPU): python3 scripts/kernel_profile.py [--dtypes bf16,fp16] [--calls 20]
-    [--cudnn] [--backward] [--natten-best] [--inputs native|bf16|mantissaN]
+    [--cudnn] [--backward] [--natten-best] [--inputs native|bf16|mantissaN] [--warm-s S]
     [--out kernels.json] [shape window stride heads] ...
     (default: 1-D one-head stride 2048)
 Inputs: standard normal q, k, v drawn in each dtype (native, as the benchmark draws them);
@@ -31,6 +31,7 @@ import json
 import os
 import re
 import sys
+import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -118,6 +119,9 @@ def main(argv=None) -> int:
     ap.add_argument("--natten-best", action="store_true",
                     help="NATTEN: every configuration it lists, the fastest FNA kernel kept")
     ap.add_argument("--inputs", default="native", help="native, bf16 or mantissaN (module doc)")
+    ap.add_argument("--warm-s", type=float, default=0.0,
+                    help="seconds of back-to-back calls before each profile (sustained load: "
+                         "the power cap) instead of one warm-up call")
     ap.add_argument("problems", nargs="*")
     args = ap.parse_args(argv)
 
@@ -143,7 +147,7 @@ def main(argv=None) -> int:
     import torch
 
     from benchmarks.hopper_report import kernel_label
-    from benchmarks.torch_peers import kernel_times
+    from benchmarks.torch_peers import kernel_times as profile_kernels
     from jax_gna.bench import CHAIN, CHAIN_BELOW_S, Case, attention_fn, chained_fwd, pass_fn
     from profile_sm90 import parse, problem
 
@@ -156,6 +160,15 @@ def main(argv=None) -> int:
         natten = None
     dts = {"bf16": (jnp.bfloat16, torch.bfloat16), "fp16": (jnp.float16, torch.float16)}
     lines: list[str] = []
+
+    def kernel_times(torch, fn, calls):
+        """profile_kernels, after --warm-s seconds of back-to-back calls of ``fn``."""
+        t_end = time.perf_counter() + args.warm_s
+        while time.perf_counter() < t_end:
+            for _ in range(8):
+                fn()
+            torch.cuda.synchronize()
+        return profile_kernels(torch, fn, calls)
 
     def say(line: str) -> None:
         lines.append(line)
