@@ -159,8 +159,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int cw = wg - 1;
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const int gid = lane / 4, tig = lane % 4;
-  const int qsh2 = divs.qsh[2], qsh1 = divs.qsh[1];
-  const int ksh2 = divs.ksh[2], ksh1 = divs.ksh[1];
+  const int qsh2 = __ffs(p.ax[2].qt) - 1, qsh1 = __ffs(p.ax[1].qt) - 1;
+  const int ksh2 = __ffs(p.ax[2].kt) - 1, ksh1 = __ffs(p.ax[1].kt) - 1;
   // The thread's two query rows: windows, lse (base 2) and delta.
   int wlo[2][3], whi[2][3];
   float lse2[2], dlt[2];
@@ -460,7 +460,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   launch_dependents();
   __syncthreads();
   const int kc[3] = {tile.ks[0] - p.ax[0].kv0, tile.ks[1] - p.ax[1].kv0, tile.ks[2] - p.ax[2].kv0};
-  const int qsh2 = divs.qsh[2], qsh1 = divs.qsh[1];
+  const int qsh2 = __ffs(p.ax[2].qt) - 1, qsh1 = __ffs(p.ax[1].qt) - 1;
 
   if (wg == 0) {  // ---------------------------------------------------- producer
     regs_dec<24>();
@@ -523,7 +523,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int cw = wg - 1;
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const int gid = lane / 4, tig = lane % 4;
-  const int ksh2 = divs.ksh[2], ksh1 = divs.ksh[1];
+  const int ksh2 = __ffs(p.ax[2].kt) - 1, ksh1 = __ffs(p.ax[1].kt) - 1;
   // The thread's two key rows: per axis, the queries that see the key (an interval).
   int qlo[2][3], qhi[2][3];
 #pragma unroll

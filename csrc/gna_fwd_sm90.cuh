@@ -372,8 +372,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const int gid = lane / 4, tig = lane % 4;
   // Tile extents are powers of two: in-tile coordinates by shifts and masks.
-  const int qsh2 = divs.qsh[2], qsh1 = divs.qsh[1];
-  const int ksh2 = divs.ksh[2], ksh1 = divs.ksh[1];
+  const int qsh2 = __ffs(p.ax[2].qt) - 1, qsh1 = __ffs(p.ax[1].qt) - 1;
+  const int ksh2 = __ffs(p.ax[2].kt) - 1, ksh1 = __ffs(p.ax[1].kt) - 1;
 
   // In-tile coordinates of query row m (rows are row-major in the tile box).
   auto row_coords = [&](int m, int (&o)[3]) { box_coords(m, qsh2, qsh1, p.ax[1].qt - 1, p.ax[2].qt - 1, o); };
