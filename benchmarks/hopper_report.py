@@ -144,8 +144,57 @@ def report(path: str, kernels: str | None = None) -> str:
             else:
                 line += " - | |"
         out.append(line)
+    if kernels:
+        out += same_gpu_table(d, krecs, kernels)
     out += natten_table(d, rec)
     return "\n".join(out) + "\n"
+
+
+def published_kernel_s(name: str) -> float | None:
+    """NATTEN's published H100 kernel time for a target problem (the first figure), seconds."""
+    text = NATTEN.get(name)
+    if text is None:
+        return None
+    value, unit = text.split()[0], text.split()[-1]
+    return float(value) * {"us": 1e-6, "ms": 1e-3}[unit]
+
+
+def same_gpu_table(d: dict, krecs: list[dict], kernels: str) -> list[str]:
+    """Where the kernel records hold NATTEN too (``kernel_profile.py --natten-best``): our
+    kernel against NATTEN's on the same GPU and tensors, and that ratio applied to NATTEN's
+    published H100 figure (fp16, the figure the targets come from): the target judged on
+    NATTEN's machine, assuming both kernels scale alike from one GPU to the other."""
+    by = {(r["problem"], r["dtype"], r["who"]): r["kernel_s"] for r in krecs}
+    rows = []
+    for c in d["cases"]:
+        name = c["name"]
+        if name not in TARGET_S:
+            continue
+        label = kernel_label(c["shape"], c["kernel_size"], c["stride"], c["heads"])
+        for short in DTYPES.values():
+            ours = by.get((label, short, "ours x16 in one jit")) or by.get((label, short, "ours"))
+            nat = by.get((label, short, "natten"))
+            if ours is None or nat is None:
+                continue
+            est = pub = published_kernel_s(name)
+            verdict = "-"
+            if short == "fp16" and pub is not None:
+                est = pub * ours / nat
+                verdict = f"{fmt_t(est)}: {'met' if est <= TARGET_S[name] else 'missed'}"
+            rows.append(f"| {name} | {short} | {fmt_t(ours)} | {fmt_t(nat)} | {100 * (nat / ours - 1):+.1f}% "
+                        f"| {fmt_t(pub)} | <= {fmt_t(TARGET_S[name])} | {verdict} |")
+    if not rows:
+        return []
+    return [
+        "", f"Same GPU, kernel against kernel (`{kernels}`: `scripts/kernel_profile.py --natten-best`, "
+        "NATTEN's fastest listed configuration, both libraries in one process on the same tensors; "
+        "ours in one jit where timed so). NATTEN + : how much longer NATTEN's kernel takes. The last "
+        "column scales NATTEN's published H100 kernel time (fp16) by ours / NATTEN's here: the target "
+        "judged on NATTEN's machine, if both kernels scale alike between the two GPUs.", "",
+        "| problem | dtype | ours: kernel | NATTEN: kernel | NATTEN + | NATTEN published (H100, fp16) "
+        "| target | ours scaled to NATTEN's H100 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ] + rows
 
 
 def natten_table(d: dict, rec: dict) -> list[str]:

@@ -365,6 +365,20 @@ def test_hopper_report(tmp_path):
         {"problem": "256x256 w80x80 s16x16 H24", "dtype": "bf16", "who": "ours", "kernel_s": 7.9e-3}]}))
     text = hopper_report.report(str(path), str(kpath))
     assert "| flux-256x256-w80x80-s16x16 | <= 8.00 ms | 7.50 ms | met (NATTEN 7.9 / 10.6 ms) | 7.90 ms | met |" in text
+    assert "Same GPU, kernel against kernel" not in text
+    # With NATTEN's kernel in the records (--natten-best): the same-GPU table, and for fp16
+    # NATTEN's published H100 figure (7.9 ms) scaled by ours / NATTEN's here.
+    kpath.write_text(json.dumps({"records": [
+        {"problem": "256x256 w80x80 s16x16 H24", "dtype": dt, "who": who, "kernel_s": t}
+        for dt, who, t in [("bf16", "ours", 7.9e-3), ("bf16", "natten", 8.1e-3),
+                           ("fp16", "ours", 8.4e-3), ("fp16", "natten", 8.0e-3)]]}))
+    text = hopper_report.report(str(path), str(kpath))
+    assert "Same GPU, kernel against kernel" in text
+    assert "| flux-256x256-w80x80-s16x16 | bf16 | 7.90 ms | 8.10 ms | +2.5% | 7.90 ms | <= 8.00 ms | - |" in text
+    assert "| flux-256x256-w80x80-s16x16 | fp16 | 8.40 ms | 8.00 ms | -4.8% | 7.90 ms | <= 8.00 ms | 8.29 ms: missed |" \
+        in text
+    assert hopper_report.published_kernel_s("flux-256x256-w80x80-s16x16") == pytest.approx(7.9e-3)
+    assert hopper_report.published_kernel_s("1d-32768-w2048-s2048") == pytest.approx(59.3e-6)
 
 
 def test_fast_forward_also_timed_in_one_jit():
