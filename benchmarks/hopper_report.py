@@ -12,7 +12,9 @@ measured one: its FNA kernel alone and its whole call. Forwards fast enough to
 be timed also as several ops in one jitted call (jax_gna.bench.CHAIN_BELOW_S) show that time
 per op too, and their target verdict uses it: per call, such a forward measures JAX's
 host time, while NATTEN's figures are kernel times. ``--kernels FILE`` (the JSON of
-``scripts/kernel_profile.py --out``) adds our kernel durations beside the targets.
+``scripts/kernel_profile.py --out``) adds our kernel durations beside the targets and,
+where that file holds NATTEN's kernel too (``--natten-best``), a same-GPU table: ours
+against NATTEN's, and NATTEN's published H100 figure scaled by that ratio.
 """
 
 from __future__ import annotations
@@ -176,7 +178,7 @@ def same_gpu_table(d: dict, krecs: list[dict], kernels: str) -> list[str]:
             nat = by.get((label, short, "natten"))
             if ours is None or nat is None:
                 continue
-            est = pub = published_kernel_s(name)
+            pub = published_kernel_s(name)
             verdict = "-"
             if short == "fp16" and pub is not None:
                 est = pub * ours / nat
