@@ -140,6 +140,10 @@ def main(argv=None) -> int:
     probs = args.problems or ["32768", "2048", "2048", "1"]
     if len(probs) % 4:
         ap.error("problems come as shape window stride heads")
+    m = re.fullmatch(r"native|bf16|mantissa([0-9]+)", args.inputs)
+    if not m:
+        ap.error(f"--inputs {args.inputs!r}: native, bf16 or mantissaN")
+    mantissa_bits = int(m.group(1)) if m.group(1) is not None else None
 
     import jax  # before benchmarks.torch_peers, which defaults JAX_PLATFORMS to cpu
     import jax.numpy as jnp
@@ -173,9 +177,6 @@ def main(argv=None) -> int:
     def say(line: str) -> None:
         lines.append(line)
         print(line, flush=True)
-    m = re.fullmatch(r"native|bf16|mantissa([0-9]+)", args.inputs)
-    if not m:
-        ap.error(f"--inputs {args.inputs!r}: native, bf16 or mantissaN")
     for i in range(0, len(probs), 4):
         shape, window, stride, heads = probs[i:i + 4]
         op, args0 = problem(shape, window, stride, heads)
@@ -187,8 +188,8 @@ def main(argv=None) -> int:
             else:
                 keys = jax.random.split(jax.random.PRNGKey(0), 3)
                 qkv = tuple(jax.random.normal(kk, x.shape, jdt) for kk, x in zip(keys, args0))
-                if m.group(1) is not None:
-                    qkv = tuple(round_mantissa(x, int(m.group(1))) for x in qkv)
+                if mantissa_bits is not None:
+                    qkv = tuple(round_mantissa(x, mantissa_bits) for x in qkv)
             f = jax.jit(op)
             label = f"{kernel_label(dims, win, st, heads)} {dname}"
             runs = [("ours", kernel_times(torch, lambda: f(*qkv), args.calls))]

@@ -241,6 +241,9 @@ def test_kernel_profile_round_mantissa():
         want.append(np.ldexp(np.round(m * 8) / 8, e))
     np.testing.assert_array_equal(y, want)
     assert y[1] == -1.75 and y[2] == 1.75 and y[3] == 3.5 and y[4] == 0.0
+    # A malformed --inputs is refused by the argument parser, before torch or a GPU is needed.
+    with pytest.raises(SystemExit):
+        kp.main(["--inputs", "mantissa"])
     # Every result has at most 3 significant bits.
     for v in y[y != 0]:
         m, _ = np.frexp(abs(v))
