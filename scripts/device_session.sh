@@ -35,6 +35,10 @@
 #   kprofile scripts/kernel_profile.py: kernel durations by torch.profiler ($KPROFILE_ARGS: its
 #           flags and problems) into $OUT/results/kernels.{json,md}; or with $KPROFILE_RUNS
 #           ("NAME:ARGS;NAME:ARGS"), one run each, kprofile/NAME.{json,md} in logs.tar.gz
+#   libab   scripts/kernel_profile.py ($LIBAB_ARGS) once per build of $LIBAB ("NAME=LIB ...",
+#           the bare name "base" for the carried jax_gna/libjax_gna_cuda.so, others through
+#           LD_PRELOAD), builds alternating, $LIBAB_ROUNDS rounds (default 2); records in
+#           logs.tar.gz (libab/NAME_ROUND.json), the table (scripts/lib_ab.py) in the summary
 #   nattenbuild / nattenwait: NATTEN built in the background (CPU) while later stages run;
 #           nattenwait puts it on PYTHONPATH for the stages after it
 #   kernels Nsight Compute, kernel time and tensor-pipe share of the forward, dQ and dK/dV
@@ -133,6 +137,16 @@ for stage in "$@"; do
                     --out "$LOGS/kprofile/${run%%:*}.json" ${run#*:}
                 done
               fi ;;
+    libab) mkdir -p "$LOGS/libab"
+           for round in $(seq "${LIBAB_ROUNDS:-2}"); do
+             for build in ${LIBAB:-base}; do
+               name=${build%%=*}; pre=()
+               [ "$build" != "$name" ] && pre=(env "LD_PRELOAD=$PWD/${build#*=}")
+               TAIL=4 step "libab_${name}_$round" "${LIBAB_LIMIT:-150}" "${pre[@]}" python3 \
+                 scripts/kernel_profile.py --out "$LOGS/libab/${name}_$round.json" ${LIBAB_ARGS:-}
+             done
+           done
+           python3 scripts/lib_ab.py "$LOGS/libab" | tee -a "$OUT/summary.txt" ;;
     nattenbuild) # NATTEN's minimal Hopper build (scripts/device_peers.sh, CPU) in the background,
                  # into build/natten_site; nattenwait waits for it and puts it on PYTHONPATH
                  # (so kprofile profiles NATTEN too). Needs build/peers/natten-*.tar.gz carried

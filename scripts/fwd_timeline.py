@@ -1,11 +1,14 @@
 """Where a Hopper forward CTA's time goes (a GPU measurement aid, 1-D problems).
 
-Needs the library built with GNA_FWD_TIMELINE=1 (csrc/gna_fwd_sm90.cuh): each CTA's
-first consumer thread then writes %globaltimer stamps over the lse of its tile's
-first eight queries. Prints, over the tiles of one (warm) call: the kernel's span,
-the medians of each phase, when the tiles start (waves) and, on one SM, the gap
-between one tile's end and the next one's start and the tensor-idle handover (last
-P V done to the next first S done).
+Needs the library built with GNA_FWD_TIMELINE=1 (csrc/gna_fwd_sm90.cuh): the first
+thread of each consumer warpgroup then writes %globaltimer stamps over the lse of its
+rows (so only tiles of at least 72 queries are read). Prints, over the tiles of one
+(warm) call: the kernel's span, the medians of each phase per warpgroup, how far the
+second warpgroup trails, when the tiles start (waves) and, on one SM, the gap between
+one CTA's end and the next one's entry and the tensor-idle handover (the CTA's last
+P V done to the next one's first S done).
+(JAX_GNA_BUILD_TAG=tl JAX_GNA_EXTRA_CUDA_FLAGS=-DGNA_FWD_TIMELINE=1 bash
+scripts/build_cuda_lib.sh builds it beside the normal one.)
 
 usage (on the GPU): python3 scripts/fwd_timeline.py [tokens window stride heads] ...
 """
@@ -21,7 +24,28 @@ import numpy as np
 from jax_gna import cuda
 from jax_gna.params import Problem
 
-PHASES = ["entry->Q landed", "Q->first S done", "key-tile loop", "last P V", "epilogue"]
+POINTS = 8  # stamps per consumer warpgroup (csrc/gna_fwd_sm90.cuh, Stamps)
+PHASES = ["entry->Q landed", "Q->first S done", "key-tile loop", "last P V", "O into shared memory",
+          "warpgroup barrier", "TMA store + wait"]
+
+
+def stamps(lse: np.ndarray, tokens: int, heads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The timeline build's stamps out of the lse ([tokens, heads]): per tile (head-major)
+    both warpgroups' POINTS stamps in ns since the first CTA's entry ([tiles, 2, POINTS]),
+    the SM and the key-tile count."""
+    raw = lse.view(np.uint32)
+    ntile = tokens // 128
+    rows = [(t, h) for h in range(heads) for t in range(ntile)]
+    wg0 = np.stack([raw[128 * t:128 * t + POINTS + 2, h] for t, h in rows])
+    wg1 = np.stack([raw[128 * t + 64:128 * t + 64 + POINTS, h] for t, h in rows])
+    sm, n = wg0[:, POINTS], wg0[:, POINTS + 1]
+    if (sm >= 1024).any() or (n >= 1 << 20).any():  # real lse values, not stamps
+        raise SystemExit("no stamps in the lse: build the library with GNA_FWD_TIMELINE=1")
+    t = np.stack([wg0[:, :POINTS], wg1], axis=1).astype(np.int64)
+    # 32-bit stamps: differences from one stamp, taken as signed (the kernel lasts far
+    # less than 2 s), then from the first entry.
+    d = (t - t[0, 0, 0] + (1 << 31)) % (1 << 32) - (1 << 31)
+    return d - d[:, :, 0].min(), sm, n
 
 
 def run(tokens: int, window: int, stride: int, heads: int) -> None:
@@ -34,33 +58,32 @@ def run(tokens: int, window: int, stride: int, heads: int) -> None:
     fn = jax.jit(lambda q, k, v: cuda.attention(q, k, v, p)[1])
     for _ in range(20):  # warm (clocks, caches); the last call is read
         lse = fn(q, k, v)
-    raw = np.asarray(lse)[0].view(np.uint32)  # [tokens, heads]
-    ntile = tokens // 128
-    st = np.stack([raw[128 * t:128 * t + 8, h] for h in range(heads) for t in range(ntile)])
-    t = st[:, 0:6].astype(np.int64)
-    ns = (t - t[:, 0].min()) % (1 << 32)  # ns since the first CTA's entry (32-bit stamps)
-    sm = st[:, 6]
-    if (sm >= 1024).any() or (st[:, 7] >= 1 << 20).any():  # real lse values, not stamps
-        raise SystemExit("no stamps in the lse: build the library with GNA_FWD_TIMELINE=1")
-    print(f"== {tokens} w{window} s{stride} H{heads}: {len(st)} CTAs, {st[0, 7]} key tiles each; "
-          f"span {ns[:, 5].max() / 1e3:.2f} us (first entry to last epilogue end)")
-    for i, name in enumerate(PHASES):
-        d_ns = ns[:, i + 1] - ns[:, i]
-        print(f"  {name:18s} median {np.median(d_ns) / 1e3:7.2f} us, "
-              f"max {d_ns.max() / 1e3:7.2f} us")
-    starts = np.sort(ns[:, 0]) / 1e3
+    ns, sm, n = stamps(np.asarray(lse)[0], tokens, heads)
+    end = ns[:, :, POINTS - 1].max(axis=1)  # the CTA's last warpgroup done
+    print(f"== {tokens} w{window} s{stride} H{heads}: {len(ns)} CTAs, {n[0]} key tiles each; "
+          f"span {end.max() / 1e3:.2f} us (first entry to last epilogue end)")
+    for w in range(2):
+        print(f"  consumer warpgroup {w}:")
+        for i, name in enumerate(PHASES):
+            d_ns = ns[:, w, i + 1] - ns[:, w, i]
+            print(f"    {name:22s} median {np.median(d_ns) / 1e3:7.2f} us, max {d_ns.max() / 1e3:7.2f} us")
+    lag = ns[:, 1, 4] - ns[:, 0, 4]
+    print(f"  warpgroup 1's last P V after warpgroup 0's: median {np.median(lag) / 1e3:.2f} us; "
+          f"CTA end after warpgroup 0's end: median {np.median(end - ns[:, 0, POINTS - 1]) / 1e3:.2f} us")
+    starts = np.sort(ns[:, 0, 0]) / 1e3
     print("  CTA entry times (us, percentiles 0/25/50/75/100):",
           " ".join(f"{x:.2f}" for x in np.percentile(starts, [0, 25, 50, 75, 100])))
     gaps, handover = [], []
     for s in np.unique(sm):
-        rows = ns[sm == s]
-        rows = rows[np.argsort(rows[:, 0])]
-        gaps += list(rows[1:, 0] - rows[:-1, 5])
-        handover += list(rows[1:, 2] - rows[:-1, 4])
+        idx = np.flatnonzero(sm == s)
+        idx = idx[np.argsort(ns[idx, 0, 0])]
+        for a, b in zip(idx[:-1], idx[1:]):
+            gaps.append(ns[b, 0, 0] - end[a])
+            handover.append(ns[b, :, 2].min() - ns[a, :, 4].max())
     if gaps:
-        print(f"  same SM, end of one tile's epilogue to the next tile's start: median "
+        print(f"  same SM, the CTA's end (both warpgroups' epilogues) to the next one's entry: median "
               f"{np.median(gaps) / 1e3:.2f} us, max {np.max(gaps) / 1e3:.2f} us ({len(gaps)} gaps)")
-        print(f"  same SM, one tile's last P V done to the next tile's first S done: median "
+        print(f"  same SM, the CTA's last P V done to the next one's first S done: median "
               f"{np.median(handover) / 1e3:.2f} us, max {np.max(handover) / 1e3:.2f} us")
 
 

@@ -260,3 +260,57 @@ def test_chain_gaps_summary():
     assert "between calls   9.00 us" in s and "span per op  12.75 us (4 kernels)" in s, s
     s = summary([(0.0, 10.0), (8.0, 18.0)], 2)  # the second launch starts before the first ends
     assert "gap inside a call  -2.00 us" in s and "between calls      -" in s, s
+
+
+def test_lib_ab_table(tmp_path):
+    """scripts/lib_ab.py: records of builds and rounds (NAME_ROUND.json) become one row per
+    (problem, dtype, kernel) with each build's rounds in order and the change of its mean
+    against the `base` build."""
+    lib_ab = _script("lib_ab")
+
+    def rec(prob, who, s):
+        return {"problem": prob, "dtype": "bf16", "who": who, "kernel_s": s}
+    for name, rnd, t in [("base", 1, 50e-6), ("base", 2, 52e-6), ("knob", 1, 49e-6),
+                         ("knob", 2, 49e-6), ("base", 10, 54e-6)]:
+        recs = [rec("1-D", "ours", t), rec("2-D", "ours", 100 * t)]
+        if name == "base":
+            recs.append(rec("1-D", "ours x16 in one jit", t - 1e-6))
+        (tmp_path / f"{name}_{rnd}.json").write_text(json.dumps({"calls": 20, "records": recs}))
+    (tmp_path / "notes.json").write_text("{}")  # not NAME_ROUND: ignored
+    builds, times = lib_ab.load(str(tmp_path))
+    assert builds == ["base", "knob"]
+    assert times[("1-D", "bf16", "ours")] == {"base": [50e-6, 52e-6, 54e-6], "knob": [49e-6, 49e-6]}
+    t = lib_ab.table(builds, times)
+    assert "| 1-D | bf16 | ours | 50.0, 52.0, 54.0 | 49.0, 49.0 (-5.8%) |" in t, t
+    assert "| 2-D | bf16 | ours | 5.000e3, 5.200e3, 5.400e3 | 4.900e3, 4.900e3 (-5.8%) |" in t, t
+    assert "| 1-D | bf16 | ours x16 in one jit | 49.0, 51.0, 53.0 | - |" in t, t
+    assert "knob (vs base)" in t.splitlines()[0]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        lib_ab.load(str(tmp_path / "empty"))
+
+
+def test_fwd_timeline_stamps():
+    """scripts/fwd_timeline.py reads the timeline build's stamps back out of the lse:
+    warpgroup 0's eight stamps, the SM and the key-tile count over each tile's queries
+    0-9, warpgroup 1's eight stamps over queries 64-71, relative to the first entry and
+    across the 32-bit wrap of %globaltimer_lo."""
+    ft = _script("fwd_timeline")
+    tokens, heads = 256, 2  # two tiles per head
+    raw = np.full((tokens, heads), 0x7F7FFFFF, np.uint32)  # a large real lse elsewhere
+    base = 2**32 - 500  # the first entry, 500 ns before the counter wraps
+    for h in range(heads):
+        for t in range(2):
+            start = base + 1000 * (2 * h + t)
+            raw[128 * t:128 * t + 8, h] = (start + 10 * np.arange(8)) % 2**32
+            raw[128 * t + 8, h], raw[128 * t + 9, h] = 7 + t, 16
+            raw[128 * t + 64:128 * t + 72, h] = (start + 20 * np.arange(8)) % 2**32
+    ns, sm, n = ft.stamps(raw.view(np.float32), tokens, heads)
+    assert ns.shape == (4, 2, ft.POINTS)
+    np.testing.assert_array_equal(ns[:, 0, 0], [0, 1000, 2000, 3000])  # head-major tiles
+    np.testing.assert_array_equal(ns[3, 0], 3000 + 10 * np.arange(8))  # wrapped stamps
+    np.testing.assert_array_equal(ns[1, 1], 1000 + 20 * np.arange(8))
+    np.testing.assert_array_equal(sm, [7, 8, 7, 8])
+    assert (n == 16).all()
+    with pytest.raises(SystemExit):  # a normal build's lse: no stamps
+        ft.stamps(np.zeros((tokens, heads), np.float32) + 3.5, tokens, heads)
