@@ -27,9 +27,10 @@
 #include "gna_sm90.cuh"
 
 // GNA_FWD_TIMELINE=1 (a measurement build, scripts/fwd_timeline.py): the first thread of
-// the first consumer warpgroup records %globaltimer at six points of its CTA's life (in
-// shared memory) and at the end writes them, with the SM and the key tile count, over
-// the lse of the tile's first eight queries.
+// each consumer warpgroup records %globaltimer at eight points of its CTA's life (in
+// shared memory) and at the end writes them over the lse of its rows: warpgroup 0's
+// with the SM and the key tile count over the tile's queries 0-9, warpgroup 1's over
+// queries 64-71.
 #ifndef GNA_FWD_TIMELINE
 #define GNA_FWD_TIMELINE 0
 #endif
@@ -38,11 +39,15 @@ namespace gna {
 namespace sm90 {
 
 struct Stamps {
-  uint32_t at;  // shared address of 6 words (past the barriers)
+  static constexpr int kPoints = 8;  // per consumer warpgroup
+  uint32_t at;  // shared address of 2 x kPoints words (past the barriers)
+  // Point i of threads 128 and 256 (the consumer warpgroups' first threads).
   __device__ __forceinline__ void take(int i) const {
     asm volatile(
-        "{\n .reg .pred p;\n .reg .u32 t;\n .reg .u32 x;\n mov.u32 x, %%tid.x;\n setp.eq.u32 p, x, 128;\n"
-        " mov.u32 t, %%globaltimer_lo;\n @p st.shared.u32 [%0], t;\n}\n" ::"r"(at + 4 * i)
+        "{\n .reg .pred p, q;\n .reg .u32 t;\n .reg .u32 x;\n mov.u32 x, %%tid.x;\n"
+        " setp.eq.u32 p, x, 128;\n setp.eq.u32 q, x, 256;\n mov.u32 t, %%globaltimer_lo;\n"
+        " @p st.shared.u32 [%0], t;\n @q st.shared.u32 [%1], t;\n}\n"
+        ::"r"(at + 4 * i), "r"(at + 4 * (i + kPoints))
         : "memory");
   }
   __device__ __forceinline__ uint32_t get(int i) const {
@@ -74,10 +79,10 @@ struct FwdLayout {
   static constexpr int kK = kQBytes;
   static constexpr int kV = kK + STAGES * kKVBytes;
   static constexpr int kBars = kV + STAGES * kKVBytes;  // qfull, kfull[S], vfull[S], empty[S]
-  static constexpr int kStamps = kBars + 128;           // GNA_FWD_TIMELINE's 6 stamps
+  static constexpr int kStamps = kBars + 128;           // GNA_FWD_TIMELINE's 2 x 8 stamps
   static_assert(8 * (1 + 3 * STAGES) <= kStamps - kBars, "the stamps lie past the barriers");
   static constexpr size_t smem_bytes() {
-    return (GNA_FWD_TIMELINE ? kStamps + 4 * 6 : kBars + 8 * (1 + 3 * STAGES)) + 1024;
+    return (GNA_FWD_TIMELINE ? kStamps + 4 * 16 : kBars + 8 * (1 + 3 * STAGES)) + 1024;
   }
 };
 
@@ -140,6 +145,16 @@ template <> struct Wgmma<__nv_bfloat16> {
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float fast_rcp(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float fast_log2(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
 
@@ -591,13 +606,22 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Epilogue: normalize, write this warpgroup's 64 rows into its rows of the (now
   // unused) Q tile in the swizzled layout, then a TMA store of them: the `to` map's box
   // is half a tile (rows 64cw..64cw+63 of the tile form a box), so the two warpgroups
-  // store independently.
+  // store independently. The reciprocal and the lse's log are the approximate MUFU forms
+  // (about 1 ulp and 2^-22 absolute in log2): O is rounded to 16 bits right after, and
+  // together they take ~150 instructions out of the epilogue, which is on the critical
+  // path of every CTA (session 18: 1-D one-head forward -0.6%).
+  float l_row[2], inv[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float l = l_run[r];
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    l_row[r] = l;
+    inv[r] = l > 0.f ? fast_rcp(l) : 0.f;
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float l = l_row[r];
     const int row = 64 * cw + 16 * warp + gid + 8 * r;
 #pragma unroll
     for (int g = 0; g < NG; ++g)
@@ -606,19 +630,21 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int col = (D / NG) * g + 8 * i + 2 * tig, half = col / 64, cc = col % 64;
         const uint32_t off = half * L::kQHalf + row * 128 + ((((cc / 8) ^ (row % 8)) * 16) | ((cc % 8) * 2));
         *reinterpret_cast<uint32_t*>(gbase + L::kQ + off) =
-            Mma<T>::cvt2(o_acc[g][4 * i + 2 * r] * inv, o_acc[g][4 * i + 2 * r + 1] * inv);
+            Mma<T>::cvt2(o_acc[g][4 * i + 2 * r] * inv[r], o_acc[g][4 * i + 2 * r + 1] * inv[r]);
       }
     int o[3];
     row_coords(row, o);
     int64_t tok;
     const bool valid = tile.query_token(p, o, tok);
     if (tig == 0 && valid) {
-      const float lse = l > 0.f ? m_run[r] * 0.69314718055994531f + logf(l) : -INFINITY;
+      const float lse = l > 0.f ? (m_run[r] + fast_log2(l)) * 0.69314718055994531f : -INFINITY;
       p.lse[(b * p.nq + tok) * p.H + h] = lse;
     }
   }
+  if (GNA_FWD_TIMELINE) stamp.take(5);
   fence_proxy_async();
   named_sync(4 + cw, 128);  // this warpgroup's O rows are written
+  if (GNA_FWD_TIMELINE) stamp.take(6);
   if (threadIdx.x % 128 == 0) {
     int o[3];
     row_coords(64 * cw, o);
@@ -628,15 +654,16 @@ __global__ void __launch_bounds__(kThreads, 1)
                    tile.qs[1] + o[1] - p.ax[1].q0, tile.qs[0] + o[0] - p.ax[0].q0, b);
     tma_store_commit_and_wait();
   }
-  if (GNA_FWD_TIMELINE && threadIdx.x == 128) {
-    stamp.take(5);
+  if (GNA_FWD_TIMELINE && threadIdx.x % 128 == 0) {
+    stamp.take(7);
     uint32_t sm;
     asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-    for (int i = 0; i < 8; ++i) {
+    const int npt = Stamps::kPoints, nval = cw == 0 ? npt + 2 : npt;
+    for (int i = 0; i < nval; ++i) {
       int o[3];
-      row_coords(i, o);
+      row_coords(64 * cw + i, o);
       int64_t tok;
-      const uint32_t v = i < 6 ? stamp.get(i) : i == 6 ? sm : static_cast<uint32_t>(n);
+      const uint32_t v = i < npt ? stamp.get(i + npt * cw) : i == npt ? sm : static_cast<uint32_t>(n);
       if (tile.query_token(p, o, tok)) p.lse[(b * p.nq + tok) * p.H + h] = __uint_as_float(v);
     }
   }
