@@ -35,10 +35,11 @@
 #   kprofile scripts/kernel_profile.py: kernel durations by torch.profiler ($KPROFILE_ARGS: its
 #           flags and problems) into $OUT/results/kernels.{json,md}; or with $KPROFILE_RUNS
 #           ("NAME:ARGS;NAME:ARGS"), one run each, kprofile/NAME.{json,md} in logs.tar.gz
-#   libab   scripts/kernel_profile.py ($LIBAB_ARGS) once per build of $LIBAB ("NAME=LIB ...",
-#           the bare name "base" for the carried jax_gna/libjax_gna_cuda.so, others through
-#           LD_PRELOAD), builds alternating, $LIBAB_ROUNDS rounds (default 2); records in
-#           logs.tar.gz (libab/NAME_ROUND.json), the table (scripts/lib_ab.py) in the summary
+#   libab   scripts/kernel_profile.py ($LIBAB_ARGS) once per build of $LIBAB ("NAME=LIB ...":
+#           LIB through LD_PRELOAD; a bare NAME is the carried jax_gna/libjax_gna_cuda.so),
+#           builds alternating, $LIBAB_ROUNDS rounds (default 2); records in logs.tar.gz
+#           (libab/NAME_ROUND.json), the table (scripts/lib_ab.py, against the build named
+#           "base", else the first) in the summary
 #   nattenbuild / nattenwait: NATTEN built in the background (CPU) while later stages run;
 #           nattenwait puts it on PYTHONPATH for the stages after it
 #   kernels Nsight Compute, kernel time and tensor-pipe share of the forward, dQ and dK/dV

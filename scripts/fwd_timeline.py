@@ -2,7 +2,7 @@
 
 Needs the library built with GNA_FWD_TIMELINE=1 (csrc/gna_fwd_sm90.cuh): the first
 thread of each consumer warpgroup then writes %globaltimer stamps over the lse of its
-rows (so only tiles of at least 72 queries are read). Prints, over the tiles of one
+first rows (the tokens must fill whole 128-query tiles). Prints, over the tiles of one
 (warm) call: the kernel's span, the medians of each phase per warpgroup, how far the
 second warpgroup trails, when the tiles start (waves) and, on one SM, the gap between
 one CTA's end and the next one's entry and the tensor-idle handover (the CTA's last
