@@ -1,8 +1,8 @@
 """Kernel times of several builds of the library side by side: the records that
 scripts/device_session.sh's `libab` stage writes (scripts/kernel_profile.py run once per
 build and round, builds alternating, the other builds through LD_PRELOAD), as a markdown
-table with each build's per-round medians and the change of its mean against the first
-build's.
+table with each build's per-round medians and the change of its mean against the build
+named "base" (else the first build).
 
 usage: python3 scripts/lib_ab.py DIR   (DIR holds NAME_ROUND.json, e.g. base_1.json)
 """
@@ -16,8 +16,8 @@ import sys
 
 
 def load(folder: str) -> tuple[list[str], dict[tuple[str, str, str], dict[str, list[float]]]]:
-    """Builds in the order of their first file name sort, and kernel_s per (problem, dtype,
-    who) per build, one value per round (rounds in order)."""
+    """The builds in the order they first appear (by round, then name), and kernel_s per
+    (problem, dtype, who) per build, one value per round (rounds in order)."""
     files = sorted(f for f in os.listdir(folder) if re.fullmatch(r".+_[0-9]+\.json", f))
     if not files:
         raise SystemExit(f"no NAME_ROUND.json records in {folder}")
