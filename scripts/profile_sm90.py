@@ -24,12 +24,13 @@ def parse(shape: str, window: str, stride: str) -> tuple[tuple[int, ...], ...]:
     return dims, per(window), per(stride)
 
 
-def problem(shape: str, window: str, stride: str, heads: str):
-    """The command line's problem: random bf16 q, k, v (batch 1, head dim 128) and the
-    cuda forward on them, `op(q, k, v)` (also used by scripts/dispatch_overhead.py)."""
+def problem(shape: str, window: str, stride: str, heads: str, dtype=jnp.bfloat16):
+    """The command line's problem: random q, k, v of ``dtype`` (batch 1, head dim 128) and
+    the cuda forward on them, `op(q, k, v)` (also used by scripts/dispatch_overhead.py and
+    scripts/kernel_profile.py)."""
     dims, win, st = parse(shape, window, stride)
     key = jax.random.split(jax.random.PRNGKey(0), 3)
-    q, k, v = (jax.random.normal(kk, (1, *dims, int(heads), 128), jnp.bfloat16) for kk in key)
+    q, k, v = (jax.random.normal(kk, (1, *dims, int(heads), 128), dtype) for kk in key)
 
     def op(q, k, v):
         return jax_gna.neighborhood_attention(q, k, v, win, st, backend="cuda")
