@@ -14,7 +14,9 @@ per op too, and their target verdict uses it: per call, such a forward measures 
 host time, while NATTEN's figures are kernel times. ``--kernels FILE`` (the JSON of
 ``scripts/kernel_profile.py --out``) adds our kernel durations beside the targets and,
 where that file holds NATTEN's kernel too (``--natten-best``), a same-GPU table: ours
-against NATTEN's, and NATTEN's published H100 figure scaled by that ratio.
+against NATTEN's, and NATTEN's published H100 figure scaled by that ratio. ``--same-gpu
+FILE`` takes that table from another kernel_profile JSON (an earlier call that had NATTEN
+built), so the kernel column can come from a newer build.
 """
 
 from __future__ import annotations
@@ -58,7 +60,9 @@ def kernel_label(shape, window, stride, heads) -> str:
     return f"{x(shape)} w{x(window)} s{x(stride)} H{heads}"
 
 
-def report(path: str, kernels: str | None = None) -> str:
+def report(path: str, kernels: str | None = None, same_gpu: str | None = None) -> str:
+    """The report's markdown. ``kernels``: kernel_profile JSON for the kernel column (and the
+    same-GPU table, unless ``same_gpu`` names another such JSON for it)."""
     d = json.load(open(path))
     kt = {}  # (label, bf16|fp16) -> our kernel seconds (in one jit where timed so)
     if kernels:
@@ -146,8 +150,9 @@ def report(path: str, kernels: str | None = None) -> str:
             else:
                 line += " - | |"
         out.append(line)
-    if kernels:
-        out += same_gpu_table(d, krecs, kernels)
+    if same_gpu or kernels:
+        table_file = same_gpu or kernels
+        out += same_gpu_table(d, json.load(open(table_file))["records"], table_file)
     out += natten_table(d, rec)
     return "\n".join(out) + "\n"
 
@@ -243,5 +248,8 @@ if __name__ == "__main__":
     ap.add_argument("result", nargs="?", default="benchmarks/results/paper-sm90.json")
     ap.add_argument("--kernels", default=None,
                     help="scripts/kernel_profile.py --out JSON: our kernel times beside the targets")
+    ap.add_argument("--same-gpu", default=None,
+                    help="kernel_profile JSON with NATTEN's kernel (--natten-best) for the same-GPU "
+                         "table (default: the --kernels file)")
     a = ap.parse_args()
-    sys.stdout.write(report(a.result, a.kernels))
+    sys.stdout.write(report(a.result, a.kernels, a.same_gpu))

@@ -377,6 +377,17 @@ def test_hopper_report(tmp_path):
     assert "| flux-256x256-w80x80-s16x16 | bf16 | 7.90 ms | 8.10 ms | +2.5% | 7.90 ms | <= 8.00 ms | - |" in text
     assert "| flux-256x256-w80x80-s16x16 | fp16 | 8.40 ms | 8.00 ms | -4.8% | 7.90 ms | <= 8.00 ms | 8.29 ms: missed |" \
         in text
+    # The same-GPU table from another file (--same-gpu): the kernel column still comes from
+    # the --kernels file, the table's "ours" from the file that also holds NATTEN.
+    npath = tmp_path / "n.json"
+    npath.write_text(kpath.read_text())
+    kpath.write_text(json.dumps({"records": [
+        {"problem": "256x256 w80x80 s16x16 H24", "dtype": "bf16", "who": "ours", "kernel_s": 7.7e-3}]}))
+    text = hopper_report.report(str(path), str(kpath), str(npath))
+    assert "| flux-256x256-w80x80-s16x16 | <= 8.00 ms | 7.50 ms | met (NATTEN 7.9 / 10.6 ms) | 7.70 ms | met |" in text
+    assert f"Same GPU, kernel against kernel (`{npath}`" in text
+    assert "| flux-256x256-w80x80-s16x16 | bf16 | 7.90 ms | 8.10 ms | +2.5% | 7.90 ms | <= 8.00 ms | - |" in text
+    assert "Same GPU" not in hopper_report.report(str(path), str(kpath))
     assert hopper_report.published_kernel_s("flux-256x256-w80x80-s16x16") == pytest.approx(7.9e-3)
     assert hopper_report.published_kernel_s("1d-32768-w2048-s2048") == pytest.approx(59.3e-6)
 
