@@ -386,6 +386,7 @@ def test_hopper_report(tmp_path):
     text = hopper_report.report(str(path), str(kpath), str(npath))
     assert "| flux-256x256-w80x80-s16x16 | <= 8.00 ms | 7.50 ms | met (NATTEN 7.9 / 10.6 ms) | 7.70 ms | met |" in text
     assert f"Same GPU, kernel against kernel (`{npath}`" in text
+    assert f"`python -m benchmarks.hopper_report {path} --kernels {kpath} --same-gpu {npath}` from" in text
     assert "| flux-256x256-w80x80-s16x16 | bf16 | 7.90 ms | 8.10 ms | +2.5% | 7.90 ms | <= 8.00 ms | - |" in text
     assert "Same GPU" not in hopper_report.report(str(path), str(kpath))
     assert hopper_report.published_kernel_s("flux-256x256-w80x80-s16x16") == pytest.approx(7.9e-3)
