@@ -151,9 +151,10 @@ def report(path: str, kernels: str | None = None, same_gpu: str | None = None) -
             else:
                 line += " - | |"
         out.append(line)
-    if same_gpu or kernels:
-        table_file = same_gpu or kernels
-        out += same_gpu_table(d, json.load(open(table_file))["records"], table_file)
+    if same_gpu:
+        out += same_gpu_table(d, json.load(open(same_gpu))["records"], same_gpu)
+    elif kernels:
+        out += same_gpu_table(d, krecs, kernels)
     out += natten_table(d, rec)
     return "\n".join(out) + "\n"
 
