@@ -18,7 +18,7 @@ import sys
 def load(folder: str) -> tuple[list[str], dict[tuple[str, str, str], dict[str, list[float]]]]:
     """The builds in the order they first appear (by round, then name), and kernel_s per
     (problem, dtype, who) per build, one value per round (rounds in order)."""
-    files = sorted(f for f in os.listdir(folder) if re.fullmatch(r".+_[0-9]+\.json", f))
+    files = [f for f in os.listdir(folder) if re.fullmatch(r".+_[0-9]+\.json", f)]
     if not files:
         raise SystemExit(f"no NAME_ROUND.json records in {folder}")
     builds: list[str] = []
