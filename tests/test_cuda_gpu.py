@@ -62,10 +62,17 @@ def _inputs(problem, b, h, h_kv, d, d_v, dtype):
     return q, k, v, w, u
 
 
-def _check(problem, b=2, h=2, h_kv=None, d=64, d_v=None, dtype=jnp.float16, grads=True):
+def _check(problem, b=2, h=2, h_kv=None, d=64, d_v=None, dtype=jnp.float16, grads=True,
+           signed_rows=False):
     h_kv = h if h_kv is None else h_kv
     d_v = d if d_v is None else d_v
     q, k, v, w, u = _inputs(problem, b, h, h_kv, d, d_v, dtype)
+    if signed_rows:
+        # Keys with positive entries; each query all-negative, all-positive or as drawn:
+        # a third of the rows see only negative scores, a third only positive ones.
+        k = jnp.abs(k)
+        mode = jax.random.randint(_key(), q.shape[:-1] + (1,), 0, 3)
+        q = jnp.where(mode == 0, -jnp.abs(q), jnp.where(mode == 1, jnp.abs(q), q))
     t_out, t_lse, t_grad = TOL[dtype]
 
     def loss(fn, q, k, v):
@@ -360,6 +367,18 @@ def test_sm90_scales(monkeypatch, scale):
     folds a positive scale into the exponent; full and masked key tiles both occur)."""
     _force_sm90(monkeypatch, True)
     _check(_problem((700,), 300, 1, 1, False, scale=scale, dim=64), 1, 2, 1, 64, 64, jnp.float16)
+
+
+@pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
+@pytest.mark.parametrize("scale,dim,dtype", [
+    (None, 128, jnp.bfloat16), (None, 64, jnp.float16), (-0.1, 128, jnp.float16),
+    (None, 256, jnp.bfloat16)])
+def test_sm90_score_signs(monkeypatch, scale, dim, dtype):
+    """Rows whose scores are all negative, all positive or mixed, in full and masked
+    key tiles: a row maximum that is only right where some score is >= 0 fails here."""
+    _force_sm90(monkeypatch, dim <= 128)
+    _check(_problem((40, 37), (17, 23), (1, 2), 1, (False, True), scale=scale, dim=dim),
+           1, 2, 1, dim, dim, dtype, signed_rows=True)
 
 
 @pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
