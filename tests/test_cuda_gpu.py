@@ -361,10 +361,11 @@ def test_sm90_block_origins(monkeypatch, backward):
 
 
 @pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
-@pytest.mark.parametrize("scale", [0.37, -0.2, 0.0])
+@pytest.mark.parametrize("scale", [0.37, 1.5, -0.2, 0.0])
 def test_sm90_scales(monkeypatch, scale):
     """Custom scales on the Hopper kernels, negative and zero included (the forward
-    folds a positive scale into the exponent; full and masked key tiles both occur)."""
+    folds a positive scale into the exponent; full and masked key tiles both occur). At
+    1.5 the scores spread so widely that the forward's reference row maxima jump often."""
     _force_sm90(monkeypatch, True)
     _check(_problem((700,), 300, 1, 1, False, scale=scale, dim=64), 1, 2, 1, 64, 64, jnp.float16)
 
