@@ -49,6 +49,9 @@
 #           one) with --settle-s each of $SETTLE_VALUES (default "0 0.5"), passes
 #           $SETTLE_PASSES (default fwd), alternating, twice: what running the GPU into
 #           its power cap first changes
+#   multigpu the two-GPU tests (tests/test_sharding_gpu.py), then scripts/multi_gpu.py: the
+#           cuda backend on one GPU against $MULTIGPU_N GPUs (default 2), split by heads and
+#           along a spatial axis, fwd and fwd+bwd, bf16, into $OUT/results/multi-gpu.{json,md}
 #   quick   forward only, bf16: the three block-sparse paper problems with cuda
 #           (Hopper path where it applies), cuda with JAX_GNA_SM90=0 (sm80 kernels)
 #           and cuDNN dense, side by side
@@ -111,6 +114,10 @@ for stage in "$@"; do
              grep -E ' (FAILED|ERROR) ' "$LOGS/tests.log" | head -40; } | tee -a "$OUT/summary.txt" ;;
     check) step check_auto 90 python3 -m jax_gna check
            step check_cuda_bf16 90 python3 -m jax_gna check --backend cuda --dtype bfloat16 ;;
+    multigpu) TAIL=20 step multigpu_tests "${MULTIGPU_TEST_LIMIT:-300}" env XLA_PYTHON_CLIENT_PREALLOCATE=false \
+                python3 -m pytest -v -rfE -p no:cacheprovider tests/test_sharding_gpu.py
+              TAIL=30 step multigpu "${MULTIGPU_LIMIT:-300}" env XLA_PYTHON_CLIENT_PREALLOCATE=false \
+                python3 scripts/multi_gpu.py --gpus "${MULTIGPU_N:-2}" --out "$OUT/results/multi-gpu.json" ;;
     example) step example 120 python3 examples/digits_vit.py --backend cuda ;;
     bench) step bench "${BENCH_LIMIT:-400}" python3 -m benchmarks.run \
              --preset "${BENCH_PRESETS:-small,paper}" --budget-s "${BENCH_BUDGET:-330}" \

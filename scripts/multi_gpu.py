@@ -1,0 +1,160 @@
+"""Sharded neighborhood attention on several GPUs: time per call of the cuda backend on
+one GPU against the same problem split over N GPUs, by heads (no communication) and
+along a spatial axis (context parallelism: halo exchange by collective-permute).
+
+Forward and forward+backward, bf16, batch 1, head dim 128, under ``jax.jit``; timed by
+``jax_gna.bench.measure`` (median of samples of back-to-back calls, after a warm-up).
+Scaling efficiency = time on one GPU / (N x time on N GPUs). Writes JSON and a markdown
+table. With ``--profile`` each measurement is followed by 10 calls under torch.profiler,
+and the kernels of each GPU are summed per call (printed above the measurement's line,
+``profile`` in the JSON).
+
+usage: python3 scripts/multi_gpu.py [--gpus N] [--out FILE.json] [--problems NAMES]
+       [--passes fwd,fwdbwd] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# name -> (shape, heads, kernel_size, stride, index of the spatial axis split for context)
+PROBLEMS = {
+    "1d_w2048": ((32768,), 8, (2048,), (1,), 0),
+    "1d_w2048_s256": ((32768,), 8, (2048,), (256,), 0),
+    "2d_w80_s16": ((256, 256), 24, (80, 80), (16, 16), 0),
+    "3d_w18x24x24_s16x8x8": ((30, 48, 80), 24, (18, 24, 24), (16, 8, 8), 2),
+}
+
+
+def profile(fn, args, calls: int = 10) -> dict:
+    """The kernels and copies of ``calls`` calls of ``fn`` (each waited for), per GPU: time
+    per call of our kernels (``gna``), NCCL's and XLA's (fusions, copies), the five
+    longest of XLA's, host<->device copies per call, and the span per call (first start
+    to last end over all calls, divided by ``calls``)."""
+    import jax
+    import torch
+
+    from benchmarks.torch_peers import kernel_trace
+
+    compiled = jax.jit(fn).lower(*args).compile()
+    trace = kernel_trace(torch, lambda: jax.block_until_ready(compiled(*args)), calls)
+    out: dict = {}
+    for e in trace.get("traceEvents", []):
+        cat = e.get("cat")
+        if cat not in ("kernel", "gpu_memcpy", "gpu_memset"):
+            continue
+        dev = out.setdefault(str(e.get("args", {}).get("device", "?")),
+                             {"us_per_call": {}, "xla_top": {}, "copies_per_call": {},
+                              "t0": float("inf"), "t1": 0.0})
+        t, d, name = float(e["ts"]), float(e["dur"]), e.get("name", "")
+        dev["t0"], dev["t1"] = min(dev["t0"], t), max(dev["t1"], t + d)
+        if cat != "kernel":
+            dev["copies_per_call"][name] = dev["copies_per_call"].get(name, 0) + 1 / calls
+            continue
+        kind = "gna" if "gna" in name else "nccl" if "nccl" in name.lower() else "xla"
+        dev["us_per_call"][kind] = dev["us_per_call"].get(kind, 0.0) + d / calls
+        if kind == "xla":
+            dev["xla_top"][name[:48]] = dev["xla_top"].get(name[:48], 0.0) + d / calls
+    for dev in out.values():
+        dev["span_us_per_call"] = (dev.pop("t1") - dev.pop("t0")) / calls
+        dev["xla_top"] = dict(sorted(dev["xla_top"].items(), key=lambda kv: -kv[1])[:5])
+        print("    device", {k: (round(v, 1) if isinstance(v, float) else
+                              {n: round(x, 1) for n, x in v.items()}) for k, v in dev.items()},
+              flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gpus", type=int, default=2)
+    ap.add_argument("--out", default="multi-gpu.json")
+    ap.add_argument("--problems", default=",".join(PROBLEMS))
+    ap.add_argument("--passes", default="fwd,fwdbwd")
+    ap.add_argument("--profile", action="store_true",
+                    help="also each call's kernels per GPU (torch.profiler): time per call "
+                    "by kind (our kernels, NCCL, XLA's), copies, span")
+    ap.add_argument("--backend", default="cuda", help="cuda; xla (with fake CPU devices) "
+                    "only checks this script")
+    args = ap.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    import jax_gna
+    from jax_gna import bench, sharding
+
+    gpus = jax.devices()
+    if len(gpus) < args.gpus:
+        raise SystemExit(f"needs {args.gpus} devices, JAX sees {len(gpus)}")
+    n = args.gpus
+    mesh = Mesh(np.array(gpus[:n]), ("x",))
+    records = []
+    for name in args.problems.split(","):
+        shape, heads, kernel, stride, axis = PROBLEMS[name]
+        rank = len(shape)
+        rng = np.random.default_rng(0)
+        host = [rng.standard_normal((1, *shape, heads, 128), np.float32) for _ in range(4)]
+        left, right = sharding.halo_sizes(shape, kernel, stride=stride, shards={axis: n})[axis]
+
+        def f(q, k, v):
+            return jax_gna.neighborhood_attention(q, k, v, kernel, stride,
+                                                  backend=args.backend)
+
+        context = [None] * (rank + 2)
+        context[1 + axis] = "x"
+        layouts = {
+            "1 GPU": jax.sharding.SingleDeviceSharding(gpus[0]),
+            f"{n} GPUs, heads": NamedSharding(mesh, P(*([None] * (rank + 1)), "x")),
+            f"{n} GPUs, context (axis {axis})": NamedSharding(mesh, P(*context)),
+        }
+        for pass_ in args.passes.split(","):
+            base = None
+            for layout, spec in layouts.items():
+                q, k, v, do = (jax.device_put(jnp.asarray(x, jnp.bfloat16), spec) for x in host)
+                fn, fargs = bench.pass_fn(f, pass_, q, k, v, do, ())
+                stats = bench.measure(fn, fargs, settle_s=0.5)
+                t = stats["time_s"]
+                base = t if base is None else base
+                rec = {"problem": name, "shape": shape, "heads": heads, "kernel_size": kernel,
+                       "stride": stride, "pass": pass_, "layout": layout, "time_s": t,
+                       "samples": stats["samples"], "inner": stats["inner"],
+                       "efficiency": None if layout == "1 GPU" else base / (n * t),
+                       "halo_rows": [left, right] if "context" in layout else None}
+                if args.profile:
+                    try:
+                        rec["profile"] = profile(fn, fargs)
+                    except Exception as e:  # noqa: BLE001 - the timing above still stands
+                        rec["profile"] = f"failed: {e!r}"
+                        print("    profile failed:", repr(e), flush=True)
+                records.append(rec)
+                eff = "" if rec["efficiency"] is None else f"  efficiency {rec['efficiency']:.0%}"
+                print(f"{name:24s} {pass_:7s} {layout:28s} {t * 1e3:9.3f} ms{eff}", flush=True)
+                del q, k, v, do, fargs
+
+    result = {"environment": bench.environment(), "gpus": n,
+              "devices": [str(d) for d in gpus[:n]], "records": records}
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=1)
+    lines = ["| problem | pass | layout | time (ms) | efficiency | halo rows (left, right) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in records:
+        eff = "" if r["efficiency"] is None else f"{r['efficiency']:.0%}"
+        halo = "" if r["halo_rows"] is None else f"{r['halo_rows'][0]}, {r['halo_rows'][1]}"
+        lines.append(f"| {r['problem']} | {r['pass']} | {r['layout']} | {r['time_s'] * 1e3:.3f} "
+                     f"| {eff} | {halo} |")
+    with open(os.path.splitext(args.out)[0] + ".md", "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Sharded neighborhood attention on two real GPUs: the cuda backend under ``jax.jit``.
+
+Marked ``gpu``; skipped without the compiled library or with fewer than two GPUs.
+``tests/test_sharding.py`` checks the partitioning itself on 8 fake CPU devices with the
+``xla`` backend; this file checks that the CUDA kernels run it on real devices: each
+GPU launches the kernels on its own block (query and key blocks with non-zero origins,
+halos received from the other GPU through NCCL), forward and backward.
+
+Each case runs the forward, the log-sum-exp and the gradients of q, k, v through both
+(random cotangents) under ``jax.jit`` on inputs sharded over a mesh of two GPUs, and
+compares them with the unsharded ``xla`` backend in float32 on one GPU (relative L2
+error, the tolerances of ``tests/test_cuda_gpu.py``). The kernels' output buffers start
+as NaN (the poisoned test targets), so an element a shard fails to write fails the
+test. Where a case says so, ``JAX_GNA_SM90=force`` / ``JAX_GNA_SM90_BWD=force`` make
+the run fail unless the Hopper kernels ran every shard.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jax_gna import cuda, sharding, xla
+from jax_gna.params import make_problem
+
+
+def _gpus() -> list:
+    try:
+        return jax.devices("gpu")
+    except RuntimeError:
+        return []
+
+
+def _is_sm90() -> bool:
+    return all(getattr(d, "compute_capability", "") == "9.0" for d in _gpus()[:2])
+
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not cuda.available(), reason=f"cuda backend unavailable: {cuda.unavailable_reason()}"),
+    pytest.mark.skipif(len(_gpus()) < 2, reason="needs two GPUs"),
+]
+
+TOL = {  # relative L2 error (out, lse, grads) against float32 xla; as in test_cuda_gpu.py
+    jnp.float32: (2e-5, 2e-5, 5e-5),
+    jnp.float16: (4e-3, 1e-4, 1e-2),
+    jnp.bfloat16: (2.5e-2, 5e-4, 5e-2),
+}
+
+# name -> (spatial shape, B, H, H_kv, D, dtype, window kwargs, leading spec
+#          (batch, *spatial, heads) over the mesh axis "x", Hopper kernels forced)
+CASES = {
+    # context parallel, 1-D: halos of 256 rows each way, Hopper forward and backward
+    "1d_context_bf16_d128_gqa": (
+        (4096,), 1, 4, 2, 128, jnp.bfloat16, dict(kernel_size=513),
+        (None, "x", None), True),
+    # context parallel, block-sparse (strided) windows: halos that follow the stride groups
+    "1d_context_fp16_d64_stride": (
+        (4096,), 2, 2, 2, 64, jnp.float16, dict(kernel_size=1000, stride=200),
+        (None, "x", None), True),
+    # 2-D, split along the width, strided: Hopper tiles inside each shard's blocks
+    "2d_context_width_bf16_d128_stride": (
+        (64, 96), 1, 2, 1, 128, jnp.bfloat16, dict(kernel_size=(24, 40), stride=(8, 8)),
+        (None, None, "x", None), True),
+    # 2-D, dilated and causal: the sm80 kernels (float32, 3xTF32)
+    "2d_context_fp32_dilated_causal": (
+        (32, 24), 2, 4, 2, 32, jnp.float32,
+        dict(kernel_size=(7, 5), stride=(2, 1), dilation=(1, 2), is_causal=(False, True)),
+        (None, "x", None, None), False),
+    # 3-D, split in time, causal in time
+    "3d_context_bf16_d128_causal": (
+        (8, 16, 16), 1, 2, 2, 128, jnp.bfloat16,
+        dict(kernel_size=(3, 8, 8), stride=(1, 4, 4), is_causal=(True, False, False)),
+        (None, "x", None, None, None), True),
+    # batch and heads: no communication at all
+    "3d_batch_fp16_d64": (
+        (6, 10, 12), 2, 2, 1, 64, jnp.float16, dict(kernel_size=(3, 5, 7), stride=(1, 2, 1)),
+        ("x", None, None, None, None), False),
+    "1d_heads_bf16_d128_causal": (
+        (1024,), 1, 4, 2, 128, jnp.bfloat16, dict(kernel_size=255, is_causal=True),
+        (None, None, "x"), False),
+}
+
+
+def _poisoned(q, k, v, problem):
+    """The cuda backend with its kernels' outputs starting as NaN, forward and backward."""
+    return cuda._attention_poisoned(q, k, v, problem)
+
+
+_poisoned.backward = lambda q, k, v, out, lse, d_out, d_lse, problem: cuda._attention_bwd(
+    problem, True, (q, k, v, out, lse), (d_out, d_lse))
+
+
+def _rel(a, b) -> float:
+    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+    assert not np.isnan(a).any(), "NaN in the output (an element no kernel wrote)"
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _fwd_bwd(impl, problem):
+    def f(q, k, v, do, dl):
+        (o, l), vjp = jax.vjp(lambda q, k, v: sharding.attention(impl, q, k, v, problem), q, k, v)
+        return (o, l) + tuple(vjp((do.astype(o.dtype), dl)))
+    return f
+
+
+def _collectives(hlo: str) -> dict:
+    return {op: len(re.findall(rf"\b{op}(-start)?\(", hlo))
+            for op in ("collective-permute", "all-gather", "all-to-all")}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sharded_cuda_matches_xla(monkeypatch, case):
+    shape, b, h, h_kv, d, dtype, kw, lead, force = CASES[case]
+    if force:
+        if not _is_sm90():
+            pytest.skip("needs compute capability 9.0 GPUs")
+        monkeypatch.setenv("JAX_GNA_SM90", "force")
+        monkeypatch.setenv("JAX_GNA_SM90_BWD", "force")
+    rng = np.random.default_rng(sum(map(ord, case)))
+    draw = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    q, k, v = draw(b, *shape, h, d), draw(b, *shape, h_kv, d), draw(b, *shape, h_kv, d)
+    do, dl = draw(b, *shape, h, d), draw(b, *shape, h)
+    q, k, v = (np.asarray(jnp.asarray(x, dtype).astype(jnp.float32)) for x in (q, k, v))
+    problem = make_problem(q, k, v, **kw)
+
+    mesh = Mesh(np.array(_gpus()[:2]), ("x",))
+    spec = NamedSharding(mesh, P(*lead))  # (batch, *spatial, heads); head_dim whole
+    args = [jax.device_put(jnp.asarray(x, dtype), spec) for x in (q, k, v)]
+    args += [jax.device_put(jnp.asarray(x), spec) for x in (do, dl)]
+    fn = jax.jit(_fwd_bwd(_poisoned, problem))
+    counts = _collectives(fn.lower(*args).compile().as_text())
+    got = fn(*args)
+
+    spatial = any(e is not None for e in lead[1:-1])
+    assert counts["all-gather"] == 0 and counts["all-to-all"] == 0, counts
+    assert (counts["collective-permute"] > 0) == spatial, counts  # the halo exchange only
+    for x in got:  # every result stays split the way the inputs were
+        assert x.sharding.is_equivalent_to(spec, x.ndim), (x.sharding, spec)
+
+    one = _gpus()[0]
+    ref = jax.jit(_fwd_bwd(xla.attention, problem))(
+        *(jax.device_put(jnp.asarray(x), one) for x in (q, k, v, do, dl)))
+    t_out, t_lse, t_grad = TOL[dtype]
+    errs = {n: _rel(a, r) for n, a, r in zip(("out", "lse", "dq", "dk", "dv"), got, ref)}
+    for n, a, r in zip(("out", "lse", "dq", "dk", "dv"), got, ref):
+        assert a.shape == r.shape and a.dtype == (jnp.float32 if n == "lse" else dtype), (n, a.dtype)
+    print(case, counts, errs)
+    assert errs["out"] < t_out and errs["lse"] < t_lse, errs
+    assert max(errs["dq"], errs["dk"], errs["dv"]) < t_grad, errs
+
+
+def test_sharded_layer_training_step():
+    """A Flax NNX layer (GQA, rotary, qk-norm) on a context-parallel mesh of two GPUs
+    with the cuda backend (float32: the sm80 kernels): loss and updated parameters
+    equal the unsharded step's on one GPU."""
+    from flax import nnx
+
+    from jax_gna import nn as gnn
+
+    layer = gnn.NeighborhoodAttention2D(4, 64, kernel_size=(7, 5), stride=(2, 1), num_kv_heads=2,
+                                        rope=True, normalize_qk=True, backend="cuda",
+                                        rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(layer, nnx.Param)
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((2, 32, 16, 64)), jnp.float32)
+    y = jnp.asarray(rng.standard_normal((2, 32, 16, 64)), jnp.float32)
+
+    def step(params, x, y):
+        def loss(p):
+            return jnp.mean((nnx.merge(graphdef, p)(x) - y) ** 2)
+        value, grads = jax.value_and_grad(loss)(params)
+        return value, jax.tree.map(lambda p, g: p - 0.05 * g, params, grads)
+
+    mesh = Mesh(np.array(_gpus()[:2]), ("context",))
+    acts = NamedSharding(mesh, P(None, "context", None, None))
+    sharded = jax.jit(step)
+    args = (jax.device_put(params, NamedSharding(mesh, P())), jax.device_put(x, acts),
+            jax.device_put(y, acts))
+    assert _collectives(sharded.lower(*args).compile().as_text())["collective-permute"] > 0
+    value, new = sharded(*args)
+    one = _gpus()[0]
+    ref_value, ref_new = jax.jit(step)(*jax.device_put((params, x, y), one))
+    assert abs(float(value) - float(ref_value)) <= 1e-5 * abs(float(ref_value))
+    worst = max(jax.tree.leaves(jax.tree.map(
+        lambda a, b: float(jnp.max(jnp.abs(jax.device_get(a) - jax.device_get(b)))), new, ref_new)))
+    assert worst < 1e-5, worst
