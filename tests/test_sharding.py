@@ -236,6 +236,42 @@ def test_tuple_cases_have_multi_hop_halos():
         assert max(left, right) > shape[axis] // 8, (shape, kw, left, right)
 
 
+def test_join_and_assemble():
+    """_join is jnp.concatenate (pieces of odd lengths, on any axis, bf16 and float32);
+    _assemble cuts each class's block from the exchange's pieces exactly as slicing the
+    concatenated halo block would (here: a multi-hop plan, every class)."""
+    import jax.numpy as jnp
+
+    from jax_gna.params import make_problem
+    from jax_gna.sharding import _assemble, _join, plan_axis
+
+    rng = np.random.default_rng(3)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        for dim, lengths in ((1, (1023, 1, 1024)), (2, (3, 5)), (1, (7,))):
+            chunks = [jnp.asarray(rng.standard_normal((2, n, 3, 4) if dim == 1 else (2, 3, n, 4)),
+                                  dtype) for n in lengths]
+            got = _join(chunks, dim)
+            assert got.dtype == dtype
+            np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                          np.concatenate([np.asarray(c, np.float32) for c in chunks], dim))
+
+    x = np.zeros((1, 32, 1, 2), np.float32)
+    prob = make_problem(x, x, x, 11, 2)
+    plan = plan_axis(prob, 0, "c", 8)  # shards of 4 rows, halos of two hops
+    assert plan.left > plan.size and plan.classes > 1
+    sizes = [plan.size] * (plan.left // plan.size) + [plan.left % plan.size]
+    sizes = [n for n in sizes[::-1] if n] + [plan.size]
+    sizes += [n for n in [plan.size] * (plan.right // plan.size) + [plan.right % plan.size] if n]
+    assert sum(sizes) == plan.block
+    pieces = [(jnp.asarray(rng.standard_normal((1, n, 2, 3)), jnp.float32),
+               jnp.asarray(rng.standard_normal((1, n, 2, 5)), jnp.float32)) for n in sizes]
+    whole = [np.concatenate([np.asarray(p[i]) for p in pieces], 1) for i in (0, 1)]
+    for start, length in plan.kv_slice:
+        k, v = _assemble(pieces, (plan,), ((start, length),))
+        np.testing.assert_array_equal(np.asarray(k), whole[0][:, start:start + length])
+        np.testing.assert_array_equal(np.asarray(v), whole[1][:, start:start + length])
+
+
 def test_halo_sizes():
     from jax_gna.sharding import halo_sizes
 
