@@ -5,7 +5,8 @@ Activations are split over the batch ("data") and along the first spatial axis
 attention sees the sharded queries and exchanges only the halo rows of keys/values with
 the neighbouring shards (collective-permute), never an all-gather of the sequence.
 
-Runs on CPU with 8 fake devices (set below), or on 8 GPUs as it is:
+Runs on CPU with 8 fake devices (set below), or as it is on the GPUs of one machine
+(the mesh is (2, N / 2) for an even N >= 4 devices, else (1, N)):
 
     python examples/context_parallel.py
 """
@@ -26,7 +27,9 @@ from jax_gna import sharding  # noqa: E402
 
 
 def main(steps: int = 5) -> None:
-    mesh = jax.make_mesh((2, 4), ("data", "context"))
+    n = jax.device_count()
+    data = 2 if n >= 4 and n % 2 == 0 else 1
+    mesh = jax.make_mesh((data, n // data), ("data", "context"))
     shape, kernel, channels = (64, 32), (7, 7), 64  # 2-D tokens, e.g. a latent image
     layer = gnn.NeighborhoodAttention2D(4, channels, kernel_size=kernel, stride=(1, 1),
                                         num_kv_heads=2, rope=True, normalize_qk=True,
@@ -50,9 +53,10 @@ def main(steps: int = 5) -> None:
     counts = {op: len(re.findall(rf"\b{op}(-start)?\(", hlo))
               for op in ("collective-permute", "all-gather", "all-to-all", "all-reduce")}
     print("collectives in the compiled step:", counts)
-    (left, right), = sharding.halo_sizes(shape, kernel, shards={0: 4}).values()
-    print(f"halo rows per shard along X: left={left}, right={right} "
-          f"(an all-gather would bring {shape[0] - shape[0] // 4} rows)")
+    shards = n // data
+    (left, right), = sharding.halo_sizes(shape, kernel, shards={0: shards}).values()
+    print(f"mesh {dict(mesh.shape)}; halo rows per shard along X: left={left}, right={right} "
+          f"(an all-gather would bring {shape[0] - shape[0] // shards} rows)")
     for i in range(steps):
         value, params = step(params, x, y)
         print(f"step {i}: loss {float(value):.5f}")
