@@ -5,8 +5,9 @@ Activations are split over the batch ("data") and along the first spatial axis
 attention sees the sharded queries and exchanges only the halo rows of keys/values with
 the neighbouring shards (collective-permute), never an all-gather of the sequence.
 
-Runs on CPU with 8 fake devices (set below), or as it is on the GPUs of one machine
-(the mesh is (2, N / 2) for an even N >= 4 devices, else (1, N)):
+Runs on CPU with 8 fake devices (set below), or as it is on the GPUs of one machine,
+any power-of-two number of them up to 128 (the mesh is (2, N / 2) for N >= 4 devices,
+else (1, N); the 64 rows along X split over the N / 2 or N context shards):
 
     python examples/context_parallel.py
 """
