@@ -36,9 +36,10 @@ Two ways in:
   values travel together, one ``ppermute`` per direction); the backward receives the
   same again plus the halo's key/value gradients (:func:`halo_sizes` gives the rows).
   An all-gather would receive ``(n - 1) S`` rows instead of ``left + right``. Besides the
-  exchange, a shard copies its halo-extended key and value blocks once per call
-  (:func:`_assemble`); on two H200s that costs 37 us per 1-D forward of 16384 owned rows
-  (8 heads, head dim 128) beside 244 us of attention kernels
+  exchange and a few halo-sized copies, a shard copies its halo-extended key and value
+  blocks once per pass and sharded axis (:func:`_assemble`; the backward builds them
+  again); on two H200s that copy takes 37 us per 1-D forward of 16384 owned rows (8 heads,
+  head dim 128) beside 244 us of attention kernels
   (``benchmarks/results/multi-gpu-h200x2.md``).
 
 * **Explicit** (``shard_map``): :func:`neighborhood_attention_local` is called *inside*
@@ -326,7 +327,8 @@ def _exchange(xs: tuple[jax.Array, ...], plans: Sequence[AxisPlan]) -> list[tupl
 
         def send(first: int, rows: int, moves: list[tuple[int, int]]) -> tuple[jax.Array, ...]:
             # The arrays' rows [first, first + rows) in one collective (concatenated along
-            # the last dim: a halo-sized copy), split again (slices that fuse downstream).
+            # the last dim: a halo-sized copy), split again (slices: where a lax.switch
+            # follows, XLA copies them out before it, two more halo-sized copies).
             edge = [jax.lax.slice_in_dim(x, first, first + rows, axis=dim) for x in xs]
             got = jax.lax.ppermute(jnp.concatenate(edge, axis=-1) if len(xs) > 1 else edge[0],
                                    name, pairs(moves))

@@ -50,8 +50,9 @@ def test_context_parallel_example(devices):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     out = run.stdout
     assert f"'context': {devices // 2 if devices >= 4 else devices}" in out, out
-    line = next(l for l in out.splitlines() if l.startswith("collectives in the compiled step"))
-    counts = dict(re.findall(r"'([a-z-]+)': (\d+)", line))
+    lines = [l for l in out.splitlines() if l.startswith("collectives in the compiled step")]
+    assert len(lines) == 1, out
+    counts = dict(re.findall(r"'([a-z-]+)': (\d+)", lines[0]))
     assert int(counts["collective-permute"]) > 0 and counts["all-gather"] == "0", out
     losses = [float(x) for x in re.findall(r"loss ([0-9.]+)", out)]
     assert len(losses) == 5 and losses[-1] < losses[0], out

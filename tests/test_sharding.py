@@ -24,7 +24,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = 2e-6  # max |sharded - unsharded| / max |unsharded|, fp32
 
-# name -> (spatial shape, B, H, H_kv, D, window kwargs, mesh shape, mesh names, data spec)
+# name -> (spatial shape, B, H, H_kv, D or (D, D_v), window kwargs, mesh shape, mesh names,
+#          data spec)
 CASES = {
     "1d_data2_context4_gqa_stride": (
         (32,), 2, 4, 2, 8, dict(kernel_size=5, stride=2),
@@ -49,6 +50,11 @@ CASES = {
     "3d_data2_context4": (
         (4, 6, 16), 2, 2, 2, 4, dict(kernel_size=(2, 3, 5), dilation=(1, 2, 1)),
         (2, 4), ("data", "context"), ("data", None, None, "context", None)),
+    # two sharded axes (the first extended before the second sends), a two-hop halo on
+    # the first, values narrower than keys (D_v != D: keys and values share the exchange)
+    "2d_context4x2_multi_hop_dv_differs": (
+        (16, 12), 1, 2, 1, (8, 4), dict(kernel_size=(11, 9), stride=(2, 1)),
+        (4, 2), ("cx", "cy"), (None, "cx", "cy", None)),
     "1d_context_over_two_mesh_axes": (
         (32,), 2, 2, 2, 4, dict(kernel_size=3),
         (2, 4), ("a", "b"), (None, ("a", "b"), None)),
@@ -227,6 +233,14 @@ def test_shard_numbering_tuple_order():
         plan_axis(prob, 0, ("b", "a"), 4)
 
 
+def test_dv_case_has_a_multi_hop_halo():
+    from jax_gna.sharding import halo_sizes
+
+    shape, _, _, _, d, kw, _, _, _ = CASES["2d_context4x2_multi_hop_dv_differs"]
+    halos = halo_sizes(shape, kw["kernel_size"], kw["stride"], shards={0: 4, 1: 2})
+    assert min(halos[0]) > shape[0] // 4 and min(halos[1]) > 0 and d[0] != d[1], halos
+
+
 def test_tuple_cases_have_multi_hop_halos():
     """Each tuple-order case needs halo rows from more than one shard away."""
     from jax_gna.sharding import halo_sizes
@@ -247,7 +261,7 @@ def test_join_and_assemble():
 
     rng = np.random.default_rng(3)
     for dtype in (jnp.float32, jnp.bfloat16):
-        for dim, lengths in ((1, (1023, 1, 1024)), (2, (3, 5)), (1, (7,))):
+        for dim, lengths in ((1, (1023, 1, 1024)), (2, (3, 5))):
             chunks = [jnp.asarray(rng.standard_normal((2, n, 3, 4) if dim == 1 else (2, 3, n, 4)),
                                   dtype) for n in lengths]
             got = _join(chunks, dim)
@@ -305,10 +319,11 @@ def _worker():  # pragma: no cover - runs in the subprocess
     assert jax.device_count() == 8, jax.devices()
 
     def inputs(shape, b, h, h_kv, d, seed=0):
+        d, d_v = (d, d) if isinstance(d, int) else d  # d: D, or (D, D_v)
         rng = np.random.default_rng(seed)
         mk = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
-        q, k, v = mk(b, *shape, h, d), mk(b, *shape, h_kv, d), mk(b, *shape, h_kv, d)
-        do, dl = mk(b, *shape, h, d), mk(b, *shape, h)
+        q, k, v = mk(b, *shape, h, d), mk(b, *shape, h_kv, d), mk(b, *shape, h_kv, d_v)
+        do, dl = mk(b, *shape, h, d_v), mk(b, *shape, h)
         return q, k, v, do, dl
 
     def fwd_bwd(kw, **extra):
