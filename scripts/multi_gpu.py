@@ -97,8 +97,15 @@ def main(argv=None) -> int:
     n = args.gpus
     mesh = Mesh(np.array(gpus[:n]), ("x",))
     records = []
+    unknown = set(args.problems.split(",")) - set(PROBLEMS)
+    if unknown:
+        raise SystemExit(f"unknown problems {sorted(unknown)}; choose from {list(PROBLEMS)}")
     for name in args.problems.split(","):
         shape, heads, kernel, stride, axis = PROBLEMS[name]
+        if heads % n or shape[axis] % n:
+            print(f"{name}: skipped, {heads} heads and {shape[axis]} rows along axis {axis} "
+                  f"do not both split over {n} GPUs", flush=True)
+            continue
         rank = len(shape)
         rng = np.random.default_rng(0)
         host = [rng.standard_normal((1, *shape, heads, 128), np.float32) for _ in range(4)]
