@@ -22,6 +22,11 @@ namespace {
 struct Attrs {
   I64s shape, kernel_size, stride, dilation, is_causal, q_origin, q_extent, kv_origin, kv_extent;
   float scale;
+  // Per-device block origins (sharded calls; empty otherwise): the device with ordinal
+  // device_ordinals[i] takes q_origin / kv_origin from entries [i * rank, (i + 1) * rank)
+  // of device_q_origin / device_kv_origin. One SPMD program serves every shard, so
+  // each device's handler picks its own static problem here (no conditional on the GPU).
+  I64s device_ordinals, device_q_origin, device_kv_origin;
 };
 
 std::string dims_str(ffi::AnyBuffer::Dimensions d) {
@@ -52,12 +57,23 @@ void choose_tile(int rank, const int k[3], const int n[3], int t[3]) {
   }
 }
 
-// Builds Params from attributes and the q / k / v buffers. lead: leading (batch)
-// dims of q (all folded into B).
-ffi::Error make_params(const Attrs& at, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                       Params& p, DType& dt) {
+// Builds Params from attributes and the q / k / v buffers on the device with ordinal
+// `ordinal`. lead: leading (batch) dims of q (all folded into B).
+ffi::Error make_params(const Attrs& attrs, int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                       ffi::AnyBuffer v, Params& p, DType& dt) {
+  Attrs at = attrs;
   const size_t rank = at.shape.size();
   if (rank < 1 || rank > 3) return bad("shape must have 1 to 3 entries, got " + std::to_string(rank));
+  if (const size_t n = at.device_ordinals.size(); n > 0) {
+    if (at.device_q_origin.size() != n * rank || at.device_kv_origin.size() != n * rank)
+      return bad("device_q_origin and device_kv_origin must have " + std::to_string(rank) +
+                 " entries per device of device_ordinals");
+    size_t i = 0;
+    while (i < n && at.device_ordinals[i] != ordinal) ++i;
+    if (i == n) return bad("device " + std::to_string(ordinal) + " is not in the call's device table");
+    at.q_origin = I64s(at.device_q_origin.begin() + i * rank, rank);
+    at.kv_origin = I64s(at.device_kv_origin.begin() + i * rank, rank);
+  }
   const I64s* per_axis[] = {&at.kernel_size, &at.stride, &at.dilation, &at.is_causal, &at.q_origin,
                             &at.q_extent, &at.kv_origin, &at.kv_extent};
   const char* names[] = {"kernel_size", "stride", "dilation", "is_causal", "q_origin", "q_extent",
@@ -118,8 +134,10 @@ ffi::Error make_params(const Attrs& at, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
       return bad("need kernel_size >= 2, 1 <= stride <= kernel_size, dilation >= 1, kernel_size * dilation <= length" + ax +
                  " (got k=" + std::to_string(ks) + ", s=" + std::to_string(st) + ", d=" + std::to_string(dl) + ", L=" + std::to_string(L) + ")");
     if (at.is_causal[i] != 0 && at.is_causal[i] != 1) return bad("is_causal must be 0 or 1" + ax);
-    if (q0 < 0 || qn < 1 || q0 + qn > L || k0 < 0 || kn < 1 || k0 + kn > L)
-      return bad("query/key blocks must lie inside the global shape" + ax);
+    // A key block may run past the grid's end (a sharded call's blocks all have one
+    // shape; their rows past the end are outside every window and never read).
+    if (q0 < 0 || qn < 1 || q0 + qn > L || k0 < 0 || kn < 1 || k0 >= L || kn > (int64_t{1} << 30))
+      return bad("the query block must lie inside the global shape, the key block start inside it" + ax);
     x.L = static_cast<int>(L); x.k = static_cast<int>(ks); x.s = static_cast<int>(st); x.d = static_cast<int>(dl);
     x.causal = static_cast<int>(at.is_causal[i]);
     x.q0 = static_cast<int>(q0); x.qn = static_cast<int>(qn); x.kv0 = static_cast<int>(k0); x.kvn = static_cast<int>(kn);
@@ -199,11 +217,11 @@ cudaError_t dispatch(DType dt, const Params& p, cudaStream_t s, bool fwd) {
   return fwd ? launch_forward(dt, p, s) : launch_backward(dt, p, s);
 }
 
-ffi::Error Forward(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+ffi::Error Forward(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                    ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse, const Attrs& at) {
   Params p;
   DType dt;
-  if (auto e = make_params(at, q, k, v, p, dt); e.failure()) return e;
+  if (auto e = make_params(at, ordinal, q, k, v, p, dt); e.failure()) return e;
   auto qd = q.dimensions();
   const int64_t Dv = v.dimensions()[v.dimensions().size() - 1];
   if (auto e = same_shape("out", o->dimensions(), with_last(qd, 1, {Dv}), o->element_type(), q.element_type()); e.failure()) return e;
@@ -213,13 +231,13 @@ ffi::Error Forward(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   return launched(dispatch(dt, p, stream, true));
 }
 
-ffi::Error Backward(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+ffi::Error Backward(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                     ffi::AnyBuffer dout, ffi::AnyBuffer lse, ffi::AnyBuffer delta,
                     ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                     ffi::Result<ffi::AnyBuffer> dv, const Attrs& at) {
   Params p;
   DType dt;
-  if (auto e = make_params(at, q, k, v, p, dt); e.failure()) return e;
+  if (auto e = make_params(at, ordinal, q, k, v, p, dt); e.failure()) return e;
   auto qd = q.dimensions();
   const int64_t Dv = v.dimensions()[v.dimensions().size() - 1];
   const auto T = q.element_type();
@@ -239,30 +257,33 @@ ffi::Error Backward(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
 
 #define GNA_ATTR_PARAMS                                                                         \
   I64s shape, I64s kernel_size, I64s stride, I64s dilation, I64s is_causal, I64s q_origin,     \
-      I64s q_extent, I64s kv_origin, I64s kv_extent, float scale
-#define GNA_ATTRS Attrs{shape, kernel_size, stride, dilation, is_causal, q_origin, q_extent, kv_origin, kv_extent, scale}
+      I64s q_extent, I64s kv_origin, I64s kv_extent, float scale, I64s device_ordinals,         \
+      I64s device_q_origin, I64s device_kv_origin
+#define GNA_ATTRS                                                                              \
+  Attrs{shape, kernel_size, stride, dilation, is_causal, q_origin, q_extent, kv_origin, kv_extent, \
+        scale, device_ordinals, device_q_origin, device_kv_origin}
 
-ffi::Error FwdImpl(cudaStream_t s, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+ffi::Error FwdImpl(cudaStream_t s, int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                    ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse, GNA_ATTR_PARAMS) {
-  return Forward(s, q, k, v, o, lse, GNA_ATTRS);
+  return Forward(s, ordinal, q, k, v, o, lse, GNA_ATTRS);
 }
-ffi::Error FwdAliasedImpl(cudaStream_t s, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+ffi::Error FwdAliasedImpl(cudaStream_t s, int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                           ffi::AnyBuffer, ffi::AnyBuffer, ffi::Result<ffi::AnyBuffer> o,
                           ffi::Result<ffi::AnyBuffer> lse, GNA_ATTR_PARAMS) {
-  return Forward(s, q, k, v, o, lse, GNA_ATTRS);
+  return Forward(s, ordinal, q, k, v, o, lse, GNA_ATTRS);
 }
-ffi::Error BwdImpl(cudaStream_t s, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+ffi::Error BwdImpl(cudaStream_t s, int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                    ffi::AnyBuffer dout, ffi::AnyBuffer lse, ffi::AnyBuffer delta,
                    ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                    ffi::Result<ffi::AnyBuffer> dv, GNA_ATTR_PARAMS) {
-  return Backward(s, q, k, v, dout, lse, delta, dq, dk, dv, GNA_ATTRS);
+  return Backward(s, ordinal, q, k, v, dout, lse, delta, dq, dk, dv, GNA_ATTRS);
 }
-ffi::Error BwdAliasedImpl(cudaStream_t s, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+ffi::Error BwdAliasedImpl(cudaStream_t s, int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                           ffi::AnyBuffer dout, ffi::AnyBuffer lse, ffi::AnyBuffer delta,
                           ffi::AnyBuffer, ffi::AnyBuffer, ffi::AnyBuffer,
                           ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                           ffi::Result<ffi::AnyBuffer> dv, GNA_ATTR_PARAMS) {
-  return Backward(s, q, k, v, dout, lse, delta, dq, dk, dv, GNA_ATTRS);
+  return Backward(s, ordinal, q, k, v, dout, lse, delta, dq, dk, dv, GNA_ATTRS);
 }
 
 }  // namespace
@@ -305,11 +326,12 @@ int device_smem_optin() {
 #define GNA_BIND_ATTRS                                                                  \
   .Attr<I64s>("shape").Attr<I64s>("kernel_size").Attr<I64s>("stride").Attr<I64s>("dilation") \
       .Attr<I64s>("is_causal").Attr<I64s>("q_origin").Attr<I64s>("q_extent")                 \
-      .Attr<I64s>("kv_origin").Attr<I64s>("kv_extent").Attr<float>("scale")
+      .Attr<I64s>("kv_origin").Attr<I64s>("kv_extent").Attr<float>("scale")                  \
+      .Attr<I64s>("device_ordinals").Attr<I64s>("device_q_origin").Attr<I64s>("device_kv_origin")
 
 #define GNA_ARG .Arg<ffi::AnyBuffer>()
 #define GNA_RET .Ret<ffi::AnyBuffer>()
-#define GNA_BIND ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()
+#define GNA_BIND ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>().Ctx<ffi::DeviceOrdinal>()
 #define GNA_FWD_BIND GNA_BIND GNA_ARG GNA_ARG GNA_ARG GNA_RET GNA_RET GNA_BIND_ATTRS
 #define GNA_FWD_ALIASED_BIND GNA_BIND GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_RET GNA_RET GNA_BIND_ATTRS
 #define GNA_BWD_BIND GNA_BIND GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_RET GNA_RET GNA_RET GNA_BIND_ATTRS

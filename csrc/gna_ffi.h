@@ -5,7 +5,10 @@
 //   *_aliased: the same with the outputs also passed as trailing inputs (aliased to
 //   the results by the caller); the tests use them to poison outputs with NaN.
 // Attributes (all int64 arrays of length rank, except scale: f32): shape,
-// kernel_size, stride, dilation, is_causal, q_origin, q_extent, kv_origin, kv_extent.
+// kernel_size, stride, dilation, is_causal, q_origin, q_extent, kv_origin, kv_extent;
+// and a per-device table for sharded calls (empty arrays otherwise): device_ordinals
+// (n entries), device_q_origin and device_kv_origin (n * rank entries): the device with
+// ordinal device_ordinals[i] uses the i-th q_origin / kv_origin instead of the above.
 #pragma once
 #include <cstddef>
 #include <cstdint>

@@ -189,7 +189,12 @@ def _device_smem_optin() -> int:
     return int(lib.device_smem_optin())
 
 
-def _attrs(problem: Problem) -> dict[str, Any]:
+# Per-device origins of a sharded call: ``(device ordinal, q_origin, kv_origin)`` per
+# device; empty for an ordinary call.
+DeviceTable = tuple[tuple[int, tuple[int, ...], tuple[int, ...]], ...]
+
+
+def _attrs(problem: Problem, devices: DeviceTable = ()) -> dict[str, Any]:
     i64 = lambda t: np.asarray(t, dtype=np.int64)  # noqa: E731
     return dict(
         shape=i64(problem.shape),
@@ -202,10 +207,14 @@ def _attrs(problem: Problem) -> dict[str, Any]:
         kv_origin=i64(problem.kv_origin),
         kv_extent=i64(problem.kv_extent),
         scale=np.float32(problem.scale),
+        device_ordinals=i64([d for d, _, _ in devices]),
+        device_q_origin=i64([x for _, q0, _ in devices for x in q0]),
+        device_kv_origin=i64([x for _, _, k0 in devices for x in k0]),
     )
 
 
-def _forward_call(query, key, value, problem: Problem, poison: bool = False):
+def _forward_call(query, key, value, problem: Problem, poison: bool = False,
+                  devices: DeviceTable = ()):
     _register()
     out_shape = query.shape[:-1] + (value.shape[-1],)
     results = (jax.ShapeDtypeStruct(out_shape, query.dtype),
@@ -215,12 +224,13 @@ def _forward_call(query, key, value, problem: Problem, poison: bool = False):
         l0 = jnp.full(query.shape[:-1], jnp.nan, jnp.float32)
         call = jax.ffi.ffi_call(FWD_TARGET + "_aliased", results, vmap_method="broadcast_all",
                                 input_output_aliases={3: 0, 4: 1})
-        return call(query, key, value, o0, l0, **_attrs(problem))
+        return call(query, key, value, o0, l0, **_attrs(problem, devices))
     call = jax.ffi.ffi_call(FWD_TARGET, results, vmap_method="broadcast_all")
-    return call(query, key, value, **_attrs(problem))
+    return call(query, key, value, **_attrs(problem, devices))
 
 
-def _backward_call(query, key, value, dout, lse, delta, problem: Problem, poison: bool = False):
+def _backward_call(query, key, value, dout, lse, delta, problem: Problem, poison: bool = False,
+                   devices: DeviceTable = ()):
     _register()
     results = (jax.ShapeDtypeStruct(query.shape, query.dtype),
                jax.ShapeDtypeStruct(key.shape, key.dtype),
@@ -229,22 +239,22 @@ def _backward_call(query, key, value, dout, lse, delta, problem: Problem, poison
         inits = [jnp.full(r.shape, jnp.nan, r.dtype) for r in results]
         call = jax.ffi.ffi_call(BWD_TARGET + "_aliased", results, vmap_method="broadcast_all",
                                 input_output_aliases={6: 0, 7: 1, 8: 2})
-        return call(query, key, value, dout, lse, delta, *inits, **_attrs(problem))
+        return call(query, key, value, dout, lse, delta, *inits, **_attrs(problem, devices))
     call = jax.ffi.ffi_call(BWD_TARGET, results, vmap_method="broadcast_all")
-    return call(query, key, value, dout, lse, delta, **_attrs(problem))
+    return call(query, key, value, dout, lse, delta, **_attrs(problem, devices))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _attention(query, key, value, problem, poison):
-    return _forward_call(query, key, value, problem, poison)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _attention(query, key, value, problem, poison, devices):
+    return _forward_call(query, key, value, problem, poison, devices)
 
 
-def _attention_fwd(query, key, value, problem, poison):
-    out, lse = _forward_call(query, key, value, problem, poison)
+def _attention_fwd(query, key, value, problem, poison, devices):
+    out, lse = _forward_call(query, key, value, problem, poison, devices)
     return (out, lse), (query, key, value, out, lse)
 
 
-def _attention_bwd(problem, poison, res, cts):
+def _attention_bwd(problem, poison, devices, res, cts):
     query, key, value, out, lse = res
     dout, dlse = cts
     dout = dout.astype(query.dtype)
@@ -252,7 +262,7 @@ def _attention_bwd(problem, poison, res, cts):
     # gradient that flows into the returned log-sum-exp.
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     delta = delta - dlse.astype(jnp.float32)
-    return _backward_call(query, key, value, dout, lse, delta, problem, poison)
+    return _backward_call(query, key, value, dout, lse, delta, problem, poison, devices)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -267,7 +277,7 @@ def attention(query, key, value, problem: Problem):
     coordinates (``problem.q_origin`` / ``kv_origin``); every query's window must lie
     inside the key block (the kernels check it and fail otherwise).
     """
-    return _attention(query, key, value, problem, False)
+    return _attention(query, key, value, problem, False, ())
 
 
 def export_disabled_checks() -> list:
@@ -283,12 +293,38 @@ def export_disabled_checks() -> list:
 def _backward(query, key, value, out, lse, d_out, d_lse, problem: Problem):
     """``(dq, dk, dv)`` from a saved forward: the backend backward protocol
     (``attention.backward``) that the sharded op uses to skip recomputing the forward."""
-    return _attention_bwd(problem, False, (query, key, value, out, lse), (d_out, d_lse))
+    return _attention_bwd(problem, False, (), (query, key, value, out, lse), (d_out, d_lse))
+
+
+def _device_table(problems, devices) -> DeviceTable:
+    return tuple((int(ordinal), tuple(problems[c].q_origin), tuple(problems[c].kv_origin))
+                 for ordinal, c in devices)
+
+
+def _by_device(query, key, value, index, problems, devices, poison: bool = False):
+    """One kernel call for every shard of a sharded op (``jax_gna.sharding``): the shards'
+    ``problems`` differ only in their origins, and the device with ordinal ``o`` runs
+    ``problems[c]`` for each ``(o, c)`` in ``devices`` (the FFI handler picks it on the
+    host, so no conditional runs on the GPU). ``index`` (this shard's entry of
+    ``problems``, traced) is not needed here; the portable fallback switches on it.
+    ``poison``: the test hook of :func:`_attention_poisoned`."""
+    del index
+    return _attention(query, key, value, problems[0], poison, _device_table(problems, devices))
+
+
+def _backward_by_device(query, key, value, out, lse, d_out, d_lse, index, problems, devices,
+                        poison: bool = False):
+    """The backward of :func:`_by_device` from its saved ``(out, lse)``."""
+    del index
+    return _attention_bwd(problems[0], poison, _device_table(problems, devices),
+                          (query, key, value, out, lse), (d_out, d_lse))
 
 
 attention.backward = _backward
+attention.by_device = _by_device
+attention.backward_by_device = _backward_by_device
 
 
 def _attention_poisoned(query, key, value, problem: Problem):
     """Test hook: like :func:`attention`, but the kernels' output buffers start as NaN."""
-    return _attention(query, key, value, problem, True)
+    return _attention(query, key, value, problem, True, ())

@@ -36,11 +36,11 @@ Two ways in:
   values travel together, one ``ppermute`` per direction); the backward receives the
   same again plus the halo's key/value gradients (:func:`halo_sizes` gives the rows).
   An all-gather would receive ``(n - 1) S`` rows instead of ``left + right``. Besides the
-  exchange and a few halo-sized copies, a shard copies its halo-extended key and value
-  blocks once per pass and sharded axis (:func:`_assemble`; the backward builds them
-  again); on two H200s that copy takes 37 us per 1-D forward of 16384 owned rows (8 heads,
-  head dim 128) beside 244 us of attention kernels
-  (``benchmarks/results/multi-gpu-h200x2.md``).
+  exchange and a halo-sized copy (keys and values joined for the collective), a shard
+  copies its halo-extended key and value blocks once per pass (:func:`_assemble`, on
+  32-bit words; the backward builds them again); on two H200s those copies take 39 us
+  per 1-D forward of 16384 owned rows (8 heads, head dim 128) beside 246 us of attention
+  kernels (``benchmarks/results/multi-gpu-h200x2.md``).
 
 * **Explicit** (``shard_map``): :func:`neighborhood_attention_local` is called *inside*
   ``shard_map`` on the local blocks, naming the mesh axis of each sharded spatial axis;
@@ -65,15 +65,26 @@ data's order and every exchange's source/target pairs are mapped to the mesh's n
 (:func:`shard_numbering`), so neighbours are neighbours in the data.
 
 One SPMD program serves every shard, but a :class:`~jax_gna.params.Problem` is static.
-Shards whose query windows have the same placement relative to their key block (all
-interior shards, when the shard size is a multiple of the stride period) share one
-problem; the few distinct ones (usually: first, interior, last) are selected with
-``lax.switch`` on the shard index, per axis.
+Every shard's key block has the same shape (``S + left + right`` rows per sharded axis;
+the first shards' blocks start at the grid's first row, so the block may hold zero rows
+past the halo or past the grid's end, outside every window). Shards whose query
+windows have the same placement relative to their key block (all interior shards, when
+the shard size is a multiple of the stride period) share one problem; the few distinct
+ones (usually: first, interior, last) differ only in their origins. The ``cuda``
+backend runs them all in one kernel call: where the program's concrete mesh is known
+(the ``jax.jit`` path, :func:`neighborhood_attention_sharded`) and its devices belong
+to this process, the call carries a table (device ordinal -> origins) and each device's
+FFI handler picks its own problem on the host (``impl.by_device``,
+:func:`_device_classes`). Otherwise (``neighborhood_attention_local`` in a user's
+``shard_map``, meshes of ``Explicit`` axes, other backends) ``lax.switch`` on the shard
+index picks the problem; on a GPU XLA runs that switch with a device-to-host copy of
+the index and a wait for it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -89,6 +100,7 @@ from .params import BoolOrTuple, IntOrTuple, Problem
 
 __all__ = ["neighborhood_attention_local", "neighborhood_attention_sharded", "halo_sizes",
            "set_auto_partitioning", "attention", "dense_attention", "platform_backward",
+           "platform_by_device",
            "plan_axis", "AxisPlan", "shard_numbering"]
 
 log = logging.getLogger("jax_gna")
@@ -182,9 +194,14 @@ class AxisPlan:
       left, right: halo rows received from the left / right neighbour.
       shard_class: for each shard, the index of its class (shards of one class share
         a static problem).
-      q_origin, kv_origin, kv_slice: per class, the global first query, the global first
-        key of the in-grid part of the halo block, and that part's (start, length)
-        inside the halo block ``[r S - left, (r+1) S + right)``.
+      q_origin, kv_origin: per class, the global first query and the global first key of
+        its key block (``block`` rows from the first row of the grid its halo block
+        holds; the same size on every shard).
+      shift: per class, where its key block starts in the halo block
+        ``[r S - left, (r+1) S + right)``: the rows of the halo block before the grid
+        (0 but for the first shards). A shard at the start of the grid moves its block
+        inward by them; the rows the block then holds beyond its halo block, and rows
+        past the grid's end, are zeros and lie outside every window.
       mesh_shape: ``(name, size)`` of the mesh axes in ``mesh_axes``, in the mesh's order
         (how ``lax.ppermute`` numbers the shards; see :func:`shard_numbering`).
     """
@@ -198,7 +215,7 @@ class AxisPlan:
     shard_class: tuple[int, ...]
     q_origin: tuple[int, ...]
     kv_origin: tuple[int, ...]
-    kv_slice: tuple[tuple[int, int], ...]
+    shift: tuple[int, ...]
     mesh_shape: tuple[tuple[str, int], ...] = ()
 
     @property
@@ -212,7 +229,8 @@ class AxisPlan:
 
     @property
     def block(self) -> int:
-        """Rows of the halo-extended key block."""
+        """Rows of the halo block (what a shard receives and holds) and of the key block
+        (:func:`_assemble`), ``S + left + right``."""
         return self.size + self.left + self.right
 
 
@@ -260,40 +278,68 @@ def plan_axis(problem: Problem, axis: int, mesh_axes: AxisName, shards: int,
     block = size + left + right
     ax = problem.axis(axis)
     signatures: dict[Any, int] = {}
-    shard_class, q_origin, kv_origin, kv_slice = [], [], [], []
+    shard_class, q_origin, kv_origin, shift = [], [], [], []
     for r in range(shards):
         k0 = r * size - left
         lo, hi = max(0, k0), min(length, k0 + block)
         first, last = mask.window_extent(np.arange(r * size, (r + 1) * size), ax)
-        # Local neighbor structure: every query's window relative to the key block (this
-        # also fixes the dilation phase: first = lo_g * d + i % d).
-        sig = (lo - k0, hi - lo, (first - lo).tobytes(), (last - lo).tobytes())
+        # Local neighbor structure: every query's window relative to the halo block (this
+        # also fixes the dilation phase: first = lo_g * d + i % d) and the grid's border.
+        sig = (lo - k0, hi - lo, (first - k0).tobytes(), (last - k0).tobytes())
         if sig not in signatures:
             signatures[sig] = len(q_origin)
             q_origin.append(r * size)
-            kv_origin.append(lo)
-            kv_slice.append((lo - k0, hi - lo))
+            kv_origin.append(lo)  # [lo, lo + block) holds [lo, hi)
+            shift.append(lo - k0)
         shard_class.append(signatures[sig])
     return AxisPlan(axis, names, shards, size, left, right, tuple(shard_class),
-                    tuple(q_origin), tuple(kv_origin), tuple(kv_slice), order)
+                    tuple(q_origin), tuple(kv_origin), tuple(shift), order)
 
 
-def _class_problems(problem: Problem, plans: Sequence[AxisPlan]) -> list[tuple[Problem, tuple]]:
+def _class_problems(problem: Problem, plans: Sequence[AxisPlan]) -> list[Problem]:
     """Per combination of classes (row-major over ``plans``): the static problem of the
-    local block and the per-axis slice of the halo block that holds its keys."""
+    local query block over the key block :func:`_assemble` builds."""
     out = []
     for combo in itertools.product(*[range(p.classes) for p in plans]):
         q_origin, q_extent = list(problem.q_origin), list(problem.q_extent)
         kv_origin, kv_extent = list(problem.kv_origin), list(problem.kv_extent)
-        slices = []
         for p, c in zip(plans, combo):
             q_origin[p.axis], q_extent[p.axis] = p.q_origin[c], p.size
-            kv_origin[p.axis], kv_extent[p.axis] = p.kv_origin[c], p.kv_slice[c][1]
-            slices.append(p.kv_slice[c])
-        prob = problem.replace(q_origin=tuple(q_origin), q_extent=tuple(q_extent),
-                               kv_origin=tuple(kv_origin), kv_extent=tuple(kv_extent))
-        out.append((prob, tuple(slices)))
+            kv_origin[p.axis], kv_extent[p.axis] = p.kv_origin[c], p.block
+        out.append(problem.replace(q_origin=tuple(q_origin), q_extent=tuple(q_extent),
+                                   kv_origin=tuple(kv_origin), kv_extent=tuple(kv_extent)))
     return out
+
+
+def _device_classes(plans: Sequence[AxisPlan], mesh: Any) -> tuple[tuple[int, int], ...] | None:
+    """``(device ordinal, class combination)`` for every device of ``mesh`` (the index
+    :func:`_branch_index` computes on that device), for backends that pick each device's
+    problem on the host (``impl.by_device``). None when ``mesh`` is not a concrete mesh
+    whose devices all belong to this process with distinct ordinals."""
+    devices = getattr(mesh, "devices", None) if isinstance(mesh, jax.sharding.Mesh) else None
+    if not isinstance(devices, np.ndarray) or not devices.size:
+        return None
+    try:
+        me = jax.process_index()
+        ordinals = [d.local_hardware_id for d in devices.flat]
+        if any(d.process_index != me for d in devices.flat):
+            return None
+    except Exception:  # noqa: BLE001 - a device type without these attributes
+        return None
+    if any(o is None for o in ordinals) or len(set(ordinals)) != len(ordinals):
+        return None
+    sizes = dict(mesh.shape)
+    table = []
+    for idx, ordinal in zip(np.ndindex(devices.shape), ordinals):
+        coord = dict(zip(mesh.axis_names, idx))
+        combo = 0
+        for p in plans:
+            r = 0
+            for n in p.mesh_axes:  # layout order, as shard_numbering's index()
+                r = r * sizes[n] + coord[n]
+            combo = combo * p.classes + p.shard_class[r]
+        table.append((int(ordinal), combo))
+    return tuple(table)
 
 
 # --------------------------------------------------------------------------
@@ -313,7 +359,7 @@ def _exchange(xs: tuple[jax.Array, ...], plans: Sequence[AxisPlan]) -> list[tupl
     sharded axis but the last the blocks are extended (concatenated); along the last,
     the pieces of the halo block ``[r S - left, (r+1) S + right)`` come back in order
     (farthest left neighbour first, the local block, then the right neighbours), for
-    :func:`_assemble` to cut each class's key block from in one copy. A halo wider than
+    :func:`_assemble` to build the key block from in one copy. A halo wider than
     a shard comes from several shards (one ``ppermute`` per hop, each sending only rows
     that are needed). Rows outside the global grid arrive as zeros and are never read.
     Neighbours are neighbours in the data's layout order (:func:`shard_numbering`),
@@ -327,8 +373,8 @@ def _exchange(xs: tuple[jax.Array, ...], plans: Sequence[AxisPlan]) -> list[tupl
 
         def send(first: int, rows: int, moves: list[tuple[int, int]]) -> tuple[jax.Array, ...]:
             # The arrays' rows [first, first + rows) in one collective (concatenated along
-            # the last dim: a halo-sized copy), split again (slices: where a lax.switch
-            # follows, XLA copies them out before it, two more halo-sized copies).
+            # the last dim: a halo-sized copy), split again (slices that fuse into the
+            # block copy of _assemble).
             edge = [jax.lax.slice_in_dim(x, first, first + rows, axis=dim) for x in xs]
             got = jax.lax.ppermute(jnp.concatenate(edge, axis=-1) if len(xs) > 1 else edge[0],
                                    name, pairs(moves))
@@ -366,27 +412,75 @@ def _join(chunks: Sequence[jax.Array], dim: int) -> jax.Array:
     return out
 
 
-def _assemble(parts: Sequence[tuple[jax.Array, ...]], plans: Sequence[AxisPlan],
-              slices: Sequence[tuple[int, int]]) -> tuple[jax.Array, ...]:
-    """One class's key block from :func:`_exchange`'s pieces: per sharded axis the rows
-    ``[start, start + length)`` of the halo block (``slices``), one copy per array
-    (:func:`_join`; the slices of the pieces fuse into it)."""
-    *early, last = plans
-    start, length = slices[-1]
-    dim = 1 + last.axis
+def _assemble(parts: Sequence[tuple[jax.Array, ...]], plans: Sequence[AxisPlan]
+              ) -> tuple[jax.Array, ...]:
+    """This shard's key blocks from :func:`_exchange`'s pieces: the halo block, moved
+    ``shift`` rows down along every sharded axis (zeros after it), one copy per array
+    (:func:`_join`, and where the first shards move their blocks, a zero pad and a slice
+    at a traced offset that fuse into it). Every shard's blocks have the same shape, so
+    one backend call can serve them all."""
+    ndim = parts[0][0].ndim
+    pad, starts = [(0, 0, 0)] * ndim, [0] * ndim
+    for p in plans:
+        if any(p.shift):
+            pad[1 + p.axis] = (0, max(p.shift), 0)
+            index_of_shard, _ = p.numbering
+            table = jnp.asarray([p.shift[c] for c in p.shard_class], jnp.int32)
+            starts[1 + p.axis] = table[index_of_shard()]
     out = []
     for pieces in zip(*parts):
-        chunks, row = [], 0
-        for x in pieces:
-            n = x.shape[dim]
-            lo, hi = max(start, row), min(start + length, row + n)
-            if lo < hi:
-                x = _cut(x, early, slices[:-1])
-                chunks.append(x if (lo, hi) == (row, row + n)
-                              else jax.lax.slice_in_dim(x, lo - row, hi - row, axis=dim))
-            row += n
-        out.append(_join(chunks, dim))
+        x = _join(pieces, 1 + plans[-1].axis)
+        if any(p.shift for p in plans):
+            shape = x.shape
+            x = jax.lax.pad(x, jnp.zeros((), x.dtype), pad)
+            x = jax.lax.dynamic_slice(x, [jnp.asarray(i, jnp.int32) for i in starts], shape)
+        out.append(x)
     return tuple(out)
+
+
+def _to_words(x: jax.Array) -> jax.Array:
+    """``x`` as 32-bit words along its last dim where its elements are narrower and the
+    dim's bytes split into words (a free bitcast): the exchange and the block copies then
+    move 4-byte elements (XLA's copy at a traced offset does not vectorize, so each
+    element costs one load)."""
+    ratio = 4 // x.dtype.itemsize
+    if ratio <= 1 or x.shape[-1] % ratio:
+        return x
+    return jax.lax.bitcast_convert_type(x.reshape(*x.shape[:-1], x.shape[-1] // ratio, ratio),
+                                        jnp.uint32)
+
+
+def _from_words(w: jax.Array, like: jax.Array) -> jax.Array:
+    if w.dtype == like.dtype:
+        return w
+    x = jax.lax.bitcast_convert_type(w, like.dtype)
+    return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _blocks(key: jax.Array, value: jax.Array, plans: tuple[AxisPlan, ...]
+            ) -> tuple[jax.Array, jax.Array]:
+    """This shard's key and value blocks: :func:`_exchange`, then :func:`_assemble`, on
+    32-bit words (:func:`_to_words`). Its transpose (the halo's gradients back to their
+    owners, summed in the input dtype) is the float one's."""
+    words = _to_words(key), _to_words(value)
+    if words[0].dtype != words[1].dtype:  # keys and values travel together: one dtype
+        words = key, value
+    k, v = _assemble(_exchange(words, plans), plans)
+    return _from_words(k, key), _from_words(v, value)
+
+
+def _blocks_fwd(key, value, plans):
+    return _blocks(key, value, plans), (key, value)
+
+
+def _blocks_bwd(plans, inputs, cotangents):
+    # The float exchange's pullback (its forward is dead code: XLA drops it).
+    _, pullback = jax.vjp(lambda k, v: _assemble(_exchange((k, v), plans), plans), *inputs)
+    return pullback(tuple(cotangents))
+
+
+_blocks.defvjp(_blocks_fwd, _blocks_bwd)
 
 
 def _branch_index(plans: Sequence[AxisPlan]) -> jax.Array | None:
@@ -400,13 +494,6 @@ def _branch_index(plans: Sequence[AxisPlan]) -> jax.Array | None:
     return index
 
 
-def _cut(x: jax.Array, plans: Sequence[AxisPlan], slices: Sequence[tuple[int, int]]) -> jax.Array:
-    for p, (start, length) in zip(plans, slices):
-        if (start, length) != (0, x.shape[1 + p.axis]):
-            x = jax.lax.slice_in_dim(x, start, start + length, axis=1 + p.axis)
-    return x
-
-
 def _switch(index, branches, *operands):
     if index is None:
         return branches[0](*operands)
@@ -414,27 +501,33 @@ def _switch(index, branches, *operands):
 
 
 def local_attention(query: jax.Array, key: jax.Array, value: jax.Array, problem: Problem,
-                    plans: Sequence[AxisPlan], impl: Impl) -> tuple[jax.Array, jax.Array]:
+                    plans: Sequence[AxisPlan], impl: Impl, mesh: Any = None
+                    ) -> tuple[jax.Array, jax.Array]:
     """This shard's block of the global operator: halo exchange, then ``impl`` on the
     query block over the halo-extended key block. Differentiable (autodiff transposes
-    the exchange)."""
+    the exchange).
+
+    Shards whose problems differ (by their origins) run one backend call where ``impl``
+    has ``by_device`` and ``mesh`` is the concrete mesh the program runs on (each
+    device's problem is then chosen on the host, see :func:`_device_classes`);
+    otherwise ``lax.switch`` on the shard's class picks the problem."""
     if not plans:
         return impl(query, key, value, problem)
-    parts = _exchange((key, value), plans)
-    branches = []
-    for prob, slices in _class_problems(problem, plans):
-        def run(q, parts, prob=prob, slices=slices):
-            k, v = _assemble(parts, plans, slices)
-            return impl(q, k, v, prob)
-        branches.append(run)
-    return _switch(_branch_index(plans), branches, query, parts)
+    k, v = _blocks(key, value, tuple(plans))
+    problems, index = _class_problems(problem, plans), _branch_index(plans)
+    by_device, devices = getattr(impl, "by_device", None), _device_classes(plans, mesh)
+    if index is not None and by_device is not None and devices is not None:
+        return by_device(query, k, v, index, problems, devices)
+    branches = [lambda q, k, v, prob=prob: impl(q, k, v, prob) for prob in problems]
+    return _switch(index, branches, query, k, v)
 
 
 def local_attention_backward(query, key, value, out, lse, d_out, d_lse, problem: Problem,
                              plans: Sequence[AxisPlan], impl: Impl,
-                             backward: Backward | None):
+                             backward: Backward | None, mesh: Any = None):
     """Gradients of :func:`local_attention` from its saved output and log-sum-exp; uses
-    the backend's ``backward`` where it has one (no recomputation of the forward)."""
+    the backend's ``backward`` where it has one (no recomputation of the forward), and
+    its ``backward_by_device`` as :func:`local_attention` uses ``by_device``."""
     def grads(q, k, v, prob):
         if backward is not None:
             return backward(q, k, v, out, lse, d_out, d_lse, prob)
@@ -443,16 +536,15 @@ def local_attention_backward(query, key, value, out, lse, d_out, d_lse, problem:
 
     if not plans:
         return grads(query, key, value, problem)
-    parts, exchange_vjp = jax.vjp(lambda k, v: _exchange((k, v), plans), key, value)
-    branches = []
-    for prob, slices in _class_problems(problem, plans):
-        def run(q, parts, prob=prob, slices=slices):
-            (k, v), assemble_vjp = jax.vjp(lambda p: _assemble(p, plans, slices), parts)
-            dq, dk, dv = grads(q, k, v, prob)
-            return dq, assemble_vjp((dk, dv))[0]
-        branches.append(run)
-    dq, d_parts = _switch(_branch_index(plans), branches, query, parts)
-    dk, dv = exchange_vjp(d_parts)  # halo gradients go back to their owners
+    (k, v), assemble_vjp = jax.vjp(lambda k, v: _blocks(k, v, tuple(plans)), key, value)
+    problems, index = _class_problems(problem, plans), _branch_index(plans)
+    by_device, devices = getattr(impl, "backward_by_device", None), _device_classes(plans, mesh)
+    if index is not None and backward is not None and by_device is not None and devices is not None:
+        dq, dk, dv = by_device(query, k, v, out, lse, d_out, d_lse, index, problems, devices)
+    else:
+        branches = [lambda q, k, v, prob=prob: grads(q, k, v, prob) for prob in problems]
+        dq, dk, dv = _switch(index, branches, query, k, v)
+    dk, dv = assemble_vjp((dk, dv))  # halo gradients go back to their owners
     return dq, dk, dv
 
 
@@ -477,6 +569,32 @@ def platform_backward(cuda_impl: Impl, default_impl: Impl) -> Backward | None:
             q, k, v, out, lse, d_out, d_lse, cuda=lambda *a: cuda_bwd(*a, problem),
             default=lambda *a: default_bwd(*a, problem))
     return backward
+
+
+def platform_by_device(cuda_impl: Impl, default_impl: Impl) -> tuple[Any, Any]:
+    """``(by_device, backward_by_device)`` (see :func:`local_attention`) of an impl that
+    runs ``cuda_impl`` on CUDA and ``default_impl`` elsewhere, for ``backend="auto"``:
+    ``cuda_impl``'s on CUDA, a ``lax.switch`` between ``default_impl``'s problems
+    elsewhere; ``None`` for what ``cuda_impl`` (or ``default_impl``'s backward) lacks."""
+    cuda_fwd = getattr(cuda_impl, "by_device", None)
+    cuda_bwd = getattr(cuda_impl, "backward_by_device", None)
+    default_bwd = _backward_of(default_impl)
+
+    def by_device(q, k, v, index, problems, devices):
+        branches = [lambda q, k, v, p=p: default_impl(q, k, v, p) for p in problems]
+        return jax.lax.platform_dependent(
+            q, k, v, index, cuda=lambda q, k, v, i: cuda_fwd(q, k, v, i, problems, devices),
+            default=lambda q, k, v, i: jax.lax.switch(i, branches, q, k, v))
+
+    def backward_by_device(q, k, v, out, lse, d_out, d_lse, index, problems, devices):
+        branches = [lambda *a, p=p: default_bwd(*a, p) for p in problems]
+        return jax.lax.platform_dependent(
+            q, k, v, out, lse, d_out, d_lse, index,
+            cuda=lambda *a: cuda_bwd(*a, problems, devices),
+            default=lambda *a: jax.lax.switch(a[-1], branches, *a[:-1]))
+
+    return (by_device if cuda_fwd is not None else None,
+            backward_by_device if cuda_bwd is not None and default_bwd is not None else None)
 
 
 def halo_sizes(shape: Sequence[int], kernel_size: IntOrTuple, stride: IntOrTuple = 1,
@@ -639,7 +757,7 @@ def _partitioned_op(problem: Problem, impl: Impl, groups: int, kv_heads: int):
         mesh, plans, data, lse = _plan_from_sharding(problem, arg_shapes[0].sharding, mesh, shapes)
 
         def lower(q, k, v):
-            return local_attention(q, k, v, problem, plans, impl)
+            return local_attention(q, k, v, problem, plans, impl, mesh)
 
         return mesh, lower, (data, lse), (data, data, data)
 
@@ -649,7 +767,7 @@ def _partitioned_op(problem: Problem, impl: Impl, groups: int, kv_heads: int):
 
         def lower(q, k, v, out, l, d_out, d_l):
             return local_attention_backward(q, k, v, out, l, d_out, d_l, problem, plans, impl,
-                                            backward)
+                                            backward, mesh)
 
         return mesh, lower, (data, data, data), (data, data, data, data, lse, data, lse)
 
@@ -818,7 +936,8 @@ def neighborhood_attention_local(query: jax.Array, key: jax.Array, value: jax.Ar
                                  spatial_axes: Mapping[int, AxisName] | None = None,
                                  additional_keys: jax.Array | None = None,
                                  additional_values: jax.Array | None = None,
-                                 return_lse: bool = False, backend: str = "auto"):
+                                 return_lse: bool = False, backend: str = "auto",
+                                 _mesh: jax.sharding.Mesh | None = None):
     """Neighborhood attention on this device's blocks, for use **inside** ``shard_map``.
 
     ``query``/``key``/``value`` are the local blocks ``[B_local, *spatial_local, H_local, D]``
@@ -837,6 +956,10 @@ def neighborhood_attention_local(query: jax.Array, key: jax.Array, value: jax.Ar
 
     Raises ``ValueError`` as :func:`jax_gna.neighborhood_attention` does (checked on the
     global shapes).
+
+    (``_mesh``: the concrete mesh of the enclosing ``shard_map``, given by
+    :func:`neighborhood_attention_sharded`; with it the ``cuda`` backend runs every shard
+    in one kernel call instead of a ``lax.switch`` between the shards' problems.)
     """
     from .ops import select
     from .params import make_problem
@@ -867,7 +990,7 @@ def neighborhood_attention_local(query: jax.Array, key: jax.Array, value: jax.Ar
     _, _, impl = select(backend, problem, query, key, value)
     plans = tuple(plan_axis(problem, a, spatial_axes[a], counts[a], mesh_shape)
                   for a in sorted(spatial_axes) if counts[a] > 1)
-    out, lse = local_attention(query, key, value, problem, plans, impl)
+    out, lse = local_attention(query, key, value, problem, plans, impl, _mesh)
     if additional_keys is not None:
         extra_out, extra_lse = _xla.dense_attention(query, additional_keys, additional_values,
                                                     problem.scale)
@@ -927,7 +1050,8 @@ def neighborhood_attention_sharded(query: jax.Array, key: jax.Array, value: jax.
         ak, av = extra_kv if has_extra else (None, None)
         return neighborhood_attention_local(
             q, k, v, kernel_size, stride, dilation, is_causal, scale, spatial_axes=spatial_axes,
-            additional_keys=ak, additional_values=av, return_lse=True, backend=backend)
+            additional_keys=ak, additional_values=av, return_lse=True, backend=backend,
+            _mesh=mesh)
 
     in_specs = (data, data, data) + ((extra, extra) if has_extra else ())
     args = (query, key, value) + ((additional_keys, additional_values) if has_extra else ())

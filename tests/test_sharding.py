@@ -100,7 +100,8 @@ EXTRA_CASES = ["explicit_shard_map_1d", "explicit_shard_map_2d_additional_kv",
                "explicit_shard_map_tuple_out_of_mesh_order",
                "error_uneven_split", "error_explicit_api", "vmap_falls_back",
                "explicit_axis_types_set_mesh", "nnx_training_step_data2_context4",
-               "backend_without_backward_recomputes"]
+               "backend_without_backward_recomputes", "auto_by_device_table",
+               "bf16_words_exchange"]
 ALL_CASES = list(CASES) + list(LOCAL_CASES) + EXTRA_CASES
 
 
@@ -172,19 +173,23 @@ def test_halo_matches_brute_force():
             first, last = mask.window_extent(i, ax)
             need_l = max(need_l, r * size - first.min())
             need_r = max(need_r, last.max() - (r + 1) * size + 1)
-            # the class problem of this shard sees exactly the same neighbors
+            # the class problem of this shard sees exactly the same neighbors in the
+            # shard's key block (global rows [start, start + block))
             c = plan.shard_class[r]
             q0, k0 = plan.q_origin[c], plan.kv_origin[c]
-            kl = plan.kv_slice[c][1]
-            lo = max(0, r * size - plan.left)
-            jl = np.arange(kl)
-            mine = mask.is_neighbor(i[:, None], lo + jl[None, :], ax)
+            assert 0 <= k0 < length and plan.shift[c] == max(0, plan.left - r * size)
+            start = r * size - plan.left + plan.shift[c]
+            jl = np.arange(plan.block)
+            mine = mask.is_neighbor(i[:, None], start + jl[None, :], ax)
             rep = mask.is_neighbor(q0 + np.arange(size)[:, None], k0 + jl[None, :], ax)
             assert (mine == rep).all()
-            # every neighbor of the shard's queries is inside its key block
+            # every neighbor of the shard's queries is a row of its key block that the
+            # halo block holds (the block's other rows are zeros)
+            lo = max(start, r * size - plan.left, 0)
+            hi = min(start + plan.block, (r + 1) * size + plan.right, length)
             all_j = np.arange(length)
             nb = mask.is_neighbor(i[:, None], all_j[None, :], ax)
-            assert nb[:, :lo].sum() == 0 and nb[:, lo + kl:].sum() == 0
+            assert nb[:, :lo].sum() == 0 and nb[:, hi:].sum() == 0
         assert (plan.left, plan.right) == (max(need_l, 0), max(need_r, 0))
 
 
@@ -250,12 +255,13 @@ def test_tuple_cases_have_multi_hop_halos():
         assert max(left, right) > shape[axis] // 8, (shape, kw, left, right)
 
 
-def test_join_and_assemble():
+def test_join_and_assemble(monkeypatch):
     """_join is jnp.concatenate (pieces of odd lengths, on any axis, bf16 and float32);
-    _assemble cuts each class's block from the exchange's pieces exactly as slicing the
-    concatenated halo block would (here: a multi-hop plan, every class)."""
+    _assemble gives every shard of a multi-hop plan its key block: the concatenated halo
+    block moved by the shard class's shift, zeros beyond the halo block."""
     import jax.numpy as jnp
 
+    from jax_gna import sharding
     from jax_gna.params import make_problem
     from jax_gna.sharding import _assemble, _join, plan_axis
 
@@ -272,7 +278,7 @@ def test_join_and_assemble():
     x = np.zeros((1, 32, 1, 2), np.float32)
     prob = make_problem(x, x, x, 11, 2)
     plan = plan_axis(prob, 0, "c", 8)  # shards of 4 rows, halos of two hops
-    assert plan.left > plan.size and plan.classes > 1
+    assert plan.left > plan.size and plan.classes > 1 and len(set(plan.shift)) > 1
     sizes = [plan.size] * (plan.left // plan.size) + [plan.left % plan.size]
     sizes = [n for n in sizes[::-1] if n] + [plan.size]
     sizes += [n for n in [plan.size] * (plan.right // plan.size) + [plan.right % plan.size] if n]
@@ -280,10 +286,17 @@ def test_join_and_assemble():
     pieces = [(jnp.asarray(rng.standard_normal((1, n, 2, 3)), jnp.float32),
                jnp.asarray(rng.standard_normal((1, n, 2, 5)), jnp.float32)) for n in sizes]
     whole = [np.concatenate([np.asarray(p[i]) for p in pieces], 1) for i in (0, 1)]
-    for start, length in plan.kv_slice:
-        k, v = _assemble(pieces, (plan,), ((start, length),))
-        np.testing.assert_array_equal(np.asarray(k), whole[0][:, start:start + length])
-        np.testing.assert_array_equal(np.asarray(v), whole[1][:, start:start + length])
+    numbering = sharding.shard_numbering
+    for r in range(plan.shards):  # _assemble on shard r (its index, as axis_index would give)
+        monkeypatch.setattr(sharding, "shard_numbering",
+                            lambda *a, r=r: (lambda: jnp.int32(r), numbering(*a)[1]))
+        k, v = _assemble(pieces, (plan,))
+        shift = plan.shift[plan.shard_class[r]]
+        for got, want in ((k, whole[0]), (v, whole[1])):
+            rows = np.arange(plan.block) + shift
+            ok = (rows >= 0) & (rows < plan.block)
+            expect = np.where(ok[None, :, None, None], want[:, np.clip(rows, 0, plan.block - 1)], 0)
+            np.testing.assert_array_equal(np.asarray(got), expect)
 
 
 def test_halo_sizes():
@@ -549,6 +562,92 @@ def _worker():  # pragma: no cover - runs in the subprocess
         assert coll["collective-permute"] > 0 and not coll["all-gather"], coll
         return f"max rel err {max(errs.values()):.2e}; HLO collectives {coll}"
 
+    def auto_by_device():
+        """The ``backend="auto"`` impl's one-call path (``by_device``): on a non-CUDA
+        platform its default branch switches between xla's class problems, and the
+        device table it hands the CUDA branch names, for every device, the class the
+        traced shard index gives there. A spatial axis over a tuple of mesh axes out of
+        the mesh's order, multi-hop halos, plus a second sharded axis."""
+        from jax_gna import cuda, ops
+        from jax_gna.params import make_problem
+
+        mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("a", "b", "c"))
+        kw = dict(kernel_size=(11, 3), stride=(2, 1), is_causal=(False, True))
+        args = inputs((16, 8), 1, 2, 1, 4, seed=6)
+        want = unsharded(kw, args)
+        seen = []
+        real = cuda.attention.by_device, cuda.attention.backward_by_device
+
+        def spy(name, fn):
+            def wrapped(*a):
+                seen.append((name, a[-2], a[-1]))  # problems, devices
+                return fn(*a)
+            return wrapped
+
+        impl = ops._auto_attention
+        cuda.attention.by_device = spy("fwd", real[0])
+        cuda.attention.backward_by_device = spy("bwd", real[1])
+        impl.by_device, impl.backward_by_device = sharding.platform_by_device(
+            cuda.attention, sharding.xla.attention)
+        try:
+            def f(q, k, v, do, dl):
+                prob = make_problem(q, k, v, **kw)
+                (o, l), vjp = jax.vjp(lambda q, k, v: sharding.attention(impl, q, k, v, prob),
+                                      q, k, v)
+                return (o, l) + tuple(vjp((do, dl)))
+
+            lead = (None, ("c", "a"), "b")
+            data, lse = NamedSharding(mesh, P(*lead, None, None)), NamedSharding(mesh, P(*lead, None))
+            sh = [jax.device_put(x, s) for x, s in zip(args, (data, data, data, data, lse))]
+            compiled = jax.jit(f).lower(*sh).compile()
+            errs = compare(compiled(*sh), want)
+        finally:
+            cuda.attention.by_device, cuda.attention.backward_by_device = real
+            impl.by_device, impl.backward_by_device = sharding.platform_by_device(
+                cuda.attention, sharding.xla.attention)
+        assert [n for n, _, _ in seen] == ["fwd", "bwd"], [n for n, _, _ in seen]
+        problem = make_problem(*args[:3], **kw)
+        plans = (sharding.plan_axis(problem, 0, ("c", "a"), 4, dict(mesh.shape)),
+                 sharding.plan_axis(problem, 1, "b", 2, dict(mesh.shape)))
+        assert plans[0].left > plans[0].size and plans[0].classes * plans[1].classes > 2
+        table = sharding._device_classes(plans, mesh)
+        assert seen[0][2] == seen[1][2] == table, (seen[0][2], table)
+        assert seen[0][1] == sharding._class_problems(problem, plans)
+        # the traced index on each device
+        spec = P(("a", "b", "c"))
+        idx = jax.jit(jax.shard_map(lambda x: x * 0 + sharding._branch_index(plans), mesh=mesh,
+                                    in_specs=spec, out_specs=spec))(
+            jax.device_put(jnp.zeros(8, jnp.int32), NamedSharding(mesh, spec)))
+        traced = {s.device.local_hardware_id: int(np.asarray(s.data)[0])
+                  for s in idx.addressable_shards}
+        assert traced == dict(table), (traced, table)
+        assert len(set(traced.values())) > 2, traced
+        return f"max rel err {max(errs.values()):.2e}; device table {table}"
+
+    def bf16_words():
+        """bfloat16 keys and values (moved as 32-bit words, values of odd head dim as
+        they are): the sharded op equals the unsharded one on the same bf16 inputs; the
+        halo's gradients are summed in bf16, the unsharded op's in float32."""
+        mesh = Mesh(np.array(jax.devices()[:4]), ("context",))
+        kw = dict(kernel_size=(5, 3), stride=(2, 1))
+        out = []
+        for d in (8, (8, 3)):
+            args = [x.astype(jnp.bfloat16) for x in inputs((16, 6), 2, 2, 1, d, seed=7)]
+            args[4] = args[4].astype(jnp.float32)  # the lse cotangent
+            want = unsharded(kw, args)
+            data = NamedSharding(mesh, P(None, "context", None, None, None))
+            lse = NamedSharding(mesh, P(None, "context", None, None))
+            sh = [jax.device_put(x, s) for x, s in zip(args, (data, data, data, data, lse))]
+            got = jax.jit(fwd_bwd(kw))(*sh)
+            errs = {}
+            for n, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+                a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+                errs[n] = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+            assert max(errs.values()) < 2e-2 and errs["out"] < 1e-6, errs
+            assert got[0].dtype == jnp.bfloat16 and got[3].dtype == jnp.bfloat16
+            out.append(f"D={d}: {errs}")
+        return "; ".join(out)
+
     def explicit_axis_types():
         """Meshes with Explicit axis types (jax.set_mesh): the layout is known at trace
         time and the op runs under shard_map."""
@@ -621,6 +720,8 @@ def _worker():  # pragma: no cover - runs in the subprocess
                  "vmap_falls_back": vmap_fallback,
                  "explicit_axis_types_set_mesh": explicit_axis_types,
                  "backend_without_backward_recomputes": backend_without_backward,
+                 "auto_by_device_table": auto_by_device,
+                 "bf16_words_exchange": bf16_words,
                  "nnx_training_step_data2_context4": nnx_training_step})
     only = sys.argv[2:]
     report = {}

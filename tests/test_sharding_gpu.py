@@ -89,12 +89,21 @@ CASES = {
 
 
 def _poisoned(q, k, v, problem):
-    """The cuda backend with its kernels' outputs starting as NaN, forward and backward."""
+    """The cuda backend with its kernels' outputs starting as NaN, forward and backward;
+    the shards of a context-parallel call run one kernel call (``by_device``)."""
     return cuda._attention_poisoned(q, k, v, problem)
 
 
-_poisoned.backward = lambda q, k, v, out, lse, d_out, d_lse, problem: cuda._attention_bwd(
-    problem, True, (q, k, v, out, lse), (d_out, d_lse))
+def _poisoned_switch(q, k, v, problem):
+    """The same without ``by_device``: ``lax.switch`` between the shards' problems."""
+    return cuda._attention_poisoned(q, k, v, problem)
+
+
+_poisoned.backward = _poisoned_switch.backward = (
+    lambda q, k, v, out, lse, d_out, d_lse, problem: cuda._attention_bwd(
+        problem, True, (), (q, k, v, out, lse), (d_out, d_lse)))
+_poisoned.by_device = lambda *a: cuda._by_device(*a, poison=True)
+_poisoned.backward_by_device = lambda *a: cuda._backward_by_device(*a, poison=True)
 
 
 def _rel(a, b) -> float:
@@ -113,11 +122,17 @@ def _fwd_bwd(impl, problem):
 
 def _collectives(hlo: str) -> dict:
     return {op: len(re.findall(rf"\b{op}(-start)?\(", hlo))
-            for op in ("collective-permute", "all-gather", "all-to-all")}
+            for op in ("collective-permute", "all-gather", "all-to-all", "conditional")}
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_sharded_cuda_matches_xla(monkeypatch, case):
+# The switch between the shards' problems (what runs where the mesh is not known):
+# two context-parallel cases, Hopper and sm80 kernels.
+SWITCH_CASES = ["1d_context_bf16_d128_gqa", "2d_context_fp32_dilated_causal"]
+
+
+@pytest.mark.parametrize("case,path", [(c, "one_call") for c in CASES]
+                         + [(c, "switch") for c in SWITCH_CASES])
+def test_sharded_cuda_matches_xla(monkeypatch, case, path):
     shape, b, h, h_kv, d, dtype, kw, lead, force = CASES[case]
     if force:
         if not _is_sm90():
@@ -135,13 +150,15 @@ def test_sharded_cuda_matches_xla(monkeypatch, case):
     spec = NamedSharding(mesh, P(*lead))  # (batch, *spatial, heads); head_dim whole
     args = [jax.device_put(jnp.asarray(x, dtype), spec) for x in (q, k, v)]
     args += [jax.device_put(jnp.asarray(x), spec) for x in (do, dl)]
-    fn = jax.jit(_fwd_bwd(_poisoned, problem))
+    fn = jax.jit(_fwd_bwd(_poisoned if path == "one_call" else _poisoned_switch, problem))
     counts = _collectives(fn.lower(*args).compile().as_text())
     got = fn(*args)
 
     spatial = any(e is not None for e in lead[1:-1])
     assert counts["all-gather"] == 0 and counts["all-to-all"] == 0, counts
     assert (counts["collective-permute"] > 0) == spatial, counts  # the halo exchange only
+    # one kernel call per pass for every shard, or the switch (the shards differ here)
+    assert (counts["conditional"] > 0) == (path == "switch"), counts
     for x in got:  # every result stays split the way the inputs were
         assert x.sharding.is_equivalent_to(spec, x.ndim), (x.sharding, spec)
 
@@ -184,7 +201,8 @@ def test_sharded_layer_training_step():
     sharded = jax.jit(step)
     args = (jax.device_put(params, NamedSharding(mesh, P())), jax.device_put(x, acts),
             jax.device_put(y, acts))
-    assert _collectives(sharded.lower(*args).compile().as_text())["collective-permute"] > 0
+    counts = _collectives(sharded.lower(*args).compile().as_text())
+    assert counts["collective-permute"] > 0 and counts["conditional"] == 0, counts
     value, new = sharded(*args)
     one = _gpus()[0]
     ref_value, ref_new = jax.jit(step)(*jax.device_put((params, x, y), one))
