@@ -70,15 +70,18 @@ the first shards' blocks start at the grid's first row, so the block may hold ze
 past the halo or past the grid's end, outside every window). Shards whose query
 windows have the same placement relative to their key block (all interior shards, when
 the shard size is a multiple of the stride period) share one problem; the few distinct
-ones (usually: first, interior, last) differ only in their origins. The ``cuda``
-backend runs them all in one kernel call: where the program's concrete mesh is known
-(the ``jax.jit`` path, :func:`neighborhood_attention_sharded`) and its devices belong
-to this process, the call carries a table (device ordinal -> origins) and each device's
+ones (usually: first, interior, last) differ only in their origins. On the ``jax.jit``
+path the ``cuda`` backend runs them all in one kernel call: the partitioner hands the
+program the concrete mesh it is compiled for, and where all its devices belong to this
+process the call carries a table (device ordinal -> origins) from which each device's
 FFI handler picks its own problem on the host (``impl.by_device``,
-:func:`_device_classes`). Otherwise (``neighborhood_attention_local`` in a user's
-``shard_map``, meshes of ``Explicit`` axes, other backends) ``lax.switch`` on the shard
-index picks the problem; on a GPU XLA runs that switch with a device-to-host copy of
-the index and a wait for it.
+:func:`_device_classes`). Otherwise (``shard_map``: :func:`neighborhood_attention_local`,
+:func:`neighborhood_attention_sharded`, meshes of ``Explicit`` axes; other backends)
+``lax.switch`` on the shard index picks the problem; on a GPU XLA runs that switch with
+a device-to-host copy of the index and a wait for it. (A ``shard_map`` program may be
+exported and run on the devices of another mesh of the same shape; a table of device
+ordinals would then silently pick wrong problems, so only the partitioner's mesh is
+trusted.)
 """
 
 from __future__ import annotations
@@ -936,8 +939,7 @@ def neighborhood_attention_local(query: jax.Array, key: jax.Array, value: jax.Ar
                                  spatial_axes: Mapping[int, AxisName] | None = None,
                                  additional_keys: jax.Array | None = None,
                                  additional_values: jax.Array | None = None,
-                                 return_lse: bool = False, backend: str = "auto",
-                                 _mesh: jax.sharding.Mesh | None = None):
+                                 return_lse: bool = False, backend: str = "auto"):
     """Neighborhood attention on this device's blocks, for use **inside** ``shard_map``.
 
     ``query``/``key``/``value`` are the local blocks ``[B_local, *spatial_local, H_local, D]``
@@ -957,9 +959,9 @@ def neighborhood_attention_local(query: jax.Array, key: jax.Array, value: jax.Ar
     Raises ``ValueError`` as :func:`jax_gna.neighborhood_attention` does (checked on the
     global shapes).
 
-    (``_mesh``: the concrete mesh of the enclosing ``shard_map``, given by
-    :func:`neighborhood_attention_sharded`; with it the ``cuda`` backend runs every shard
-    in one kernel call instead of a ``lax.switch`` between the shards' problems.)
+    Shards whose problems differ (at the borders) pick theirs with ``lax.switch``; the
+    ``jax.jit`` path (:func:`jax_gna.neighborhood_attention` on sharded inputs) runs them
+    in one kernel call instead (see the module docstring).
     """
     from .ops import select
     from .params import make_problem
@@ -990,7 +992,7 @@ def neighborhood_attention_local(query: jax.Array, key: jax.Array, value: jax.Ar
     _, _, impl = select(backend, problem, query, key, value)
     plans = tuple(plan_axis(problem, a, spatial_axes[a], counts[a], mesh_shape)
                   for a in sorted(spatial_axes) if counts[a] > 1)
-    out, lse = local_attention(query, key, value, problem, plans, impl, _mesh)
+    out, lse = local_attention(query, key, value, problem, plans, impl)
     if additional_keys is not None:
         extra_out, extra_lse = _xla.dense_attention(query, additional_keys, additional_values,
                                                     problem.scale)
@@ -1050,8 +1052,7 @@ def neighborhood_attention_sharded(query: jax.Array, key: jax.Array, value: jax.
         ak, av = extra_kv if has_extra else (None, None)
         return neighborhood_attention_local(
             q, k, v, kernel_size, stride, dilation, is_causal, scale, spatial_axes=spatial_axes,
-            additional_keys=ak, additional_values=av, return_lse=True, backend=backend,
-            _mesh=mesh)
+            additional_keys=ak, additional_values=av, return_lse=True, backend=backend)
 
     in_specs = (data, data, data) + ((extra, extra) if has_extra else ())
     args = (query, key, value) + ((additional_keys, additional_values) if has_extra else ())
