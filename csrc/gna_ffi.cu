@@ -135,8 +135,9 @@ ffi::Error make_params(const Attrs& attrs, int32_t ordinal, ffi::AnyBuffer q, ff
                  " (got k=" + std::to_string(ks) + ", s=" + std::to_string(st) + ", d=" + std::to_string(dl) + ", L=" + std::to_string(L) + ")");
     if (at.is_causal[i] != 0 && at.is_causal[i] != 1) return bad("is_causal must be 0 or 1" + ax);
     // A key block may run past the grid's end (a sharded call's blocks all have one
-    // shape; their rows past the end are outside every window and never read).
-    if (q0 < 0 || qn < 1 || q0 + qn > L || k0 < 0 || kn < 1 || k0 >= L || kn > (int64_t{1} << 30))
+    // shape; their rows past the end lie outside every window: a kernel may load them
+    // in a key tile, masked, so they must be finite; the sharded op passes zeros).
+    if (q0 < 0 || qn < 1 || q0 + qn > L || k0 < 0 || kn < 1 || k0 >= L || k0 + kn > (int64_t{1} << 30))
       return bad("the query block must lie inside the global shape, the key block start inside it" + ax);
     x.L = static_cast<int>(L); x.k = static_cast<int>(ks); x.s = static_cast<int>(st); x.d = static_cast<int>(dl);
     x.causal = static_cast<int>(at.is_causal[i]);

@@ -204,7 +204,8 @@ class AxisPlan:
         ``[r S - left, (r+1) S + right)``: the rows of the halo block before the grid
         (0 but for the first shards). A shard at the start of the grid moves its block
         inward by them; the rows the block then holds beyond its halo block, and rows
-        past the grid's end, are zeros and lie outside every window.
+        past the grid's end, are zeros and lie outside every window (masked where a
+        kernel loads them in a key tile).
       mesh_shape: ``(name, size)`` of the mesh axes in ``mesh_axes``, in the mesh's order
         (how ``lax.ppermute`` numbers the shards; see :func:`shard_numbering`).
     """
@@ -318,9 +319,16 @@ def _device_classes(plans: Sequence[AxisPlan], mesh: Any) -> tuple[tuple[int, in
     """``(device ordinal, class combination)`` for every device of ``mesh`` (the index
     :func:`_branch_index` computes on that device), for backends that pick each device's
     problem on the host (``impl.by_device``). None when ``mesh`` is not a concrete mesh
-    whose devices all belong to this process with distinct ordinals."""
+    whose devices all belong to this process with distinct ordinals, or when JAX may
+    load the compiled program for other devices: with
+    ``jax_remove_custom_partitioning_ptr_from_cache_key`` set, the persistent cache,
+    whose key leaves out the device assignment on GPUs, could hand this program to the
+    same mesh shape over devices in another order, and a table of ordinals would then
+    pick wrong problems without an error (``lax.switch`` reads the partition instead)."""
     devices = getattr(mesh, "devices", None) if isinstance(mesh, jax.sharding.Mesh) else None
     if not isinstance(devices, np.ndarray) or not devices.size:
+        return None
+    if getattr(jax.config, "jax_remove_custom_partitioning_ptr_from_cache_key", False):
         return None
     try:
         me = jax.process_index()
@@ -364,7 +372,8 @@ def _exchange(xs: tuple[jax.Array, ...], plans: Sequence[AxisPlan]) -> list[tupl
     (farthest left neighbour first, the local block, then the right neighbours), for
     :func:`_assemble` to build the key block from in one copy. A halo wider than
     a shard comes from several shards (one ``ppermute`` per hop, each sending only rows
-    that are needed). Rows outside the global grid arrive as zeros and are never read.
+    that are needed). Rows outside the global grid arrive as zeros; they lie outside every
+    window (the kernels may load them in a key tile, masked).
     Neighbours are neighbours in the data's layout order (:func:`shard_numbering`),
     whatever the order of the mesh axes."""
     widths = np.cumsum([0] + [x.shape[-1] for x in xs])
@@ -417,11 +426,11 @@ def _join(chunks: Sequence[jax.Array], dim: int) -> jax.Array:
 
 def _assemble(parts: Sequence[tuple[jax.Array, ...]], plans: Sequence[AxisPlan]
               ) -> tuple[jax.Array, ...]:
-    """This shard's key blocks from :func:`_exchange`'s pieces: the halo block, moved
-    ``shift`` rows down along every sharded axis (zeros after it), one copy per array
-    (:func:`_join`, and where the first shards move their blocks, a zero pad and a slice
-    at a traced offset that fuse into it). Every shard's blocks have the same shape, so
-    one backend call can serve them all."""
+    """This shard's key blocks from :func:`_exchange`'s pieces: along every sharded axis
+    the halo block from its row ``shift`` on (the first shards skip the rows before the
+    grid), zeros after its end, one copy per array (:func:`_join`, and where the first
+    shards skip rows, a zero pad and a slice at a traced offset that fuse into it). Every
+    shard's blocks have the same shape, so one backend call can serve them all."""
     ndim = parts[0][0].ndim
     pad, starts = [(0, 0, 0)] * ndim, [0] * ndim
     for p in plans:
@@ -467,8 +476,8 @@ def _blocks(key: jax.Array, value: jax.Array, plans: tuple[AxisPlan, ...]
     32-bit words (:func:`_to_words`). Its transpose (the halo's gradients back to their
     owners, summed in the input dtype) is the float one's."""
     words = _to_words(key), _to_words(value)
-    if words[0].dtype != words[1].dtype:  # keys and values travel together: one dtype
-        words = key, value
+    if words[0].dtype != words[1].dtype:  # they travel together (one array): as they are
+        return _assemble(_exchange((key, value), plans), plans)
     k, v = _assemble(_exchange(words, plans), plans)
     return _from_words(k, key), _from_words(v, value)
 
@@ -539,7 +548,7 @@ def local_attention_backward(query, key, value, out, lse, d_out, d_lse, problem:
 
     if not plans:
         return grads(query, key, value, problem)
-    (k, v), assemble_vjp = jax.vjp(lambda k, v: _blocks(k, v, tuple(plans)), key, value)
+    (k, v), blocks_vjp = jax.vjp(lambda k, v: _blocks(k, v, tuple(plans)), key, value)
     problems, index = _class_problems(problem, plans), _branch_index(plans)
     by_device, devices = getattr(impl, "backward_by_device", None), _device_classes(plans, mesh)
     if index is not None and backward is not None and by_device is not None and devices is not None:
@@ -547,7 +556,7 @@ def local_attention_backward(query, key, value, out, lse, d_out, d_lse, problem:
     else:
         branches = [lambda q, k, v, prob=prob: grads(q, k, v, prob) for prob in problems]
         dq, dk, dv = _switch(index, branches, query, k, v)
-    dk, dv = assemble_vjp((dk, dv))  # halo gradients go back to their owners
+    dk, dv = blocks_vjp((dk, dv))  # halo gradients go back to their owners
     return dq, dk, dv
 
 

@@ -299,6 +299,30 @@ def test_join_and_assemble(monkeypatch):
             np.testing.assert_array_equal(np.asarray(got), expect)
 
 
+def test_device_table_only_for_this_program():
+    """_device_classes: a table for a concrete mesh of this process's devices; none for an
+    abstract mesh, or when the persistent cache may hand the program to other devices."""
+    import jax
+    from jax.sharding import AbstractMesh, Mesh
+
+    from jax_gna.params import make_problem
+    from jax_gna.sharding import _device_classes, plan_axis
+
+    x = np.zeros((1, 16, 1, 2), np.float32)
+    plans = (plan_axis(make_problem(x, x, x, 5), 0, "x", 1),)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("x",))
+    assert _device_classes(plans, mesh) == ((jax.devices()[0].local_hardware_id, 0),)
+    assert _device_classes(plans, AbstractMesh((1,), ("x",))) is None
+    assert _device_classes(plans, None) is None
+    flag = "jax_remove_custom_partitioning_ptr_from_cache_key"
+    old = getattr(jax.config, flag)
+    jax.config.update(flag, True)
+    try:
+        assert _device_classes(plans, mesh) is None
+    finally:
+        jax.config.update(flag, old)
+
+
 def test_halo_sizes():
     from jax_gna.sharding import halo_sizes
 
@@ -571,7 +595,9 @@ def _worker():  # pragma: no cover - runs in the subprocess
         from jax_gna import cuda, ops
         from jax_gna.params import make_problem
 
-        mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("a", "b", "c"))
+        # devices out of order: a mesh position is not a device ordinal
+        devices = np.array(jax.devices())[[5, 2, 7, 0, 3, 6, 1, 4]]
+        mesh = Mesh(devices.reshape(2, 2, 2), ("a", "b", "c"))
         kw = dict(kernel_size=(11, 3), stride=(2, 1), is_causal=(False, True))
         args = inputs((16, 8), 1, 2, 1, 4, seed=6)
         want = unsharded(kw, args)

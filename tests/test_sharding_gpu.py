@@ -126,12 +126,15 @@ def _collectives(hlo: str) -> dict:
 
 
 # The switch between the shards' problems (what runs where the mesh is not known):
-# two context-parallel cases, Hopper and sm80 kernels.
+# two context-parallel cases, Hopper and sm80 kernels. And one case on a mesh that lists
+# the GPUs in reverse (mesh position != device ordinal: the one-call path's table).
 SWITCH_CASES = ["1d_context_bf16_d128_gqa", "2d_context_fp32_dilated_causal"]
+REVERSED_CASES = ["1d_context_fp16_d64_stride"]
 
 
 @pytest.mark.parametrize("case,path", [(c, "one_call") for c in CASES]
-                         + [(c, "switch") for c in SWITCH_CASES])
+                         + [(c, "switch") for c in SWITCH_CASES]
+                         + [(c, "one_call_reversed_mesh") for c in REVERSED_CASES])
 def test_sharded_cuda_matches_xla(monkeypatch, case, path):
     shape, b, h, h_kv, d, dtype, kw, lead, force = CASES[case]
     if force:
@@ -146,11 +149,12 @@ def test_sharded_cuda_matches_xla(monkeypatch, case, path):
     q, k, v = (np.asarray(jnp.asarray(x, dtype).astype(jnp.float32)) for x in (q, k, v))
     problem = make_problem(q, k, v, **kw)
 
-    mesh = Mesh(np.array(_gpus()[:2]), ("x",))
+    gpus = _gpus()[:2][::-1] if path == "one_call_reversed_mesh" else _gpus()[:2]
+    mesh = Mesh(np.array(gpus), ("x",))
     spec = NamedSharding(mesh, P(*lead))  # (batch, *spatial, heads); head_dim whole
     args = [jax.device_put(jnp.asarray(x, dtype), spec) for x in (q, k, v)]
     args += [jax.device_put(jnp.asarray(x), spec) for x in (do, dl)]
-    fn = jax.jit(_fwd_bwd(_poisoned if path == "one_call" else _poisoned_switch, problem))
+    fn = jax.jit(_fwd_bwd(_poisoned_switch if path == "switch" else _poisoned, problem))
     counts = _collectives(fn.lower(*args).compile().as_text())
     got = fn(*args)
 
