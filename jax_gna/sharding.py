@@ -219,7 +219,6 @@ class AxisPlan:
     shard_class: tuple[int, ...]
     q_origin: tuple[int, ...]
     kv_origin: tuple[int, ...]
-    shift: tuple[int, ...]
     mesh_shape: tuple[tuple[str, int], ...] = ()
 
     @property
@@ -230,6 +229,11 @@ class AxisPlan:
     @property
     def classes(self) -> int:
         return len(self.q_origin)
+
+    @property
+    def shift(self) -> tuple[int, ...]:
+        """Per class, the row of the halo block where its key block starts."""
+        return tuple(k - (q - self.left) for q, k in zip(self.q_origin, self.kv_origin))
 
     @property
     def block(self) -> int:
@@ -282,7 +286,7 @@ def plan_axis(problem: Problem, axis: int, mesh_axes: AxisName, shards: int,
     block = size + left + right
     ax = problem.axis(axis)
     signatures: dict[Any, int] = {}
-    shard_class, q_origin, kv_origin, shift = [], [], [], []
+    shard_class, q_origin, kv_origin = [], [], []
     for r in range(shards):
         k0 = r * size - left
         lo, hi = max(0, k0), min(length, k0 + block)
@@ -294,10 +298,9 @@ def plan_axis(problem: Problem, axis: int, mesh_axes: AxisName, shards: int,
             signatures[sig] = len(q_origin)
             q_origin.append(r * size)
             kv_origin.append(lo)  # [lo, lo + block) holds [lo, hi)
-            shift.append(lo - k0)
         shard_class.append(signatures[sig])
     return AxisPlan(axis, names, shards, size, left, right, tuple(shard_class),
-                    tuple(q_origin), tuple(kv_origin), tuple(shift), order)
+                    tuple(q_origin), tuple(kv_origin), order)
 
 
 def _class_problems(problem: Problem, plans: Sequence[AxisPlan]) -> list[Problem]:
@@ -363,22 +366,18 @@ def _hops(rows: int, plan: AxisPlan) -> list[int]:
     return [plan.size if j < n else rows - (n - 1) * plan.size for j in range(1, n + 1)]
 
 
-def _exchange(xs: tuple[jax.Array, ...], plans: Sequence[AxisPlan]) -> list[tuple[jax.Array, ...]]:
-    """The halo of the local blocks ``xs`` (each ``[B, *spatial, ...]``; keys and values
-    travel together, one ``ppermute`` per direction and hop), one sharded
-    axis after the other so the corners of 2-D/3-D windows arrive too. Along every
-    sharded axis but the last the blocks are extended (concatenated); along the last,
-    the pieces of the halo block ``[r S - left, (r+1) S + right)`` come back in order
-    (farthest left neighbour first, the local block, then the right neighbours), for
-    :func:`_assemble` to build the key block from in one copy. A halo wider than
-    a shard comes from several shards (one ``ppermute`` per hop, each sending only rows
-    that are needed). Rows outside the global grid arrive as zeros; they lie outside every
+def _exchange(xs: tuple[jax.Array, ...], plans: Sequence[AxisPlan]) -> tuple[jax.Array, ...]:
+    """The local blocks ``xs`` (each ``[B, *spatial, ...]``) extended by their halo to the
+    halo blocks ``[r S - left, (r+1) S + right)`` along every sharded axis, one axis after
+    the other so the corners of 2-D/3-D windows arrive too (:func:`_join`; keys and values
+    travel together, one ``ppermute`` per direction and hop). A halo wider than a shard
+    comes from several shards (one ``ppermute`` per hop, each sending only rows that are
+    needed). Rows outside the global grid arrive as zeros; they lie outside every
     window (the kernels may load them in a key tile, masked).
     Neighbours are neighbours in the data's layout order (:func:`shard_numbering`),
     whatever the order of the mesh axes."""
     widths = np.cumsum([0] + [x.shape[-1] for x in xs])
-    parts: list[tuple[jax.Array, ...]] = []
-    for i, p in enumerate(plans):
+    for p in plans:
         dim = 1 + p.axis
         name = _collective_name(p.mesh_axes)
         _, pairs = p.numbering
@@ -398,9 +397,8 @@ def _exchange(xs: tuple[jax.Array, ...], plans: Sequence[AxisPlan]) -> list[tupl
         parts.append(xs)
         parts += [send(0, right[j - 1], [(r + j, r) for r in range(p.shards - j)])
                   for j in range(1, len(right) + 1)]
-        if i < len(plans) - 1:  # extended along this axis: the next axis sends corners too
-            xs = tuple(_join(a, dim) for a in zip(*parts))
-    return parts
+        xs = tuple(_join(a, dim) for a in zip(*parts))  # the next axis sends corners too
+    return xs
 
 
 def _join(chunks: Sequence[jax.Array], dim: int) -> jax.Array:
@@ -424,14 +422,13 @@ def _join(chunks: Sequence[jax.Array], dim: int) -> jax.Array:
     return out
 
 
-def _assemble(parts: Sequence[tuple[jax.Array, ...]], plans: Sequence[AxisPlan]
-              ) -> tuple[jax.Array, ...]:
-    """This shard's key blocks from :func:`_exchange`'s pieces: along every sharded axis
-    the halo block from its row ``shift`` on (the first shards skip the rows before the
-    grid), zeros after its end, one copy per array (:func:`_join`, and where the first
-    shards skip rows, a zero pad and a slice at a traced offset that fuse into it). Every
-    shard's blocks have the same shape, so one backend call can serve them all."""
-    ndim = parts[0][0].ndim
+def _assemble(blocks: Sequence[jax.Array], plans: Sequence[AxisPlan]) -> tuple[jax.Array, ...]:
+    """This shard's key blocks from :func:`_exchange`'s halo blocks: along every sharded
+    axis the halo block from its row ``shift`` on (the first shards skip the rows before
+    the grid), zeros after its end (a zero pad and a slice at a traced offset, which fuse
+    with the last :func:`_join` into one copy per array). Every shard's blocks have the
+    same shape, so one backend call can serve them all."""
+    ndim = blocks[0].ndim
     pad, starts = [(0, 0, 0)] * ndim, [0] * ndim
     for p in plans:
         if any(p.shift):
@@ -439,15 +436,11 @@ def _assemble(parts: Sequence[tuple[jax.Array, ...]], plans: Sequence[AxisPlan]
             index_of_shard, _ = p.numbering
             table = jnp.asarray([p.shift[c] for c in p.shard_class], jnp.int32)
             starts[1 + p.axis] = table[index_of_shard()]
-    out = []
-    for pieces in zip(*parts):
-        x = _join(pieces, 1 + plans[-1].axis)
-        if any(p.shift for p in plans):
-            shape = x.shape
-            x = jax.lax.pad(x, jnp.zeros((), x.dtype), pad)
-            x = jax.lax.dynamic_slice(x, [jnp.asarray(i, jnp.int32) for i in starts], shape)
-        out.append(x)
-    return tuple(out)
+    if not any(p.shift for p in plans):
+        return tuple(blocks)
+    starts = [jnp.asarray(i, jnp.int32) for i in starts]
+    return tuple(jax.lax.dynamic_slice(jax.lax.pad(x, jnp.zeros((), x.dtype), pad), starts, x.shape)
+                 for x in blocks)
 
 
 def _to_words(x: jax.Array) -> jax.Array:
