@@ -26,7 +26,12 @@ struct Attrs {
   // device_ordinals[i] takes q_origin / kv_origin from entries [i * rank, (i + 1) * rank)
   // of device_q_origin / device_kv_origin. One SPMD program serves every shard, so
   // each device's handler picks its own static problem here (no conditional on the GPU).
-  I64s device_ordinals, device_q_origin, device_kv_origin;
+  // device_q_range (forward only; empty: the whole buffer) narrows each device's query
+  // block to rows [lo, hi) of the query buffer per axis, entries [2 i rank, 2 (i+1) rank)
+  // as lo, hi per axis: the call computes and writes only those rows (out and lse keep
+  // the rest: a sharded forward runs its interior rows before the halo arrives and the
+  // border rows after, into one aliased buffer). An empty range launches nothing.
+  I64s device_ordinals, device_q_origin, device_kv_origin, device_q_range;
 };
 
 std::string dims_str(ffi::AnyBuffer::Dimensions d) {
@@ -58,22 +63,31 @@ void choose_tile(int rank, const int k[3], const int n[3], int t[3]) {
 }
 
 // Builds Params from attributes and the q / k / v buffers on the device with ordinal
-// `ordinal`. lead: leading (batch) dims of q (all folded into B).
+// `ordinal`. lead: leading (batch) dims of q (all folded into B). `empty`: this device's
+// query block has no rows (device_q_range), nothing to launch.
 ffi::Error make_params(const Attrs& attrs, int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                       ffi::AnyBuffer v, Params& p, DType& dt) {
+                       ffi::AnyBuffer v, Params& p, DType& dt, bool& empty) {
   Attrs at = attrs;
   const size_t rank = at.shape.size();
   if (rank < 1 || rank > 3) return bad("shape must have 1 to 3 entries, got " + std::to_string(rank));
+  I64s q_range;  // lo, hi per axis in the query buffer; empty: the whole buffer
   if (const size_t n = at.device_ordinals.size(); n > 0) {
     if (at.device_q_origin.size() != n * rank || at.device_kv_origin.size() != n * rank)
       return bad("device_q_origin and device_kv_origin must have " + std::to_string(rank) +
+                 " entries per device of device_ordinals");
+    if (at.device_q_range.size() != 0 && at.device_q_range.size() != 2 * n * rank)
+      return bad("device_q_range must be empty or have " + std::to_string(2 * rank) +
                  " entries per device of device_ordinals");
     size_t i = 0;
     while (i < n && at.device_ordinals[i] != ordinal) ++i;
     if (i == n) return bad("device " + std::to_string(ordinal) + " is not in the call's device table");
     at.q_origin = I64s(at.device_q_origin.begin() + i * rank, rank);
     at.kv_origin = I64s(at.device_kv_origin.begin() + i * rank, rank);
+    if (at.device_q_range.size() != 0) q_range = I64s(at.device_q_range.begin() + 2 * i * rank, 2 * rank);
+  } else if (at.device_q_range.size() != 0) {
+    return bad("device_q_range needs a device table (device_ordinals)");
   }
+  empty = false;
   const I64s* per_axis[] = {&at.kernel_size, &at.stride, &at.dilation, &at.is_causal, &at.q_origin,
                             &at.q_extent, &at.kv_origin, &at.kv_extent};
   const char* names[] = {"kernel_size", "stride", "dilation", "is_causal", "q_origin", "q_extent",
@@ -124,11 +138,23 @@ ffi::Error make_params(const Attrs& attrs, int32_t ordinal, ffi::AnyBuffer q, ff
   for (int a = 0; a < 3; ++a) {
     Axis& x = p.ax[a];
     x = Axis{1, 1, 1, 1, 0, 0, 1, 0, 1, 1, 1, 1, 1};
+    p.qpitch[a] = 1;
+    p.qoff[a] = 0;
     if (a < off) continue;
     const int i = a - off;
     const int64_t L = at.shape[i], ks = at.kernel_size[i], st = at.stride[i], dl = at.dilation[i];
-    const int64_t q0 = at.q_origin[i], qn = at.q_extent[i], k0 = at.kv_origin[i], kn = at.kv_extent[i];
+    const int64_t qbuf = at.q_extent[i], lo = q_range.size() == 0 ? 0 : q_range[2 * i],
+                  hi = q_range.size() == 0 ? qbuf : q_range[2 * i + 1];
+    const int64_t q0 = at.q_origin[i] + lo, qn = hi - lo, k0 = at.kv_origin[i], kn = at.kv_extent[i];
     const std::string ax = " on axis " + std::to_string(i);
+    if (lo < 0 || hi < lo || hi > qbuf) return bad("device_q_range must lie inside the query buffer" + ax);
+    p.qpitch[a] = static_cast<int>(qbuf);
+    p.qoff[a] = static_cast<int>(lo);
+    if (qn == 0) {  // nothing to compute on this device (the other axes still checked)
+      empty = true;
+      x.L = static_cast<int>(L);
+      continue;
+    }
     if (L < 1 || L > (int64_t{1} << 30)) return bad("bad shape" + ax);
     if (ks < 2 || st < 1 || st > ks || dl < 1 || ks * dl > L)
       return bad("need kernel_size >= 2, 1 <= stride <= kernel_size, dilation >= 1, kernel_size * dilation <= length" + ax +
@@ -157,6 +183,7 @@ ffi::Error make_params(const Attrs& attrs, int32_t ordinal, ffi::AnyBuffer q, ff
                    std::to_string(q0 + qn) + ")" + ax);
     }
   }
+  if (empty) return ffi::Error::Success();
   int kk[3], nq[3], nk[3], tq[3], tk[3];
   for (int a = 0; a < 3; ++a) {
     kk[a] = p.ax[a].k;
@@ -180,7 +207,7 @@ ffi::Error make_params(const Attrs& attrs, int32_t ordinal, ffi::AnyBuffer q, ff
   p.scale = at.scale;
   p.scale_log2 = at.scale * 1.4426950408889634f;
   p.nq = 1; p.nkv = 1;
-  for (int a = 0; a < 3; ++a) { p.nq *= p.ax[a].qn; p.nkv *= p.ax[a].kvn; }
+  for (int a = 0; a < 3; ++a) { p.nq *= p.qpitch[a]; p.nkv *= p.ax[a].kvn; }
   p.q_tok = H * D; p.q_b = p.nq * H * D;
   p.k_tok = Hkv * D; p.k_b = p.nkv * Hkv * D;
   p.v_tok = Hkv * Dv; p.v_b = p.nkv * Hkv * Dv;
@@ -222,11 +249,13 @@ ffi::Error Forward(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer q, ffi::
                    ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse, const Attrs& at) {
   Params p;
   DType dt;
-  if (auto e = make_params(at, ordinal, q, k, v, p, dt); e.failure()) return e;
+  bool empty;
+  if (auto e = make_params(at, ordinal, q, k, v, p, dt, empty); e.failure()) return e;
   auto qd = q.dimensions();
   const int64_t Dv = v.dimensions()[v.dimensions().size() - 1];
   if (auto e = same_shape("out", o->dimensions(), with_last(qd, 1, {Dv}), o->element_type(), q.element_type()); e.failure()) return e;
   if (auto e = same_shape("lse", lse->dimensions(), with_last(qd, 1, {}), lse->element_type(), ffi::DataType::F32); e.failure()) return e;
+  if (empty) return launched(cudaSuccess);
   p.o = o->untyped_data();
   p.lse = static_cast<float*>(lse->untyped_data());
   return launched(dispatch(dt, p, stream, true));
@@ -236,9 +265,11 @@ ffi::Error Backward(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer q, ffi:
                     ffi::AnyBuffer dout, ffi::AnyBuffer lse, ffi::AnyBuffer delta,
                     ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                     ffi::Result<ffi::AnyBuffer> dv, const Attrs& at) {
+  if (at.device_q_range.size() != 0) return bad("device_q_range is for the forward only");
   Params p;
   DType dt;
-  if (auto e = make_params(at, ordinal, q, k, v, p, dt); e.failure()) return e;
+  bool empty;
+  if (auto e = make_params(at, ordinal, q, k, v, p, dt, empty); e.failure()) return e;
   auto qd = q.dimensions();
   const int64_t Dv = v.dimensions()[v.dimensions().size() - 1];
   const auto T = q.element_type();
@@ -259,10 +290,10 @@ ffi::Error Backward(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer q, ffi:
 #define GNA_ATTR_PARAMS                                                                         \
   I64s shape, I64s kernel_size, I64s stride, I64s dilation, I64s is_causal, I64s q_origin,     \
       I64s q_extent, I64s kv_origin, I64s kv_extent, float scale, I64s device_ordinals,         \
-      I64s device_q_origin, I64s device_kv_origin
+      I64s device_q_origin, I64s device_kv_origin, I64s device_q_range
 #define GNA_ATTRS                                                                              \
   Attrs{shape, kernel_size, stride, dilation, is_causal, q_origin, q_extent, kv_origin, kv_extent, \
-        scale, device_ordinals, device_q_origin, device_kv_origin}
+        scale, device_ordinals, device_q_origin, device_kv_origin, device_q_range}
 
 ffi::Error FwdImpl(cudaStream_t s, int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                    ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse, GNA_ATTR_PARAMS) {
@@ -328,7 +359,8 @@ int device_smem_optin() {
   .Attr<I64s>("shape").Attr<I64s>("kernel_size").Attr<I64s>("stride").Attr<I64s>("dilation") \
       .Attr<I64s>("is_causal").Attr<I64s>("q_origin").Attr<I64s>("q_extent")                 \
       .Attr<I64s>("kv_origin").Attr<I64s>("kv_extent").Attr<float>("scale")                  \
-      .Attr<I64s>("device_ordinals").Attr<I64s>("device_q_origin").Attr<I64s>("device_kv_origin")
+      .Attr<I64s>("device_ordinals").Attr<I64s>("device_q_origin").Attr<I64s>("device_kv_origin")      \
+      .Attr<I64s>("device_q_range")
 
 #define GNA_ARG .Arg<ffi::AnyBuffer>()
 #define GNA_RET .Ret<ffi::AnyBuffer>()

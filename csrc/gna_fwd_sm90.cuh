@@ -277,7 +277,7 @@ struct FwdTile {
     for (int a = 0; a < 3; ++a) ks[a] = (kt0[a] + w.i[a]) * p.ax[a].kt;
   }
   // Query `o` (in-tile coordinates per axis) of the tile: whether it lies in the block,
-  // and its token index in the query block (row-major over the block's extents).
+  // and its token index in the query-side buffers (row-major over their extents).
   GNA_HD bool query_token(const Params& p, const int (&o)[3], int64_t& tok) const {
     bool valid = true;
     tok = 0;
@@ -285,7 +285,7 @@ struct FwdTile {
     for (int a = 0; a < 3; ++a) {
       const int ig = qs[a] + o[a];
       valid &= ig <= qe[a];
-      tok = tok * p.ax[a].qn + (ig - p.ax[a].q0);
+      tok = tok * p.qpitch[a] + (ig - p.ax[a].q0 + p.qoff[a]);
     }
     return valid;
   }

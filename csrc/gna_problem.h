@@ -44,7 +44,12 @@ struct Params {
   int B, H, Hkv, D, Dv;   // B: product of all leading (batch) dims
   float scale;            // applied to q . k
   float scale_log2;       // scale * log2(e)
-  int64_t nq, nkv;        // tokens in the query / key block
+  int64_t nq, nkv;        // tokens in the query-side buffers (see qpitch) / the key block
+  // The query block inside the query-side buffers (q, out, lse; dq, dout in the
+  // backward): per axis the buffers' extent and the block's first row in them. The
+  // block is the whole buffer (qpitch = qn, qoff = 0) but in a sharded forward's
+  // sub-block calls (gna_ffi.cu, device_q_range), which the backward refuses.
+  int qpitch[kMaxRank], qoff[kMaxRank];
   // Element strides (all tensors are dense, heads-last, row-major spatial).
   int64_t q_tok, q_b;     // query / dQ: token stride H*D, batch stride nq*H*D
   int64_t k_tok, k_b;     // key / dK

@@ -80,13 +80,18 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
 }
 
 // [B, n0, n1, n2, H, D] as the 5-D tensor (H*D, n2, n1, n0, B) with a box of
-// (64, t2, t1, t0, 1) and the 128-byte swizzle.
-bool make_map(CUtensorMap* m, DType dt, const void* ptr, int B, const int n[3], int HD, const int t[3]) {
+// (64, t2, t1, t0, 1) and the 128-byte swizzle. With `pitch` (the buffer's extents) and
+// `off` (the block's first row in it), the tensor is that block of a larger buffer.
+bool make_map(CUtensorMap* m, DType dt, const void* ptr, int B, const int n[3], int HD, const int t[3],
+              const int* pitch = nullptr, const int* off = nullptr) {
+  if (!pitch) pitch = n;
   const cuuint64_t dims[5] = {static_cast<cuuint64_t>(HD), static_cast<cuuint64_t>(n[2]),
                               static_cast<cuuint64_t>(n[1]), static_cast<cuuint64_t>(n[0]),
                               static_cast<cuuint64_t>(B)};
   const cuuint64_t tok = static_cast<cuuint64_t>(HD) * 2;
-  const cuuint64_t strides[4] = {tok, tok * n[2], tok * n[2] * n[1], tok * n[2] * n[1] * n[0]};
+  const cuuint64_t strides[4] = {tok, tok * pitch[2], tok * pitch[2] * pitch[1], tok * pitch[2] * pitch[1] * pitch[0]};
+  if (off)
+    ptr = static_cast<const char*>(ptr) + off[2] * strides[0] + off[1] * strides[1] + off[0] * strides[2];
   const cuuint32_t box[5] = {64, static_cast<cuuint32_t>(t[2]), static_cast<cuuint32_t>(t[1]),
                              static_cast<cuuint32_t>(t[0]), 1};
   const cuuint32_t estr[5] = {1, 1, 1, 1, 1};
@@ -144,8 +149,9 @@ cudaError_t fwd_sm90(DType dt, Params p, cudaStream_t stream, bool& used) {
   for (int a = 0; a < 3; ++a)
     if (half[a] > 1) { half[a] /= 2; break; }
   CUtensorMap tq, tk, tv, to;
-  if (!make_map(&tq, dt, p.q, p.B, qn, p.H * D, plan.qt) || !make_map(&tk, dt, p.k, p.B, kn, p.Hkv * D, plan.kt) ||
-      !make_map(&tv, dt, p.v, p.B, kn, p.Hkv * D, plan.kt) || !make_map(&to, dt, p.o, p.B, qn, p.H * D, half))
+  if (!make_map(&tq, dt, p.q, p.B, qn, p.H * D, plan.qt, p.qpitch, p.qoff) ||
+      !make_map(&tk, dt, p.k, p.B, kn, p.Hkv * D, plan.kt) || !make_map(&tv, dt, p.v, p.B, kn, p.Hkv * D, plan.kt) ||
+      !make_map(&to, dt, p.o, p.B, qn, p.H * D, half, p.qpitch, p.qoff))
     return cudaSuccess;  // not representable as TMA boxes: the sm80 kernels run
   static_assert(FwdLayout<D, S>::smem_bytes() <= kMaxSmem, "forward tiles exceed shared memory");
   const size_t smem = FwdLayout<D, S>::smem_bytes();

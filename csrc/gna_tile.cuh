@@ -8,15 +8,16 @@
 
 namespace gna {
 
-// Local token index (row-major over the block's extents) of a point given per axis
-// by its dilation group and group coordinate; origin/extent select the block.
+// Token index in its buffer (row-major over the buffer's extents) of a point given per
+// axis by its dilation group and group coordinate: keys index the key block, queries
+// the query-side buffers, whose block starts at row qoff of extent qpitch.
 __device__ __forceinline__ int64_t token_of(const Params& p, const int g[3], const int ig[3], bool keys) {
   int64_t tok = 0;
 #pragma unroll
   for (int a = 0; a < kMaxRank; ++a) {
     const Axis& x = p.ax[a];
-    const int origin = keys ? x.kv0 : x.q0;
-    const int extent = keys ? x.kvn : x.qn;
+    const int origin = keys ? x.kv0 : x.q0 - p.qoff[a];
+    const int extent = keys ? x.kvn : p.qpitch[a];
     tok = tok * extent + (g[a] + x.d * ig[a] - origin);
   }
   return tok;

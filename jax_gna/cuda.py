@@ -189,9 +189,11 @@ def _device_smem_optin() -> int:
     return int(lib.device_smem_optin())
 
 
-# Per-device origins of a sharded call: ``(device ordinal, q_origin, kv_origin)`` per
-# device; empty for an ordinary call.
-DeviceTable = tuple[tuple[int, tuple[int, ...], tuple[int, ...]], ...]
+# Per-device problems of a sharded call: ``(device ordinal, q_origin, kv_origin, q_range)``
+# per device, ``q_range`` empty (the whole query block) or ``lo, hi`` per spatial axis (the
+# rows of the query buffer the call computes; forward only, all devices or none);
+# empty for an ordinary call.
+DeviceTable = tuple[tuple[int, tuple[int, ...], tuple[int, ...], tuple[int, ...]], ...]
 
 
 def _attrs(problem: Problem, devices: DeviceTable = ()) -> dict[str, Any]:
@@ -207,21 +209,24 @@ def _attrs(problem: Problem, devices: DeviceTable = ()) -> dict[str, Any]:
         kv_origin=i64(problem.kv_origin),
         kv_extent=i64(problem.kv_extent),
         scale=np.float32(problem.scale),
-        device_ordinals=i64([d for d, _, _ in devices]),
-        device_q_origin=i64([x for _, q0, _ in devices for x in q0]),
-        device_kv_origin=i64([x for _, _, k0 in devices for x in k0]),
+        device_ordinals=i64([d for d, _, _, _ in devices]),
+        device_q_origin=i64([x for _, q0, _, _ in devices for x in q0]),
+        device_kv_origin=i64([x for _, _, k0, _ in devices for x in k0]),
+        device_q_range=i64([x for _, _, _, r in devices for x in r]),
     )
 
 
 def _forward_call(query, key, value, problem: Problem, poison: bool = False,
-                  devices: DeviceTable = ()):
+                  devices: DeviceTable = (), into=None):
+    """``(out, lse)``; with ``into`` (an earlier call's ``(out, lse)``) the call writes its
+    rows into those buffers (aliased) and the other rows keep their values."""
     _register()
     out_shape = query.shape[:-1] + (value.shape[-1],)
     results = (jax.ShapeDtypeStruct(out_shape, query.dtype),
                jax.ShapeDtypeStruct(query.shape[:-1], jnp.float32))
-    if poison:  # test hook: outputs start as NaN (aliased inputs)
-        o0 = jnp.full(out_shape, jnp.nan, query.dtype)
-        l0 = jnp.full(query.shape[:-1], jnp.nan, jnp.float32)
+    if poison or into is not None:  # poison: test hook, outputs start as NaN
+        o0, l0 = into if into is not None else (jnp.full(out_shape, jnp.nan, query.dtype),
+                                                jnp.full(query.shape[:-1], jnp.nan, jnp.float32))
         call = jax.ffi.ffi_call(FWD_TARGET + "_aliased", results, vmap_method="broadcast_all",
                                 input_output_aliases={3: 0, 4: 1})
         return call(query, key, value, o0, l0, **_attrs(problem, devices))
@@ -297,7 +302,7 @@ def _backward(query, key, value, out, lse, d_out, d_lse, problem: Problem):
 
 
 def _device_table(problems, devices) -> DeviceTable:
-    return tuple((int(ordinal), tuple(problems[c].q_origin), tuple(problems[c].kv_origin))
+    return tuple((int(ordinal), tuple(problems[c].q_origin), tuple(problems[c].kv_origin), ())
                  for ordinal, c in devices)
 
 
@@ -320,9 +325,28 @@ def _backward_by_device(query, key, value, out, lse, d_out, d_lse, index, proble
                           (query, key, value, out, lse), (d_out, d_lse))
 
 
+def _by_device_split(query, blocks, index, problems, calls, devices, poison: bool = False):
+    """The forward of :func:`_by_device` in sub-block calls (``jax_gna.sharding._split_calls``):
+    ``calls[i]`` computes its rows (``ranges``) of each shard's queries over the key and
+    value block ``blocks[i]``; the first run over the shard's own keys, so they need not
+    wait for the halo exchange that builds the others' blocks. The calls write into one
+    pair of buffers (aliased). Forward only (the sharded op's backward is
+    :func:`_backward_by_device`)."""
+    del index
+    base, into = problems[0], None
+    for (key, value), call in zip(blocks, calls):
+        table = tuple((int(ordinal), tuple(problems[c].q_origin), tuple(call.kv_origin[c]),
+                       tuple(x for lo_hi in call.ranges[c] for x in lo_hi))
+                      for ordinal, c in devices)
+        into = _forward_call(query, key, value, base.replace(kv_extent=call.kv_extent), poison,
+                             table, into)
+    return into
+
+
 attention.backward = _backward
 attention.by_device = _by_device
 attention.backward_by_device = _backward_by_device
+attention.by_device_split = _by_device_split
 
 
 def _attention_poisoned(query, key, value, problem: Problem):

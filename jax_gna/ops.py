@@ -69,8 +69,9 @@ if _cuda_module() is not None:  # its backward, so that sharded calls recompute 
     _auto_attention.backward = sharding.platform_backward(_cuda_module().attention,
                                                           xla.attention)
     # one kernel call for every shard of a sharded call (sharding.local_attention)
-    _auto_attention.by_device, _auto_attention.backward_by_device = sharding.platform_by_device(
-        _cuda_module().attention, xla.attention)
+    (_auto_attention.by_device, _auto_attention.backward_by_device,
+     _auto_attention.by_device_split) = sharding.platform_by_device(_cuda_module().attention,
+                                                                    xla.attention)
 
 
 def _compute(query, key, value, additional_keys, additional_values, impl: Impl,

@@ -208,6 +208,10 @@ class AxisPlan:
         kernel loads them in a key tile).
       mesh_shape: ``(name, size)`` of the mesh axes in ``mesh_axes``, in the mesh's order
         (how ``lax.ppermute`` numbers the shards; see :func:`shard_numbering`).
+      interior: per class, the rows ``[a, b)`` of the shard (relative to its first row)
+        whose windows lie inside the shard's own rows: they need no halo
+        (:func:`_split_calls`). Rounded inward to multiples of 8 (tile edges); ``a == b``
+        when no row qualifies.
     """
 
     axis: int
@@ -220,6 +224,7 @@ class AxisPlan:
     q_origin: tuple[int, ...]
     kv_origin: tuple[int, ...]
     mesh_shape: tuple[tuple[str, int], ...] = ()
+    interior: tuple[tuple[int, int], ...] = ()
 
     @property
     def numbering(self):
@@ -286,7 +291,7 @@ def plan_axis(problem: Problem, axis: int, mesh_axes: AxisName, shards: int,
     block = size + left + right
     ax = problem.axis(axis)
     signatures: dict[Any, int] = {}
-    shard_class, q_origin, kv_origin = [], [], []
+    shard_class, q_origin, kv_origin, interior = [], [], [], []
     for r in range(shards):
         k0 = r * size - left
         lo, hi = max(0, k0), min(length, k0 + block)
@@ -298,9 +303,141 @@ def plan_axis(problem: Problem, axis: int, mesh_axes: AxisName, shards: int,
             signatures[sig] = len(q_origin)
             q_origin.append(r * size)
             kv_origin.append(lo)  # [lo, lo + block) holds [lo, hi)
+            interior.append(_interior(first - r * size, last - r * size, size))
         shard_class.append(signatures[sig])
     return AxisPlan(axis, names, shards, size, left, right, tuple(shard_class),
-                    tuple(q_origin), tuple(kv_origin), order)
+                    tuple(q_origin), tuple(kv_origin), order, tuple(interior))
+
+
+def _interior(first: np.ndarray, last: np.ndarray, size: int, align: int = 8
+              ) -> tuple[int, int]:
+    """The rows ``[a, b)`` of a shard whose windows ``[first, last]`` (relative to the
+    shard's first row) lie inside ``[0, size)``: after the last row reaching left of the
+    shard and before the first reaching right of it, rounded inward to multiples of
+    ``align`` (the rows next to the halo go with the halo's call; a rounded edge keeps
+    the calls' tiles whole). ``a == b`` when no row qualifies."""
+    out_left, out_right = np.nonzero(first < 0)[0], np.nonzero(last >= size)[0]
+    a = int(out_left.max()) + 1 if out_left.size else 0
+    b = int(out_right.min()) if out_right.size else size
+    if 0 < a:
+        a = min(size, -(-a // align) * align)
+    if b < size:
+        b = b // align * align
+    return (a, b) if a < b else (a, a)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitCall:
+    """One backend call of a split sharded forward (:func:`_split_calls`); ``[c]`` indexes
+    class combinations (row-major over the plans, as :func:`_class_problems`).
+
+    Attributes:
+      ranges: ``[c][axis]`` the query rows ``(lo, hi)`` of the shard it computes.
+      kv_origin: ``[c][axis]`` the global first row of its key block.
+      kv_extent: ``[axis]`` its key block's rows (one shape on every shard).
+      start: ``[c][plan]`` where its key block starts in the halo block; empty for a call
+        over the shard's own keys (which need no exchange).
+    """
+
+    ranges: tuple[tuple[tuple[int, int], ...], ...]
+    kv_origin: tuple[tuple[int, ...], ...]
+    kv_extent: tuple[int, ...]
+    start: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def own(self) -> bool:
+        return not self.start
+
+
+# The interior rows run in this many calls. XLA runs the first under the exchange and the
+# others after it, before the border calls; two measured faster than one on two H200s
+# (session 23, bf16 forwards: 2-D 4.71 against 4.81 ms, 3-D 12.71 against 12.87 ms, 1-D
+# 0.340 against 0.355 ms; why was not isolated).
+_INTERIOR_CALLS = 2
+
+
+def _split_calls(problem: Problem, plans: Sequence[AxisPlan]) -> tuple[SplitCall, ...] | None:
+    """A sharded forward as calls over disjoint boxes of each shard's query rows, so that
+    most of the work runs while the halo travels. The first calls take the interior rows
+    of every sharded axis (:attr:`AxisPlan.interior`, cut in :data:`_INTERIOR_CALLS`
+    parts along the first sharded axis), whose windows lie inside the shard's own keys;
+    the others take what is left, one box per sharded axis and side (rows before / after
+    the interior on that axis, the interior on the axes before it, every row on the axes
+    after it; both sides in one call where no shard has both), each over the part of
+    the halo block its windows reach. Calls empty on every shard are left out. None when
+    no shard has an interior row."""
+    combos = list(itertools.product(*[range(p.classes) for p in plans]))
+    problems = _class_problems(problem, plans)
+    full = [(0, n) for n in problems[0].q_extent]
+
+    def boxes(j: int, side: int | None):
+        out = []
+        for combo in combos:
+            box = list(full)
+            for i, (p, c) in enumerate(zip(plans, combo)):
+                a, b = p.interior[c]
+                box[p.axis] = ((a, b) if side is None or i < j else (0, p.size) if i > j
+                               else (0, a) if side == 0 else (b, p.size))
+            out.append(tuple(box))
+        return tuple(out)
+
+    def rows(box) -> bool:
+        return all(lo < hi for lo, hi in box)
+
+    def used(ranges) -> bool:
+        return any(rows(box) for box in ranges)
+
+    interior = boxes(0, None)
+    if not used(interior):
+        return None
+    axis, parts = plans[0].axis, []
+    for k in range(_INTERIOR_CALLS):
+        part = []
+        for box in interior:
+            lo, hi = box[axis]
+            cut = [lo + (hi - lo) * i // _INTERIOR_CALLS // 8 * 8 for i in range(_INTERIOR_CALLS)]
+            cut = [max(lo, c) for c in cut] + [hi]
+            part.append(box[:axis] + ((cut[k], max(cut[k], cut[k + 1])),) + box[axis + 1:])
+        parts.append(tuple(part))
+    border = []
+    for j in range(len(plans)):
+        left, right = boxes(j, 0), boxes(j, 1)
+        if any(rows(a) and rows(b) for a, b in zip(left, right)):
+            border += [left, right]
+        else:
+            border.append(tuple(b if rows(b) else a for a, b in zip(left, right)))
+    calls = [SplitCall(r, tuple(p.q_origin for p in problems), problems[0].q_extent)
+             for r in parts if used(r)]
+    return tuple(calls + [_border_call(problem, plans, combos, problems, r)
+                          for r in border if used(r)])
+
+
+def _border_call(problem: Problem, plans: Sequence[AxisPlan], combos, problems,
+                 ranges) -> SplitCall:
+    """The :class:`SplitCall` for query boxes ``ranges`` over slices of the halo blocks:
+    per class the keys its rows' windows reach, at one size (the largest) on every
+    shard (rows past a class's reach are masked, past the halo block zeros)."""
+    origins, starts = [], []
+    spans: dict[int, int] = {p.axis: 1 for p in plans}
+    for ci, combo in enumerate(combos):
+        box, origin, start = ranges[ci], list(problems[ci].kv_origin), []
+        for p, c in zip(plans, combo):
+            lo, hi = box[p.axis]
+            if all(a < b for a, b in box):
+                first, last = mask.window_extent(p.q_origin[c] + np.arange(lo, hi),
+                                                 problem.axis(p.axis))
+                k0, k1 = int(first.min()), int(last.max()) + 1
+            else:  # nothing to compute on these shards: any block inside the grid
+                k0, k1 = p.kv_origin[c], p.kv_origin[c] + 1
+            origin[p.axis] = k0
+            start.append(k0 - (p.q_origin[c] - p.left))
+            spans[p.axis] = max(spans[p.axis], k1 - k0)
+        origins.append(tuple(origin))
+        starts.append(tuple(start))
+    extent = list(problems[0].kv_extent)
+    for a, n in spans.items():
+        extent[a] = n
+    return SplitCall(ranges, tuple(origins), tuple(extent), tuple(starts))
 
 
 def _class_problems(problem: Problem, plans: Sequence[AxisPlan]) -> list[Problem]:
@@ -370,7 +507,8 @@ def _exchange(xs: tuple[jax.Array, ...], plans: Sequence[AxisPlan]) -> tuple[jax
     """The local blocks ``xs`` (each ``[B, *spatial, ...]``) extended by their halo to the
     halo blocks ``[r S - left, (r+1) S + right)`` along every sharded axis, one axis after
     the other so the corners of 2-D/3-D windows arrive too (:func:`_join`; keys and values
-    travel together, one ``ppermute`` per direction and hop). A halo wider than a shard
+    travel together, one ``ppermute`` per direction and hop; on an axis of two shards one
+    ``ppermute`` carries both directions). A halo wider than a shard
     comes from several shards (one ``ppermute`` per hop, each sending only rows that are
     needed). Rows outside the global grid arrive as zeros; they lie outside every
     window (the kernels may load them in a key tile, masked).
@@ -382,14 +520,40 @@ def _exchange(xs: tuple[jax.Array, ...], plans: Sequence[AxisPlan]) -> tuple[jax
         name = _collective_name(p.mesh_axes)
         _, pairs = p.numbering
 
-        def send(first: int, rows: int, moves: list[tuple[int, int]]) -> tuple[jax.Array, ...]:
-            # The arrays' rows [first, first + rows) in one collective (concatenated along
-            # the last dim: a halo-sized copy), split again (slices that fuse into the
-            # block copy of _assemble).
-            edge = [jax.lax.slice_in_dim(x, first, first + rows, axis=dim) for x in xs]
-            got = jax.lax.ppermute(jnp.concatenate(edge, axis=-1) if len(xs) > 1 else edge[0],
-                                   name, pairs(moves))
+        def edge(first: int, rows: int) -> jax.Array:
+            # The arrays' rows [first, first + rows), concatenated along the last dim (they
+            # travel in one collective: a halo-sized copy).
+            e = [jax.lax.slice_in_dim(x, first, first + rows, axis=dim) for x in xs]
+            return jnp.concatenate(e, axis=-1) if len(xs) > 1 else e[0]
+
+        def split(got: jax.Array) -> tuple[jax.Array, ...]:
+            # back into the arrays (slices that fuse into the block copy of _assemble)
             return tuple(got[..., a:b] for a, b in zip(widths[:-1], widths[1:]))
+
+        def send(first: int, rows: int, moves: list[tuple[int, int]]) -> tuple[jax.Array, ...]:
+            return split(jax.lax.ppermute(edge(first, rows), name, pairs(moves)))
+
+        if p.shards == 2 and p.left and p.right:
+            # Two shards: each sends to one neighbour only, so both directions fit in one
+            # collective (the links carry them at once; XLA runs one collective at a time).
+            # Shard 0 sends its last `left` rows, shard 1 its first `right` rows.
+            index_of_shard, _ = p.numbering
+            first = index_of_shard() == 0
+            rows = max(p.left, p.right)
+
+            def padded(e: jax.Array) -> jax.Array:
+                pad = [(0, 0, 0)] * e.ndim
+                pad[dim] = (0, rows - e.shape[dim], 0)
+                return jax.lax.pad(e, jnp.zeros((), e.dtype), pad)
+
+            got = jax.lax.ppermute(
+                jnp.where(first, padded(edge(p.size - p.left, p.left)), padded(edge(0, p.right))),
+                name, pairs([(0, 1), (1, 0)]))
+            zero = jnp.zeros((), got.dtype)
+            from_left = jnp.where(first, zero, jax.lax.slice_in_dim(got, 0, p.left, axis=dim))
+            from_right = jnp.where(first, jax.lax.slice_in_dim(got, 0, p.right, axis=dim), zero)
+            xs = tuple(_join(a, dim) for a in zip(split(from_left), xs, split(from_right)))
+            continue
 
         left, right = _hops(p.left, p), _hops(p.right, p)
         parts = [send(p.size - left[j - 1], left[j - 1], [(r, r + j) for r in range(p.shards - j)])
@@ -488,6 +652,35 @@ def _blocks_bwd(plans, inputs, cotangents):
 _blocks.defvjp(_blocks_fwd, _blocks_bwd)
 
 
+def _split_blocks(key: jax.Array, value: jax.Array, plans: Sequence[AxisPlan],
+                  calls: Sequence[SplitCall]) -> list[tuple[jax.Array, jax.Array]]:
+    """The key and value blocks of a split forward's calls (:func:`_split_calls`): the
+    shard's own for the own-key calls, for the others a slice (at a per-shard offset) of
+    the halo blocks of one exchange, on 32-bit words as :func:`_blocks`. Forward only."""
+    words = _to_words(key), _to_words(value)
+    if words[0].dtype != words[1].dtype:
+        words = key, value
+    halo, index, out = None, _branch_index(plans), []
+    for call in calls:
+        if call.own:
+            out.append((key, value))
+            continue
+        if halo is None:
+            halo = _exchange(words, plans)
+        ndim = halo[0].ndim
+        pad, starts = [(0, 0, 0)] * ndim, [jnp.int32(0)] * ndim
+        row = jnp.asarray(call.start, jnp.int32)[0 if index is None else index]
+        for j, p in enumerate(plans):
+            over = max(s[j] for s in call.start) + call.kv_extent[p.axis] - p.block
+            pad[1 + p.axis] = (0, max(over, 0), 0)
+            starts[1 + p.axis] = row[j]
+        k, v = (jax.lax.dynamic_slice(
+            jax.lax.pad(x, jnp.zeros((), x.dtype), pad), starts,
+            x.shape[:1] + tuple(call.kv_extent) + x.shape[1 + len(call.kv_extent):]) for x in halo)
+        out.append((_from_words(k, key), _from_words(v, value)))
+    return out
+
+
 def _branch_index(plans: Sequence[AxisPlan]) -> jax.Array | None:
     if all(p.classes == 1 for p in plans):
         return None
@@ -515,14 +708,24 @@ def local_attention(query: jax.Array, key: jax.Array, value: jax.Array, problem:
     Shards whose problems differ (by their origins) run one backend call where ``impl``
     has ``by_device`` and ``mesh`` is the concrete mesh the program runs on (each
     device's problem is then chosen on the host, see :func:`_device_classes`);
-    otherwise ``lax.switch`` on the shard's class picks the problem."""
+    otherwise ``lax.switch`` on the shard's class picks the problem. Where ``impl`` also
+    has ``by_device_split``, the rows whose windows need no halo are computed over the
+    shard's own keys by a call that does not wait for the exchange, the others after it
+    (:func:`_split_calls`; not differentiable: the ``jax.jit`` path's backward is
+    :func:`local_attention_backward`)."""
     if not plans:
         return impl(query, key, value, problem)
-    k, v = _blocks(key, value, tuple(plans))
     problems, index = _class_problems(problem, plans), _branch_index(plans)
     by_device, devices = getattr(impl, "by_device", None), _device_classes(plans, mesh)
     if index is not None and by_device is not None and devices is not None:
+        split = getattr(impl, "by_device_split", None)
+        calls = _split_calls(problem, plans) if split is not None else None
+        if calls is not None:
+            blocks = _split_blocks(key, value, plans, calls)
+            return split(query, blocks, index, problems, calls, devices)
+        k, v = _blocks(key, value, tuple(plans))
         return by_device(query, k, v, index, problems, devices)
+    k, v = _blocks(key, value, tuple(plans))
     branches = [lambda q, k, v, prob=prob: impl(q, k, v, prob) for prob in problems]
     return _switch(index, branches, query, k, v)
 
@@ -576,13 +779,15 @@ def platform_backward(cuda_impl: Impl, default_impl: Impl) -> Backward | None:
     return backward
 
 
-def platform_by_device(cuda_impl: Impl, default_impl: Impl) -> tuple[Any, Any]:
-    """``(by_device, backward_by_device)`` (see :func:`local_attention`) of an impl that
-    runs ``cuda_impl`` on CUDA and ``default_impl`` elsewhere, for ``backend="auto"``:
-    ``cuda_impl``'s on CUDA, a ``lax.switch`` between ``default_impl``'s problems
-    elsewhere; ``None`` for what ``cuda_impl`` (or ``default_impl``'s backward) lacks."""
+def platform_by_device(cuda_impl: Impl, default_impl: Impl) -> tuple[Any, Any, Any]:
+    """``(by_device, backward_by_device, by_device_split)`` (see :func:`local_attention`)
+    of an impl that runs ``cuda_impl`` on CUDA and ``default_impl`` elsewhere, for
+    ``backend="auto"``: ``cuda_impl``'s on CUDA, a ``lax.switch`` between
+    ``default_impl``'s problems (over the key blocks) elsewhere; ``None`` for what
+    ``cuda_impl`` (or ``default_impl``'s backward) lacks."""
     cuda_fwd = getattr(cuda_impl, "by_device", None)
     cuda_bwd = getattr(cuda_impl, "backward_by_device", None)
+    cuda_split = getattr(cuda_impl, "by_device_split", None)
     default_bwd = _backward_of(default_impl)
 
     def by_device(q, k, v, index, problems, devices):
@@ -590,6 +795,35 @@ def platform_by_device(cuda_impl: Impl, default_impl: Impl) -> tuple[Any, Any]:
         return jax.lax.platform_dependent(
             q, k, v, index, cuda=lambda q, k, v, i: cuda_fwd(q, k, v, i, problems, devices),
             default=lambda q, k, v, i: jax.lax.switch(i, branches, q, k, v))
+
+    def by_device_split(q, blocks, index, problems, calls, devices):
+        def shard(c):  # default_impl on each call's box of class combination c
+            def run(q, *kv):
+                out = lse = None
+                for i, call in enumerate(calls):
+                    box = call.ranges[c]
+                    if any(lo >= hi for lo, hi in box):
+                        continue
+                    rows = (slice(None),) + tuple(slice(lo, hi) for lo, hi in box)
+                    p = problems[c]
+                    sub = p.replace(q_origin=tuple(o + lo for o, (lo, _) in zip(p.q_origin, box)),
+                                    q_extent=tuple(hi - lo for lo, hi in box),
+                                    kv_origin=call.kv_origin[c], kv_extent=call.kv_extent)
+                    o, l = default_impl(q[rows], kv[2 * i], kv[2 * i + 1], sub)
+                    if out is None:
+                        out = jnp.zeros(q.shape[:-1] + o.shape[-1:], o.dtype)
+                        lse = jnp.zeros(q.shape[:-1], l.dtype)
+                    out, lse = out.at[rows].set(o), lse.at[rows].set(l)
+                return out, lse
+            return run
+
+        flat = [x for kv in blocks for x in kv]
+        return jax.lax.platform_dependent(
+            q, index, *flat,
+            cuda=lambda q, i, *kv: cuda_split(q, list(zip(kv[::2], kv[1::2])), i, problems,
+                                               calls, devices),
+            default=lambda q, i, *kv: jax.lax.switch(
+                i, [shard(c) for c in range(len(problems))], q, *kv))
 
     def backward_by_device(q, k, v, out, lse, d_out, d_lse, index, problems, devices):
         branches = [lambda *a, p=p: default_bwd(*a, p) for p in problems]
@@ -599,7 +833,8 @@ def platform_by_device(cuda_impl: Impl, default_impl: Impl) -> tuple[Any, Any]:
             default=lambda *a: jax.lax.switch(a[-1], branches, *a[:-1]))
 
     return (by_device if cuda_fwd is not None else None,
-            backward_by_device if cuda_bwd is not None and default_bwd is not None else None)
+            backward_by_device if cuda_bwd is not None and default_bwd is not None else None,
+            by_device_split if cuda_split is not None else None)
 
 
 def halo_sizes(shape: Sequence[int], kernel_size: IntOrTuple, stride: IntOrTuple = 1,

@@ -13,6 +13,7 @@ through both outputs) with the unsharded op in float32, and reads the compiled H
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -101,7 +102,7 @@ EXTRA_CASES = ["explicit_shard_map_1d", "explicit_shard_map_2d_additional_kv",
                "error_uneven_split", "error_explicit_api", "vmap_falls_back",
                "explicit_axis_types_set_mesh", "nnx_training_step_data2_context4",
                "backend_without_backward_recomputes", "auto_by_device_table",
-               "bf16_words_exchange"]
+               "auto_split_forward", "bf16_words_exchange"]
 ALL_CASES = list(CASES) + list(LOCAL_CASES) + EXTRA_CASES
 
 
@@ -253,6 +254,62 @@ def test_tuple_cases_have_multi_hop_halos():
     for shape, axis, kw in TUPLE_WINDOWS.values():
         left, right = halo_sizes(shape, **kw, shards={axis: 8})[axis]
         assert max(left, right) > shape[axis] // 8, (shape, kw, left, right)
+
+
+@pytest.mark.parametrize("shape,kw,shards,split", [
+    ((32768,), dict(kernel_size=2048), (2,), True),
+    ((32768,), dict(kernel_size=2048, stride=256), (4,), True),
+    ((256, 256), dict(kernel_size=80, stride=16), (2, 1), True),
+    ((30, 48, 80), dict(kernel_size=(18, 24, 24), stride=(16, 8, 8)), (1, 1, 2), True),
+    ((160, 144), dict(kernel_size=(7, 5), stride=(2, 1), dilation=(2, 3),
+                      is_causal=(False, True)), (4, 3), True),
+    ((40, 36), dict(kernel_size=7), (4, 3), True),  # 8-row interiors on some shards only
+    ((64,), dict(kernel_size=9, is_causal=True), (4,), True),
+    ((48,), dict(kernel_size=21), (4,), False),  # no row's window stays in its shard
+    ((48,), dict(kernel_size=41), (4,), False),  # a multi-hop halo
+])
+def test_split_calls_cover_each_shard(shape, kw, shards, split):
+    """The sharded forward's calls (_split_calls) cover every query row of every shard
+    exactly once, and the first call's rows have their windows inside the shard's own
+    rows on every sharded axis (that call reads only the shard's own keys)."""
+    from jax_gna import mask, sharding
+    from jax_gna.params import make_problem
+
+    rank = len(shape)
+    q = np.zeros((1, *shape, 1, 8), np.float32)
+    problem = make_problem(q, q, q, **kw)
+    names = [f"m{a}" for a in range(rank)]
+    sizes = dict(zip(names, shards))
+    plans = [sharding.plan_axis(problem, a, names[a], n, sizes)
+             for a, n in enumerate(shards) if n > 1]
+    calls = sharding._split_calls(problem, plans)
+    assert (calls is not None) == split
+    if calls is None:
+        return
+    own = [c.own for c in calls]
+    assert own[0] and own == sorted(own, reverse=True), own  # own-key calls first
+    problems = sharding._class_problems(problem, plans)
+    for combo in itertools.product(*[range(p.classes) for p in plans]):
+        c = np.ravel_multi_index(combo, [p.classes for p in plans]) if plans else 0
+        seen = np.zeros(problems[c].q_extent, np.int32)
+        for call in calls:
+            box = call.ranges[c]
+            seen[tuple(slice(lo, hi) for lo, hi in box)] += 1
+            if any(lo >= hi for lo, hi in box):
+                continue
+            for a, (lo, hi) in enumerate(box):  # every window inside the call's key block
+                rows = problems[c].q_origin[a] + np.arange(lo, hi)
+                first, last = mask.window_extent(rows, problem.axis(a))
+                k0 = call.kv_origin[c][a]
+                assert k0 <= first.min() and last.max() < k0 + call.kv_extent[a], (call, a)
+            if call.own:  # the shard's own keys
+                assert call.kv_origin[c] == problems[c].q_origin
+                assert call.kv_extent == problems[c].q_extent
+            else:  # a slice of the halo block [q0 - left, q0 + size + right)
+                for j, p in enumerate(plans):
+                    assert (call.start[c][j] == call.kv_origin[c][p.axis]
+                            - (p.q_origin[combo[j]] - p.left) >= 0)
+        assert (seen == 1).all(), (combo, np.unique(seen, return_counts=True))
 
 
 def test_join_and_assemble(monkeypatch):
@@ -596,19 +653,21 @@ def _worker():  # pragma: no cover - runs in the subprocess
         args = inputs((16, 8), 1, 2, 1, 4, seed=6)
         want = unsharded(kw, args)
         seen = []
-        real = cuda.attention.by_device, cuda.attention.backward_by_device
+        real = (cuda.attention.by_device, cuda.attention.backward_by_device,
+                cuda.attention.by_device_split)
 
-        def spy(name, fn):
+        def spy(name, fn, problems_at):
             def wrapped(*a):
-                seen.append((name, a[-2], a[-1]))  # problems, devices
+                seen.append((name, a[problems_at], a[-1], a[-2]))  # problems, devices, calls
                 return fn(*a)
             return wrapped
 
         impl = ops._auto_attention
-        cuda.attention.by_device = spy("fwd", real[0])
-        cuda.attention.backward_by_device = spy("bwd", real[1])
-        impl.by_device, impl.backward_by_device = sharding.platform_by_device(
-            cuda.attention, sharding.xla.attention)
+        cuda.attention.by_device = spy("fwd", real[0], -2)
+        cuda.attention.backward_by_device = spy("bwd", real[1], -2)
+        cuda.attention.by_device_split = spy("split", real[2], -3)
+        impl.by_device, impl.backward_by_device, impl.by_device_split = (
+            sharding.platform_by_device(cuda.attention, sharding.xla.attention))
         try:
             def f(q, k, v, do, dl):
                 prob = make_problem(q, k, v, **kw)
@@ -622,14 +681,18 @@ def _worker():  # pragma: no cover - runs in the subprocess
             compiled = jax.jit(f).lower(*sh).compile()
             errs = compare(compiled(*sh), want)
         finally:
-            cuda.attention.by_device, cuda.attention.backward_by_device = real
-            impl.by_device, impl.backward_by_device = sharding.platform_by_device(
-                cuda.attention, sharding.xla.attention)
-        assert [n for n, _, _ in seen] == ["fwd", "bwd"], [n for n, _, _ in seen]
+            (cuda.attention.by_device, cuda.attention.backward_by_device,
+             cuda.attention.by_device_split) = real
+            impl.by_device, impl.backward_by_device, impl.by_device_split = (
+                sharding.platform_by_device(cuda.attention, sharding.xla.attention))
         problem = make_problem(*args[:3], **kw)
         plans = (sharding.plan_axis(problem, 0, ("c", "a"), 4, dict(mesh.shape)),
                  sharding.plan_axis(problem, 1, "b", 2, dict(mesh.shape)))
         assert plans[0].left > plans[0].size and plans[0].classes * plans[1].classes > 2
+        # one forward call: with a multi-hop halo every row reaches past its shard, so
+        # there are no interior rows to compute first (auto_split_forward has them)
+        assert sharding._split_calls(problem, plans) is None
+        assert [n for n, *_ in seen] == ["fwd", "bwd"], seen
         table = sharding._device_classes(plans, mesh)
         assert seen[0][2] == seen[1][2] == table, (seen[0][2], table)
         assert seen[0][1] == sharding._class_problems(problem, plans)
@@ -643,6 +706,54 @@ def _worker():  # pragma: no cover - runs in the subprocess
         assert traced == dict(table), (traced, table)
         assert len(set(traced.values())) > 2, traced
         return f"max rel err {max(errs.values()):.2e}; device table {table}"
+
+    def auto_split():
+        """The ``backend="auto"`` impl's split forward (``by_device_split``): each shard's
+        interior rows first, over its own keys, then the rest over slices of the halo
+        blocks. On a non-CUDA platform its default branch runs xla on each call's boxes
+        (output starting at zero: a row no call covers would show). Two sharded axes,
+        one over a tuple of mesh axes out of the mesh's order, dilated and causal."""
+        from jax_gna import cuda, ops
+        from jax_gna.params import make_problem
+
+        devices = np.array(jax.devices())[[3, 6, 1, 4, 5, 2, 7, 0]]
+        mesh = Mesh(devices.reshape(2, 2, 2), ("a", "b", "c"))
+        kw = dict(kernel_size=(5, 3), stride=(2, 1), dilation=(1, 2), is_causal=(False, True))
+        args = inputs((96, 48), 1, 2, 1, (8, 4), seed=8)
+        want = unsharded(kw, args)
+        seen = []
+        real = cuda.attention.by_device_split
+
+        def spy(*a):
+            seen.append(a[-2:])  # calls, devices
+            return real(*a)
+
+        impl = ops._auto_attention
+        cuda.attention.by_device_split = spy
+        impl.by_device, impl.backward_by_device, impl.by_device_split = (
+            sharding.platform_by_device(cuda.attention, sharding.xla.attention))
+        try:
+            def f(q, k, v, do, dl):
+                prob = make_problem(q, k, v, **kw)
+                (o, l), vjp = jax.vjp(lambda q, k, v: sharding.attention(impl, q, k, v, prob),
+                                      q, k, v)
+                return (o, l) + tuple(vjp((do, dl)))
+
+            lead = (None, ("c", "a"), "b")
+            data, lse = NamedSharding(mesh, P(*lead, None, None)), NamedSharding(mesh, P(*lead, None))
+            sh = [jax.device_put(x, s) for x, s in zip(args, (data, data, data, data, lse))]
+            errs = compare(jax.jit(f)(*sh), want)
+        finally:
+            cuda.attention.by_device_split = real
+            impl.by_device, impl.backward_by_device, impl.by_device_split = (
+                sharding.platform_by_device(cuda.attention, sharding.xla.attention))
+        problem = make_problem(*args[:3], **kw)
+        plans = (sharding.plan_axis(problem, 0, ("c", "a"), 4, dict(mesh.shape)),
+                 sharding.plan_axis(problem, 1, "b", 2, dict(mesh.shape)))
+        calls = sharding._split_calls(problem, plans)
+        assert len(seen) == 1 and seen[0] == (calls, sharding._device_classes(plans, mesh))
+        assert sum(c.own for c in calls) == 2 and len(calls) >= 4, calls
+        return f"max rel err {max(errs.values()):.2e}; {len(calls)} calls"
 
     def bf16_words():
         """bfloat16 keys and values (moved as 32-bit words, values of odd head dim as
@@ -741,6 +852,7 @@ def _worker():  # pragma: no cover - runs in the subprocess
                  "explicit_axis_types_set_mesh": explicit_axis_types,
                  "backend_without_backward_recomputes": backend_without_backward,
                  "auto_by_device_table": auto_by_device,
+                 "auto_split_forward": auto_split,
                  "bf16_words_exchange": bf16_words,
                  "nnx_training_step_data2_context4": nnx_training_step})
     only = sys.argv[2:]

@@ -90,7 +90,13 @@ CASES = {
 
 def _poisoned(q, k, v, problem):
     """The cuda backend with its kernels' outputs starting as NaN, forward and backward;
-    the shards of a context-parallel call run one kernel call (``by_device``)."""
+    the shards of a context-parallel call run one kernel call per sub-block call
+    (``by_device_split``: the interior rows over the shard's own keys, then the rest)."""
+    return cuda._attention_poisoned(q, k, v, problem)
+
+
+def _poisoned_unsplit(q, k, v, problem):
+    """The same with one forward call over the key blocks (``by_device``)."""
     return cuda._attention_poisoned(q, k, v, problem)
 
 
@@ -99,11 +105,14 @@ def _poisoned_switch(q, k, v, problem):
     return cuda._attention_poisoned(q, k, v, problem)
 
 
-_poisoned.backward = _poisoned_switch.backward = (
+_poisoned.backward = _poisoned_switch.backward = _poisoned_unsplit.backward = (
     lambda q, k, v, out, lse, d_out, d_lse, problem: cuda._attention_bwd(
         problem, True, (), (q, k, v, out, lse), (d_out, d_lse)))
-_poisoned.by_device = lambda *a: cuda._by_device(*a, poison=True)
-_poisoned.backward_by_device = lambda *a: cuda._backward_by_device(*a, poison=True)
+_poisoned.by_device = _poisoned_unsplit.by_device = (
+    lambda *a: cuda._by_device(*a, poison=True))
+_poisoned.backward_by_device = _poisoned_unsplit.backward_by_device = (
+    lambda *a: cuda._backward_by_device(*a, poison=True))
+_poisoned.by_device_split = lambda *a: cuda._by_device_split(*a, poison=True)
 
 
 def _rel(a, b) -> float:
@@ -130,11 +139,18 @@ def _collectives(hlo: str) -> dict:
 # the GPUs in reverse (mesh position != device ordinal: the one-call path's table).
 SWITCH_CASES = ["1d_context_bf16_d128_gqa", "2d_context_fp32_dilated_causal"]
 REVERSED_CASES = ["1d_context_fp16_d64_stride"]
+# One forward call over the key blocks, without the interior rows' call first.
+UNSPLIT_CASES = ["1d_context_bf16_d128_gqa", "2d_context_width_bf16_d128_stride"]
+
+
+def _forward_calls(hlo: str) -> int:
+    return len(re.findall(r'custom_call_target="jax_gna_fwd', hlo))
 
 
 @pytest.mark.parametrize("case,path", [(c, "one_call") for c in CASES]
                          + [(c, "switch") for c in SWITCH_CASES]
-                         + [(c, "one_call_reversed_mesh") for c in REVERSED_CASES])
+                         + [(c, "one_call_reversed_mesh") for c in REVERSED_CASES]
+                         + [(c, "one_call_unsplit") for c in UNSPLIT_CASES])
 def test_sharded_cuda_matches_xla(monkeypatch, case, path):
     shape, b, h, h_kv, d, dtype, kw, lead, force = CASES[case]
     if force:
@@ -154,8 +170,10 @@ def test_sharded_cuda_matches_xla(monkeypatch, case, path):
     spec = NamedSharding(mesh, P(*lead))  # (batch, *spatial, heads); head_dim whole
     args = [jax.device_put(jnp.asarray(x, dtype), spec) for x in (q, k, v)]
     args += [jax.device_put(jnp.asarray(x), spec) for x in (do, dl)]
-    fn = jax.jit(_fwd_bwd(_poisoned_switch if path == "switch" else _poisoned, problem))
-    counts = _collectives(fn.lower(*args).compile().as_text())
+    impl = {"switch": _poisoned_switch, "one_call_unsplit": _poisoned_unsplit}.get(path, _poisoned)
+    fn = jax.jit(_fwd_bwd(impl, problem))
+    hlo = fn.lower(*args).compile().as_text()
+    counts = _collectives(hlo)
     got = fn(*args)
 
     spatial = any(e is not None for e in lead[1:-1])
@@ -163,6 +181,13 @@ def test_sharded_cuda_matches_xla(monkeypatch, case, path):
     assert (counts["collective-permute"] > 0) == spatial, counts  # the halo exchange only
     # one kernel call per pass for every shard, or the switch (the shards differ here)
     assert (counts["conditional"] > 0) == (path == "switch"), counts
+    # the forward: one call, or the interior rows' call and then the others'
+    if path != "switch":
+        plans = [sharding.plan_axis(problem, a - 1, "x", 2)
+                 for a, e in enumerate(lead[:-1]) if a > 0 and e is not None]
+        calls = sharding._split_calls(problem, plans) if plans else None
+        want = 1 if calls is None or path == "one_call_unsplit" else len(calls)
+        assert _forward_calls(hlo) == want, (_forward_calls(hlo), want)
     for x in got:  # every result stays split the way the inputs were
         assert x.sharding.is_equivalent_to(spec, x.ndim), (x.sharding, spec)
 
