@@ -33,14 +33,19 @@ Two ways in:
 
   What is communicated, per device and sharded axis: the forward receives
   ``(left + right) x (local cross-section) x H_kv x (D + D_v)`` elements (keys and
-  values travel together, one ``ppermute`` per direction); the backward receives the
-  same again plus the halo's key/value gradients (:func:`halo_sizes` gives the rows).
-  An all-gather would receive ``(n - 1) S`` rows instead of ``left + right``. Besides the
-  exchange and a halo-sized copy (keys and values joined for the collective), a shard
-  copies its halo-extended key and value blocks once per pass (:func:`_assemble`, on
-  32-bit words; the backward builds them again); on two H200s those copies take 39 us
-  per 1-D forward of 16384 owned rows (8 heads, head dim 128) beside 246 us of attention
-  kernels (``benchmarks/results/multi-gpu-h200x2.md``).
+  values travel together, one ``ppermute`` per direction, one for both on an axis of
+  two shards); the backward receives the same again plus the halo's key/value
+  gradients (:func:`halo_sizes` gives the rows). An all-gather would receive
+  ``(n - 1) S`` rows instead of ``left + right``. Besides the exchange and a halo-sized
+  copy (keys and values joined for the collective), a shard copies key and value
+  blocks once per pass (on 32-bit words): the backward its halo-extended blocks
+  (:func:`_assemble`), the ``cuda`` forward on the ``jax.jit`` path only the parts of
+  the halo block its border rows reach (:func:`_split_blocks`), since it computes the
+  rows whose windows stay in the shard first, over the shard's own keys, while the halo
+  travels (:func:`_split_calls`). On two H200s that split forward took 0.340 ms per 1-D
+  forward of 16384 owned rows (8 heads, head dim 128, window 2048) against 0.384 ms for
+  ae9cacf's one call over the whole blocks after two collectives
+  (``benchmarks/results/multi-gpu-h200x2.md``).
 
 * **Explicit** (``shard_map``): :func:`neighborhood_attention_local` is called *inside*
   ``shard_map`` on the local blocks, naming the mesh axis of each sharded spatial axis;
@@ -71,11 +76,11 @@ past the halo or past the grid's end, outside every window). Shards whose query
 windows have the same placement relative to their key block (all interior shards, when
 the shard size is a multiple of the stride period) share one problem; the few distinct
 ones (usually: first, interior, last) differ only in their origins. On the ``jax.jit``
-path the ``cuda`` backend runs them all in one kernel call: the partitioner hands the
-program the concrete mesh it is compiled for, and where all its devices belong to this
-process the call carries a table (device ordinal -> origins) from which each device's
-FFI handler picks its own problem on the host (``impl.by_device``,
-:func:`_device_classes`). Otherwise (``shard_map``: :func:`neighborhood_attention_local`,
+path the ``cuda`` backend runs them all in the same kernel calls: the partitioner hands
+the program the concrete mesh it is compiled for, and where all its devices belong to
+this process each call carries a table (device ordinal -> origins, and in the forward's
+split calls the query rows) from which each device's FFI handler picks its own problem
+on the host (``impl.by_device``, ``impl.by_device_split``, :func:`_device_classes`). Otherwise (``shard_map``: :func:`neighborhood_attention_local`,
 :func:`neighborhood_attention_sharded`, meshes of ``Explicit`` axes; other backends)
 ``lax.switch`` on the shard index picks the problem; on a GPU XLA runs that switch with
 a device-to-host copy of the index and a wait for it. (A ``shard_map`` program may be
