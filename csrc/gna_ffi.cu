@@ -87,7 +87,10 @@ ffi::Error make_params(const Attrs& attrs, int32_t ordinal, ffi::AnyBuffer q, ff
   } else if (at.device_q_range.size() != 0) {
     return bad("device_q_range needs a device table (device_ordinals)");
   }
+  // An empty range on any axis: nothing to compute here, and the call's blocks need not
+  // fit this device (a sharded call's other devices have rows to compute).
   empty = false;
+  for (size_t i = 0; i < q_range.size(); i += 2) empty |= q_range[i] == q_range[i + 1];
   const I64s* per_axis[] = {&at.kernel_size, &at.stride, &at.dilation, &at.is_causal, &at.q_origin,
                             &at.q_extent, &at.kv_origin, &at.kv_extent};
   const char* names[] = {"kernel_size", "stride", "dilation", "is_causal", "q_origin", "q_extent",
@@ -147,15 +150,13 @@ ffi::Error make_params(const Attrs& attrs, int32_t ordinal, ffi::AnyBuffer q, ff
                   hi = q_range.size() == 0 ? qbuf : q_range[2 * i + 1];
     const int64_t q0 = at.q_origin[i] + lo, qn = hi - lo, k0 = at.kv_origin[i], kn = at.kv_extent[i];
     const std::string ax = " on axis " + std::to_string(i);
+    if (L < 1 || L > (int64_t{1} << 30)) return bad("bad shape" + ax);
+    if (at.q_origin[i] < 0 || qbuf < 1 || at.q_origin[i] + qbuf > L)
+      return bad("the query buffer must lie inside the global shape" + ax);
     if (lo < 0 || hi < lo || hi > qbuf) return bad("device_q_range must lie inside the query buffer" + ax);
     p.qpitch[a] = static_cast<int>(qbuf);
     p.qoff[a] = static_cast<int>(lo);
-    if (qn == 0) {  // nothing to compute on this device (the other axes still checked)
-      empty = true;
-      x.L = static_cast<int>(L);
-      continue;
-    }
-    if (L < 1 || L > (int64_t{1} << 30)) return bad("bad shape" + ax);
+    if (empty) continue;
     if (ks < 2 || st < 1 || st > ks || dl < 1 || ks * dl > L)
       return bad("need kernel_size >= 2, 1 <= stride <= kernel_size, dilation >= 1, kernel_size * dilation <= length" + ax +
                  " (got k=" + std::to_string(ks) + ", s=" + std::to_string(st) + ", d=" + std::to_string(dl) + ", L=" + std::to_string(L) + ")");

@@ -38,9 +38,9 @@ Two ways in:
   gradients (:func:`halo_sizes` gives the rows). An all-gather would receive
   ``(n - 1) S`` rows instead of ``left + right``. Besides the exchange and a halo-sized
   copy (keys and values joined for the collective), a shard copies key and value
-  blocks once per pass (on 32-bit words): the backward its halo-extended blocks
-  (:func:`_assemble`), the ``cuda`` forward on the ``jax.jit`` path only the parts of
-  the halo block its border rows reach (:func:`_split_blocks`), since it computes the
+  blocks (on 32-bit words): the backward its halo-extended blocks (:func:`_assemble`),
+  the ``cuda`` forward on the ``jax.jit`` path only the parts of the halo block its
+  border rows reach, one per border call (:func:`_split_blocks`), since it computes the
   rows whose windows stay in the shard first, over the shard's own keys, while the halo
   travels (:func:`_split_calls`). On two H200s that split forward took 0.340 ms per 1-D
   forward of 16384 owned rows (8 heads, head dim 128, window 2048) against 0.384 ms for
@@ -400,9 +400,9 @@ def _split_calls(problem: Problem, plans: Sequence[AxisPlan]) -> tuple[SplitCall
         part = []
         for box in interior:
             lo, hi = box[axis]
-            cut = [lo + (hi - lo) * i // _INTERIOR_CALLS // 8 * 8 for i in range(_INTERIOR_CALLS)]
-            cut = [max(lo, c) for c in cut] + [hi]
-            part.append(box[:axis] + ((cut[k], max(cut[k], cut[k + 1])),) + box[axis + 1:])
+            cut = [lo + (hi - lo) * i // _INTERIOR_CALLS // 8 * 8
+                   for i in range(_INTERIOR_CALLS)] + [hi]
+            part.append(box[:axis] + ((cut[k], cut[k + 1]),) + box[axis + 1:])
         parts.append(tuple(part))
     border = []
     for j in range(len(plans)):
@@ -597,19 +597,31 @@ def _assemble(blocks: Sequence[jax.Array], plans: Sequence[AxisPlan]) -> tuple[j
     the grid), zeros after its end (a zero pad and a slice at a traced offset, which fuse
     with the last :func:`_join` into one copy per array). Every shard's blocks have the
     same shape, so one backend call can serve them all."""
-    ndim = blocks[0].ndim
-    pad, starts = [(0, 0, 0)] * ndim, [0] * ndim
-    for p in plans:
-        if any(p.shift):
-            pad[1 + p.axis] = (0, max(p.shift), 0)
-            index_of_shard, _ = p.numbering
-            table = jnp.asarray([p.shift[c] for c in p.shard_class], jnp.int32)
-            starts[1 + p.axis] = table[index_of_shard()]
     if not any(p.shift for p in plans):
         return tuple(blocks)
-    starts = [jnp.asarray(i, jnp.int32) for i in starts]
-    return tuple(jax.lax.dynamic_slice(jax.lax.pad(x, jnp.zeros((), x.dtype), pad), starts, x.shape)
-                 for x in blocks)
+    starts = []
+    for p in plans:
+        index_of_shard, _ = p.numbering
+        table = jnp.asarray([p.shift[c] for c in p.shard_class], jnp.int32)
+        starts.append(table[index_of_shard()] if any(p.shift) else 0)
+    return _slice_halo(blocks, plans, starts, [max(p.shift) for p in plans],
+                       [p.block for p in plans])
+
+
+def _slice_halo(blocks: Sequence[jax.Array], plans: Sequence[AxisPlan], starts: Sequence[Any],
+                last_start: Sequence[int], rows: Sequence[int]) -> tuple[jax.Array, ...]:
+    """Along every sharded axis ``plans[j]``, ``rows[j]`` rows of the halo blocks from row
+    ``starts[j]`` (traced, at most ``last_start[j]``) on, zeros past their end: a zero pad
+    and a slice at a traced offset, which fuse with the last :func:`_join` into one copy
+    per array."""
+    ndim = blocks[0].ndim
+    pad, at, shape = [(0, 0, 0)] * ndim, [jnp.int32(0)] * ndim, list(blocks[0].shape)
+    for p, start, last, n in zip(plans, starts, last_start, rows):
+        pad[1 + p.axis] = (0, max(last + n - p.block, 0), 0)
+        at[1 + p.axis] = jnp.asarray(start, jnp.int32)
+        shape[1 + p.axis] = n
+    return tuple(jax.lax.dynamic_slice(jax.lax.pad(x, jnp.zeros((), x.dtype), pad), at,
+                                       shape[:-1] + [x.shape[-1]]) for x in blocks)
 
 
 def _to_words(x: jax.Array) -> jax.Array:
@@ -672,16 +684,10 @@ def _split_blocks(key: jax.Array, value: jax.Array, plans: Sequence[AxisPlan],
             continue
         if halo is None:
             halo = _exchange(words, plans)
-        ndim = halo[0].ndim
-        pad, starts = [(0, 0, 0)] * ndim, [jnp.int32(0)] * ndim
-        row = jnp.asarray(call.start, jnp.int32)[0 if index is None else index]
-        for j, p in enumerate(plans):
-            over = max(s[j] for s in call.start) + call.kv_extent[p.axis] - p.block
-            pad[1 + p.axis] = (0, max(over, 0), 0)
-            starts[1 + p.axis] = row[j]
-        k, v = (jax.lax.dynamic_slice(
-            jax.lax.pad(x, jnp.zeros((), x.dtype), pad), starts,
-            x.shape[:1] + tuple(call.kv_extent) + x.shape[1 + len(call.kv_extent):]) for x in halo)
+        row = jnp.asarray(call.start, jnp.int32)[jnp.int32(0) if index is None else index]
+        k, v = _slice_halo(halo, plans, [row[j] for j in range(len(plans))],
+                           [max(s[j] for s in call.start) for j in range(len(plans))],
+                           [call.kv_extent[p.axis] for p in plans])
         out.append((_from_words(k, key), _from_words(v, value)))
     return out
 
