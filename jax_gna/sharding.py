@@ -80,7 +80,8 @@ path the ``cuda`` backend runs them all in the same kernel calls: the partitione
 the program the concrete mesh it is compiled for, and where all its devices belong to
 this process each call carries a table (device ordinal -> origins, and in the forward's
 split calls the query rows) from which each device's FFI handler picks its own problem
-on the host (``impl.by_device``, ``impl.by_device_split``, :func:`_device_classes`). Otherwise (``shard_map``: :func:`neighborhood_attention_local`,
+on the host (``impl.by_device``, ``impl.by_device_split``, :func:`_device_classes`).
+Otherwise (``shard_map``: :func:`neighborhood_attention_local`,
 :func:`neighborhood_attention_sharded`, meshes of ``Explicit`` axes; other backends)
 ``lax.switch`` on the shard index picks the problem; on a GPU XLA runs that switch with
 a device-to-host copy of the index and a wait for it. (A ``shard_map`` program may be
@@ -540,8 +541,8 @@ def _exchange(xs: tuple[jax.Array, ...], plans: Sequence[AxisPlan]) -> tuple[jax
 
         if p.shards == 2 and p.left and p.right:
             # Two shards: each sends to one neighbour only, so both directions fit in one
-            # collective (the links carry them at once; XLA runs one collective at a time).
-            # Shard 0 sends its last `left` rows, shard 1 its first `right` rows.
+            # collective (XLA ran two, one per direction, one after the other). Shard 0
+            # sends its last `left` rows, shard 1 its first `right` rows.
             index_of_shard, _ = p.numbering
             first = index_of_shard() == 0
             rows = max(p.left, p.right)
@@ -794,8 +795,9 @@ def platform_by_device(cuda_impl: Impl, default_impl: Impl) -> tuple[Any, Any, A
     """``(by_device, backward_by_device, by_device_split)`` (see :func:`local_attention`)
     of an impl that runs ``cuda_impl`` on CUDA and ``default_impl`` elsewhere, for
     ``backend="auto"``: ``cuda_impl``'s on CUDA, a ``lax.switch`` between
-    ``default_impl``'s problems (over the key blocks) elsewhere; ``None`` for what
-    ``cuda_impl`` (or ``default_impl``'s backward) lacks."""
+    ``default_impl``'s problems elsewhere (for ``by_device_split``, ``default_impl`` on
+    each call's rows over its key block); ``None`` for what ``cuda_impl`` (or
+    ``default_impl``'s backward) lacks."""
     cuda_fwd = getattr(cuda_impl, "by_device", None)
     cuda_bwd = getattr(cuda_impl, "backward_by_device", None)
     cuda_split = getattr(cuda_impl, "by_device_split", None)

@@ -270,8 +270,9 @@ def test_tuple_cases_have_multi_hop_halos():
 ])
 def test_split_calls_cover_each_shard(shape, kw, shards, split):
     """The sharded forward's calls (_split_calls) cover every query row of every shard
-    exactly once, and the first call's rows have their windows inside the shard's own
-    rows on every sharded axis (that call reads only the shard's own keys)."""
+    exactly once, and each call's rows have their windows inside its key block on every
+    axis: the shard's own rows for the first calls (they read only the shard's own keys),
+    a slice of the halo block for the others."""
     from jax_gna import mask, sharding
     from jax_gna.params import make_problem
 
@@ -653,19 +654,17 @@ def _worker():  # pragma: no cover - runs in the subprocess
         args = inputs((16, 8), 1, 2, 1, 4, seed=6)
         want = unsharded(kw, args)
         seen = []
-        real = (cuda.attention.by_device, cuda.attention.backward_by_device,
-                cuda.attention.by_device_split)
+        real = cuda.attention.by_device, cuda.attention.backward_by_device
 
-        def spy(name, fn, problems_at):
+        def spy(name, fn):
             def wrapped(*a):
-                seen.append((name, a[problems_at], a[-1], a[-2]))  # problems, devices, calls
+                seen.append((name, a[-2], a[-1]))  # problems, devices
                 return fn(*a)
             return wrapped
 
         impl = ops._auto_attention
-        cuda.attention.by_device = spy("fwd", real[0], -2)
-        cuda.attention.backward_by_device = spy("bwd", real[1], -2)
-        cuda.attention.by_device_split = spy("split", real[2], -3)
+        cuda.attention.by_device = spy("fwd", real[0])
+        cuda.attention.backward_by_device = spy("bwd", real[1])
         impl.by_device, impl.backward_by_device, impl.by_device_split = (
             sharding.platform_by_device(cuda.attention, sharding.xla.attention))
         try:
@@ -681,8 +680,7 @@ def _worker():  # pragma: no cover - runs in the subprocess
             compiled = jax.jit(f).lower(*sh).compile()
             errs = compare(compiled(*sh), want)
         finally:
-            (cuda.attention.by_device, cuda.attention.backward_by_device,
-             cuda.attention.by_device_split) = real
+            cuda.attention.by_device, cuda.attention.backward_by_device = real
             impl.by_device, impl.backward_by_device, impl.by_device_split = (
                 sharding.platform_by_device(cuda.attention, sharding.xla.attention))
         problem = make_problem(*args[:3], **kw)
@@ -692,7 +690,7 @@ def _worker():  # pragma: no cover - runs in the subprocess
         # one forward call: with a multi-hop halo every row reaches past its shard, so
         # there are no interior rows to compute first (auto_split_forward has them)
         assert sharding._split_calls(problem, plans) is None
-        assert [n for n, *_ in seen] == ["fwd", "bwd"], seen
+        assert [n for n, _, _ in seen] == ["fwd", "bwd"], [n for n, _, _ in seen]
         table = sharding._device_classes(plans, mesh)
         assert seen[0][2] == seen[1][2] == table, (seen[0][2], table)
         assert seen[0][1] == sharding._class_problems(problem, plans)
