@@ -68,7 +68,7 @@ def _auto_attention(q: jax.Array, k: jax.Array, v: jax.Array, problem: Problem
 if _cuda_module() is not None:  # its backward, so that sharded calls recompute nothing
     _auto_attention.backward = sharding.platform_backward(_cuda_module().attention,
                                                           xla.attention)
-    # one kernel call for every shard of a sharded call (sharding.local_attention)
+    # the same kernel calls for every shard of a sharded call (sharding.local_attention)
     (_auto_attention.by_device, _auto_attention.backward_by_device,
      _auto_attention.by_device_split) = sharding.platform_by_device(_cuda_module().attention,
                                                                     xla.attention)

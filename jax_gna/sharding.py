@@ -1211,7 +1211,8 @@ def neighborhood_attention_local(query: jax.Array, key: jax.Array, value: jax.Ar
 
     Shards whose problems differ (at the borders) pick theirs with ``lax.switch``; the
     ``jax.jit`` path (:func:`jax_gna.neighborhood_attention` on sharded inputs) runs them
-    in one kernel call instead (see the module docstring).
+    in the same kernel calls instead, its forward computing the rows that need no halo
+    first (see the module docstring).
     """
     from .ops import select
     from .params import make_problem
