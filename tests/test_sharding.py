@@ -638,35 +638,23 @@ def _worker():  # pragma: no cover - runs in the subprocess
         assert coll["collective-permute"] > 0 and not coll["all-gather"], coll
         return f"max rel err {max(errs.values()):.2e}; HLO collectives {coll}"
 
-    def auto_by_device():
-        """The ``backend="auto"`` impl's one-call path (``by_device``): on a non-CUDA
-        platform its default branch switches between xla's class problems, and the
-        device table it hands the CUDA branch names, for every device, the class the
-        traced shard index gives there. A spatial axis over a tuple of mesh axes out of
-        the mesh's order, multi-hop halos, plus a second sharded axis."""
+    def auto_run(mesh, kw, args, want, patches):
+        """Forward and gradients of the ``backend="auto"`` impl, its spatial axes over
+        ``("c", "a")`` and ``"b"`` of ``mesh``, against ``want``: the relative errors.
+        ``patches`` (name -> function) replace those of ``cuda.attention`` while the
+        impl's per-device functions are built from them and traced; both are restored."""
         from jax_gna import cuda, ops
         from jax_gna.params import make_problem
 
-        # devices out of order: a mesh position is not a device ordinal
-        devices = np.array(jax.devices())[[5, 2, 7, 0, 3, 6, 1, 4]]
-        mesh = Mesh(devices.reshape(2, 2, 2), ("a", "b", "c"))
-        kw = dict(kernel_size=(11, 3), stride=(2, 1), is_causal=(False, True))
-        args = inputs((16, 8), 1, 2, 1, 4, seed=6)
-        want = unsharded(kw, args)
-        seen = []
-        real = cuda.attention.by_device, cuda.attention.backward_by_device
+        impl, real = ops._auto_attention, {n: getattr(cuda.attention, n) for n in patches}
 
-        def spy(name, fn):
-            def wrapped(*a):
-                seen.append((name, a[-2], a[-1]))  # problems, devices
-                return fn(*a)
-            return wrapped
+        def wire():
+            impl.by_device, impl.backward_by_device, impl.by_device_split = (
+                sharding.platform_by_device(cuda.attention, sharding.xla.attention))
 
-        impl = ops._auto_attention
-        cuda.attention.by_device = spy("fwd", real[0])
-        cuda.attention.backward_by_device = spy("bwd", real[1])
-        impl.by_device, impl.backward_by_device, impl.by_device_split = (
-            sharding.platform_by_device(cuda.attention, sharding.xla.attention))
+        for name, fn in patches.items():
+            setattr(cuda.attention, name, fn)
+        wire()
         try:
             def f(q, k, v, do, dl):
                 prob = make_problem(q, k, v, **kw)
@@ -677,12 +665,38 @@ def _worker():  # pragma: no cover - runs in the subprocess
             lead = (None, ("c", "a"), "b")
             data, lse = NamedSharding(mesh, P(*lead, None, None)), NamedSharding(mesh, P(*lead, None))
             sh = [jax.device_put(x, s) for x, s in zip(args, (data, data, data, data, lse))]
-            compiled = jax.jit(f).lower(*sh).compile()
-            errs = compare(compiled(*sh), want)
+            return compare(jax.jit(f)(*sh), want)
         finally:
-            cuda.attention.by_device, cuda.attention.backward_by_device = real
-            impl.by_device, impl.backward_by_device, impl.by_device_split = (
-                sharding.platform_by_device(cuda.attention, sharding.xla.attention))
+            for name, fn in real.items():
+                setattr(cuda.attention, name, fn)
+            wire()
+
+    def auto_by_device():
+        """The ``backend="auto"`` impl's one-call path (``by_device``): on a non-CUDA
+        platform its default branch switches between xla's class problems, and the
+        device table it hands the CUDA branch names, for every device, the class the
+        traced shard index gives there. A spatial axis over a tuple of mesh axes out of
+        the mesh's order, multi-hop halos, plus a second sharded axis."""
+        from jax_gna import cuda
+        from jax_gna.params import make_problem
+
+        # devices out of order: a mesh position is not a device ordinal
+        devices = np.array(jax.devices())[[5, 2, 7, 0, 3, 6, 1, 4]]
+        mesh = Mesh(devices.reshape(2, 2, 2), ("a", "b", "c"))
+        kw = dict(kernel_size=(11, 3), stride=(2, 1), is_causal=(False, True))
+        args = inputs((16, 8), 1, 2, 1, 4, seed=6)
+        want = unsharded(kw, args)
+        seen = []
+
+        def spy(name, fn):
+            def wrapped(*a):
+                seen.append((name, a[-2], a[-1]))  # problems, devices
+                return fn(*a)
+            return wrapped
+
+        errs = auto_run(mesh, kw, args, want,
+                        {"by_device": spy("fwd", cuda.attention.by_device),
+                         "backward_by_device": spy("bwd", cuda.attention.backward_by_device)})
         problem = make_problem(*args[:3], **kw)
         plans = (sharding.plan_axis(problem, 0, ("c", "a"), 4, dict(mesh.shape)),
                  sharding.plan_axis(problem, 1, "b", 2, dict(mesh.shape)))
@@ -711,7 +725,7 @@ def _worker():  # pragma: no cover - runs in the subprocess
         blocks. On a non-CUDA platform its default branch runs xla on each call's boxes
         (output starting at zero: a row no call covers would show). Two sharded axes,
         one over a tuple of mesh axes out of the mesh's order, dilated and causal."""
-        from jax_gna import cuda, ops
+        from jax_gna import cuda
         from jax_gna.params import make_problem
 
         devices = np.array(jax.devices())[[3, 6, 1, 4, 5, 2, 7, 0]]
@@ -719,32 +733,13 @@ def _worker():  # pragma: no cover - runs in the subprocess
         kw = dict(kernel_size=(5, 3), stride=(2, 1), dilation=(1, 2), is_causal=(False, True))
         args = inputs((96, 48), 1, 2, 1, (8, 4), seed=8)
         want = unsharded(kw, args)
-        seen = []
-        real = cuda.attention.by_device_split
+        seen, real = [], cuda.attention.by_device_split
 
         def spy(*a):
             seen.append(a[-2:])  # calls, devices
             return real(*a)
 
-        impl = ops._auto_attention
-        cuda.attention.by_device_split = spy
-        impl.by_device, impl.backward_by_device, impl.by_device_split = (
-            sharding.platform_by_device(cuda.attention, sharding.xla.attention))
-        try:
-            def f(q, k, v, do, dl):
-                prob = make_problem(q, k, v, **kw)
-                (o, l), vjp = jax.vjp(lambda q, k, v: sharding.attention(impl, q, k, v, prob),
-                                      q, k, v)
-                return (o, l) + tuple(vjp((do, dl)))
-
-            lead = (None, ("c", "a"), "b")
-            data, lse = NamedSharding(mesh, P(*lead, None, None)), NamedSharding(mesh, P(*lead, None))
-            sh = [jax.device_put(x, s) for x, s in zip(args, (data, data, data, data, lse))]
-            errs = compare(jax.jit(f)(*sh), want)
-        finally:
-            cuda.attention.by_device_split = real
-            impl.by_device, impl.backward_by_device, impl.by_device_split = (
-                sharding.platform_by_device(cuda.attention, sharding.xla.attention))
+        errs = auto_run(mesh, kw, args, want, {"by_device_split": spy})
         problem = make_problem(*args[:3], **kw)
         plans = (sharding.plan_axis(problem, 0, ("c", "a"), 4, dict(mesh.shape)),
                  sharding.plan_axis(problem, 1, "b", 2, dict(mesh.shape)))
