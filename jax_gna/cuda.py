@@ -301,8 +301,12 @@ def _backward(query, key, value, out, lse, d_out, d_lse, problem: Problem):
     return _attention_bwd(problem, False, (), (query, key, value, out, lse), (d_out, d_lse))
 
 
-def _device_table(problems, devices) -> DeviceTable:
-    return tuple((int(ordinal), tuple(problems[c].q_origin), tuple(problems[c].kv_origin), ())
+def _device_table(problems, devices, call=None) -> DeviceTable:
+    """Each device's origins (``problems[c]`` for ``(ordinal, c)`` in ``devices``); with a
+    ``jax_gna.sharding.SplitCall``, its key origins and query rows."""
+    return tuple((int(ordinal), tuple(problems[c].q_origin),
+                  tuple(problems[c].kv_origin if call is None else call.kv_origin[c]),
+                  () if call is None else tuple(x for lo_hi in call.ranges[c] for x in lo_hi))
                  for ordinal, c in devices)
 
 
@@ -335,11 +339,8 @@ def _by_device_split(query, blocks, index, problems, calls, devices, poison: boo
     del index
     base, into = problems[0], None
     for (key, value), call in zip(blocks, calls):
-        table = tuple((int(ordinal), tuple(problems[c].q_origin), tuple(call.kv_origin[c]),
-                       tuple(x for lo_hi in call.ranges[c] for x in lo_hi))
-                      for ordinal, c in devices)
         into = _forward_call(query, key, value, base.replace(kv_extent=call.kv_extent), poison,
-                             table, into)
+                             _device_table(problems, devices, call), into)
     return into
 
 

@@ -524,7 +524,7 @@ def _exchange(xs: tuple[jax.Array, ...], plans: Sequence[AxisPlan]) -> tuple[jax
     for p in plans:
         dim = 1 + p.axis
         name = _collective_name(p.mesh_axes)
-        _, pairs = p.numbering
+        index_of_shard, pairs = p.numbering
 
         def edge(first: int, rows: int) -> jax.Array:
             # The arrays' rows [first, first + rows), concatenated along the last dim (they
@@ -543,7 +543,6 @@ def _exchange(xs: tuple[jax.Array, ...], plans: Sequence[AxisPlan]) -> tuple[jax
             # Two shards: each sends to one neighbour only, so both directions fit in one
             # collective (XLA ran two, one per direction, one after the other). Shard 0
             # sends its last `left` rows, shard 1 its first `right` rows.
-            index_of_shard, _ = p.numbering
             first = index_of_shard() == 0
             rows = max(p.left, p.right)
 
