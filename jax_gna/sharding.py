@@ -728,15 +728,15 @@ def local_attention(query: jax.Array, key: jax.Array, value: jax.Array, problem:
         return impl(query, key, value, problem)
     problems, index = _class_problems(problem, plans), _branch_index(plans)
     by_device, devices = getattr(impl, "by_device", None), _device_classes(plans, mesh)
-    if index is not None and by_device is not None and devices is not None:
-        split = getattr(impl, "by_device_split", None)
-        calls = _split_calls(problem, plans) if split is not None else None
-        if calls is not None:
-            blocks = _split_blocks(key, value, plans, calls)
-            return split(query, blocks, index, problems, calls, devices)
-        k, v = _blocks(key, value, tuple(plans))
-        return by_device(query, k, v, index, problems, devices)
+    one_call = index is not None and by_device is not None and devices is not None
+    split = getattr(impl, "by_device_split", None) if one_call else None
+    calls = _split_calls(problem, plans) if split is not None else None
+    if calls is not None:
+        blocks = _split_blocks(key, value, plans, calls)
+        return split(query, blocks, index, problems, calls, devices)
     k, v = _blocks(key, value, tuple(plans))
+    if one_call:
+        return by_device(query, k, v, index, problems, devices)
     branches = [lambda q, k, v, prob=prob: impl(q, k, v, prob) for prob in problems]
     return _switch(index, branches, query, k, v)
 
