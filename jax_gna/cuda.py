@@ -42,6 +42,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
+from . import dilation
 from .params import Problem
 
 __all__ = ["available", "unavailable_reason", "unsupported_reason", "attention"]
@@ -140,17 +141,9 @@ def unsupported_reason(problem: Problem, query_shape, key_shape, value_shape, dt
     return None
 
 
-def kernel_path(problem: Problem, query_shape, value_shape, dtype) -> str:
-    """Which CUDA kernels a call covered by this backend runs, in words.
-
-    The forward runs the Hopper kernel (``csrc/gna_fwd_sm90.cuh``: TMA + wgmma) on
-    compute capability 9.0 GPUs for fp16/bf16, head dims ``D == D_v`` in {64, 128,
-    256} (256 with 64-token key tiles), no dilation and blocks large enough for its
-    tiles, unless the environment has ``JAX_GNA_SM90=0``; everything else runs the
-    sm80 kernels. The backward takes the Hopper kernels (``csrc/gna_bwd_sm90.cuh``) on
-    the same problems with head dim 64 or 128, unless ``JAX_GNA_SM90_BWD=0``. Mirrors
-    the checks of ``csrc/gna_sm90.cu``.
-    """
+def _hopper_blockers(problem: Problem, query_shape, value_shape, dtype) -> list[str]:
+    """Why the Hopper forward kernel cannot take this problem (empty: it can, on a
+    compute capability 9.0 GPU). Mirrors the checks of ``csrc/gna_sm90.cu``."""
     dt = np.dtype(dtype)
     d, d_v = int(query_shape[-1]), int(value_shape[-1])
     why = []
@@ -170,6 +163,80 @@ def kernel_path(problem: Problem, query_shape, value_shape, dtype) -> str:
         why.append("blocks smaller than a 128-token tile")
     if os.environ.get("JAX_GNA_SM90") in ("0", "off"):
         why.append("JAX_GNA_SM90=0")
+    return why
+
+
+@functools.lru_cache(maxsize=1)
+def _compute_capability() -> str:
+    """The first visible CUDA GPU's compute capability ("9.0"), "" without one."""
+    if _gpu_reason():
+        return ""
+    return str(getattr(jax.devices("gpu")[0], "compute_capability", ""))
+
+
+# A forward that is not differentiated folds only windows of at least this many keys:
+# below, the layout transform and the pieces' launches cost more than the Hopper kernel
+# saves (scripts/dilation_ab.py).
+FOLD_FORWARD_MIN_KEYS = 128
+
+
+def fold_dilation(problem: Problem, query_shape, value_shape, dtype) -> tuple[bool, bool]:
+    """``(forward, backward)``: whether :func:`attention` runs that pass of a dilated
+    problem as undilated pieces on the Hopper kernels (:mod:`jax_gna.dilation`: the
+    dilation groups stacked in the batch by a layout transform in XLA) instead of on the
+    sm80 kernels, which take dilation directly. ``forward`` is for a forward that is not
+    differentiated; under differentiation the forward runs as pieces when either is true
+    (the backward then reuses its pieces of q, k, v, out and lse).
+
+    Both need a whole-grid (unsharded) problem with dilation whose every piece the Hopper
+    forward takes, a batch that times the groups stays within the kernels' 65535, a
+    visible GPU of compute capability 9.0 and no ``JAX_GNA_FOLD_DILATION=0`` in the
+    environment (read while tracing; spatially sharded calls keep the sm80 kernels). The
+    forward also needs a window of at least :data:`FOLD_FORWARD_MIN_KEYS` keys (or
+    ``JAX_GNA_FOLD_DILATION=always``, for measurements); the backward head dim 64 or 128
+    (the Hopper backward's) and no ``JAX_GNA_SM90_BWD=0``."""
+    no = (False, False)
+    if all(x == 1 for x in problem.dilation) or not problem.is_whole:
+        return no
+    if os.environ.get("JAX_GNA_FOLD_DILATION") in ("0", "off"):
+        return no
+    if _compute_capability() != "9.0":
+        return no
+    batch = int(np.prod(query_shape[:len(query_shape) - problem.rank - 2]))
+    if batch * int(np.prod(problem.dilation)) > 65535:  # the groups join the batch
+        return no
+    if any(_hopper_blockers(sub, query_shape, value_shape, dtype) for _, sub in dilation.pieces(problem)):
+        return no
+    forward = (int(np.prod(problem.kernel_size)) >= FOLD_FORWARD_MIN_KEYS
+               or os.environ.get("JAX_GNA_FOLD_DILATION") == "always")
+    backward = (int(query_shape[-1]) in (64, 128)
+                and os.environ.get("JAX_GNA_SM90_BWD") not in ("0", "off"))
+    return forward, backward
+
+
+def kernel_path(problem: Problem, query_shape, value_shape, dtype) -> str:
+    """Which CUDA kernels a call covered by this backend runs, in words.
+
+    The forward runs the Hopper kernel (``csrc/gna_fwd_sm90.cuh``: TMA + wgmma) on
+    compute capability 9.0 GPUs for fp16/bf16, head dims ``D == D_v`` in {64, 128,
+    256} (256 with 64-token key tiles), no dilation and blocks large enough for its
+    tiles, unless the environment has ``JAX_GNA_SM90=0``; everything else runs the
+    sm80 kernels. The backward takes the Hopper kernels (``csrc/gna_bwd_sm90.cuh``) on
+    the same problems with head dim 64 or 128, unless ``JAX_GNA_SM90_BWD=0``. A dilated
+    problem's passes run as undilated pieces on the Hopper kernels where
+    :func:`fold_dilation` says so.
+    """
+    d = int(query_shape[-1])
+    fold_fwd, fold_bwd = fold_dilation(problem, query_shape, value_shape, dtype)
+    if fold_fwd or fold_bwd:
+        pieces = ("on this compute capability 9.0 GPU, as undilated pieces (the dilation groups "
+                  "stacked in the batch by a layout transform, jax_gna.dilation)")
+        fwd = (f"Hopper kernel (TMA + wgmma) {pieces}" if fold_fwd else
+               f"sm80 kernels (a window of fewer than {FOLD_FORWARD_MIN_KEYS} keys)")
+        bwd = (f"Hopper kernels {pieces}" if fold_bwd else
+               "sm80 kernels (" + ("JAX_GNA_SM90_BWD=0" if d in (64, 128) else f"head dim {d}") + ")")
+        return f"forward: {fwd}; backward: {bwd}"
+    why = _hopper_blockers(problem, query_shape, value_shape, dtype)
     if why:
         return "forward and backward: sm80 kernels (Hopper forward not applicable: " + ", ".join(why) + ")"
     where = "on compute capability 9.0 GPUs, sm80 kernels elsewhere"
@@ -273,6 +340,45 @@ def _attention_bwd(problem, poison, devices, res, cts):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _folded(query, key, value, problem, poison):
+    """A dilated problem that :func:`fold_dilation` folds in some pass. Not differentiated
+    (inference), its forward runs as pieces where ``fold_dilation(...)[0]``; under
+    differentiation always (:func:`_folded_fwd`)."""
+    if fold_dilation(problem, query.shape, value.shape, query.dtype)[0]:
+        return dilation.attention(lambda q, k, v, p: _forward_call(q, k, v, p, poison),
+                                  query, key, value, problem)
+    return _forward_call(query, key, value, problem, poison)
+
+
+def _folded_fwd(query, key, value, problem, poison):
+    # The forward as pieces whatever the window (the pieces of q, k and v serve both
+    # passes), and the pieces saved for the backward.
+    parts = [dilation.gather(x, problem) for x in (query, key, value)]
+    results = [_forward_call(q, k, v, sub, poison)
+               for q, k, v, (_, sub) in zip(*parts, dilation.pieces(problem))]
+    out, lse = (dilation.scatter(r, problem) for r in zip(*results))
+    return (out, lse), (parts, results)
+
+
+def _folded_bwd(problem, poison, res, cts):
+    (qs, ks, vs), results = res
+    d_outs, d_lses = (dilation.gather(x, problem) for x in cts)
+    grads = [_attention_bwd(sub, poison, (), (q, k, v, o, l), (do, dl))
+             for q, k, v, (o, l), do, dl, (_, sub)
+             in zip(qs, ks, vs, results, d_outs, d_lses, dilation.pieces(problem))]
+    return tuple(dilation.scatter(g, problem) for g in zip(*grads))
+
+
+_folded.defvjp(_folded_fwd, _folded_bwd)
+
+
+def _run(query, key, value, problem: Problem, poison: bool):
+    if any(fold_dilation(problem, query.shape, value.shape, query.dtype)):
+        return _folded(query, key, value, problem, poison)
+    return _attention(query, key, value, problem, poison, ())
+
+
 def attention(query, key, value, problem: Problem):
     """Neighborhood attention of one query block over one key block.
 
@@ -280,9 +386,10 @@ def attention(query, key, value, problem: Problem):
     ``[B, *kv_extent, H_kv, D_v]``; returns ``out [B, *q_extent, H, D_v]`` (input dtype)
     and ``lse [B, *q_extent, H]`` (float32, natural log). Windows use global
     coordinates (``problem.q_origin`` / ``kv_origin``); every query's window must lie
-    inside the key block (the kernels check it and fail otherwise).
+    inside the key block (the kernels check it and fail otherwise). A dilated whole-grid
+    problem may run as undilated pieces (:func:`fold_dilation`).
     """
-    return _attention(query, key, value, problem, False, ())
+    return _run(query, key, value, problem, False)
 
 
 def export_disabled_checks() -> list:
@@ -297,8 +404,14 @@ def export_disabled_checks() -> list:
 
 def _backward(query, key, value, out, lse, d_out, d_lse, problem: Problem):
     """``(dq, dk, dv)`` from a saved forward: the backend backward protocol
-    (``attention.backward``) that the sharded op uses to skip recomputing the forward."""
-    return _attention_bwd(problem, False, (), (query, key, value, out, lse), (d_out, d_lse))
+    (``attention.backward``) that the sharded op uses to skip recomputing the forward.
+    Folds dilation where :func:`fold_dilation` says so for the backward."""
+    def bwd(q, k, v, o, l, do, dl, p):
+        return _attention_bwd(p, False, (), (q, k, v, o, l), (do, dl))
+
+    if fold_dilation(problem, query.shape, value.shape, query.dtype)[1]:
+        return dilation.backward(bwd, query, key, value, out, lse, d_out, d_lse, problem)
+    return bwd(query, key, value, out, lse, d_out, d_lse, problem)
 
 
 def _device_table(problems, devices, call=None) -> DeviceTable:
@@ -352,4 +465,4 @@ attention.by_device_split = _by_device_split
 
 def _attention_poisoned(query, key, value, problem: Problem):
     """Test hook: like :func:`attention`, but the kernels' output buffers start as NaN."""
-    return _attention(query, key, value, problem, True, ())
+    return _run(query, key, value, problem, True)

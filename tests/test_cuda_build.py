@@ -302,6 +302,7 @@ def test_kernel_path_mirrors_the_hopper_eligibility(monkeypatch):
     """cuda.kernel_path (used by explain) states which kernels run, as csrc/gna_sm90.cu decides."""
     monkeypatch.delenv("JAX_GNA_SM90", raising=False)
     monkeypatch.delenv("JAX_GNA_SM90_BWD", raising=False)
+    monkeypatch.setattr(cuda, "_compute_capability", lambda: "")  # no dilation fold
     p2 = _problem((64, 64), (13, 13), (1, 1), (1, 1), (False, False))
     hopper = cuda.kernel_path(p2, (1, 64, 64, 4, 128), (1, 64, 64, 4, 128), jnp.bfloat16)
     assert hopper.startswith("forward and backward: Hopper kernels")

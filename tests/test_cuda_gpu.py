@@ -383,9 +383,48 @@ def test_sm90_score_signs(monkeypatch, scale, dim, dtype):
 
 
 @pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
+@BACKWARDS
+@pytest.mark.parametrize("shape,k,s,d,c,dims,dtype", [
+    ((300,), 16, 4, 3, True, (1, 2, 1, 64), jnp.float16),           # 3 groups of 100; 16 keys
+    ((301,), 129, 1, 2, False, (2, 2, 1, 128), jnp.bfloat16),       # groups of 151 and 150
+    ((41, 46), (9, 15), (1, 2), (2, 3), (False, True), (1, 4, 2, 64), jnp.bfloat16),  # 4 pieces
+    ((10, 20, 22), (4, 8, 7), (1, 1, 2), (2, 2, 3), (True, False, False), (1, 2, 1, 128),
+     jnp.float16),
+])
+def test_sm90_dilation_fold(monkeypatch, backward, shape, k, s, d, c, dims, dtype):
+    """Dilated problems as undilated pieces on the Hopper kernels (jax_gna.dilation). The
+    folded passes run with the Hopper kernels forced, so a piece that reached the sm80
+    kernels would fail. Differentiated, the forward folds whenever the backward does;
+    alone, a window under 128 keys stays on the sm80 kernels (checked without gradients)."""
+    b, h, h_kv, dim = dims
+    p = _problem(shape, k, s, d, c, dim=dim)
+    forward = int(np.prod(p.kernel_size)) >= cuda.FOLD_FORWARD_MIN_KEYS
+    monkeypatch.delenv("JAX_GNA_FOLD_DILATION", raising=False)
+    monkeypatch.delenv("JAX_GNA_SM90", raising=False)
+    if forward:
+        monkeypatch.setenv("JAX_GNA_SM90", "force")
+    monkeypatch.setenv("JAX_GNA_SM90_BWD", "force" if backward else "0")
+    assert cuda.fold_dilation(p, (b, *shape, h, dim), (b, *shape, h_kv, dim), dtype) == (
+        forward, backward)
+    _check(p, b, h, h_kv, dim, dim, dtype)
+    _check(p, b, h, h_kv, dim, dim, dtype, grads=False)
+
+
+@pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
+def test_sm90_dilation_fold_head_dim_256(monkeypatch):
+    """Head dim 256: the forward folded (Hopper, forced), the sm80 backward unfolded."""
+    _force_sm90(monkeypatch, False)
+    monkeypatch.delenv("JAX_GNA_FOLD_DILATION", raising=False)
+    p = _problem((41, 46), (9, 15), (1, 2), (2, 3), (False, True), dim=256)
+    assert cuda.fold_dilation(p, (1, 41, 46, 2, 256), (1, 41, 46, 1, 256), jnp.bfloat16) == (True, False)
+    _check(p, 1, 2, 1, 256, 256, jnp.bfloat16)
+
+
+@pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
 def test_sm90_force_rejects_other_problems(monkeypatch):
     monkeypatch.setenv("JAX_GNA_SM90", "force")
-    p = _problem((40,), 5, 1, 2, False, dim=64)  # dilation: not on the Hopper path
+    monkeypatch.setenv("JAX_GNA_FOLD_DILATION", "0")
+    p = _problem((40,), 5, 1, 2, False, dim=64)  # dilation, not folded: not on the Hopper path
     q, k, v, _, _ = _inputs(p, 1, 1, 1, 64, 64, jnp.float16)
     with pytest.raises(Exception, match="not supported"):
         jax.block_until_ready(cuda.attention(q, k, v, p))
