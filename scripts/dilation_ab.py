@@ -11,7 +11,8 @@ tracing), the variants interleaved round by round; median seconds per call. Prin
 line per problem and pass and writes the records as JSON.
 
 usage (on the GPU): PYTHONPATH=.:scripts python3 scripts/dilation_ab.py [--rounds 7]
-    [--set big|small|all] [--out FILE.json]
+    [--set big|small|all] [--variants fold,sm80,...] [--passes fwd,fwd+bwd] [--out FILE.json]
+  a markdown table of such files (anywhere): python3 scripts/dilation_ab.py --report FILE.json ...
 """
 
 from __future__ import annotations
@@ -63,7 +64,11 @@ def main() -> None:
                     help="which of them, by name (fold and sm80 always run)")
     ap.add_argument("--passes", default="fwd,fwd+bwd")
     ap.add_argument("--out", default="")
+    ap.add_argument("--report", nargs="+", default=None)
     a = ap.parse_args()
+    if a.report:
+        print(report(a.report))
+        return
     chosen = set(a.variants.split(",")) | {"fold", "sm80"}
     variants = [(v, env) for v, env in VARIANTS if v in chosen]
     names = {n for _, env in variants for n in env}
@@ -119,6 +124,23 @@ def main() -> None:
         with open(a.out, "w") as f:
             json.dump({"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
                        "records": records}, f, indent=1)
+
+
+def report(paths: list[str]) -> str:
+    """One markdown table of the records of ``paths`` (median ms per call per variant)."""
+    names = [v for v, _ in VARIANTS]
+    lines = ["| problem | pass | batch x heads, head dim | " + " | ".join(names)
+             + " | sm80 / fold | file |", "| --- " * (len(names) + 5) + "|"]
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        for r in data["records"]:
+            med = r["median_s"]
+            cells = [f"{med[v] * 1e3:.3f}" if v in med else "-" for v in names]
+            lines.append(f"| {r['problem']} | {r['pass']} | {r['batch']} x {r['heads']}, {r['head_dim']} | "
+                         + " | ".join(cells) + f" | {med['sm80'] / med['fold']:.2f}x | "
+                         f"{path.rsplit('/', 1)[-1]} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
