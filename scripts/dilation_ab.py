@@ -13,6 +13,8 @@ line per problem and pass and writes the records as JSON.
 usage (on the GPU): PYTHONPATH=.:scripts python3 scripts/dilation_ab.py [--rounds 7]
     [--set big|small|all] [--variants fold,sm80,...] [--passes fwd,fwd+bwd] [--out FILE.json]
   a markdown table of such files (anywhere): python3 scripts/dilation_ab.py --report FILE.json ...
+  the layout transform alone against an elementwise copy of the same bytes (the memory
+  bandwidth XLA reaches here): ... dilation_ab.py --transform [--set big] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -65,9 +67,13 @@ def main() -> None:
     ap.add_argument("--passes", default="fwd,fwd+bwd")
     ap.add_argument("--out", default="")
     ap.add_argument("--report", nargs="+", default=None)
+    ap.add_argument("--transform", action="store_true")
     a = ap.parse_args()
     if a.report:
         print(report(a.report))
+        return
+    if a.transform:
+        transform(SETS[a.set], a.rounds, a.out)
         return
     chosen = set(a.variants.split(",")) | {"fold", "sm80"}
     variants = [(v, env) for v, env in VARIANTS if v in chosen]
@@ -122,6 +128,56 @@ def main() -> None:
         print(f"  {how}", flush=True)
     if a.out:
         with open(a.out, "w") as f:
+            json.dump({"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+                       "records": records}, f, indent=1)
+
+
+def transform(problems, rounds: int, out_path: str) -> None:
+    """Time the fold's copies alone: gathering q, k, v into pieces, and scattering an
+    output from them, against ``x + 1`` on the same tensors (an elementwise op that reads
+    and writes every byte once: the bandwidth XLA reaches on this GPU)."""
+    from jax_gna import dilation
+    from jax_gna.params import make_problem
+
+    records = []
+    for name, shape, heads, dim, ks, dil, causal in problems:
+        batch = 8 if name.endswith("-b8") else 1
+        key = jax.random.split(jax.random.PRNGKey(0), 3)
+        q, k, v = (jax.random.normal(kk, (batch, *shape, heads, dim), jnp.bfloat16) for kk in key)
+        p = make_problem(q, k, v, ks, 1, dil, causal, None)
+        parts = dilation.gather(q, p)
+        fns = {
+            "gather q, k, v": (jax.jit(lambda q, k, v: [dilation.gather(x, p) for x in (q, k, v)]),
+                               (q, k, v)),
+            "copy q, k, v": (jax.jit(lambda q, k, v: [x + 1 for x in (q, k, v)]), (q, k, v)),
+            "scatter out": (jax.jit(lambda parts: dilation.scatter(parts, p)), (parts,)),
+            "copy out": (jax.jit(lambda q: q + 1), (q,)),
+        }
+        for fn, args in fns.values():
+            jax.block_until_ready(fn(*args))
+        one = time_calls(fns["gather q, k, v"][0], (q, k, v), 1)
+        inner = int(min(50, max(1, 0.05 // one)))
+        times = {n: [] for n in fns}
+        for _ in range(rounds):
+            for n, (fn, args) in fns.items():
+                times[n].append(time_calls(fn, args, inner))
+        med = {n: statistics.median(t) for n, t in times.items()}
+        nbytes = q.size * q.dtype.itemsize
+        rec = {"problem": name, "pieces": len(parts), "tensor_bytes": nbytes, "median_s": med,
+               "gbps_read_write": {n: (3 if "q, k, v" in n else 1) * 2 * nbytes / t / 1e9
+                                   for n, t in med.items()}}
+        rec["gather_vs_copy"] = med["copy q, k, v"] / med["gather q, k, v"]
+        rec["scatter_vs_copy"] = med["copy out"] / med["scatter out"]
+        records.append(rec)
+        gb = rec["gbps_read_write"]
+        print(f"{name} ({len(parts)} pieces, {nbytes / 2**20:.0f} MiB per tensor): gather q,k,v "
+              f"{med['gather q, k, v'] * 1e3:.3f} ms ({gb['gather q, k, v']:.0f} GB/s), copy "
+              f"{med['copy q, k, v'] * 1e3:.3f} ms ({gb['copy q, k, v']:.0f} GB/s): "
+              f"{rec['gather_vs_copy']:.0%}; scatter out {med['scatter out'] * 1e3:.3f} ms "
+              f"({gb['scatter out']:.0f} GB/s), copy {med['copy out'] * 1e3:.3f} ms "
+              f"({gb['copy out']:.0f} GB/s): {rec['scatter_vs_copy']:.0%}", flush=True)
+    if out_path:
+        with open(out_path, "w") as f:
             json.dump({"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
                        "records": records}, f, indent=1)
 
