@@ -186,9 +186,10 @@ def fold_dilation(problem: Problem, query_shape, value_shape, dtype) -> tuple[bo
     dilation groups stacked in the batch by a layout transform in XLA) instead of on the
     sm80 kernels, which take dilation directly. ``forward`` is for a forward that is not
     differentiated; under differentiation the forward runs as pieces when either is true
-    (the backward then reuses its pieces of q, k, v, out and lse). The batch/head-sharded
-    op runs its forward undifferentiated and its backward from the saved out and lse
-    (:func:`_backward`), so there each pass follows its own flag.
+    (the backward then reuses its pieces of q, k, v, out and lse). The op partitioned by
+    ``custom_partitioning`` (``jax_gna.sharding``, batch/head-sharded inputs under
+    ``jax.jit``) runs its forward undifferentiated and its backward from the saved out and
+    lse (:func:`_backward`), so there each pass follows its own flag.
 
     Both need a whole-grid (unsharded) problem with dilation whose every piece the Hopper
     forward takes, a batch that times the groups stays within the kernels' 65535, a
