@@ -162,25 +162,29 @@ def _lower(fn, *args) -> str:
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("fold", [True, False, "undilated"])
 def test_fold_lowers_to_one_call_per_piece(monkeypatch, fold):
     _hopper(monkeypatch)
     monkeypatch.delenv("JAX_GNA_SM90_BWD", raising=False)
     if not fold:
         monkeypatch.setenv("JAX_GNA_FOLD_DILATION", "0")
+    problem = BIG.replace(dilation=(1, 1)) if fold == "undilated" else BIG
     q = jnp.zeros(Q, jnp.bfloat16)
     k = v = jnp.zeros(V, jnp.bfloat16)
 
     def loss(q, k, v):
-        out, lse = cuda.attention(q, k, v, BIG)
+        out, lse = cuda.attention(q, k, v, problem)
         return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
 
     text = _lower(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
     calls = re.findall(r'custom_call @(jax_gna_\w+)\(.*?dilation = (?:array<i64: ([-0-9, ]+)>|dense<([^>]*)>)',
                        text)
-    n = 4 if fold else 1
+    n = 4 if fold is True else 1
     assert len(dilation.pieces(BIG)) == 4
     assert sorted(c for c, _, _ in calls) == ["jax_gna_bwd"] * n + ["jax_gna_fwd"] * n, calls
+    assert f"kv_extent = dense<[{', '.join(map(str, Q[1:3]))}]>" in text or fold is True
+    if fold == "undilated":
+        return
     want = "1" if fold else "2, 3"
     assert all((a or b).strip("[]") == want for _, a, b in calls), calls
     # The backend backward protocol (saved out and lse) folds the same way.
