@@ -192,7 +192,8 @@ def fold_dilation(problem: Problem, query_shape, value_shape, dtype) -> tuple[bo
     lse (:func:`_backward`), so there each pass follows its own flag.
 
     Both need a whole-grid (unsharded) problem with dilation whose every piece the Hopper
-    forward takes, a batch that times the groups stays within the kernels' 65535, a
+    forward takes, one batch axis whose size times the groups stays within the kernels'
+    65535 (under ``jax.vmap`` the mapped axis multiplies it too, unseen here), a
     visible GPU of compute capability 9.0 and no ``JAX_GNA_FOLD_DILATION=0`` in the
     environment (read while tracing; spatially sharded calls keep the sm80 kernels). The
     forward also needs a window of at least :data:`FOLD_FORWARD_MIN_KEYS` keys (or
@@ -205,15 +206,15 @@ def fold_dilation(problem: Problem, query_shape, value_shape, dtype) -> tuple[bo
         return no
     if _compute_capability() != "9.0":
         return no
-    batch = int(np.prod(query_shape[:len(query_shape) - problem.rank - 2]))
-    if batch * int(np.prod(problem.dilation)) > 65535:  # the groups join the batch
+    if len(query_shape) != problem.rank + 3:  # one batch axis (jax_gna.dilation's layout)
+        return no
+    if int(query_shape[0]) * int(np.prod(problem.dilation)) > 65535:  # groups join the batch
         return no
     if any(_hopper_blockers(sub, query_shape, value_shape, dtype) for _, sub in dilation.pieces(problem)):
         return no
     forward = (int(np.prod(problem.kernel_size)) >= FOLD_FORWARD_MIN_KEYS
                or os.environ.get("JAX_GNA_FOLD_DILATION") == "always")
-    backward = (int(query_shape[-1]) in (64, 128)
-                and os.environ.get("JAX_GNA_SM90_BWD") not in ("0", "off"))
+    backward = int(query_shape[-1]) in (64, 128) and os.environ.get("JAX_GNA_SM90_BWD") != "0"
     return forward, backward
 
 
@@ -235,9 +236,11 @@ def kernel_path(problem: Problem, query_shape, value_shape, dtype) -> str:
         pieces = ("on this compute capability 9.0 GPU, as undilated pieces (the dilation groups "
                   "stacked in the batch by a layout transform, jax_gna.dilation)")
         fwd = (f"Hopper kernel (TMA + wgmma) {pieces}" if fold_fwd else
-               f"sm80 kernels (a window of fewer than {FOLD_FORWARD_MIN_KEYS} keys)")
+               f"sm80 kernels (a window of fewer than {FOLD_FORWARD_MIN_KEYS} keys), or, when "
+               f"differentiated, the Hopper kernel {pieces}")
         bwd = (f"Hopper kernels {pieces}" if fold_bwd else
-               "sm80 kernels (" + ("JAX_GNA_SM90_BWD=0" if d in (64, 128) else f"head dim {d}") + ")")
+               "sm80 kernels, on the pieces when the forward ran as pieces ("
+               + ("JAX_GNA_SM90_BWD=0" if d in (64, 128) else f"head dim {d}") + ")")
         return f"forward: {fwd}; backward: {bwd}"
     why = _hopper_blockers(problem, query_shape, value_shape, dtype)
     if why:

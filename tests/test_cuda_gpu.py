@@ -392,10 +392,12 @@ def test_sm90_score_signs(monkeypatch, scale, dim, dtype):
      jnp.float16),
 ])
 def test_sm90_dilation_fold(monkeypatch, backward, shape, k, s, d, c, dims, dtype):
-    """Dilated problems as undilated pieces on the Hopper kernels (jax_gna.dilation). The
-    folded passes run with the Hopper kernels forced, so a piece that reached the sm80
-    kernels would fail. Differentiated, the forward folds whenever the backward does;
-    alone, a window under 128 keys stays on the sm80 kernels (checked without gradients)."""
+    """Dilated problems as undilated pieces on the Hopper kernels (jax_gna.dilation). A
+    folded backward runs with the Hopper backward forced, and so does the forward where an
+    undifferentiated one folds (a window of >= 128 keys), so a piece that reached the sm80
+    kernels would fail. Differentiated, the forward folds whenever the backward does (for
+    the 16-key window with the Hopper backward, unforced); alone, a window under 128 keys
+    stays on the sm80 kernels (checked without gradients)."""
     b, h, h_kv, dim = dims
     p = _problem(shape, k, s, d, c, dim=dim)
     forward = int(np.prod(p.kernel_size)) >= cuda.FOLD_FORWARD_MIN_KEYS

@@ -134,7 +134,8 @@ def test_fold_decision(monkeypatch):
     monkeypatch.delenv("JAX_GNA_FOLD_DILATION")
     d256 = (Q[:-1] + (256,), V[:-1] + (256,))
     assert cuda.fold_dilation(BIG, *d256, jnp.bfloat16) == (True, False)  # sm80 backward
-    assert "backward: sm80 kernels (head dim 256)" in cuda.kernel_path(BIG, *d256, jnp.bfloat16)
+    text = cuda.kernel_path(BIG, *d256, jnp.bfloat16)
+    assert "backward: sm80 kernels, on the pieces" in text and "(head dim 256)" in text, text
     no = [
         (BIG.replace(dilation=(1, 1)), Q, V, jnp.bfloat16),               # nothing to fold
         (BIG.replace(q_origin=(4, 0), q_extent=(20, 46)), Q, V, jnp.bfloat16),  # a shard
@@ -212,3 +213,69 @@ def test_small_window_folds_the_forward_only_when_differentiated(monkeypatch):
     text = _lower(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
     assert text.count("custom_call @jax_gna_fwd") == 4 and text.count("custom_call @jax_gna_bwd") == 4
     assert "dilation = dense<[2, 3]>" not in text
+
+
+def _fake_kernels(monkeypatch, calls):
+    """The cuda backend's own fold, custom_vjp and delta on the CPU: its two kernel calls
+    replaced by the xla backend (the backward recovers d_lse from delta = rowsum(dO * O) -
+    d_lse), every dtype admitted to the Hopper path, and the GPU pretended."""
+    def forward(query, key, value, problem, poison=False, devices=(), into=None):
+        calls.append(("fwd", problem.dilation, query.shape))
+        return xla.attention(query, key, value, problem)
+
+    def backward(query, key, value, d_out, lse, delta, problem, poison=False, devices=()):
+        calls.append(("bwd", problem.dilation, query.shape))
+        (out, _), vjp = jax.vjp(lambda q, k, v: xla.attention(q, k, v, problem), query, key, value)
+        return vjp((d_out, jnp.sum(d_out * out, axis=-1) - delta))
+
+    _hopper(monkeypatch)
+    monkeypatch.delenv("JAX_GNA_SM90_BWD", raising=False)
+    monkeypatch.setattr(cuda, "_forward_call", forward)
+    monkeypatch.setattr(cuda, "_backward_call", backward)
+    monkeypatch.setattr(cuda, "_hopper_blockers", lambda *a: [])
+
+
+@pytest.mark.parametrize("fold_inference", [True, False])
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[4]])
+def test_cuda_fold_matches_brute_force(monkeypatch, case, fold_inference):
+    """cuda.attention's folded passes (inference forward folded or not, differentiated
+    forward and backward, the saved-output backward) against the float64 brute force."""
+    p = _problem(case)
+    monkeypatch.setattr(cuda, "FOLD_FORWARD_MIN_KEYS", 1 if fold_inference else 10 ** 9)
+    calls = []
+    _fake_kernels(monkeypatch, calls)
+    rng = np.random.default_rng(2)
+    b, h, h_kv, d, d_v = 2, 4, 2, 64, 6  # head dim 64: the Hopper backward's
+    q = rng.standard_normal((b, *p.shape, h, d))
+    k = rng.standard_normal((b, *p.shape, h_kv, d))
+    v = rng.standard_normal((b, *p.shape, h_kv, d_v))
+    d_out = rng.standard_normal((b, *p.shape, h, d_v))
+    d_lse = rng.standard_normal((b, *p.shape, h))
+    ref = reference.attention(q, k, v, p.kernel_size, p.stride, p.dilation, p.is_causal,
+                              p.scale, d_out=d_out, d_lse=d_lse)
+    n = len(dilation.pieces(p))
+    with jax.enable_x64(True):
+        assert cuda.fold_dilation(p, q.shape, v.shape, q.dtype)[1]
+        out, lse = cuda.attention(q, k, v, p)
+        if fold_inference:
+            assert len(calls) == n and all(c[1] == (1,) * p.rank for c in calls), calls
+        else:
+            assert [c[1] for c in calls] == [p.dilation], calls
+        calls.clear()
+        (out2, lse2), vjp = jax.vjp(lambda q, k, v: cuda.attention(q, k, v, p), q, k, v)
+        grads = vjp((d_out, d_lse))
+        assert sorted(c[0] for c in calls) == ["bwd"] * n + ["fwd"] * n, calls
+        saved = cuda.attention.backward(q, k, v, out, lse, d_out, d_lse, p)
+    got = [out, lse, out2, lse2, *grads, *saved]
+    want = [ref[0], ref[1], ref[0], ref[1], *ref[2], *ref[2]]
+    for i, (a, w) in enumerate(zip(got, want)):
+        # The backward's delta = rowsum(dO * O) - d_lse is float32 by design: fp32 errors.
+        tol = 1e-10 if i < 4 else 1e-5
+        assert a.shape == w.shape, i
+        assert np.abs(np.asarray(a) - w).max() <= tol * max(np.abs(w).max(), 1.0), i
+
+
+def test_fold_needs_one_batch_axis(monkeypatch):
+    _hopper(monkeypatch)
+    assert cuda.fold_dilation(BIG, Q, V, jnp.bfloat16) == (True, True)
+    assert cuda.fold_dilation(BIG, (2,) + Q, (2,) + V, jnp.bfloat16) == (False, False)
