@@ -334,8 +334,8 @@ def _folds(problem: Problem, query: jax.Array) -> bool:
     """Whether a call runs as undilated pieces (:mod:`jax_gna.dilation`): a whole-grid
     problem with dilation and one batch axis. A contiguous tile of queries holds every
     dilation group, so its key box spans ``(k - 1) * d + tile`` keys per axis, of which
-    each query sees ``k``; a piece's tile spans ``k - 1 + tile``. On the CPU that made
-    the forward 2.1-8.5x faster (session 24)."""
+    each query sees ``k``; a piece's tile spans ``k - 1 + tile``. On a 2-core CPU the
+    fold made forwards 1.8-7.6x faster (``benchmarks/results/dilation-xla-cpu.md``)."""
     return (any(d != 1 for d in problem.dilation) and problem.is_whole
             and query.ndim == problem.rank + 3)
 
