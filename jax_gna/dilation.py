@@ -13,12 +13,14 @@ tensor and piece in XLA), runs the backend on each and scatters ``out`` and ``ls
 back. Every step is linear, so autodiff gives the backward: the backend's own backward
 on each piece, between the transposed copies. The cuda backend uses it to run dilated
 problems on the Hopper kernels, which take no dilation themselves
-(``jax_gna.cuda.fold_dilation``).
+(``jax_gna.cuda.fold_dilation``); the xla backend so that its tiles hold one group's
+tokens only (``jax_gna.xla.attention``).
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Callable, Sequence
 
 import jax
@@ -51,9 +53,8 @@ def pieces(problem: Problem) -> list[tuple[tuple[int, ...], Problem]]:
     for kinds in itertools.product(*per_axis):
         shape = tuple(n // d + (kind == LONG)
                       for n, d, kind in zip(problem.shape, problem.dilation, kinds))
-        rank = problem.rank
         result.append((kinds, Problem(shape=shape, kernel_size=problem.kernel_size,
-                                      stride=problem.stride, dilation=(1,) * rank,
+                                      stride=problem.stride, dilation=(1,) * problem.rank,
                                       is_causal=problem.is_causal, scale=problem.scale)))
     return result
 
@@ -97,7 +98,7 @@ def scatter(parts: Sequence[jax.Array], problem: Problem) -> jax.Array:
     n = problem.rank
     per_axis = [_groups(length, d) for length, d in zip(problem.shape, problem.dilation)]
     combos = list(itertools.product(*per_axis))
-    batch = parts[0].shape[0] // _count(combos[0])
+    batch = parts[0].shape[0] // math.prod(count for _, _, count in combos[0])
     tail_ndim = parts[0].ndim - 1 - n
     # Each piece back to [B, m1, g1, ..., mn, gn, ...].
     blocks = {}
@@ -129,13 +130,6 @@ def scatter(parts: Sequence[jax.Array], problem: Problem) -> jax.Array:
     merged = y.reshape((batch,) + tuple(y.shape[1 + 2 * a] * y.shape[2 + 2 * a] for a in range(n))
                        + y.shape[1 + 2 * n:])
     return merged[(slice(None),) + tuple(slice(0, length) for length in problem.shape)]
-
-
-def _count(combo) -> int:
-    c = 1
-    for _, _, count in combo:
-        c *= count
-    return c
 
 
 Impl = Callable[[jax.Array, jax.Array, jax.Array, Problem], tuple[jax.Array, jax.Array]]
