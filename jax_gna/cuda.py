@@ -200,13 +200,11 @@ def fold_dilation(problem: Problem, query_shape, value_shape, dtype) -> tuple[bo
     ``JAX_GNA_FOLD_DILATION=always``, for measurements); the backward head dim 64 or 128
     (the Hopper backward's) and no ``JAX_GNA_SM90_BWD=0``."""
     no = (False, False)
-    if all(x == 1 for x in problem.dilation) or not problem.is_whole:
+    if not dilation.applies(problem, query_shape):
         return no
     if os.environ.get("JAX_GNA_FOLD_DILATION") in ("0", "off"):
         return no
     if _compute_capability() != "9.0":
-        return no
-    if len(query_shape) != problem.rank + 3:  # one batch axis (jax_gna.dilation's layout)
         return no
     if int(query_shape[0]) * int(np.prod(problem.dilation)) > 65535:  # groups join the batch
         return no
@@ -346,42 +344,43 @@ def _attention_bwd(problem, poison, devices, res, cts):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _folded(query, key, value, problem, poison):
+def _forward_fn(poison: bool):
+    return lambda q, k, v, p: _forward_call(q, k, v, p, poison)
+
+
+def _backward_fn(poison: bool):
+    return lambda q, k, v, o, l, do, dl, p: _attention_bwd(p, poison, (), (q, k, v, o, l), (do, dl))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _folded(query, key, value, problem, poison, fold_forward):
     """A dilated problem that :func:`fold_dilation` folds in some pass. Not differentiated
-    (inference), its forward runs as pieces where ``fold_dilation(...)[0]``; under
-    differentiation always (:func:`_folded_fwd`)."""
-    if fold_dilation(problem, query.shape, value.shape, query.dtype)[0]:
-        return dilation.attention(lambda q, k, v, p: _forward_call(q, k, v, p, poison),
-                                  query, key, value, problem)
+    (inference), its forward runs as pieces where ``fold_forward``; under differentiation
+    always (:func:`_folded_fwd`)."""
+    if fold_forward:
+        return dilation.attention(_forward_fn(poison), query, key, value, problem)
     return _forward_call(query, key, value, problem, poison)
 
 
-def _folded_fwd(query, key, value, problem, poison):
+def _folded_fwd(query, key, value, problem, poison, fold_forward):
     # The forward as pieces whatever the window (the pieces of q, k and v serve both
     # passes), and the pieces saved for the backward.
-    parts = [dilation.gather(x, problem) for x in (query, key, value)]
-    results = [_forward_call(q, k, v, sub, poison)
-               for q, k, v, (_, sub) in zip(*parts, dilation.pieces(problem))]
-    out, lse = (dilation.scatter(r, problem) for r in zip(*results))
-    return (out, lse), (parts, results)
+    del fold_forward
+    return dilation.forward(_forward_fn(poison), query, key, value, problem)
 
 
-def _folded_bwd(problem, poison, res, cts):
-    (qs, ks, vs), results = res
-    d_outs, d_lses = (dilation.gather(x, problem) for x in cts)
-    grads = [_attention_bwd(sub, poison, (), (q, k, v, o, l), (do, dl))
-             for q, k, v, (o, l), do, dl, (_, sub)
-             in zip(qs, ks, vs, results, d_outs, d_lses, dilation.pieces(problem))]
-    return tuple(dilation.scatter(g, problem) for g in zip(*grads))
+def _folded_bwd(problem, poison, fold_forward, saved, cts):
+    del fold_forward
+    return dilation.backward_saved(_backward_fn(poison), saved, *cts, problem)
 
 
 _folded.defvjp(_folded_fwd, _folded_bwd)
 
 
 def _run(query, key, value, problem: Problem, poison: bool):
-    if any(fold_dilation(problem, query.shape, value.shape, query.dtype)):
-        return _folded(query, key, value, problem, poison)
+    fold_forward, fold_backward = fold_dilation(problem, query.shape, value.shape, query.dtype)
+    if fold_forward or fold_backward:
+        return _folded(query, key, value, problem, poison, fold_forward)
     return _attention(query, key, value, problem, poison, ())
 
 
@@ -412,9 +411,7 @@ def _backward(query, key, value, out, lse, d_out, d_lse, problem: Problem):
     """``(dq, dk, dv)`` from a saved forward: the backend backward protocol
     (``attention.backward``) that the sharded op uses to skip recomputing the forward.
     Folds dilation where :func:`fold_dilation` says so for the backward."""
-    def bwd(q, k, v, o, l, do, dl, p):
-        return _attention_bwd(p, False, (), (q, k, v, o, l), (do, dl))
-
+    bwd = _backward_fn(False)
     if fold_dilation(problem, query.shape, value.shape, query.dtype)[1]:
         return dilation.backward(bwd, query, key, value, out, lse, d_out, d_lse, problem)
     return bwd(query, key, value, out, lse, d_out, d_lse, problem)

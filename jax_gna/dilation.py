@@ -28,7 +28,8 @@ import jax.numpy as jnp
 
 from .params import Problem
 
-__all__ = ["pieces", "gather", "scatter", "attention", "backward"]
+__all__ = ["pieces", "gather", "scatter", "applies", "forward", "attention", "backward_saved",
+           "backward"]
 
 LONG, SHORT = 0, 1  # the groups of an axis with L // d + 1 positions, and with L // d
 
@@ -135,20 +136,41 @@ def scatter(parts: Sequence[jax.Array], problem: Problem) -> jax.Array:
 Impl = Callable[[jax.Array, jax.Array, jax.Array, Problem], tuple[jax.Array, jax.Array]]
 
 
+def applies(problem: Problem, query_shape: Sequence[int]) -> bool:
+    """Whether a call can run as pieces: a whole-grid problem with dilation and one batch
+    axis (the layout :func:`gather` and :func:`scatter` assume)."""
+    return (any(d != 1 for d in problem.dilation) and problem.is_whole
+            and len(query_shape) == problem.rank + 3)
+
+
+def forward(impl: Impl, query: jax.Array, key: jax.Array, value: jax.Array,
+            problem: Problem) -> tuple[tuple[jax.Array, jax.Array], tuple]:
+    """``((out, lse), saved)``: :func:`attention`, and its pieces of q, k, v, out and lse
+    for :func:`backward_saved`."""
+    subs = pieces(problem)
+    qs, ks, vs = (gather(x, problem) for x in (query, key, value))
+    outs, lses = zip(*(impl(q, k, v, sub) for q, k, v, (_, sub) in zip(qs, ks, vs, subs)))
+    return (scatter(outs, problem), scatter(lses, problem)), (qs, ks, vs, outs, lses)
+
+
 def attention(impl: Impl, query: jax.Array, key: jax.Array, value: jax.Array,
               problem: Problem) -> tuple[jax.Array, jax.Array]:
     """``(out, lse)`` of a whole-grid dilated ``problem`` by undilated ``impl`` calls, one
     per piece (:func:`pieces`); differentiable where ``impl`` is."""
-    subs = pieces(problem)
-    qs, ks, vs = (gather(x, problem) for x in (query, key, value))
-    outs, lses = zip(*(impl(q, k, v, sub) for q, k, v, (_, sub) in zip(qs, ks, vs, subs)))
-    return scatter(outs, problem), scatter(lses, problem)
+    return forward(impl, query, key, value, problem)[0]
+
+
+def backward_saved(bwd, saved: tuple, d_out: jax.Array, d_lse: jax.Array, problem: Problem):
+    """``(dq, dk, dv)`` from :func:`forward`'s ``saved`` pieces by undilated
+    ``bwd(q, k, v, out, lse, d_out, d_lse, sub_problem)`` calls, one per piece."""
+    d_outs, d_lses = gather(d_out, problem), gather(d_lse, problem)
+    grads = [bwd(*args, sub) for *args, (_, sub)
+             in zip(*saved, d_outs, d_lses, pieces(problem))]
+    return tuple(scatter(g, problem) for g in zip(*grads))
 
 
 def backward(bwd, query, key, value, out, lse, d_out, d_lse, problem: Problem):
-    """``(dq, dk, dv)`` of :func:`attention` from its saved ``(out, lse)`` by undilated
-    ``bwd(q, k, v, out, lse, d_out, d_lse, sub_problem)`` calls, one per piece."""
-    subs = pieces(problem)
-    parts = [gather(x, problem) for x in (query, key, value, out, lse, d_out, d_lse)]
-    grads = [bwd(*args, sub) for *args, (_, sub) in zip(*parts, subs)]
-    return tuple(scatter(g, problem) for g in zip(*grads))
+    """``(dq, dk, dv)`` of :func:`attention` from its saved ``(out, lse)``, as
+    :func:`backward_saved` (the pieces gathered here)."""
+    saved = tuple(gather(x, problem) for x in (query, key, value, out, lse))
+    return backward_saved(bwd, saved, d_out, d_lse, problem)

@@ -336,8 +336,7 @@ def _folds(problem: Problem, query: jax.Array) -> bool:
     dilation group, so its key box spans ``(k - 1) * d + tile`` keys per axis, of which
     each query sees ``k``; a piece's tile spans ``k - 1 + tile``. On a 2-core CPU the
     fold made forwards 1.8-7.6x faster (``benchmarks/results/dilation-xla-cpu.md``)."""
-    return (any(d != 1 for d in problem.dilation) and problem.is_whole
-            and query.ndim == problem.rank + 3)
+    return dilation.applies(problem, query.shape)
 
 
 def attention(query: jax.Array, key: jax.Array, value: jax.Array, problem: Problem, *,
