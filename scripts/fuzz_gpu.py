@@ -1,0 +1,170 @@
+"""Random problems through the cuda backend against a NumPy brute force, until a time runs out.
+
+Each case draws a rank, an axis length, kernel size, stride, dilation and causality per
+axis, a batch, heads (grouped-query sometimes), head dims (mostly ones the Hopper kernels
+take, sometimes any multiple of 8 up to 256, sometimes D_v != D) and a dtype from a
+seeded generator. It runs ``cuda._attention_poisoned`` (outputs start as NaN; the same
+dispatch as the public op: Hopper kernels, dilation fold or sm80 kernels) forward, and
+in most cases the gradients of a loss over out and lse, and compares them with the float64 NumPy
+brute force (``jax_gna.reference``, which shares no code with the backends) with the GPU
+tests' tolerances (``tests/test_cuda_gpu.py``'s TOL). The GPU tests pin chosen cases;
+this looks between them.
+
+usage: python3 scripts/fuzz_gpu.py --seconds 200 --seed 1 --out fuzz.jsonl
+       python3 scripts/fuzz_gpu.py --case '{"shape": [40, 33], ...}'   (one case again)
+Prints one line per case and a summary by kernel path; exits 1 if a case failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+
+# The tolerances of tests/test_cuda_gpu.py (relative L2: out, lse, gradients).
+TOL = {"float32": (2e-5, 2e-5, 5e-5), "float16": (4e-3, 1e-4, 1e-2), "bfloat16": (2.5e-2, 5e-4, 5e-2)}
+MAX_TOKENS = {1: 2048, 2: 2048, 3: 2048}  # the brute force is dense: [tokens, tokens]
+
+
+def draw(rng: np.random.Generator) -> dict:
+    """One random case (a JSON-able dict) whose problem SEMANTICS.md accepts."""
+    rank = int(rng.choice([1, 2, 3], p=[0.3, 0.4, 0.3]))
+    dtype = str(rng.choice(["bfloat16", "float16", "float32"], p=[0.45, 0.35, 0.2]))
+    shape, ks, ss, ds, cs = [], [], [], [], []
+    budget = MAX_TOKENS[rank]
+    for a in range(rank):
+        left = rank - a
+        cap = max(4, int(round(budget ** (1 / left))))
+        n = int(rng.integers(4, cap * 2)) if rng.random() < 0.5 else int(rng.integers(4, cap + 1))
+        n = max(4, min(n, budget // 4 ** (left - 1)))
+        budget = max(4 ** (left - 1), budget // n)
+        d = 1 if rng.random() < 0.75 else int(rng.integers(2, 5))
+        d = min(d, n // 2)
+        k = int(rng.integers(2, n // d + 1))
+        s = 1 if rng.random() < 0.4 else (k if rng.random() < 0.4 else int(rng.integers(1, k + 1)))
+        shape.append(n), ks.append(k), ss.append(s), ds.append(d), cs.append(bool(rng.random() < 0.3))
+    u = rng.random()
+    if u < 0.75:
+        dim = int(rng.choice([64, 128, 256], p=[0.45, 0.4, 0.15]))
+    elif u < 0.85:
+        dim = 32
+    else:
+        dim = 8 * int(rng.integers(1, 33))
+    dim_v = dim if rng.random() < 0.85 else 8 * int(rng.integers(1, 33))
+    h_kv = int(rng.integers(1, 3))
+    return dict(shape=shape, kernel_size=ks, stride=ss, dilation=ds, is_causal=cs,
+                batch=int(rng.integers(1, 4)), heads=h_kv * int(rng.integers(1, 4)), kv_heads=h_kv,
+                dim=dim, dim_v=dim_v, dtype=dtype, grads=bool(rng.random() < 0.7),
+                seed=int(rng.integers(0, 2 ** 31)))
+
+
+def run_case(case: dict) -> dict:
+    """Errors of one case against the reference, and the kernel path it took."""
+    import jax
+    import jax.numpy as jnp
+
+    from jax_gna import cuda, reference
+    from jax_gna.params import Problem
+
+    dtype = jnp.dtype(case["dtype"])
+    problem = Problem(shape=tuple(case["shape"]), kernel_size=tuple(case["kernel_size"]),
+                      stride=tuple(case["stride"]), dilation=tuple(case["dilation"]),
+                      is_causal=tuple(case["is_causal"]), scale=case["dim"] ** -0.5)
+    b, h, h_kv, d, d_v = case["batch"], case["heads"], case["kv_heads"], case["dim"], case["dim_v"]
+    keys = jax.random.split(jax.random.PRNGKey(case["seed"]), 5)
+    sp = tuple(case["shape"])
+    q = jax.random.normal(keys[0], (b, *sp, h, d), jnp.float32).astype(dtype)
+    k = jax.random.normal(keys[1], (b, *sp, h_kv, d), jnp.float32).astype(dtype)
+    v = jax.random.normal(keys[2], (b, *sp, h_kv, d_v), jnp.float32).astype(dtype)
+    w = jax.random.normal(keys[3], (b, *sp, h, d_v), jnp.float32)
+    u = jax.random.normal(keys[4], (b, *sp, h), jnp.float32)
+    reason = cuda.unsupported_reason(problem, q.shape, k.shape, v.shape, dtype)
+    if reason:
+        return {"skipped": reason}
+
+    def loss(q, k, v, w, u):  # w, u as arguments: as constants XLA would fold them in
+        out, lse = cuda._attention_poisoned(q, k, v, problem)
+        return jnp.sum(out.astype(jnp.float32) * w) + jnp.sum(lse * u), (out, lse)
+
+    if case["grads"]:
+        (_, (o, l)), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v, w, u)
+    else:
+        o, l = jax.jit(lambda q, k, v: cuda._attention_poisoned(q, k, v, problem))(q, k, v)
+        g = ()
+    f64 = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)  # noqa: E731
+    ref = reference.attention(f64(q), f64(k), f64(v), problem.kernel_size, problem.stride,
+                              problem.dilation, problem.is_causal, problem.scale,
+                              d_out=f64(w) if case["grads"] else None, d_lse=f64(u))
+    ro, rl, rg = ref[0], ref[1], (ref[2] if case["grads"] else ())
+
+    def rel(a, r):
+        a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+        r = np.asarray(jnp.asarray(r, jnp.float32), np.float64)
+        if not np.isfinite(a).all():
+            return float("inf")
+        return float(np.linalg.norm(a - r) / max(np.linalg.norm(r), 1e-30))
+
+    errs = {"out": rel(o, ro), "lse": rel(l, rl)}
+    errs.update({n: rel(a, r) for n, a, r in zip(("dq", "dk", "dv"), g, rg)})
+    t_out, t_lse, t_grad = TOL[case["dtype"]]
+    limits = {"out": t_out, "lse": t_lse, "dq": t_grad, "dk": t_grad, "dv": t_grad}
+    worst = max(errs[n] / limits[n] for n in errs)
+    path = cuda.kernel_path(problem, q.shape, v.shape, dtype)
+    return {"errs": errs, "worst": worst, "ok": bool(worst < 1.0), "path": path}
+
+
+def path_class(path: str) -> str:
+    """A short name for kernel_path's sentence."""
+    if "undilated pieces" in path:
+        return "fold"
+    if path.startswith("forward and backward: Hopper"):
+        return "sm90"
+    if path.startswith("forward: Hopper"):
+        return "sm90 fwd + sm80 bwd"
+    return "sm80"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=120.0, help="stop drawing cases after this")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-cases", type=int, default=10 ** 6)
+    ap.add_argument("--out", help="append one JSON line per case here")
+    ap.add_argument("--case", help="run this one case (a JSON dict as printed) and stop")
+    args = ap.parse_args(argv)
+    cases = [json.loads(args.case)] if args.case else None
+    rng = np.random.default_rng(args.seed)
+    t0, failed, counts, worst = time.time(), [], Counter(), {}
+    i = 0
+    while (cases is None and time.time() - t0 < args.seconds and i < args.max_cases) or (cases and i < 1):
+        case = cases[0] if cases else draw(rng)
+        i += 1
+        print("case", json.dumps(case), file=sys.stderr, flush=True)  # named if the process dies
+        try:
+            res = run_case(case)
+        except Exception as e:  # noqa: BLE001 - a crash is a finding, recorded with its case
+            res = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        rec = {"case": case, **res}
+        if "skipped" not in res:
+            cls = path_class(res.get("path", "")) if "path" in res else "error"
+            counts[cls] += 1
+            worst[cls] = max(worst.get(cls, 0.0), res.get("worst", float("inf")))
+            if not res["ok"]:
+                failed.append(rec)
+        print(json.dumps(rec), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+    print(f"fuzz: {i} cases in {time.time() - t0:.0f} s, {len(failed)} failed; by path: "
+          + ", ".join(f"{c} {n} (worst error / tolerance {worst[c]:.2f})" for c, n in sorted(counts.items())))
+    for rec in failed:
+        print("FAILED", json.dumps(rec))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
