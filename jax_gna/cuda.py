@@ -407,11 +407,12 @@ def export_disabled_checks() -> list:
     return [export.DisabledSafetyCheck.custom_call(n) for n in (FWD_TARGET, BWD_TARGET)]
 
 
-def _backward(query, key, value, out, lse, d_out, d_lse, problem: Problem):
+def _backward(query, key, value, out, lse, d_out, d_lse, problem: Problem, poison: bool = False):
     """``(dq, dk, dv)`` from a saved forward: the backend backward protocol
     (``attention.backward``) that the sharded op uses to skip recomputing the forward.
-    Folds dilation where :func:`fold_dilation` says so for the backward."""
-    bwd = _backward_fn(False)
+    Folds dilation where :func:`fold_dilation` says so for the backward. ``poison``: the
+    test hook of :func:`_attention_poisoned`."""
+    bwd = _backward_fn(poison)
     if fold_dilation(problem, query.shape, value.shape, query.dtype)[1]:
         return dilation.backward(bwd, query, key, value, out, lse, d_out, d_lse, problem)
     return bwd(query, key, value, out, lse, d_out, d_lse, problem)

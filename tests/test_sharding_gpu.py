@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jax_gna import cuda, sharding, xla
+from jax_gna import cuda, dilation, sharding, xla
 from jax_gna.params import make_problem
 
 
@@ -85,6 +85,11 @@ CASES = {
     "1d_heads_bf16_d128_causal": (
         (1024,), 1, 4, 2, 128, jnp.bfloat16, dict(kernel_size=255, is_causal=True),
         (None, None, "x"), False),
+    # batch, dilated: each GPU folds its half of the batch into undilated pieces (4: both
+    # axes' groups have two lengths) on the Hopper kernels, forward and backward
+    "2d_batch_bf16_d128_dilated_fold": (
+        (25, 50), 4, 2, 1, 128, jnp.bfloat16, dict(kernel_size=(8, 16), stride=(1, 2), dilation=(2, 3)),
+        ("x", None, None, None), True),
 }
 
 
@@ -105,9 +110,10 @@ def _poisoned_switch(q, k, v, problem):
     return cuda._attention_poisoned(q, k, v, problem)
 
 
+# The saved-output backward of the op partitioned by batch or heads: cuda's own
+# (attention.backward, which folds dilation where fold_dilation says so), poisoned.
 _poisoned.backward = _poisoned_switch.backward = _poisoned_unsplit.backward = (
-    lambda q, k, v, out, lse, d_out, d_lse, problem: cuda._attention_bwd(
-        problem, True, (), (q, k, v, out, lse), (d_out, d_lse)))
+    lambda *a: cuda._backward(*a, poison=True))
 _poisoned.by_device = _poisoned_unsplit.by_device = (
     lambda *a: cuda._by_device(*a, poison=True))
 _poisoned.backward_by_device = _poisoned_unsplit.backward_by_device = (
@@ -187,6 +193,9 @@ def test_sharded_cuda_matches_xla(monkeypatch, case, path):
                  for a, e in enumerate(lead[:-1]) if a > 0 and e is not None]
         calls = sharding._split_calls(problem, plans) if plans else None
         want = 1 if calls is None or path == "one_call_unsplit" else len(calls)
+        if not spatial and any(x > 1 for x in problem.dilation):  # one call per piece
+            want = len(dilation.pieces(problem))
+            assert len(re.findall(r'custom_call_target="jax_gna_bwd', hlo)) == want
         assert _forward_calls(hlo) == want, (_forward_calls(hlo), want)
     for x in got:  # every result stays split the way the inputs were
         assert x.sharding.is_equivalent_to(spec, x.ndim), (x.sharding, spec)
