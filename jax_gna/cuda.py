@@ -195,22 +195,33 @@ def fold_dilation(problem: Problem, query_shape, value_shape, dtype) -> tuple[bo
     forward takes, one batch axis whose size times the groups stays within the kernels'
     65535 (under ``jax.vmap`` the mapped axis multiplies it too, unseen here), a
     visible GPU of compute capability 9.0 and no ``JAX_GNA_FOLD_DILATION=0`` in the
-    environment (read while tracing; spatially sharded calls keep the sm80 kernels). The
+    environment (read while tracing). A spatially sharded call folds on each shard where
+    its shards hold whole dilation groups, by the same rules (``jax_gna.sharding``). The
     forward also needs a window of at least :data:`FOLD_FORWARD_MIN_KEYS` keys (or
     ``JAX_GNA_FOLD_DILATION=always``, for measurements); the backward head dim 64 or 128
     (the Hopper backward's) and no ``JAX_GNA_SM90_BWD=0``."""
-    no = (False, False)
     if not dilation.applies(problem, query_shape):
-        return no
+        return False, False
+    return _fold_flags([sub for _, sub in dilation.pieces(problem)], query_shape, value_shape, dtype,
+                       int(np.prod(problem.dilation)))
+
+
+def _fold_flags(problems, query_shape, value_shape, dtype, groups: int) -> tuple[bool, bool]:
+    """``(forward, backward)`` as :func:`fold_dilation` says them, for the undilated
+    ``problems`` a dilated call would run instead, its ``groups`` dilation groups stacked
+    in the batch of ``query_shape``: the pieces of a whole grid, or the shards' blocks of
+    a spatially sharded call (``attention.fold_shards``, which ``jax_gna.sharding``
+    asks)."""
+    no = (False, False)
     if os.environ.get("JAX_GNA_FOLD_DILATION") in ("0", "off"):
         return no
     if _compute_capability() != "9.0":
         return no
-    if int(query_shape[0]) * int(np.prod(problem.dilation)) > 65535:  # groups join the batch
+    if int(query_shape[0]) * int(groups) > 65535:  # groups join the batch
         return no
-    if any(_hopper_blockers(sub, query_shape, value_shape, dtype) for _, sub in dilation.pieces(problem)):
+    if any(_hopper_blockers(sub, query_shape, value_shape, dtype) for sub in problems):
         return no
-    forward = (int(np.prod(problem.kernel_size)) >= FOLD_FORWARD_MIN_KEYS
+    forward = (int(np.prod(problems[0].kernel_size)) >= FOLD_FORWARD_MIN_KEYS
                or os.environ.get("JAX_GNA_FOLD_DILATION") == "always")
     backward = int(query_shape[-1]) in (64, 128) and os.environ.get("JAX_GNA_SM90_BWD") != "0"
     return forward, backward
@@ -462,6 +473,7 @@ def _by_device_split(query, blocks, index, problems, calls, devices, poison: boo
 
 
 attention.backward = _backward
+attention.fold_shards = _fold_flags
 attention.by_device = _by_device
 attention.backward_by_device = _backward_by_device
 attention.by_device_split = _by_device_split

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 
 from .params import Problem
 
-__all__ = ["pieces", "gather", "scatter", "applies", "forward", "attention", "backward_saved",
-           "backward"]
+__all__ = ["pieces", "gather", "scatter", "fold_groups", "unfold_groups", "applies", "forward",
+           "attention", "backward_saved", "backward"]
 
 LONG, SHORT = 0, 1  # the groups of an axis with L // d + 1 positions, and with L // d
 
@@ -131,6 +131,37 @@ def scatter(parts: Sequence[jax.Array], problem: Problem) -> jax.Array:
     merged = y.reshape((batch,) + tuple(y.shape[1 + 2 * a] * y.shape[2 + 2 * a] for a in range(n))
                        + y.shape[1 + 2 * n:])
     return merged[(slice(None),) + tuple(slice(0, length) for length in problem.shape)]
+
+
+def fold_groups(x: jax.Array, dilation: Sequence[int]) -> jax.Array:
+    """``[B, *spatial, ...]`` -> ``[G * B, *(spatial / dilation), ...]`` for a block whose
+    every axis holds whole groups (``spatial[a] % dilation[a] == 0``): :func:`gather`'s
+    layout of its single piece, groups outermost. A shard of a spatially sharded axis
+    whose length is a multiple of ``d`` (so its first row is too) folds alone into the
+    matching block of the folded grid (``jax_gna.sharding``)."""
+    n = len(dilation)
+    spatial, tail = x.shape[1:1 + n], x.shape[1 + n:]
+    split = [x.shape[0]]
+    for length, d in zip(spatial, dilation):
+        split += [length // d, d]
+    y = x.reshape(tuple(split) + tail)
+    order = (tuple(2 + 2 * a for a in range(n)) + (0,) + tuple(1 + 2 * a for a in range(n))
+             + tuple(range(1 + 2 * n, y.ndim)))
+    y = y.transpose(order)
+    return y.reshape((-1,) + y.shape[n + 1:])
+
+
+def unfold_groups(y: jax.Array, dilation: Sequence[int], batch: int) -> jax.Array:
+    """The inverse of :func:`fold_groups`: ``[B, *spatial, ...]`` back from
+    ``[G * B, *(spatial / dilation), ...]``."""
+    n = len(dilation)
+    x = y.reshape(tuple(dilation) + (batch,) + y.shape[1:])
+    order = [n]
+    for a in range(n):
+        order += [n + 1 + a, a]
+    x = x.transpose(order + list(range(2 * n + 1, x.ndim)))
+    return x.reshape((batch,) + tuple(x.shape[1 + 2 * a] * x.shape[2 + 2 * a] for a in range(n))
+                     + x.shape[1 + 2 * n:])
 
 
 Impl = Callable[[jax.Array, jax.Array, jax.Array, Problem], tuple[jax.Array, jax.Array]]

@@ -73,6 +73,14 @@ if _cuda_module() is not None:  # its backward, so that sharded calls recompute 
      _auto_attention.by_device_split) = sharding.platform_by_device(_cuda_module().attention,
                                                                     xla.attention)
 
+    def _auto_fold_shards(*args):
+        """Fold a sharded dilated call as the kernels would where the process sees a
+        CUDA GPU, as ``xla`` would where it sees none (decided while tracing)."""
+        cuda = _cuda_module()
+        return (cuda.attention if cuda._compute_capability() else xla.attention).fold_shards(*args)
+
+    _auto_attention.fold_shards = _auto_fold_shards
+
 
 def _compute(query, key, value, additional_keys, additional_values, impl: Impl,
              problem: Problem, partitioning: bool = True) -> tuple[jax.Array, jax.Array]:

@@ -63,6 +63,17 @@ than a shard is gathered from the next shards too (one ``ppermute`` per hop, sen
 the rows that are needed); an all-gather of the sequence is never inserted. Spatial
 lengths must split evenly over their mesh axes (``ValueError`` otherwise).
 
+Dilation. A dilated problem whose shards hold whole dilation groups (a multiple of
+``d`` rows of every dilated axis on each shard, and of the axis's length) runs as one
+undilated problem: each shard stacks its groups in the batch
+(:func:`jax_gna.dilation.fold_groups`, a local copy, no communication), which makes its
+blocks a shard of the folded grid of ``L / d`` positions per group; the halo exchange,
+the kernels and the backward then work on that grid, and the outputs are unfolded the
+same way. The backend decides per pass (``impl.fold_shards``, :func:`_fold_for`): the
+``xla`` backend always, the ``cuda`` backend where the Hopper kernels take the folded
+shards (``jax_gna.cuda.fold_dilation``'s rules). Other dilated shards keep the dilated
+problem (the sm80 kernels).
+
 A spatial axis may be split over several mesh axes, in any order: with
 ``P(None, ("y", "x"))`` on a mesh of axes ``("x", "y")`` the data is laid out ``y``-major,
 while ``lax.ppermute`` numbers the devices ``x``-major. Shards are numbered in the
@@ -104,7 +115,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from . import mask, xla
+from . import dilation, mask, xla
 from .params import BoolOrTuple, IntOrTuple, Problem
 
 __all__ = ["neighborhood_attention_local", "neighborhood_attention_sharded", "halo_sizes",
@@ -709,9 +720,53 @@ def _switch(index, branches, *operands):
     return jax.lax.switch(index, branches, *operands)
 
 
+def _fold(problem: Problem, plans: Sequence[AxisPlan], query_shape: Sequence[int]
+          ) -> tuple[Problem, tuple[AxisPlan, ...]] | None:
+    """``(folded problem, its plans)`` where a spatially sharded dilated problem can run
+    as one undilated one with its dilation groups stacked in the batch
+    (:func:`jax_gna.dilation.fold_groups` on each shard's blocks, no communication): every
+    dilated axis's block on a shard, and its global length, must hold whole groups
+    (a multiple of ``d`` rows). A group's rows on a shard are then a contiguous block of
+    the group's positions (shard ``r`` of ``S`` rows holds positions ``[r S / d, (r+1) S /
+    d)``), so the folded axis of length ``L / d`` is split as evenly over the same shards,
+    and its halo is the undilated window's. None otherwise."""
+    if (not plans or all(d == 1 for d in problem.dilation) or not problem.is_whole
+            or len(query_shape) != problem.rank + 3):
+        return None
+    local = list(problem.shape)
+    for p in plans:
+        local[p.axis] = p.size
+    if any(n % d or length % d for n, length, d in zip(local, problem.shape, problem.dilation)):
+        return None
+    folded = Problem(shape=tuple(n // d for n, d in zip(problem.shape, problem.dilation)),
+                     kernel_size=problem.kernel_size, stride=problem.stride,
+                     dilation=(1,) * problem.rank, is_causal=problem.is_causal,
+                     scale=problem.scale)
+    return folded, tuple(plan_axis(folded, p.axis, p.mesh_axes, p.shards, dict(p.mesh_shape))
+                         for p in plans)
+
+
+def _fold_for(impl: Impl, problem: Problem, plans: Sequence[AxisPlan], query, value,
+              pass_: str) -> tuple[Problem, tuple[AxisPlan, ...]] | None:
+    """:func:`_fold` where the backend asks for it: ``impl.fold_shards(problems,
+    query_shape, value_shape, dtype, groups) -> (forward, backward)`` says whether it
+    would rather run the folded shards' problems (``problems``: one per class combination,
+    each with ``groups`` times the batch of ``query_shape``) in a forward that is not
+    differentiated and in a backward from saved outputs. ``pass_``: ``"forward"``,
+    ``"backward"`` or ``"forward+backward"`` (a forward that autodiff may differentiate:
+    either flag). A backend without ``fold_shards`` keeps the dilated problem."""
+    fold = _fold(problem, plans, query.shape)
+    decide = getattr(impl, "fold_shards", None)
+    if fold is None or decide is None:
+        return None
+    fwd, bwd = decide(_class_problems(*fold), query.shape, value.shape, query.dtype,
+                      math.prod(problem.dilation))
+    return fold if {"forward": fwd, "backward": bwd, "forward+backward": fwd or bwd}[pass_] else None
+
+
 def local_attention(query: jax.Array, key: jax.Array, value: jax.Array, problem: Problem,
-                    plans: Sequence[AxisPlan], impl: Impl, mesh: Any = None
-                    ) -> tuple[jax.Array, jax.Array]:
+                    plans: Sequence[AxisPlan], impl: Impl, mesh: Any = None,
+                    differentiated: bool = True) -> tuple[jax.Array, jax.Array]:
     """This shard's block of the global operator: halo exchange, then ``impl`` on the
     query block over the halo-extended key block. Differentiable (autodiff transposes
     the exchange).
@@ -723,9 +778,18 @@ def local_attention(query: jax.Array, key: jax.Array, value: jax.Array, problem:
     has ``by_device_split``, the rows whose windows need no halo are computed over the
     shard's own keys by a call that does not wait for the exchange, the others after it
     (:func:`_split_calls`; not differentiable: the ``jax.jit`` path's backward is
-    :func:`local_attention_backward`)."""
+    :func:`local_attention_backward`). A dilated problem whose shards hold whole dilation
+    groups runs undilated, the groups stacked in the batch, where the backend asks for
+    it (:func:`_fold_for`; ``differentiated=False`` says that autodiff will not
+    differentiate this forward, as on the ``jax.jit`` path)."""
     if not plans:
         return impl(query, key, value, problem)
+    fold = _fold_for(impl, problem, plans, query, value, "forward+backward" if differentiated else "forward")
+    if fold is not None:
+        d, b = problem.dilation, query.shape[0]
+        out, lse = local_attention(*(dilation.fold_groups(x, d) for x in (query, key, value)),
+                                   *fold, impl, mesh, differentiated)
+        return dilation.unfold_groups(out, d, b), dilation.unfold_groups(lse, d, b)
     problems, index = _class_problems(problem, plans), _branch_index(plans)
     by_device, devices = getattr(impl, "by_device", None), _device_classes(plans, mesh)
     one_call = index is not None and by_device is not None and devices is not None
@@ -755,6 +819,12 @@ def local_attention_backward(query, key, value, out, lse, d_out, d_lse, problem:
 
     if not plans:
         return grads(query, key, value, problem)
+    fold = _fold_for(impl, problem, plans, query, value, "backward")
+    if fold is not None:
+        d, b = problem.dilation, query.shape[0]
+        folded = (dilation.fold_groups(x, d) for x in (query, key, value, out, lse, d_out, d_lse))
+        return tuple(dilation.unfold_groups(g, d, b) for g in local_attention_backward(
+            *folded, *fold, impl, backward, mesh))
     (k, v), blocks_vjp = jax.vjp(lambda k, v: _blocks(k, v, tuple(plans)), key, value)
     problems, index = _class_problems(problem, plans), _branch_index(plans)
     by_device, devices = getattr(impl, "backward_by_device", None), _device_classes(plans, mesh)
@@ -1008,8 +1078,8 @@ def _partitioned_op(problem: Problem, impl: Impl, groups: int, kv_heads: int):
         shapes = (arg_shapes[0].shape, arg_shapes[1].shape)
         mesh, plans, data, lse = _plan_from_sharding(problem, arg_shapes[0].sharding, mesh, shapes)
 
-        def lower(q, k, v):
-            return local_attention(q, k, v, problem, plans, impl, mesh)
+        def lower(q, k, v):  # op's forward: its backward is partition_bwd's, not autodiff
+            return local_attention(q, k, v, problem, plans, impl, mesh, differentiated=False)
 
         return mesh, lower, (data, lse), (data, data, data)
 

@@ -350,8 +350,9 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, problem: Probl
       problem: the validated :class:`~jax_gna.params.Problem`.
       q_tile, kv_tile: tile shapes of the query and key passes (default by rank).
       fold_dilation: run a dilated whole-grid problem as undilated pieces, its dilation
-        groups stacked in the batch (:mod:`jax_gna.dilation`); False tiles it directly
-        (what a shard of a spatially sharded call always does).
+        groups stacked in the batch (:mod:`jax_gna.dilation`); False tiles it directly.
+        A shard of a spatially sharded call (a problem with origins) is tiled directly;
+        :mod:`jax_gna.sharding` folds the shards itself where they hold whole groups.
 
     Returns:
       ``(out, lse)``: ``[B, *q_extent, H, D_v]`` in the input dtype and the natural
@@ -382,6 +383,9 @@ def _backward(query, key, value, out, lse, d_out, d_lse, problem: Problem):
 
 
 attention.backward = _backward
+# A spatially sharded dilated call whose shards hold whole dilation groups runs folded
+# (jax_gna.sharding._fold_for), for the reason _folds gives.
+attention.fold_shards = lambda problems, query_shape, value_shape, dtype, groups: (True, True)
 
 
 # --------------------------------------------------------------------------

@@ -9,8 +9,12 @@ table. With ``--profile`` each measurement is followed by 10 calls under torch.p
 and the kernels of each GPU are summed per call (printed above the measurement's line,
 ``profile`` in the JSON).
 
+With ``--fold-ab`` (the dilated problems by default) the context layout is timed with the
+shards folded into undilated problems (the default) and with ``JAX_GNA_FOLD_DILATION=0``
+(the sm80 kernels on the dilated shards), alternating, twice each; no heads layout.
+
 usage: python3 scripts/multi_gpu.py [--gpus N] [--out FILE.json] [--problems NAMES]
-       [--passes fwd,fwdbwd] [--profile]
+       [--passes fwd,fwdbwd] [--profile] [--fold-ab]
 """
 
 from __future__ import annotations
@@ -24,13 +28,19 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# name -> (shape, heads, kernel_size, stride, index of the spatial axis split for context)
+# name -> (shape, heads, kernel_size, stride, index of the spatial axis split for context
+#          [, dilation])
 PROBLEMS = {
     "1d_w2048": ((32768,), 8, (2048,), (1,), 0),
     "1d_w2048_s256": ((32768,), 8, (2048,), (256,), 0),
     "2d_w80_s16": ((256, 256), 24, (80, 80), (16, 16), 0),
     "3d_w18x24x24_s16x8x8": ((30, 48, 80), 24, (18, 24, 24), (16, 8, 8), 2),
+    # dilated (--fold-ab): the shards hold whole dilation groups, so they fold
+    "1d_w512_d4": ((32768,), 8, (512,), (1,), 0, (4,)),
+    "2d_w40_d2": ((256, 256), 24, (40, 40), (1, 1), 0, (2, 2)),
+    "3d_w9x12x12_d2": ((30, 48, 80), 24, (9, 12, 12), (1, 1, 1), 2, (2, 2, 2)),
 }
+DILATED = [n for n, p in PROBLEMS.items() if len(p) > 5]
 
 
 def profile(fn, args, calls: int = 10) -> dict:
@@ -82,7 +92,11 @@ def main(argv=None) -> int:
                     "by kind (our kernels, NCCL, XLA's), copies, span")
     ap.add_argument("--backend", default="cuda", help="cuda; xla (with fake CPU devices) "
                     "only checks this script")
+    ap.add_argument("--fold-ab", action="store_true",
+                    help="context layout with the dilated shards folded and not (see above)")
     args = ap.parse_args(argv)
+    if args.fold_ab and args.problems == ",".join(PROBLEMS):
+        args.problems = ",".join(DILATED)
 
     import jax
     import jax.numpy as jnp
@@ -101,7 +115,8 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"unknown problems {sorted(unknown)}; choose from {list(PROBLEMS)}")
     for name in args.problems.split(","):
-        shape, heads, kernel, stride, axis = PROBLEMS[name]
+        shape, heads, kernel, stride, axis, *dil = PROBLEMS[name]
+        dil = dil[0] if dil else 1
         if heads % n or shape[axis] % n:
             print(f"{name}: skipped, {heads} heads and {shape[axis]} rows along axis {axis} "
                   f"do not both split over {n} GPUs", flush=True)
@@ -109,29 +124,40 @@ def main(argv=None) -> int:
         rank = len(shape)
         rng = np.random.default_rng(0)
         host = [rng.standard_normal((1, *shape, heads, 128), np.float32) for _ in range(4)]
-        left, right = sharding.halo_sizes(shape, kernel, stride=stride, shards={axis: n})[axis]
+        left, right = sharding.halo_sizes(shape, kernel, stride=stride, dilation=dil,
+                                          shards={axis: n})[axis]
 
         def f(q, k, v):
-            return jax_gna.neighborhood_attention(q, k, v, kernel, stride,
+            return jax_gna.neighborhood_attention(q, k, v, kernel, stride, dil,
                                                   backend=args.backend)
 
         context = [None] * (rank + 2)
         context[1 + axis] = "x"
-        layouts = {
-            "1 GPU": jax.sharding.SingleDeviceSharding(gpus[0]),
-            f"{n} GPUs, heads": NamedSharding(mesh, P(*([None] * (rank + 1)), "x")),
-            f"{n} GPUs, context (axis {axis})": NamedSharding(mesh, P(*context)),
-        }
+        ctx = NamedSharding(mesh, P(*context))
+        layouts = [("1 GPU", jax.sharding.SingleDeviceSharding(gpus[0]), None)]
+        if args.fold_ab:  # (label, sharding, JAX_GNA_FOLD_DILATION while tracing)
+            layouts += [(f"{n} GPUs, context (axis {axis}), {lab}", ctx, env)
+                         for _ in range(2) for lab, env in (("folded", None), ("sm80 dilated", "0"))]
+        else:
+            layouts += [(f"{n} GPUs, heads", NamedSharding(mesh, P(*([None] * (rank + 1)), "x")), None),
+                        (f"{n} GPUs, context (axis {axis})", ctx, None)]
         for pass_ in args.passes.split(","):
             base = None
-            for layout, spec in layouts.items():
+            for layout, spec, fold_env in layouts:
                 q, k, v, do = (jax.device_put(jnp.asarray(x, jnp.bfloat16), spec) for x in host)
                 fn, fargs = bench.pass_fn(f, pass_, q, k, v, do, ())
-                stats = bench.measure(fn, fargs, settle_s=0.5)
+                if fold_env is None:
+                    os.environ.pop("JAX_GNA_FOLD_DILATION", None)
+                else:
+                    os.environ["JAX_GNA_FOLD_DILATION"] = fold_env
+                try:
+                    stats = bench.measure(fn, fargs, settle_s=0.5)
+                finally:
+                    os.environ.pop("JAX_GNA_FOLD_DILATION", None)
                 t = stats["time_s"]
                 base = t if base is None else base
                 rec = {"problem": name, "shape": shape, "heads": heads, "kernel_size": kernel,
-                       "stride": stride, "pass": pass_, "layout": layout, "time_s": t,
+                       "stride": stride, "dilation": dil, "pass": pass_, "layout": layout, "time_s": t,
                        "samples": stats["samples"], "inner": stats["inner"],
                        "efficiency": None if layout == "1 GPU" else base / (n * t),
                        "halo_rows": [left, right] if "context" in layout else None}

@@ -100,6 +100,20 @@ def test_fold_matches_brute_force_float64(case):
         assert np.abs(got - want).max() <= 1e-10 * max(np.abs(want).max(), 1.0), name
 
 
+def test_fold_groups_is_gather_of_one_piece():
+    """Every axis a multiple of its dilation: fold_groups is gather's single piece, and
+    unfold_groups inverts it (q/k/v/out and lse layouts)."""
+    p = Problem(shape=(6, 4, 9), kernel_size=(2, 2, 3), stride=(1, 1, 1), dilation=(3, 2, 3),
+                is_causal=(False,) * 3, scale=1.0)
+    rng = np.random.default_rng(1)
+    for tail in [(3, 4), (3,)]:
+        x = jnp.asarray(rng.standard_normal((2, *p.shape, *tail)), jnp.float32)
+        (piece,) = dilation.gather(x, p)
+        folded = dilation.fold_groups(x, p.dilation)
+        assert np.array_equal(np.asarray(folded), np.asarray(piece))
+        assert np.array_equal(np.asarray(dilation.unfold_groups(folded, p.dilation, 2)), np.asarray(x))
+
+
 def test_pieces_need_the_whole_grid():
     p = _problem(CASES[2]).replace(q_origin=(2, 0), q_extent=(9, 9))
     with pytest.raises(ValueError, match="whole grid"):
@@ -157,6 +171,39 @@ def test_fold_decision(monkeypatch):
         monkeypatch.delenv(name)
     monkeypatch.setattr(cuda, "_compute_capability", lambda: "8.0")
     assert cuda.fold_dilation(BIG, Q, V, jnp.bfloat16) == (False, False)
+
+
+def test_sharded_fold_decision(monkeypatch):
+    """Spatially sharded: the shards fold (jax_gna.sharding._fold_for) where each holds
+    whole dilation groups and the kernels' rules (cuda.attention.fold_shards, the shards'
+    folded problems) allow it."""
+    from jax_gna import sharding
+
+    _hopper(monkeypatch)
+    big = BIG.replace(shape=(40, 48), q_extent=(40, 48), kv_extent=(40, 48))
+    plans = (sharding.plan_axis(big, 0, "x", 2),)
+    local = jax.ShapeDtypeStruct((1, 20, 48, 4, 64), jnp.bfloat16)
+    folded, fplans = sharding._fold_for(cuda.attention, big, plans, local, local, "forward")
+    assert folded.shape == (20, 16) and folded.dilation == (1, 1) and folded.is_whole
+    assert (folded.kernel_size, folded.stride, folded.is_causal) == (big.kernel_size, big.stride, big.is_causal)
+    assert fplans[0].size == 10 and fplans[0].shards == 2
+    small = big.replace(kernel_size=(5, 7))  # 35 keys: the forward keeps the dilation
+    assert sharding._fold_for(cuda.attention, small, (sharding.plan_axis(small, 0, "x", 2),),
+                              local, local, "forward") is None
+    for pass_ in ("backward", "forward+backward"):
+        assert sharding._fold_for(cuda.attention, small, (sharding.plan_axis(small, 0, "x", 2),),
+                                  local, local, pass_) is not None
+    # shards of 10 rows are not whole groups of 4; 41 rows are not whole groups of 2
+    odd = big.replace(dilation=(4, 3), kernel_size=(5, 15))
+    assert sharding._fold_for(cuda.attention, odd, (sharding.plan_axis(odd, 0, "x", 4),),
+                              local, local, "forward") is None
+    odd = BIG.replace(shape=(40, 46), q_extent=(40, 46), kv_extent=(40, 46))
+    assert sharding._fold(odd, (sharding.plan_axis(odd, 0, "x", 2),), local.shape) is None
+    f32 = jax.ShapeDtypeStruct(local.shape, jnp.float32)
+    assert sharding._fold_for(cuda.attention, big, plans, f32, f32, "forward") is None
+    assert sharding._fold_for(xla.attention, big, plans, f32, f32, "forward") is not None
+    monkeypatch.setattr(cuda, "_compute_capability", lambda: "8.0")
+    assert sharding._fold_for(cuda.attention, big, plans, local, local, "forward") is None
 
 
 def _lower(fn, *args) -> str:

@@ -59,6 +59,11 @@ CASES = {
     "1d_context_over_two_mesh_axes": (
         (32,), 2, 2, 2, 4, dict(kernel_size=3),
         (2, 4), ("a", "b"), (None, ("a", "b"), None)),
+    # dilated, but a shard's 6 rows are not whole groups of 4: the shards keep the
+    # dilated problem (the dilated cases above fold, sharding._fold)
+    "2d_context4_dilated_shards_not_whole_groups": (
+        (24, 12), 1, 2, 2, 8, dict(kernel_size=(3, 5), stride=(1, 2), dilation=(4, 2)),
+        (4,), ("cx",), (None, "cx", None, None)),
 }
 # A spatial axis split over both axes of a mesh ("x", "y"), in either order (("y", "x"):
 # the data is laid out y-major while ppermute numbers the devices x-major), on a 2x4 and
@@ -101,7 +106,7 @@ EXTRA_CASES = ["explicit_shard_map_1d", "explicit_shard_map_2d_additional_kv",
                "explicit_shard_map_tuple_out_of_mesh_order",
                "error_uneven_split", "error_explicit_api", "vmap_falls_back",
                "explicit_axis_types_set_mesh", "nnx_training_step_data2_context4",
-               "backend_without_backward_recomputes", "auto_by_device_table",
+               "backend_without_backward_recomputes", "dilated_shards_fold", "auto_by_device_table",
                "auto_split_forward", "bf16_words_exchange"]
 ALL_CASES = list(CASES) + list(LOCAL_CASES) + EXTRA_CASES
 
@@ -471,7 +476,7 @@ def _worker():  # pragma: no cover - runs in the subprocess
 
     def explicit_1d():
         mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "context"))
-        kw = dict(kernel_size=7, stride=3, dilation=1)
+        kw = dict(kernel_size=7, stride=3, dilation=2)  # shards of 8 rows: folded (xla)
         args = inputs((32,), 2, 4, 2, 8, seed=1)
         want = unsharded(kw, args)
 
@@ -638,6 +643,67 @@ def _worker():  # pragma: no cover - runs in the subprocess
         assert coll["collective-permute"] > 0 and not coll["all-gather"], coll
         return f"max rel err {max(errs.values()):.2e}; HLO collectives {coll}"
 
+    def dilated_shards_fold():
+        """Shards holding whole dilation groups run the undilated problem, the groups
+        stacked in the batch, where the backend's fold_shards asks for it (forward and
+        backward each); a backend without fold_shards, or shards of partial groups, keep
+        the dilated problem. Every case against the unsharded op."""
+        from jax_gna import xla
+        from jax_gna.params import make_problem
+
+        seen = []
+
+        def spy(fold):
+            def impl(q, k, v, p):
+                seen.append(("fwd", p.dilation, p.is_whole, q.shape[0]))
+                return xla.attention(q, k, v, p, fold_dilation=False)
+
+            def bwd(q, k, v, o, l, do, dl, p):
+                seen.append(("bwd", p.dilation, p.is_whole, q.shape[0]))
+                return xla.attention.backward(q, k, v, o, l, do, dl, p)
+            impl.backward = bwd
+            if fold is not None:
+                impl.fold_shards = lambda *a: fold
+            return impl
+
+        report = []
+        for shape, kw, cx, fold, want_fold in [
+                ((32, 6), dict(kernel_size=(3, 3), stride=(2, 1), dilation=(2, 2),
+                               is_causal=(True, False)), 4, (True, True), ("fwd", "bwd")),
+                ((32, 6), dict(kernel_size=(3, 3), dilation=(2, 2)), 4, (False, True), ("bwd",)),
+                ((32, 6), dict(kernel_size=(3, 3), dilation=(2, 2)), 4, (True, False), ("fwd",)),
+                ((32, 6), dict(kernel_size=(3, 3), dilation=(2, 2)), 4, None, ()),
+                ((24, 6), dict(kernel_size=(3, 3), dilation=(4, 1)), 4, (True, True), ())]:
+            mesh = Mesh(np.array(jax.devices()[:cx]), ("cx",))
+            args = inputs(shape, 2, 2, 1, 8, seed=7)
+            want = unsharded(kw, args)
+            impl = spy(fold)
+
+            def f(q, k, v, do, dl):
+                prob = make_problem(q, k, v, **kw)
+                (o, l), vjp = jax.vjp(lambda q, k, v: sharding.attention(impl, q, k, v, prob),
+                                      q, k, v)
+                return (o, l) + tuple(vjp((do, dl)))
+
+            data = NamedSharding(mesh, P(None, "cx", None, None, None))
+            lse = NamedSharding(mesh, P(None, "cx", None, None))
+            sh = [jax.device_put(x, s) for x, s in zip(args, (data, data, data, data, lse))]
+            seen.clear()
+            compiled = jax.jit(f).lower(*sh).compile()
+            errs = compare(compiled(*sh), want)
+            coll = collectives(compiled.as_text())
+            assert coll["collective-permute"] > 0 and not coll["all-gather"] and not coll["all-to-all"], coll
+            groups = int(np.prod(kw["dilation"]))
+            for pass_ in ("fwd", "bwd"):
+                # each shard's problem (custom_partitioning also traces the global one,
+                # whole, for its shapes); folded: undilated, groups times the batch
+                calls = {(d, b) for p_, d, whole, b in seen if p_ == pass_ and not whole}
+                want_calls = ({((1, 1), 2 * groups)} if pass_ in want_fold
+                              else {(kw["dilation"], 2)})
+                assert calls == want_calls, (shape, kw, fold, pass_, calls, want_calls)
+            report.append(f"{shape} d{kw['dilation']} fold_shards={fold}: {max(errs.values()):.1e}")
+        return "; ".join(report)
+
     def auto_run(mesh, kw, args, want, patches):
         """Forward and gradients of the ``backend="auto"`` impl, its spatial axes over
         ``("c", "a")`` and ``"b"`` of ``mesh``, against ``want``: the relative errors.
@@ -724,8 +790,10 @@ def _worker():  # pragma: no cover - runs in the subprocess
         interior rows first, over its own keys, then the rest over slices of the halo
         blocks. On a non-CUDA platform its default branch runs xla on each call's boxes
         (output starting at zero: a row no call covers would show). Two sharded axes,
-        one over a tuple of mesh axes out of the mesh's order, dilated and causal."""
-        from jax_gna import cuda
+        one over a tuple of mesh axes out of the mesh's order, dilated and causal: its
+        shards hold whole dilation groups, so they run folded (undilated, the groups in
+        the batch) unless the impl's fold_shards says no."""
+        from jax_gna import cuda, ops
         from jax_gna.params import make_problem
 
         devices = np.array(jax.devices())[[3, 6, 1, 4, 5, 2, 7, 0]]
@@ -733,20 +801,33 @@ def _worker():  # pragma: no cover - runs in the subprocess
         kw = dict(kernel_size=(5, 3), stride=(2, 1), dilation=(1, 2), is_causal=(False, True))
         args = inputs((96, 48), 1, 2, 1, (8, 4), seed=8)
         want = unsharded(kw, args)
-        seen, real = [], cuda.attention.by_device_split
-
-        def spy(*a):
-            seen.append(a[-2:])  # calls, devices
-            return real(*a)
-
-        errs = auto_run(mesh, kw, args, want, {"by_device_split": spy})
         problem = make_problem(*args[:3], **kw)
         plans = (sharding.plan_axis(problem, 0, ("c", "a"), 4, dict(mesh.shape)),
                  sharding.plan_axis(problem, 1, "b", 2, dict(mesh.shape)))
-        calls = sharding._split_calls(problem, plans)
-        assert len(seen) == 1 and seen[0] == (calls, sharding._device_classes(plans, mesh))
-        assert sum(c.own for c in calls) == 2 and len(calls) >= 4, calls
-        return f"max rel err {max(errs.values()):.2e}; {len(calls)} calls"
+        folded = sharding._fold(problem, plans, args[0].shape)
+        assert folded is not None
+        seen, real = [], cuda.attention.by_device_split
+
+        def spy(*a):
+            seen.append(a[-3:])  # problems, calls, devices
+            return real(*a)
+
+        report, decide = [], ops._auto_attention.fold_shards
+        for fold in (False, True):
+            seen.clear()
+            ops._auto_attention.fold_shards = lambda *a, fold=fold: (fold, fold)
+            try:
+                errs = auto_run(mesh, kw, args, want, {"by_device_split": spy})
+            finally:
+                ops._auto_attention.fold_shards = decide
+            prob, pl = folded if fold else (problem, plans)
+            calls = sharding._split_calls(prob, pl)
+            assert len(seen) == 1 and seen[0][1:] == (calls, sharding._device_classes(pl, mesh))
+            assert {p.dilation for p in seen[0][0]} == {prob.dilation}
+            assert sum(c.own for c in calls) == 2 and len(calls) >= 4, calls
+            report.append(f"{'folded' if fold else 'dilated'}: max rel err "
+                          f"{max(errs.values()):.2e}, {len(calls)} calls")
+        return "; ".join(report)
 
     def bf16_words():
         """bfloat16 keys and values (moved as 32-bit words, values of odd head dim as
@@ -844,6 +925,7 @@ def _worker():  # pragma: no cover - runs in the subprocess
                  "vmap_falls_back": vmap_fallback,
                  "explicit_axis_types_set_mesh": explicit_axis_types,
                  "backend_without_backward_recomputes": backend_without_backward,
+                 "dilated_shards_fold": dilated_shards_fold,
                  "auto_by_device_table": auto_by_device,
                  "auto_split_forward": auto_split,
                  "bf16_words_exchange": bf16_words,

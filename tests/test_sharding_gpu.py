@@ -85,6 +85,15 @@ CASES = {
     "1d_heads_bf16_d128_causal": (
         (1024,), 1, 4, 2, 128, jnp.bfloat16, dict(kernel_size=255, is_causal=True),
         (None, None, "x"), False),
+    # context parallel, dilated: each shard's 2048 rows are whole groups of 4, so the
+    # shards run the undilated problem (groups in the batch) on the Hopper kernels
+    "1d_context_bf16_d128_dilated_fold": (
+        (4096,), 1, 4, 2, 128, jnp.bfloat16, dict(kernel_size=255, stride=5, dilation=4),
+        (None, "x", None), True),
+    "2d_context_fp16_d64_dilated_causal_fold": (
+        (64, 48), 2, 2, 1, 64, jnp.float16,
+        dict(kernel_size=(12, 12), dilation=(2, 3), is_causal=(True, False)),
+        (None, "x", None, None), True),
     # batch, dilated: each GPU folds its half of the batch into undilated pieces (4: both
     # axes' groups have two lengths) on the Hopper kernels, forward and backward
     "2d_batch_bf16_d128_dilated_fold": (
@@ -114,6 +123,8 @@ def _poisoned_switch(q, k, v, problem):
 # (attention.backward, which folds dilation where fold_dilation says so), poisoned.
 _poisoned.backward = _poisoned_switch.backward = _poisoned_unsplit.backward = (
     lambda *a: cuda._backward(*a, poison=True))
+_poisoned.fold_shards = _poisoned_switch.fold_shards = _poisoned_unsplit.fold_shards = (
+    cuda.attention.fold_shards)
 _poisoned.by_device = _poisoned_unsplit.by_device = (
     lambda *a: cuda._by_device(*a, poison=True))
 _poisoned.backward_by_device = _poisoned_unsplit.backward_by_device = (
@@ -141,9 +152,11 @@ def _collectives(hlo: str) -> dict:
 
 
 # The switch between the shards' problems (what runs where the mesh is not known):
-# two context-parallel cases, Hopper and sm80 kernels. And one case on a mesh that lists
-# the GPUs in reverse (mesh position != device ordinal: the one-call path's table).
-SWITCH_CASES = ["1d_context_bf16_d128_gqa", "2d_context_fp32_dilated_causal"]
+# context-parallel cases on the Hopper kernels, the sm80 kernels and folded dilated
+# shards. And one case on a mesh that lists the GPUs in reverse (mesh position !=
+# device ordinal: the one-call path's table).
+SWITCH_CASES = ["1d_context_bf16_d128_gqa", "2d_context_fp32_dilated_causal",
+                "2d_context_fp16_d64_dilated_causal_fold"]
 REVERSED_CASES = ["1d_context_fp16_d64_stride"]
 # One forward call over the key blocks, without the interior rows' call first.
 UNSPLIT_CASES = ["1d_context_bf16_d128_gqa", "2d_context_width_bf16_d128_stride"]
@@ -191,7 +204,12 @@ def test_sharded_cuda_matches_xla(monkeypatch, case, path):
     if path != "switch":
         plans = [sharding.plan_axis(problem, a - 1, "x", 2)
                  for a, e in enumerate(lead[:-1]) if a > 0 and e is not None]
-        calls = sharding._split_calls(problem, plans) if plans else None
+        # dilated shards of whole groups that the kernels fold: the folded problem's calls
+        local = [n // 2 if e is not None else n for n, e in zip(q.shape, lead + (None,))]
+        fold = sharding._fold_for(impl, problem, plans, jax.ShapeDtypeStruct(local, dtype),
+                                  jax.ShapeDtypeStruct(local, dtype), "forward") if plans else None
+        assert (fold is not None) == (spatial and case.endswith("_fold")), fold
+        calls = sharding._split_calls(*(fold or (problem, plans))) if plans else None
         want = 1 if calls is None or path == "one_call_unsplit" else len(calls)
         if not spatial and any(x > 1 for x in problem.dilation):  # one call per piece
             want = len(dilation.pieces(problem))
