@@ -761,7 +761,8 @@ def _fold_for(impl: Impl, problem: Problem, plans: Sequence[AxisPlan], query, va
         return None
     fwd, bwd = decide(_class_problems(*fold), query.shape, value.shape, query.dtype,
                       math.prod(problem.dilation))
-    return fold if {"forward": fwd, "backward": bwd, "forward+backward": fwd or bwd}[pass_] else None
+    wanted = {"forward": fwd, "backward": bwd, "forward+backward": fwd or bwd}[pass_]
+    return fold if wanted else None
 
 
 def local_attention(query: jax.Array, key: jax.Array, value: jax.Array, problem: Problem,
@@ -784,7 +785,8 @@ def local_attention(query: jax.Array, key: jax.Array, value: jax.Array, problem:
     differentiate this forward, as on the ``jax.jit`` path)."""
     if not plans:
         return impl(query, key, value, problem)
-    fold = _fold_for(impl, problem, plans, query, value, "forward+backward" if differentiated else "forward")
+    fold = _fold_for(impl, problem, plans, query, value,
+                     "forward+backward" if differentiated else "forward")
     if fold is not None:
         d, b = problem.dilation, query.shape[0]
         out, lse = local_attention(*(dilation.fold_groups(x, d) for x in (query, key, value)),

@@ -185,7 +185,8 @@ def test_sharded_fold_decision(monkeypatch):
     local = jax.ShapeDtypeStruct((1, 20, 48, 4, 64), jnp.bfloat16)
     folded, fplans = sharding._fold_for(cuda.attention, big, plans, local, local, "forward")
     assert folded.shape == (20, 16) and folded.dilation == (1, 1) and folded.is_whole
-    assert (folded.kernel_size, folded.stride, folded.is_causal) == (big.kernel_size, big.stride, big.is_causal)
+    assert ((folded.kernel_size, folded.stride, folded.is_causal)
+            == (big.kernel_size, big.stride, big.is_causal))
     assert fplans[0].size == 10 and fplans[0].shards == 2
     small = big.replace(kernel_size=(5, 7))  # 35 keys: the forward keeps the dilation
     assert sharding._fold_for(cuda.attention, small, (sharding.plan_axis(small, 0, "x", 2),),
