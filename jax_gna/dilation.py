@@ -74,23 +74,42 @@ def _split_axes(x: jax.Array, problem: Problem) -> jax.Array:
     return jnp.pad(x, pad).reshape(split)
 
 
+def _groups_to_batch(y: jax.Array, n: int) -> jax.Array:
+    """``[B, m1, g1, ..., mn, gn, ...]`` -> ``[g1 * ... * gn * B, m1, ..., mn, ...]``: the
+    groups (row-major over the axes) outermost in the batch."""
+    order = (tuple(2 + 2 * a for a in range(n)) + (0,) + tuple(1 + 2 * a for a in range(n))
+             + tuple(range(1 + 2 * n, y.ndim)))
+    y = y.transpose(order)
+    return y.reshape((-1,) + y.shape[n + 1:])
+
+
+def _batch_to_groups(part: jax.Array, counts: Sequence[int], batch: int, n: int) -> jax.Array:
+    """The inverse of :func:`_groups_to_batch`, ``counts`` groups per axis."""
+    y = part.reshape(tuple(counts) + (batch,) + part.shape[1:])
+    order = [n]
+    for a in range(n):
+        order += [n + 1 + a, a]
+    return y.transpose(order + list(range(2 * n + 1, y.ndim)))
+
+
+def _merge_axes(y: jax.Array, n: int) -> jax.Array:
+    """``[B, m1, g1, ..., mn, gn, ...]`` -> ``[B, m1 * g1, ..., mn * gn, ...]``."""
+    return y.reshape((y.shape[0],) + tuple(y.shape[1 + 2 * a] * y.shape[2 + 2 * a] for a in range(n))
+                     + y.shape[1 + 2 * n:])
+
+
 def gather(x: jax.Array, problem: Problem) -> list[jax.Array]:
     """The pieces of ``x`` (``[B, *shape, ...]``), in the order of :func:`pieces`: piece
     ``[G * B, *piece shape, ...]``, its groups (row-major over the axes) outermost."""
     n = problem.rank
     y = _split_axes(x, problem)
-    tail = tuple(range(1 + 2 * n, y.ndim))
     per_axis = [_groups(length, d) for length, d in zip(problem.shape, problem.dilation)]
     out = []
     for combo in itertools.product(*per_axis):
         index = [slice(None)]
         for (kind, g0, count), length, d in zip(combo, problem.shape, problem.dilation):
             index += [slice(0, length // d + (kind == LONG)), slice(g0, g0 + count)]
-        piece = y[tuple(index)]
-        # [B, m1, g1, ..., mn, gn, ...] -> [g1, ..., gn, B, m1, ..., mn, ...]
-        order = tuple(2 + 2 * a for a in range(n)) + (0,) + tuple(1 + 2 * a for a in range(n)) + tail
-        piece = piece.transpose(order)
-        out.append(piece.reshape((-1,) + piece.shape[n + 1:]))
+        out.append(_groups_to_batch(y[tuple(index)], n))
     return out
 
 
@@ -100,17 +119,11 @@ def scatter(parts: Sequence[jax.Array], problem: Problem) -> jax.Array:
     per_axis = [_groups(length, d) for length, d in zip(problem.shape, problem.dilation)]
     combos = list(itertools.product(*per_axis))
     batch = parts[0].shape[0] // math.prod(count for _, _, count in combos[0])
-    tail_ndim = parts[0].ndim - 1 - n
     # Each piece back to [B, m1, g1, ..., mn, gn, ...].
     blocks = {}
     for combo, part in zip(combos, parts):
         counts = tuple(count for _, _, count in combo)
-        y = part.reshape(counts + (batch,) + part.shape[1:])
-        order = [n]
-        for a in range(n):
-            order += [n + 1 + a, a]
-        order += list(range(2 * n + 1, 2 * n + 1 + tail_ndim))
-        blocks[tuple(kind for kind, _, _ in combo)] = y.transpose(order)
+        blocks[tuple(kind for kind, _, _ in combo)] = _batch_to_groups(part, counts, batch, n)
     # Join the pieces axis by axis: the short groups padded to the long length, then
     # long and short groups side by side.
     for a in range(n):
@@ -128,9 +141,7 @@ def scatter(parts: Sequence[jax.Array], problem: Problem) -> jax.Array:
                 [y, jnp.pad(short, pad)], axis=2 + 2 * a)
         blocks = joined
     (y,) = blocks.values()
-    merged = y.reshape((batch,) + tuple(y.shape[1 + 2 * a] * y.shape[2 + 2 * a] for a in range(n))
-                       + y.shape[1 + 2 * n:])
-    return merged[(slice(None),) + tuple(slice(0, length) for length in problem.shape)]
+    return _merge_axes(y, n)[(slice(None),) + tuple(slice(0, length) for length in problem.shape)]
 
 
 def fold_groups(x: jax.Array, dilation: Sequence[int]) -> jax.Array:
@@ -140,28 +151,17 @@ def fold_groups(x: jax.Array, dilation: Sequence[int]) -> jax.Array:
     whose length is a multiple of ``d`` (so its first row is too) folds alone into the
     matching block of the folded grid (``jax_gna.sharding``)."""
     n = len(dilation)
-    spatial, tail = x.shape[1:1 + n], x.shape[1 + n:]
     split = [x.shape[0]]
-    for length, d in zip(spatial, dilation):
+    for length, d in zip(x.shape[1:1 + n], dilation):
         split += [length // d, d]
-    y = x.reshape(tuple(split) + tail)
-    order = (tuple(2 + 2 * a for a in range(n)) + (0,) + tuple(1 + 2 * a for a in range(n))
-             + tuple(range(1 + 2 * n, y.ndim)))
-    y = y.transpose(order)
-    return y.reshape((-1,) + y.shape[n + 1:])
+    return _groups_to_batch(x.reshape(tuple(split) + x.shape[1 + n:]), n)
 
 
 def unfold_groups(y: jax.Array, dilation: Sequence[int], batch: int) -> jax.Array:
     """The inverse of :func:`fold_groups`: ``[B, *spatial, ...]`` back from
     ``[G * B, *(spatial / dilation), ...]``."""
     n = len(dilation)
-    x = y.reshape(tuple(dilation) + (batch,) + y.shape[1:])
-    order = [n]
-    for a in range(n):
-        order += [n + 1 + a, a]
-    x = x.transpose(order + list(range(2 * n + 1, x.ndim)))
-    return x.reshape((batch,) + tuple(x.shape[1 + 2 * a] * x.shape[2 + 2 * a] for a in range(n))
-                     + x.shape[1 + 2 * n:])
+    return _merge_axes(_batch_to_groups(y, dilation, batch, n), n)
 
 
 Impl = Callable[[jax.Array, jax.Array, jax.Array, Problem], tuple[jax.Array, jax.Array]]

@@ -730,18 +730,14 @@ def _fold(problem: Problem, plans: Sequence[AxisPlan], query_shape: Sequence[int
     the group's positions (shard ``r`` of ``S`` rows holds positions ``[r S / d, (r+1) S /
     d)``), so the folded axis of length ``L / d`` is split as evenly over the same shards,
     and its halo is the undilated window's. None otherwise."""
-    if (not plans or all(d == 1 for d in problem.dilation) or not problem.is_whole
-            or len(query_shape) != problem.rank + 3):
+    if not plans or not dilation.applies(problem, query_shape):
         return None
     local = list(problem.shape)
     for p in plans:
         local[p.axis] = p.size
     if any(n % d or length % d for n, length, d in zip(local, problem.shape, problem.dilation)):
         return None
-    folded = Problem(shape=tuple(n // d for n, d in zip(problem.shape, problem.dilation)),
-                     kernel_size=problem.kernel_size, stride=problem.stride,
-                     dilation=(1,) * problem.rank, is_causal=problem.is_causal,
-                     scale=problem.scale)
+    ((_, folded),) = dilation.pieces(problem)  # whole groups: one piece
     return folded, tuple(plan_axis(folded, p.axis, p.mesh_axes, p.shards, dict(p.mesh_shape))
                          for p in plans)
 
