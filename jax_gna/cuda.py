@@ -480,5 +480,14 @@ attention.by_device_split = _by_device_split
 
 
 def _attention_poisoned(query, key, value, problem: Problem):
-    """Test hook: like :func:`attention`, but the kernels' output buffers start as NaN."""
+    """Test hook: like :func:`attention`, but the kernels' output buffers start as NaN,
+    in every pass and sharded call (its protocol attributes are poisoned too), so an
+    element no kernel writes shows as NaN."""
     return _run(query, key, value, problem, True)
+
+
+_attention_poisoned.backward = functools.partial(_backward, poison=True)
+_attention_poisoned.fold_shards = _fold_flags
+_attention_poisoned.by_device = functools.partial(_by_device, poison=True)
+_attention_poisoned.backward_by_device = functools.partial(_backward_by_device, poison=True)
+_attention_poisoned.by_device_split = functools.partial(_by_device_split, poison=True)

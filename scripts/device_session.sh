@@ -52,8 +52,9 @@
 #   multigpu the two-GPU tests (tests/test_sharding_gpu.py), then scripts/multi_gpu.py: the
 #           cuda backend on one GPU against $MULTIGPU_N GPUs (default 2), split by heads and
 #           along a spatial axis, fwd and fwd+bwd, bf16, into $OUT/results/multi-gpu.{json,md}
-#   fuzz    scripts/fuzz_gpu.py: random problems, cuda against xla, for $FUZZ_SECONDS (default
-#           240) from seed $FUZZ_SEED (default: the date); cases in $OUT/results/fuzz.jsonl
+#   fuzz    scripts/fuzz_gpu.py: random problems, cuda against the float64 brute force, for
+#           $FUZZ_SECONDS (default 240) from seed $FUZZ_SEED (default: the date), sharded over
+#           $FUZZ_DEVICES GPUs (default 1: unsharded); cases in $OUT/results/fuzz.jsonl
 #   quick   forward only, bf16: the three block-sparse paper problems with cuda
 #           (Hopper path where it applies), cuda with JAX_GNA_SM90=0 (sm80 kernels)
 #           and cuDNN dense, side by side
@@ -116,7 +117,7 @@ for stage in "$@"; do
              grep -E ' (FAILED|ERROR) ' "$LOGS/tests.log" | head -40; } | tee -a "$OUT/summary.txt" ;;
     fuzz) TAIL=12 step fuzz $(( ${FUZZ_SECONDS:-240} + 120 )) env XLA_PYTHON_CLIENT_PREALLOCATE=false \
             python3 scripts/fuzz_gpu.py --seconds "${FUZZ_SECONDS:-240}" --seed "${FUZZ_SEED:-$(date +%Y%m%d)}" \
-            --out "$OUT/results/fuzz.jsonl" ;;
+            --devices "${FUZZ_DEVICES:-1}" --out "$OUT/results/fuzz.jsonl" ;;
     check) step check_auto 90 python3 -m jax_gna check
            step check_cuda_bf16 90 python3 -m jax_gna check --backend cuda --dtype bfloat16 ;;
     multigpu) TAIL=20 step multigpu_tests "${MULTIGPU_TEST_LIMIT:-300}" env XLA_PYTHON_CLIENT_PREALLOCATE=false \

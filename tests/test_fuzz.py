@@ -1,11 +1,15 @@
-"""scripts/fuzz_gpu.py on the CPU: its draws are problems SEMANTICS.md accepts, and its
-comparison passes correct kernels and catches wrong ones (the xla backend standing in
-for the two CUDA calls)."""
+"""scripts/fuzz_gpu.py on the CPU: its draws are problems SEMANTICS.md accepts (with
+layouts that split evenly over the devices), and its comparison passes correct kernels
+and catches wrong ones (the xla backend standing in for the two CUDA calls), on one
+device and sharded over two CPU devices."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -37,6 +41,29 @@ def test_draws_are_valid_problems(fuzz):
     assert len(seen) == 3 * 2 * 2 * 3  # every rank x dilated x causal x dtype combination
 
 
+def test_sharded_draws_split_evenly(fuzz):
+    rng = np.random.default_rng(1)
+    seen = set()
+    for _ in range(3000):
+        c = fuzz.draw(rng, 2)
+        Problem(shape=tuple(c["shape"]), kernel_size=tuple(c["kernel_size"]), stride=tuple(c["stride"]),
+                dilation=tuple(c["dilation"]), is_causal=tuple(c["is_causal"]), scale=1.0)
+        layout, fold = c["layout"], None
+        if layout == "batch":
+            assert c["batch"] % 2 == 0
+        elif layout == "heads":
+            assert c["kv_heads"] % 2 == 0 and c["heads"] % c["kv_heads"] == 0
+        else:
+            a = int(layout[len("context"):])
+            n, d = c["shape"][a], c["dilation"][a]
+            assert n % 2 == 0, c
+            fold = (n // 2) % d == 0 if d > 1 else None
+        seen.add((layout.rstrip("0123456789"), fold, c["extra"] > 0))
+    # every layout with and without global tokens; dilated shards of whole groups and not
+    assert seen >= {(k, None, e) for k in ("batch", "heads", "context") for e in (False, True)}
+    assert {(c, f) for c, f, _ in seen if f is not None} == {("context", True), ("context", False)}
+
+
 CASE = dict(shape=[13, 10], kernel_size=[5, 4], stride=[2, 1], dilation=[1, 2], is_causal=[False, True],
             batch=2, heads=4, kv_heads=2, dim=16, dim_v=24, dtype="float32", grads=True, seed=3)
 
@@ -60,3 +87,51 @@ def test_run_case_checks_against_the_brute_force(fuzz, monkeypatch, broken):
     if broken == "grad":
         assert res["errs"]["out"] < 1e-6 and res["errs"]["dq"] > 5e-5, res
     assert fuzz.path_class(res["path"]) == "sm80"  # no CUDA GPU here
+
+
+# Run in a subprocess: two CPU devices need XLA_FLAGS before jax starts.
+SHARDED = r"""
+import importlib.util, json, sys
+import jax, jax.numpy as jnp
+from jax_gna import xla
+spec = importlib.util.spec_from_file_location("fuzz_gpu", sys.argv[1])
+fuzz = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(fuzz)
+base = dict(batch=2, heads=4, kv_heads=2, dim=16, dim_v=24, dtype="float32", grads=True, seed=5, extra=0)
+cases = {
+    # dilated shards of whole groups (they fold), global tokens replicated
+    "fold": dict(base, shape=[16, 12], kernel_size=[3, 4], stride=[2, 1], dilation=[2, 1],
+                 is_causal=[False, True], layout="context0", extra=7),
+    # a dilated shard of 9 rows, groups of 2: not whole, tiled dilated
+    "partial": dict(base, shape=[7, 18], kernel_size=[3, 5], stride=[1, 2], dilation=[1, 2],
+                    is_causal=[True, False], layout="context1"),
+    "batch": dict(base, shape=[20], kernel_size=[9], stride=[3], dilation=[2], is_causal=[False],
+                  layout="batch", extra=3),
+    "heads": dict(base, shape=[6, 5, 8], kernel_size=[3, 2, 4], stride=[1, 1, 2],
+                  dilation=[1, 2, 1], is_causal=[False, False, True], layout="heads"),
+}
+
+def broken(q, k, v, problem):  # one query row of every shard's output off by 1e-2
+    out, lse = xla.attention(q, k, v, problem)
+    return out.at[:, 1].add(1e-2), lse
+
+res = {n: fuzz.run_case(c, xla.attention, jax.devices()) for n, c in cases.items()}
+res["broken"] = fuzz.run_case(cases["fold"], broken, jax.devices())
+print(json.dumps(res))
+"""
+
+
+def test_sharded_run_case_on_two_cpu_devices():
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
+                                      + " --xla_force_host_platform_device_count=2").strip(),
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", SHARDED, os.path.join(ROOT, "scripts", "fuzz_gpu.py")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in ("fold", "partial", "batch", "heads"):
+        assert res[name]["ok"], (name, res[name])
+        assert res[name]["worst"] < 0.1, (name, res[name])  # float32 against float64: far inside
+    assert res["fold"]["shards_fold"] is True and res["partial"]["shards_fold"] is False
+    assert set(res["fold"]["errs"]) == {"out", "lse", "dq", "dk", "dv", "d_extra_k", "d_extra_v"}
+    assert not res["broken"]["ok"] and res["broken"]["errs"]["out"] > 1e-4, res["broken"]

@@ -102,11 +102,11 @@ CASES = {
 }
 
 
-def _poisoned(q, k, v, problem):
-    """The cuda backend with its kernels' outputs starting as NaN, forward and backward;
-    the shards of a context-parallel call run one kernel call per sub-block call
-    (``by_device_split``: the interior rows over the shard's own keys, then the rest)."""
-    return cuda._attention_poisoned(q, k, v, problem)
+# The cuda backend with its kernels' outputs starting as NaN, forward and backward, and
+# every protocol attribute: the shards of a context-parallel call run one kernel call per
+# sub-block (``by_device_split``: the interior rows over the shard's own keys, then the
+# rest), and the backward from saved outputs folds dilation where cuda's does.
+_poisoned = cuda._attention_poisoned
 
 
 def _poisoned_unsplit(q, k, v, problem):
@@ -119,17 +119,10 @@ def _poisoned_switch(q, k, v, problem):
     return cuda._attention_poisoned(q, k, v, problem)
 
 
-# The saved-output backward of the op partitioned by batch or heads: cuda's own
-# (attention.backward, which folds dilation where fold_dilation says so), poisoned.
-_poisoned.backward = _poisoned_switch.backward = _poisoned_unsplit.backward = (
-    lambda *a: cuda._backward(*a, poison=True))
-_poisoned.fold_shards = _poisoned_switch.fold_shards = _poisoned_unsplit.fold_shards = (
-    cuda.attention.fold_shards)
-_poisoned.by_device = _poisoned_unsplit.by_device = (
-    lambda *a: cuda._by_device(*a, poison=True))
-_poisoned.backward_by_device = _poisoned_unsplit.backward_by_device = (
-    lambda *a: cuda._backward_by_device(*a, poison=True))
-_poisoned.by_device_split = lambda *a: cuda._by_device_split(*a, poison=True)
+for _name in ("backward", "fold_shards", "by_device", "backward_by_device"):
+    setattr(_poisoned_unsplit, _name, getattr(_poisoned, _name))
+for _name in ("backward", "fold_shards"):
+    setattr(_poisoned_switch, _name, getattr(_poisoned, _name))
 
 
 def _rel(a, b) -> float:
