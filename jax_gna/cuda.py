@@ -33,6 +33,7 @@ Hopper dK/dV kernel takes its key tiles heaviest first on short grids
 from __future__ import annotations
 
 import functools
+import math
 import os
 import threading
 from typing import Any
@@ -42,7 +43,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from . import dilation
+from . import dilation, xla
 from .params import Problem
 
 __all__ = ["available", "unavailable_reason", "unsupported_reason", "attention"]
@@ -472,7 +473,54 @@ def _by_device_split(query, blocks, index, problems, calls, devices, poison: boo
     return into
 
 
+# Additional tokens (every query over all S of them): below this many, XLA's dense
+# attention (``xla.dense_attention``); from it on, the kernels (``dense_attention``).
+DENSE_MIN_KEYS = 64
+_MAX_BATCH = 65535  # the kernels' largest batch (grid dimension)
+
+
+def dense_attention(query, key, value, scale: float, poison: bool = False):
+    """Every query over all ``S`` tokens of ``key``/``value`` (``[B, S, H_kv, D]``), with
+    the log-sum-exp: the additional tokens of the public op, on the kernels. The queries
+    ``[B, *spatial, H, D]`` are cut into blocks of ``S`` tokens stacked in the batch, each
+    a 1-D problem on ``S`` positions whose window (``kernel_size = S``) is every key; the
+    keys are broadcast to every block (a copy of ``N x H_kv x (D + D_v)`` elements), and
+    the last ``N % S`` queries run as one query block of that many rows. Falls back to
+    ``xla.dense_attention`` below ``DENSE_MIN_KEYS`` tokens or where the kernels do not
+    take the shapes or dtype. ``poison``: the test hook of :func:`_attention_poisoned`."""
+    b, *spatial, h, d = query.shape
+    s, h_kv, d_v = key.shape[1], key.shape[2], value.shape[-1]
+    grid = Problem(shape=(s,), kernel_size=(s,), stride=(1,), dilation=(1,), is_causal=(False,),
+                   scale=scale)
+    if (len(spatial) not in (1, 2, 3) or s < max(DENSE_MIN_KEYS, 2)
+            or unsupported_reason(grid, (1, s, h, d), (1, s, h_kv, d), (1, s, h_kv, d_v),
+                                  query.dtype)):
+        return xla.dense_attention(query, key, value, scale)
+    n = math.prod(spatial)
+    full, rest = divmod(n, s)
+    q = query.reshape(b, n, h, d)
+    outs, lses = [], []
+    if full:  # blocks of S queries, each over its own copy of the keys
+        qf = q[:, :full * s].reshape(b * full, s, h, d)
+        kf, vf = (jnp.broadcast_to(x[:, None], (b, full) + x.shape[1:]).reshape((b * full,) + x.shape[1:])
+                  for x in (key, value))
+        parts = [_attention(qf[i:i + _MAX_BATCH], kf[i:i + _MAX_BATCH], vf[i:i + _MAX_BATCH], grid,
+                            poison, ()) for i in range(0, b * full, _MAX_BATCH)]
+        outs.append(jnp.concatenate([o for o, _ in parts]).reshape(b, full * s, h, d_v))
+        lses.append(jnp.concatenate([l for _, l in parts]).reshape(b, full * s, h))
+    if rest:  # the last queries: one block of `rest` rows (all windows are the whole grid)
+        parts = [_attention(q[i:i + _MAX_BATCH, full * s:], key[i:i + _MAX_BATCH],
+                            value[i:i + _MAX_BATCH], grid.replace(q_extent=(rest,)), poison, ())
+                 for i in range(0, b, _MAX_BATCH)]
+        outs.append(jnp.concatenate([o for o, _ in parts]))
+        lses.append(jnp.concatenate([l for _, l in parts]))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    lse = lses[0] if len(lses) == 1 else jnp.concatenate(lses, axis=1)
+    return out.reshape(b, *spatial, h, d_v), lse.reshape(b, *spatial, h)
+
+
 attention.backward = _backward
+attention.dense = dense_attention
 attention.fold_shards = _fold_flags
 attention.by_device = _by_device
 attention.backward_by_device = _backward_by_device
@@ -487,6 +535,7 @@ def _attention_poisoned(query, key, value, problem: Problem):
 
 
 _attention_poisoned.backward = functools.partial(_backward, poison=True)
+_attention_poisoned.dense = functools.partial(dense_attention, poison=True)
 _attention_poisoned.fold_shards = _fold_flags
 _attention_poisoned.by_device = functools.partial(_by_device, poison=True)
 _attention_poisoned.backward_by_device = functools.partial(_backward_by_device, poison=True)

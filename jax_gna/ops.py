@@ -81,6 +81,14 @@ if _cuda_module() is not None:  # its backward, so that sharded calls recompute 
 
     _auto_attention.fold_shards = _auto_fold_shards
 
+    def _auto_dense(q, k, v, scale):
+        """The additional tokens: the kernels on CUDA, ``xla`` elsewhere."""
+        return jax.lax.platform_dependent(
+            q, k, v, cuda=lambda *a: _cuda_module().dense_attention(*a, scale),
+            default=lambda *a: xla.dense_attention(*a, scale))
+
+    _auto_attention.dense = _auto_dense
+
 
 def _compute(query, key, value, additional_keys, additional_values, impl: Impl,
              problem: Problem, partitioning: bool = True) -> tuple[jax.Array, jax.Array]:
@@ -89,7 +97,8 @@ def _compute(query, key, value, additional_keys, additional_values, impl: Impl,
     out, lse = sharding.attention(impl, query, key, value, problem)  # impl, partitioned
     if additional_keys is not None:
         extra_out, extra_lse = sharding.dense_attention(query, additional_keys,
-                                                        additional_values, problem.scale)
+                                                        additional_values, problem.scale,
+                                                        sharding.dense_of(impl))
         out, lse = xla.merge(out, lse, extra_out, extra_lse)
     return out, lse
 

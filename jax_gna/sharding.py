@@ -129,6 +129,8 @@ AxisName = Union[str, Sequence[str]]
 Impl = Callable[[jax.Array, jax.Array, jax.Array, Problem], tuple[jax.Array, jax.Array]]
 # backward(query, key, value, out, lse, d_out, d_lse, problem) -> (d_query, d_key, d_value)
 Backward = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
+# (query, key, value, scale) -> (out, lse): every query over all additional tokens
+Dense = Callable[[jax.Array, jax.Array, jax.Array, float], tuple[jax.Array, jax.Array]]
 
 _AUTO_PARTITIONING = True
 
@@ -1145,20 +1147,27 @@ def _dense_layout(spec: Sequence[Any], mesh_shape: Mapping[str, int], q_shape, k
     return tuple(lead), spatial
 
 
-def _dense_local_backward(q, k, v, d_out, d_lse, scale, spatial):
-    _, vjp = jax.vjp(lambda q, k, v: xla.dense_attention(q, k, v, scale), q, k, v)
+def dense_of(impl: Impl) -> Dense:
+    """The backend's attention over the additional tokens: ``impl.dense(q, k, v, scale)
+    -> (out, lse)`` (every query over all of ``k``/``v``, ``[B, S, H_kv, D]``), or
+    ``xla.dense_attention`` for a backend without one."""
+    return getattr(impl, "dense", xla.dense_attention)
+
+
+def _dense_local_backward(q, k, v, d_out, d_lse, scale, spatial, dense):
+    _, vjp = jax.vjp(lambda q, k, v: dense(q, k, v, scale), q, k, v)
     dq, dk, dv = vjp((d_out, d_lse))
     if spatial:  # every spatial shard saw all extra tokens: sum their gradients
         dk, dv = jax.lax.psum((dk, dv), spatial)
     return dq, dk, dv
 
 
-def _dense_partitioned(scale: float, rank: int, groups: int, kv_heads: int):
+def _dense_partitioned(scale: float, rank: int, groups: int, kv_heads: int, dense: Dense):
     from jax.experimental.custom_partitioning import custom_partitioning
 
-    fwd = custom_partitioning(jax.jit(lambda q, k, v: xla.dense_attention(q, k, v, scale)))
+    fwd = custom_partitioning(jax.jit(lambda q, k, v: dense(q, k, v, scale)))
     bwd = custom_partitioning(jax.jit(
-        lambda q, k, v, do, dl: _dense_local_backward(q, k, v, do, dl, scale, ())))
+        lambda q, k, v, do, dl: _dense_local_backward(q, k, v, do, dl, scale, (), dense)))
 
     def shardings(mesh, arg_shapes):
         sh = arg_shapes[0].sharding
@@ -1175,14 +1184,14 @@ def _dense_partitioned(scale: float, rank: int, groups: int, kv_heads: int):
 
     def partition_fwd(mesh, arg_shapes, result_shape):
         mesh, _, data, lse, extra = shardings(mesh, arg_shapes)
-        return (mesh, lambda q, k, v: xla.dense_attention(q, k, v, scale), (data, lse),
+        return (mesh, lambda q, k, v: dense(q, k, v, scale), (data, lse),
                 (data, extra, extra))
 
     def partition_bwd(mesh, arg_shapes, result_shape):
         mesh, spatial, data, lse, extra = shardings(mesh, arg_shapes)
 
         def lower(q, k, v, do, dl):
-            return _dense_local_backward(q, k, v, do, dl, scale, spatial)
+            return _dense_local_backward(q, k, v, do, dl, scale, spatial, dense)
 
         return mesh, lower, (data, extra, extra), (data, extra, extra, data, lse)
 
@@ -1219,15 +1228,17 @@ def _dense_partitioned(scale: float, rank: int, groups: int, kv_heads: int):
     return op
 
 
-def dense_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float
-                    ) -> tuple[jax.Array, jax.Array]:
-    """:func:`jax_gna.xla.dense_attention` (every query over all additional tokens),
-    partitioned like :func:`attention`: queries stay split along batch, heads and spatial
-    axes (no communication forward); the additional tokens are split along batch / heads
-    and replicated over the spatial mesh axes, whose partial gradients are summed
-    (one all-reduce of ``S_extra`` rows in the backward)."""
+def dense_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float,
+                    dense: Dense | None = None) -> tuple[jax.Array, jax.Array]:
+    """``dense`` (default :func:`jax_gna.xla.dense_attention`; a backend's is
+    :func:`dense_of`: every query over all additional tokens), partitioned like
+    :func:`attention`: queries stay split along batch, heads and spatial axes (no
+    communication forward); the additional tokens are split along batch / heads and
+    replicated over the spatial mesh axes, whose partial gradients are summed (one
+    all-reduce of ``S_extra`` rows in the backward)."""
+    dense = dense or xla.dense_attention
     if not _partitioning_applies(query, key, value):
-        return xla.dense_attention(query, key, value, scale)
+        return dense(query, key, value, scale)
     explicit = _explicit_spec(query)
     if explicit is not None:
         mesh, spec = explicit
@@ -1237,12 +1248,12 @@ def dense_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: f
         query = jax.sharding.reshard(query, NamedSharding(mesh, data))
         key, value = [jax.sharding.reshard(x, NamedSharding(mesh, extra)) for x in (key, value)]
         used = {n for e in lead for n in _axis_names(e)}
-        return jax.shard_map(lambda q, k, v: xla.dense_attention(q, k, v, scale), mesh=mesh,
+        return jax.shard_map(lambda q, k, v: dense(q, k, v, scale), mesh=mesh,
                              in_specs=(data, extra, extra), out_specs=(data, lse),
                              axis_names=frozenset(used))(query, key, value)
     rank = query.ndim - 3
     groups = query.shape[-2] // key.shape[-2]
-    return _dense_partitioned(scale, rank, groups, key.shape[-2])(query, key, value)
+    return _dense_partitioned(scale, rank, groups, key.shape[-2], dense)(query, key, value)
 
 
 # --------------------------------------------------------------------------
@@ -1312,8 +1323,8 @@ def neighborhood_attention_local(query: jax.Array, key: jax.Array, value: jax.Ar
                   for a in sorted(spatial_axes) if counts[a] > 1)
     out, lse = local_attention(query, key, value, problem, plans, impl)
     if additional_keys is not None:
-        extra_out, extra_lse = _xla.dense_attention(query, additional_keys, additional_values,
-                                                    problem.scale)
+        extra_out, extra_lse = dense_of(impl)(query, additional_keys, additional_values,
+                                              problem.scale)
         out, lse = _xla.merge(out, lse, extra_out, extra_lse)
     return (out, lse) if return_lse else out
 

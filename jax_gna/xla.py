@@ -436,3 +436,6 @@ def merge(out_a: jax.Array, lse_a: jax.Array, out_b: jax.Array, lse_b: jax.Array
     acc = lse.dtype
     out = out_a.astype(acc) * wa + out_b.astype(acc) * wb
     return out.astype(out_a.dtype), lse
+
+
+attention.dense = dense_attention  # the additional tokens (protocol: jax_gna.sharding)

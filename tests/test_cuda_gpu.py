@@ -247,6 +247,46 @@ def test_lse_cotangent_only():
         assert _rel(a, b) < 5e-5
 
 
+@pytest.mark.parametrize("spatial,tokens,dims,dtype", [
+    ((10, 25), 100, (4, 2, 64, 64), jnp.bfloat16),  # 2 blocks of 100 queries + 50 rows
+    ((8, 8), 64, (2, 1, 128, 128), jnp.float16),    # exactly one block, GQA
+    ((6, 7, 5), 300, (2, 2, 32, 48), jnp.float32),  # fewer queries (210) than tokens
+])
+def test_additional_tokens_on_the_kernels(spatial, tokens, dims, dtype):
+    """The op's computation with additional tokens (``cuda.dense_attention``: query blocks
+    in the batch over the broadcast tokens, the neighborhood call, the merge), every
+    kernel output poisoned, against the same on the xla backend: outputs, lse, and the
+    gradients of q, k, v and the tokens."""
+    from jax_gna import ops
+
+    h, h_kv, d, d_v = dims
+    problem = _problem(spatial, 3, dim=d)
+    keys = jax.random.split(_key(), 7)
+    shapes = [(2, *spatial, h, d), (2, *spatial, h_kv, d), (2, *spatial, h_kv, d_v),
+              (2, tokens, h_kv, d), (2, tokens, h_kv, d_v)]
+    args = [jax.random.normal(kk, sh, jnp.float32).astype(dtype) for kk, sh in zip(keys, shapes)]
+    w = jax.random.normal(keys[5], (2, *spatial, h, d_v), jnp.float32)
+    u = jax.random.normal(keys[6], (2, *spatial, h), jnp.float32)
+
+    def run(impl, inputs):
+        def loss(*a):
+            out, lse = ops._compute(*a, impl=impl, problem=problem)
+            return jnp.sum(out.astype(jnp.float32) * w) + jnp.sum(lse * u), (out, lse)
+        (_, (out, lse)), grads = jax.jit(jax.value_and_grad(
+            loss, argnums=tuple(range(5)), has_aux=True))(*inputs)
+        return out, lse, grads
+
+    grid = _problem((tokens,), tokens, dim=d)  # the tokens' problem: the kernels take it
+    assert tokens >= cuda.DENSE_MIN_KEYS and cuda.unsupported_reason(
+        grid, (1, tokens, h, d), (1, tokens, h_kv, d), (1, tokens, h_kv, d_v), dtype) is None
+    out, lse, grads = run(cuda._attention_poisoned, args)
+    r_out, r_lse, r_grads = run(xla.attention, [x.astype(jnp.float32) for x in args])
+    t_out, t_lse, t_grad = TOL[dtype]
+    assert _rel(out, r_out) < t_out and _rel(lse, r_lse) < t_lse
+    for name, g, r in zip(("dq", "dk", "dv", "d_tokens_k", "d_tokens_v"), grads, r_grads):
+        assert _rel(g, r) < t_grad, (name, _rel(g, r))
+
+
 def test_bad_arguments_raise():
     """A key block that misses some window is rejected by the handler, not read out of bounds."""
     whole = _problem((32,), 5, dim=32)

@@ -1,0 +1,116 @@
+"""What additional (global) tokens cost on the GPU: on our kernels and on XLA.
+
+The public op attends to ``additional_keys/values`` by a dense attention merged with the
+neighborhood attention's output by log-sum-exp. On the cuda backend that dense part runs
+on our kernels from ``cuda.DENSE_MIN_KEYS`` tokens on (``cuda.dense_attention``: the
+queries cut into blocks of S tokens stacked in the batch, each a 1-D problem of S
+positions whose window is all S keys, the keys broadcast to every block); before, and
+below that, on XLA (``xla.dense_attention``: query chunks of 1024, einsums,
+log-sum-exp). For each problem and number of extra tokens S this times, bf16, batch 1,
+head dim 128, forward and forward+backward, all in one process
+(``jax_gna.bench.measure``):
+  na          the neighborhood attention alone (cuda backend)
+  na+extra    the public op with the extra tokens (cuda backend)
+  na+xla      the same with the dense part on XLA (the op before the kernels took it)
+  xla         ``xla.dense_attention`` alone
+  kernel      ``cuda.dense_attention`` alone (on the kernels even below DENSE_MIN_KEYS);
+              its error against ``xla``
+  cudnn       cuDNN's fused attention of the queries over the S tokens
+              (``jax.nn.dot_product_attention``, no log-sum-exp): a bound for a fused kernel
+
+usage: python3 scripts/extra_tokens.py [--out FILE.json] [--extra 16,77,512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# name -> (shape, heads, kernel_size, stride)
+PROBLEMS = {
+    "2d_w80_s16": ((256, 256), 24, (80, 80), (16, 16)),
+    "1d_w2048": ((32768,), 8, (2048,), (1,)),
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="extra-tokens.json")
+    ap.add_argument("--problems", default=",".join(PROBLEMS))
+    ap.add_argument("--extra", default="16,77,512")
+    ap.add_argument("--passes", default="fwd,fwdbwd")
+    args = ap.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+
+    import jax_gna
+    from jax_gna import bench, cuda, xla
+    from jax_gna.params import make_problem
+
+    records = []
+    for name in args.problems.split(","):
+        shape, heads, kernel, stride = PROBLEMS[name]
+        rng = np.random.default_rng(0)
+        q, k, v, do = (jnp.asarray(rng.standard_normal((1, *shape, heads, 128)), jnp.bfloat16)
+                       for _ in range(4))
+        scale = 128 ** -0.5
+        problem = make_problem(q, k, v, kernel, stride)
+        for s in (int(x) for x in args.extra.split(",")):
+            ek, ev = (jnp.asarray(rng.standard_normal((1, s, heads, 128)), jnp.bfloat16)
+                      for _ in range(2))
+            flat = lambda x: x.reshape(x.shape[0], -1, *x.shape[-2:])  # noqa: E731
+
+            def na_xla(q, k, v):
+                out, lse = cuda.attention(q, k, v, problem)
+                return xla.merge(out, lse, *xla.dense_attention(q, ek, ev, scale))[0]
+
+            variants = {
+                "na": lambda q, k, v: jax_gna.neighborhood_attention(
+                    q, k, v, kernel, stride, backend="cuda"),
+                "na+extra": lambda q, k, v: jax_gna.neighborhood_attention(
+                    q, k, v, kernel, stride, additional_keys=ek, additional_values=ev,
+                    backend="cuda"),
+                "na+xla": na_xla,
+                "xla": lambda q, k, v: xla.dense_attention(q, ek, ev, scale)[0],
+                "kernel": lambda q, k, v: cuda.dense_attention(q, ek, ev, scale)[0],
+                "cudnn": lambda q, k, v: jax.nn.dot_product_attention(
+                    flat(q), ek, ev, scale=scale, implementation="cudnn").reshape(q.shape),
+            }
+            least = cuda.DENSE_MIN_KEYS
+            cuda.DENSE_MIN_KEYS = 2  # "kernel": the kernels for every S (read while tracing)
+            got = jax.jit(lambda q: cuda.dense_attention(q, ek, ev, scale))(q)
+            cuda.DENSE_MIN_KEYS = least
+            ref = jax.jit(lambda q: xla.dense_attention(q, ek, ev, scale))(q)
+            errs = {n: float(jnp.linalg.norm((a.astype(jnp.float32) - r.astype(jnp.float32)).ravel())
+                             / jnp.linalg.norm(r.astype(jnp.float32).ravel()))
+                    for n, a, r in zip(("out", "lse"), got, ref)}
+            print(f"{name} S={s}: kernel against xla {errs}", flush=True)
+            for pass_ in args.passes.split(","):
+                for label, f in variants.items():
+                    cuda.DENSE_MIN_KEYS = 2 if label == "kernel" else least
+                    try:
+                        fn, fargs = bench.pass_fn(f, pass_, q, k, v, do, ())
+                        t = bench.measure(fn, fargs)["time_s"]
+                    except Exception as e:  # noqa: BLE001 - record and go on
+                        print(f"  {label} {pass_}: failed {e!r}"[:400], flush=True)
+                        t = None
+                    finally:
+                        cuda.DENSE_MIN_KEYS = least
+                    records.append({"problem": name, "extra": s, "pass": pass_, "variant": label,
+                                    "time_s": t, "errs_kernel_vs_xla": errs})
+                    print(f"{name:12s} S={s:5d} {pass_:7s} {label:9s} "
+                          + ("failed" if t is None else f"{t * 1e3:9.3f} ms"), flush=True)
+    with open(args.out, "w") as fh:
+        json.dump({"environment": bench.environment(), "records": records}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The additional tokens on the cuda backend (``cuda.dense_attention``): the queries cut into
+blocks of S stacked in the batch, each block a 1-D problem whose window is all S keys.
+
+Without a GPU: the cuda backend's own reshapes, broadcasts, remainder block, batch chunks
+and custom_vjp, with its two kernel calls replaced by the ``xla`` backend, against
+``xla.dense_attention`` in float64; when it falls back to XLA; and what the public op's
+computation lowers to for the cuda platform.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from jax_gna import cuda, ops, xla
+from jax_gna.params import Problem
+
+
+def _fake_kernels(monkeypatch, calls):
+    """cuda's two kernel calls replaced by the xla backend (the backward recovers d_lse from
+    delta = rowsum(dO * O) - d_lse), every shape and dtype admitted."""
+    def forward(query, key, value, problem, poison=False, devices=(), into=None):
+        calls.append(("fwd", query.shape, problem.q_extent))
+        return xla.attention(query, key, value, problem)
+
+    def backward(query, key, value, d_out, lse, delta, problem, poison=False, devices=()):
+        calls.append(("bwd", query.shape, problem.q_extent))
+        (out, _), vjp = jax.vjp(lambda q, k, v: xla.attention(q, k, v, problem), query, key, value)
+        return vjp((d_out, jnp.sum(d_out * out, axis=-1) - delta))
+
+    monkeypatch.setattr(cuda, "_forward_call", forward)
+    monkeypatch.setattr(cuda, "_backward_call", backward)
+    monkeypatch.setattr(cuda, "unsupported_reason", lambda *a: None)
+    monkeypatch.setattr(cuda, "DENSE_MIN_KEYS", 2)
+
+
+# spatial shape, S, batch, largest kernel batch -> forward calls (q_extent of each)
+CASES = [
+    ((12,), 4, 2, 65535, [(4,)]),                 # 3 whole blocks of 4 per batch entry
+    ((5, 3), 4, 2, 65535, [(4,), (3,)]),          # 15 = 3 blocks + 3 rows
+    ((2, 2, 2), 10, 1, 65535, [(8,)]),            # fewer queries than tokens: one short block
+    ((12,), 4, 2, 4, [(4,), (4,)]),               # 6 blocks in batch chunks of 4 and 2
+    ((3, 5), 4, 3, 2, [(4,), (4,), (4,), (4,), (4,), (3,), (3,)]),  # both parts in chunks
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cuda_dense_matches_xla(monkeypatch, case):
+    spatial, s, b, max_batch, extents = case
+    calls = []
+    _fake_kernels(monkeypatch, calls)
+    monkeypatch.setattr(cuda, "_MAX_BATCH", max_batch)
+    rng = np.random.default_rng(len(spatial) * 10 + s)
+    h, h_kv, d, d_v = 4, 2, 8, 6
+    q = rng.standard_normal((b, *spatial, h, d))
+    k = rng.standard_normal((b, s, h_kv, d))
+    v = rng.standard_normal((b, s, h_kv, d_v))
+    d_out = rng.standard_normal((b, *spatial, h, d_v))
+    d_lse = rng.standard_normal((b, *spatial, h))
+    with jax.enable_x64(True):
+        got, vjp = jax.vjp(lambda q, k, v: cuda.dense_attention(q, k, v, 0.3), q, k, v)
+        grads = vjp((d_out, d_lse))
+        want, ref_vjp = jax.vjp(lambda q, k, v: xla.dense_attention(q, k, v, 0.3), q, k, v)
+        ref_grads = ref_vjp((d_out, d_lse))
+    assert [c[2] for c in calls if c[0] == "fwd"] == extents, calls
+    assert sorted(c[2] for c in calls if c[0] == "bwd") == sorted(extents), calls
+    assert all(c[1][1] == s if c[2] == (s,) else True for c in calls), calls  # blocks of S rows
+    for i, (a, w) in enumerate(zip((*got, *grads), (*want, *ref_grads))):
+        # The backward's delta = rowsum(dO * O) - d_lse is float32 by design: fp32 errors.
+        tol = 1e-10 if i < 2 else 1e-5
+        assert a.shape == w.shape, i
+        assert np.abs(np.asarray(a) - np.asarray(w)).max() <= tol * max(np.abs(w).max(), 1.0), i
+
+
+def test_cuda_dense_falls_back_to_xla(monkeypatch):
+    calls = []
+    _fake_kernels(monkeypatch, calls)
+    monkeypatch.setattr(cuda, "DENSE_MIN_KEYS", 64)
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((1, 9, 7, 2, 8)), jnp.float32)
+    few = [jnp.asarray(rng.standard_normal((1, 63, 2, 8)), jnp.float32)] * 2
+    out = cuda.dense_attention(q, *few, 0.5)  # fewer tokens than DENSE_MIN_KEYS
+    want = xla.dense_attention(q, *few, 0.5)
+    assert not calls and all(np.array_equal(a, w) for a, w in zip(out, want))
+    monkeypatch.setattr(cuda, "unsupported_reason", lambda *a: "no")  # shapes the kernels reject
+    many = [jnp.asarray(rng.standard_normal((1, 64, 2, 8)), jnp.float32)] * 2
+    cuda.dense_attention(q, *many, 0.5)
+    assert not calls
+    monkeypatch.setattr(cuda, "unsupported_reason", lambda *a: None)
+    cuda.dense_attention(q, *many, 0.5)
+    assert [c[2] for c in calls] == [(63,)]  # 63 queries, one short block over the 64 tokens
+
+
+def _lower(fn, *args) -> str:
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("tokens,kernel_calls", [(100, 3), (63, 1)])
+def test_public_op_lowers_the_tokens_to_the_kernels(tokens, kernel_calls):
+    """The op's computation (``ops._compute``) on the cuda backend: the neighborhood call,
+    and from DENSE_MIN_KEYS tokens on, a call for the whole blocks and one for the rest
+    (250 queries: 2 blocks of 100 and 50 rows); forward and backward."""
+    problem = Problem(shape=(10, 25), kernel_size=(3, 5), stride=(1, 1), dilation=(1, 1),
+                      is_causal=(False, False), scale=0.125)
+    q = jnp.zeros((1, 10, 25, 4, 64), jnp.bfloat16)
+    k = v = jnp.zeros((1, 10, 25, 2, 64), jnp.bfloat16)
+    ak = av = jnp.zeros((1, tokens, 2, 64), jnp.bfloat16)
+
+    def loss(q, k, v, ak, av):
+        out, lse = ops._compute(q, k, v, ak, av, impl=cuda.attention, problem=problem)
+        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
+
+    text = _lower(lambda *a: ops._compute(*a, impl=cuda.attention, problem=problem), q, k, v, ak, av)
+    assert text.count("custom_call @jax_gna_fwd") == kernel_calls
+    text = _lower(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), q, k, v, ak, av)
+    assert text.count("custom_call @jax_gna_fwd") == kernel_calls
+    assert text.count("custom_call @jax_gna_bwd") == kernel_calls
+    if kernel_calls > 1:  # the tokens' grid: 100 positions, window 100; the rest: 50 rows
+        assert "kernel_size = dense<100>" in text and "q_extent = dense<50>" in text, text[:3000]
