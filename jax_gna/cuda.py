@@ -482,40 +482,38 @@ _MAX_BATCH = 65535  # the kernels' largest batch (grid dimension)
 def dense_attention(query, key, value, scale: float, poison: bool = False):
     """Every query over all ``S`` tokens of ``key``/``value`` (``[B, S, H_kv, D]``), with
     the log-sum-exp: the additional tokens of the public op, on the kernels. The queries
-    ``[B, *spatial, H, D]`` are cut into blocks of ``S`` tokens stacked in the batch, each
-    a 1-D problem on ``S`` positions whose window (``kernel_size = S``) is every key; the
-    keys are broadcast to every block (a copy of ``N x H_kv x (D + D_v)`` elements), and
-    the last ``N % S`` queries run as one query block of that many rows. Falls back to
-    ``xla.dense_attention`` below ``DENSE_MIN_KEYS`` tokens or where the kernels do not
-    take the shapes or dtype. ``poison``: the test hook of :func:`_attention_poisoned`."""
+    ``[B, *spatial, H, D]`` (``N`` tokens) are padded with zeros to a multiple of ``S``
+    and cut into blocks of ``S`` stacked in the batch, each a 1-D problem on ``S``
+    positions whose window (``kernel_size = S``) is every key; the keys are broadcast to
+    every block (a copy of ``N x H_kv x (D + D_v)`` elements). Falls back to
+    ``xla.dense_attention`` below ``DENSE_MIN_KEYS`` tokens, with fewer queries than
+    tokens, or where the kernels do not take the shapes or dtype. ``poison``: the test
+    hook of :func:`_attention_poisoned`.
+
+    (A first version ran the last ``N % S`` queries as one short query block over the
+    tokens, a separate call: on an H200 its gradients of the tokens' keys came out wrong
+    where both calls ran and heads > 1, see the session 26 notes; padding avoids it.)"""
     b, *spatial, h, d = query.shape
     s, h_kv, d_v = key.shape[1], key.shape[2], value.shape[-1]
+    n = math.prod(spatial)
     grid = Problem(shape=(s,), kernel_size=(s,), stride=(1,), dilation=(1,), is_causal=(False,),
                    scale=scale)
-    if (len(spatial) not in (1, 2, 3) or s < max(DENSE_MIN_KEYS, 2)
+    if (len(spatial) not in (1, 2, 3) or s < max(DENSE_MIN_KEYS, 2) or n < s
             or unsupported_reason(grid, (1, s, h, d), (1, s, h_kv, d), (1, s, h_kv, d_v),
                                   query.dtype)):
         return xla.dense_attention(query, key, value, scale)
-    n = math.prod(spatial)
-    full, rest = divmod(n, s)
+    m = -(-n // s)  # blocks per batch entry
     q = query.reshape(b, n, h, d)
-    outs, lses = [], []
-    if full:  # blocks of S queries, each over its own copy of the keys
-        qf = q[:, :full * s].reshape(b * full, s, h, d)
-        kf, vf = (jnp.broadcast_to(x[:, None], (b, full) + x.shape[1:]).reshape((b * full,) + x.shape[1:])
-                  for x in (key, value))
-        parts = [_attention(qf[i:i + _MAX_BATCH], kf[i:i + _MAX_BATCH], vf[i:i + _MAX_BATCH], grid,
-                            poison, ()) for i in range(0, b * full, _MAX_BATCH)]
-        outs.append(jnp.concatenate([o for o, _ in parts]).reshape(b, full * s, h, d_v))
-        lses.append(jnp.concatenate([l for _, l in parts]).reshape(b, full * s, h))
-    if rest:  # the last queries: one block of `rest` rows (all windows are the whole grid)
-        parts = [_attention(q[i:i + _MAX_BATCH, full * s:], key[i:i + _MAX_BATCH],
-                            value[i:i + _MAX_BATCH], grid.replace(q_extent=(rest,)), poison, ())
-                 for i in range(0, b, _MAX_BATCH)]
-        outs.append(jnp.concatenate([o for o, _ in parts]))
-        lses.append(jnp.concatenate([l for _, l in parts]))
-    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
-    lse = lses[0] if len(lses) == 1 else jnp.concatenate(lses, axis=1)
+    if m * s != n:
+        q = jnp.pad(q, ((0, 0), (0, m * s - n), (0, 0), (0, 0)))
+    q = q.reshape(b * m, s, h, d)
+    k, v = (jnp.broadcast_to(x[:, None], (b, m) + x.shape[1:]).reshape((b * m,) + x.shape[1:])
+            for x in (key, value))
+    parts = [_attention(q[i:i + _MAX_BATCH], k[i:i + _MAX_BATCH], v[i:i + _MAX_BATCH], grid,
+                        poison, ()) for i in range(0, b * m, _MAX_BATCH)]
+    out = parts[0][0] if len(parts) == 1 else jnp.concatenate([o for o, _ in parts])
+    lse = parts[0][1] if len(parts) == 1 else jnp.concatenate([l for _, l in parts])
+    out, lse = out.reshape(b, m * s, h, d_v)[:, :n], lse.reshape(b, m * s, h)[:, :n]
     return out.reshape(b, *spatial, h, d_v), lse.reshape(b, *spatial, h)
 
 

@@ -1,7 +1,8 @@
-"""The additional tokens on the cuda backend (``cuda.dense_attention``): the queries cut into
-blocks of S stacked in the batch, each block a 1-D problem whose window is all S keys.
+"""The additional tokens on the cuda backend (``cuda.dense_attention``): the queries padded
+and cut into blocks of S stacked in the batch, each block a 1-D problem whose window is
+all S keys.
 
-Without a GPU: the cuda backend's own reshapes, broadcasts, remainder block, batch chunks
+Without a GPU: the cuda backend's own padding, reshapes, broadcasts, batch chunks
 and custom_vjp, with its two kernel calls replaced by the ``xla`` backend, against
 ``xla.dense_attention`` in float64; when it falls back to XLA; and what the public op's
 computation lowers to for the cuda platform.
@@ -23,11 +24,11 @@ def _fake_kernels(monkeypatch, calls):
     """cuda's two kernel calls replaced by the xla backend (the backward recovers d_lse from
     delta = rowsum(dO * O) - d_lse), every shape and dtype admitted."""
     def forward(query, key, value, problem, poison=False, devices=(), into=None):
-        calls.append(("fwd", query.shape, problem.q_extent))
+        calls.append(("fwd", query.shape, problem.q_extent, problem.is_whole))
         return xla.attention(query, key, value, problem)
 
     def backward(query, key, value, d_out, lse, delta, problem, poison=False, devices=()):
-        calls.append(("bwd", query.shape, problem.q_extent))
+        calls.append(("bwd", query.shape, problem.q_extent, problem.is_whole))
         (out, _), vjp = jax.vjp(lambda q, k, v: xla.attention(q, k, v, problem), query, key, value)
         return vjp((d_out, jnp.sum(d_out * out, axis=-1) - delta))
 
@@ -37,19 +38,17 @@ def _fake_kernels(monkeypatch, calls):
     monkeypatch.setattr(cuda, "DENSE_MIN_KEYS", 2)
 
 
-# spatial shape, S, batch, largest kernel batch -> forward calls (q_extent of each)
+# spatial shape, S, batch, largest kernel batch -> kernel batch of each forward call
 CASES = [
-    ((12,), 4, 2, 65535, [(4,)]),                 # 3 whole blocks of 4 per batch entry
-    ((5, 3), 4, 2, 65535, [(4,), (3,)]),          # 15 = 3 blocks + 3 rows
-    ((2, 2, 2), 10, 1, 65535, [(8,)]),            # fewer queries than tokens: one short block
-    ((12,), 4, 2, 4, [(4,), (4,)]),               # 6 blocks in batch chunks of 4 and 2
-    ((3, 5), 4, 3, 2, [(4,), (4,), (4,), (4,), (4,), (3,), (3,)]),  # both parts in chunks
+    ((12,), 4, 2, 65535, [6]),              # 3 whole blocks of 4 per batch entry
+    ((5, 3), 4, 2, 65535, [8]),             # 15 queries padded to 4 blocks
+    ((2, 5, 1), 10, 1, 65535, [1]),         # as many queries as tokens: one block
+    ((12,), 4, 2, 4, [4, 2]),               # 6 blocks in batch chunks of 4 and 2
+    ((3, 5), 4, 3, 2, [2, 2, 2, 2, 2, 2]),  # 12 padded blocks in chunks of 2
 ]
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_cuda_dense_matches_xla(monkeypatch, case):
-    spatial, s, b, max_batch, extents = case
+    spatial, s, b, max_batch, batches = case
     calls = []
     _fake_kernels(monkeypatch, calls)
     monkeypatch.setattr(cuda, "_MAX_BATCH", max_batch)
@@ -65,9 +64,9 @@ def test_cuda_dense_matches_xla(monkeypatch, case):
         grads = vjp((d_out, d_lse))
         want, ref_vjp = jax.vjp(lambda q, k, v: xla.dense_attention(q, k, v, 0.3), q, k, v)
         ref_grads = ref_vjp((d_out, d_lse))
-    assert [c[2] for c in calls if c[0] == "fwd"] == extents, calls
-    assert sorted(c[2] for c in calls if c[0] == "bwd") == sorted(extents), calls
-    assert all(c[1][1] == s if c[2] == (s,) else True for c in calls), calls  # blocks of S rows
+    assert [c[1][0] for c in calls if c[0] == "fwd"] == batches, calls
+    assert sorted(c[1][0] for c in calls if c[0] == "bwd") == sorted(batches), calls
+    assert all(c[1][1] == s and c[3] for c in calls), calls  # whole blocks of S rows
     for i, (a, w) in enumerate(zip((*got, *grads), (*want, *ref_grads))):
         # The backward's delta = rowsum(dO * O) - d_lse is float32 by design: fp32 errors.
         tol = 1e-10 if i < 2 else 1e-5
@@ -90,19 +89,21 @@ def test_cuda_dense_falls_back_to_xla(monkeypatch):
     cuda.dense_attention(q, *many, 0.5)
     assert not calls
     monkeypatch.setattr(cuda, "unsupported_reason", lambda *a: None)
-    cuda.dense_attention(q, *many, 0.5)
-    assert [c[2] for c in calls] == [(63,)]  # 63 queries, one short block over the 64 tokens
+    cuda.dense_attention(q, *many, 0.5)  # 63 queries, fewer than the tokens
+    assert not calls
+    cuda.dense_attention(jnp.concatenate([q, q], axis=1), *many, 0.5)
+    assert [c[1][:2] for c in calls] == [(2, 64)]  # 126 queries: 2 blocks of 64
 
 
 def _lower(fn, *args) -> str:
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("tokens,kernel_calls", [(100, 3), (63, 1)])
+@pytest.mark.parametrize("tokens,kernel_calls", [(100, 2), (63, 1)])
 def test_public_op_lowers_the_tokens_to_the_kernels(tokens, kernel_calls):
     """The op's computation (``ops._compute``) on the cuda backend: the neighborhood call,
-    and from DENSE_MIN_KEYS tokens on, a call for the whole blocks and one for the rest
-    (250 queries: 2 blocks of 100 and 50 rows); forward and backward."""
+    and from DENSE_MIN_KEYS tokens on, one call for the tokens (250 queries padded to 3
+    blocks of 100); forward and backward."""
     problem = Problem(shape=(10, 25), kernel_size=(3, 5), stride=(1, 1), dilation=(1, 1),
                       is_causal=(False, False), scale=0.125)
     q = jnp.zeros((1, 10, 25, 4, 64), jnp.bfloat16)
@@ -118,5 +119,5 @@ def test_public_op_lowers_the_tokens_to_the_kernels(tokens, kernel_calls):
     text = _lower(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), q, k, v, ak, av)
     assert text.count("custom_call @jax_gna_fwd") == kernel_calls
     assert text.count("custom_call @jax_gna_bwd") == kernel_calls
-    if kernel_calls > 1:  # the tokens' grid: 100 positions, window 100; the rest: 50 rows
-        assert "kernel_size = dense<100>" in text and "q_extent = dense<50>" in text, text[:3000]
+    if kernel_calls > 1:  # the tokens' grid: 100 positions, window 100, 3 blocks
+        assert "kernel_size = dense<100>" in text and "tensor<3x100x4x64xbf16>" in text

@@ -248,13 +248,14 @@ def test_lse_cotangent_only():
 
 
 @pytest.mark.parametrize("spatial,tokens,dims,dtype", [
-    ((10, 25), 100, (4, 2, 64, 64), jnp.bfloat16),  # 2 blocks of 100 queries + 50 rows
+    ((10, 25), 100, (4, 2, 64, 64), jnp.bfloat16),  # 250 queries padded to 3 blocks of 100
     ((8, 8), 64, (2, 1, 128, 128), jnp.float16),    # exactly one block, GQA
-    ((6, 7, 5), 300, (2, 2, 32, 48), jnp.float32),  # fewer queries (210) than tokens
+    ((6, 7, 5), 64, (2, 2, 32, 48), jnp.float32),   # 210 queries padded to 4 blocks
+    ((30, 26), 114, (4, 2, 256, 256), jnp.bfloat16),  # the fuzz's failing case, one GPU
 ])
 def test_additional_tokens_on_the_kernels(spatial, tokens, dims, dtype):
-    """The op's computation with additional tokens (``cuda.dense_attention``: query blocks
-    in the batch over the broadcast tokens, the neighborhood call, the merge), every
+    """The op's computation with additional tokens (``cuda.dense_attention``: padded query
+    blocks in the batch over the broadcast tokens, the neighborhood call, the merge), every
     kernel output poisoned, against the same on the xla backend: outputs, lse, and the
     gradients of q, k, v and the tokens."""
     from jax_gna import ops
