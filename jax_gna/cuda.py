@@ -492,7 +492,8 @@ def dense_attention(query, key, value, scale: float, poison: bool = False):
 
     (A first version ran the last ``N % S`` queries as one short query block over the
     tokens, a separate call: on an H200 its gradients of the tokens' keys came out wrong
-    where both calls ran and heads > 1, see the session 26 notes; padding avoids it.)"""
+    where both calls ran and heads > 1, not yet explained; padding avoids it. See
+    ``benchmarks/results/extra-tokens-h200.md``.)"""
     b, *spatial, h, d = query.shape
     s, h_kv, d_v = key.shape[1], key.shape[2], value.shape[-1]
     n = math.prod(spatial)
