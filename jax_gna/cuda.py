@@ -479,6 +479,22 @@ DENSE_MIN_KEYS = 64
 _MAX_BATCH = 65535  # the kernels' largest batch (grid dimension)
 
 
+def dense_blocker(query_shape, key_shape, value_shape, dtype) -> str | None:
+    """Why :func:`dense_attention` leaves these additional tokens (``key_shape`` ``[B, S,
+    H_kv, D]``) to XLA; None when they run on the kernels."""
+    spatial, s = tuple(query_shape[1:-2]), int(key_shape[1])
+    if len(spatial) not in (1, 2, 3):
+        return f"{len(spatial)} spatial axes"
+    if s < max(DENSE_MIN_KEYS, 2):
+        return f"{s} tokens, fewer than {DENSE_MIN_KEYS}, where XLA is faster"
+    if math.prod(spatial) < s:
+        return f"fewer queries ({math.prod(spatial)}) than tokens ({s})"
+    h, d, h_kv, d_v = query_shape[-2], query_shape[-1], key_shape[-2], value_shape[-1]
+    grid = Problem(shape=(s,), kernel_size=(s,), stride=(1,), dilation=(1,), is_causal=(False,),
+                   scale=1.0)
+    return unsupported_reason(grid, (1, s, h, d), (1, s, h_kv, d), (1, s, h_kv, d_v), dtype)
+
+
 def dense_attention(query, key, value, scale: float, poison: bool = False):
     """Every query over all ``S`` tokens of ``key``/``value`` (``[B, S, H_kv, D]``), with
     the log-sum-exp: the additional tokens of the public op, on the kernels. The queries
@@ -494,15 +510,13 @@ def dense_attention(query, key, value, scale: float, poison: bool = False):
     tokens, a separate call: on an H200 its gradients of the tokens' keys came out wrong
     where both calls ran and heads > 1, not yet explained; padding avoids it. See
     ``benchmarks/results/extra-tokens-h200.md``.)"""
+    if dense_blocker(query.shape, key.shape, value.shape, query.dtype):
+        return xla.dense_attention(query, key, value, scale)
     b, *spatial, h, d = query.shape
     s, h_kv, d_v = key.shape[1], key.shape[2], value.shape[-1]
     n = math.prod(spatial)
     grid = Problem(shape=(s,), kernel_size=(s,), stride=(1,), dilation=(1,), is_causal=(False,),
                    scale=scale)
-    if (len(spatial) not in (1, 2, 3) or s < max(DENSE_MIN_KEYS, 2) or n < s
-            or unsupported_reason(grid, (1, s, h, d), (1, s, h_kv, d), (1, s, h_kv, d_v),
-                                  query.dtype)):
-        return xla.dense_attention(query, key, value, scale)
     m = -(-n // s)  # blocks per batch entry
     q = query.reshape(b, n, h, d)
     if m * s != n:

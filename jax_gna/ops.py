@@ -177,14 +177,24 @@ na3d = _fixed_rank(3)
 
 def explain(query: Any, key: Any, value: Any, kernel_size: IntOrTuple, stride: IntOrTuple = 1,
             dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False, scale: float | None = None,
-            *, backend: str = "auto", **_: Any) -> str:
-    """Say which backend a call with these arguments would use, and why.
+            *, additional_keys: Any = None, additional_values: Any = None,
+            backend: str = "auto", **_: Any) -> str:
+    """Say which backend a call with these arguments would use, and why (for ``cuda``:
+    which kernels, and where the additional tokens run).
 
     Takes the same arguments as :func:`neighborhood_attention` (arrays or
     ``jax.ShapeDtypeStruct``); runs nothing.
     """
-    problem = make_problem(query, key, value, kernel_size, stride, dilation, is_causal, scale)
+    problem = make_problem(query, key, value, kernel_size, stride, dilation, is_causal, scale,
+                           additional_keys, additional_values)
     name, why, _ = select(backend, problem, query, key, value)
     if name == "cuda":
-        why += "; " + _cuda_module().kernel_path(problem, query.shape, value.shape, query.dtype)
+        cuda = _cuda_module()
+        why += "; " + cuda.kernel_path(problem, query.shape, value.shape, query.dtype)
+        if additional_keys is not None:
+            blocker = cuda.dense_blocker(query.shape, additional_keys.shape,
+                                         additional_values.shape, query.dtype)
+            why += ("; additional tokens: on the kernels (the queries in blocks of "
+                    f"{additional_keys.shape[1]}, cuda.dense_attention)" if blocker is None else
+                    f"; additional tokens: XLA's dense attention ({blocker})")
     return f"{name}: {why}"

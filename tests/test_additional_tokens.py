@@ -121,3 +121,20 @@ def test_public_op_lowers_the_tokens_to_the_kernels(tokens, kernel_calls):
     assert text.count("custom_call @jax_gna_bwd") == kernel_calls
     if kernel_calls > 1:  # the tokens' grid: 100 positions, window 100, 3 blocks
         assert "kernel_size = dense<100>" in text and "tensor<3x100x4x64xbf16>" in text
+
+
+def test_explain_says_where_the_tokens_run(monkeypatch):
+    import jax_gna
+
+    monkeypatch.setattr(ops, "_cuda_status", lambda *a: None)  # pretend the kernels run here
+    q = jax.ShapeDtypeStruct((1, 16, 16, 4, 64), jnp.bfloat16)
+    k = v = jax.ShapeDtypeStruct((1, 16, 16, 2, 64), jnp.bfloat16)
+    many = jax.ShapeDtypeStruct((1, 77, 2, 64), jnp.bfloat16)
+    few = jax.ShapeDtypeStruct((1, 63, 2, 64), jnp.bfloat16)
+    text = jax_gna.explain(q, k, v, 5, additional_keys=many, additional_values=many, backend="cuda")
+    assert "additional tokens: on the kernels (the queries in blocks of 77" in text, text
+    text = jax_gna.explain(q, k, v, 5, additional_keys=few, additional_values=few, backend="cuda")
+    assert "additional tokens: XLA's dense attention (63 tokens, fewer than 64" in text, text
+    assert "additional tokens" not in jax_gna.explain(q, k, v, 5, backend="cuda")
+    assert cuda.dense_blocker((1, 8, 4, 64), (1, 77, 2, 64), (1, 77, 2, 64), jnp.bfloat16) == (
+        "fewer queries (8) than tokens (77)")
