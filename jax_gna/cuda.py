@@ -479,6 +479,12 @@ DENSE_MIN_KEYS = 64
 _MAX_BATCH = 65535  # the kernels' largest batch (grid dimension)
 
 
+def _token_grid(tokens: int, scale: float = 1.0) -> Problem:
+    """The 1-D problem of :func:`dense_attention`: ``tokens`` positions, each window all of them."""
+    return Problem(shape=(tokens,), kernel_size=(tokens,), stride=(1,), dilation=(1,),
+                   is_causal=(False,), scale=scale)
+
+
 def dense_blocker(query_shape, key_shape, value_shape, dtype) -> str | None:
     """Why :func:`dense_attention` leaves these additional tokens (``key_shape`` ``[B, S,
     H_kv, D]``) to XLA; None when they run on the kernels."""
@@ -490,9 +496,7 @@ def dense_blocker(query_shape, key_shape, value_shape, dtype) -> str | None:
     if math.prod(spatial) < s:
         return f"fewer queries ({math.prod(spatial)}) than tokens ({s})"
     h, d, h_kv, d_v = query_shape[-2], query_shape[-1], key_shape[-2], value_shape[-1]
-    grid = Problem(shape=(s,), kernel_size=(s,), stride=(1,), dilation=(1,), is_causal=(False,),
-                   scale=1.0)
-    return unsupported_reason(grid, (1, s, h, d), (1, s, h_kv, d), (1, s, h_kv, d_v), dtype)
+    return unsupported_reason(_token_grid(s), (1, s, h, d), (1, s, h_kv, d), (1, s, h_kv, d_v), dtype)
 
 
 def dense_attention(query, key, value, scale: float, poison: bool = False):
@@ -515,8 +519,7 @@ def dense_attention(query, key, value, scale: float, poison: bool = False):
     b, *spatial, h, d = query.shape
     s, h_kv, d_v = key.shape[1], key.shape[2], value.shape[-1]
     n = math.prod(spatial)
-    grid = Problem(shape=(s,), kernel_size=(s,), stride=(1,), dilation=(1,), is_causal=(False,),
-                   scale=scale)
+    grid = _token_grid(s, scale)
     m = -(-n // s)  # blocks per batch entry
     q = query.reshape(b, n, h, d)
     if m * s != n:

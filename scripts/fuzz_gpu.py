@@ -89,6 +89,18 @@ def draw(rng: np.random.Generator, devices: int = 1) -> dict:
                 seed=int(rng.integers(0, 2 ** 31)), extra=extra, layout=layout)
 
 
+def rel_error(a, r) -> float:
+    """Relative L2 error of ``a`` against ``r`` in float64; infinite if ``a`` holds a
+    non-finite element (an unwritten, NaN-poisoned one)."""
+    import jax.numpy as jnp
+
+    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+    r = np.asarray(jnp.asarray(r, jnp.float32), np.float64)
+    if not np.isfinite(a).all():
+        return float("inf")
+    return float(np.linalg.norm(a - r) / max(np.linalg.norm(r), 1e-30))
+
+
 def _specs(case: dict, rank: int):
     """Partition specs (query, key/value, additional keys) over mesh axis "x"."""
     from jax.sharding import PartitionSpec as P
@@ -168,16 +180,9 @@ def run_case(case: dict, impl=None, devices=None) -> dict:
                               d_out=f64(w) if case["grads"] else None, d_lse=f64(u))
     ro, rl, rg = ref[0], ref[1], (ref[2] if case["grads"] else ())
 
-    def rel(a, r):
-        a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-        r = np.asarray(jnp.asarray(r, jnp.float32), np.float64)
-        if not np.isfinite(a).all():
-            return float("inf")
-        return float(np.linalg.norm(a - r) / max(np.linalg.norm(r), 1e-30))
-
     names = ("dq", "dk", "dv", "d_extra_k", "d_extra_v")
-    errs = {"out": rel(o, ro), "lse": rel(l, rl)}
-    errs.update({n: rel(a, r) for n, a, r in zip(names, g, rg)})
+    errs = {"out": rel_error(o, ro), "lse": rel_error(l, rl)}
+    errs.update({n: rel_error(a, r) for n, a, r in zip(names, g, rg)})
     t_out, t_lse, t_grad = TOL[case["dtype"]]
     limits = {"out": t_out, "lse": t_lse, **{n: t_grad for n in names}}
     worst = max(errs[n] / limits[n] for n in errs)
