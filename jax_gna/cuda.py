@@ -36,7 +36,7 @@ import functools
 import math
 import os
 import threading
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -312,9 +312,12 @@ def _forward_call(query, key, value, problem: Problem, poison: bool = False,
                                                 jnp.full(query.shape[:-1], jnp.nan, jnp.float32))
         call = jax.ffi.ffi_call(FWD_TARGET + "_aliased", results, vmap_method="broadcast_all",
                                 input_output_aliases={3: 0, 4: 1})
-        return call(query, key, value, o0, l0, **_attrs(problem, devices))
-    call = jax.ffi.ffi_call(FWD_TARGET, results, vmap_method="broadcast_all")
-    return call(query, key, value, **_attrs(problem, devices))
+        outs = call(query, key, value, o0, l0, **_attrs(problem, devices))
+    else:
+        call = jax.ffi.ffi_call(FWD_TARGET, results, vmap_method="broadcast_all")
+        outs = call(query, key, value, **_attrs(problem, devices))
+    # inside shard_map, typed like the inputs (an FFI call's results are typed invariant)
+    return tuple(xla.vary_like(x, query, key, value) for x in outs)
 
 
 def _backward_call(query, key, value, dout, lse, delta, problem: Problem, poison: bool = False,
@@ -324,12 +327,17 @@ def _backward_call(query, key, value, dout, lse, delta, problem: Problem, poison
                jax.ShapeDtypeStruct(key.shape, key.dtype),
                jax.ShapeDtypeStruct(value.shape, value.dtype))
     if poison:
-        inits = [jnp.full(r.shape, jnp.nan, r.dtype) for r in results]
+        # Three different fills: XLA merges equal fills of equal shapes into one buffer,
+        # and a call with that buffer aliased to two of its outputs wrote dV over dK on
+        # an H200 (scripts/poison_alias_probe.py; benchmarks/results/extra-tokens-h200.md).
+        inits = [jnp.full(r.shape, f, r.dtype) for r, f in zip(results, (jnp.nan, jnp.inf, -jnp.inf))]
         call = jax.ffi.ffi_call(BWD_TARGET + "_aliased", results, vmap_method="broadcast_all",
                                 input_output_aliases={6: 0, 7: 1, 8: 2})
-        return call(query, key, value, dout, lse, delta, *inits, **_attrs(problem, devices))
-    call = jax.ffi.ffi_call(BWD_TARGET, results, vmap_method="broadcast_all")
-    return call(query, key, value, dout, lse, delta, **_attrs(problem, devices))
+        outs = call(query, key, value, dout, lse, delta, *inits, **_attrs(problem, devices))
+    else:
+        call = jax.ffi.ffi_call(BWD_TARGET, results, vmap_method="broadcast_all")
+        outs = call(query, key, value, dout, lse, delta, **_attrs(problem, devices))
+    return tuple(xla.vary_like(x, query, key, value, dout) for x in outs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -499,40 +507,109 @@ def dense_blocker(query_shape, key_shape, value_shape, dtype) -> str | None:
     return unsupported_reason(_token_grid(s), (1, s, h, d), (1, s, h_kv, d), (1, s, h_kv, d_v), dtype)
 
 
+def _dense_blocks(x: jax.Array, rank: int, s: int) -> jax.Array:
+    """``[B, *spatial, *rest]`` (``rank`` spatial axes, ``N`` tokens) -> ``[B * m, s,
+    *rest]``: zero-padded to ``m`` whole blocks of ``s`` tokens, stacked in the batch."""
+    b, rest = x.shape[0], x.shape[1 + rank:]
+    n = math.prod(x.shape[1:1 + rank])
+    m = -(-n // s)
+    x = x.reshape((b, n) + rest)
+    if m * s != n:
+        x = jnp.pad(x, [(0, 0), (0, m * s - n)] + [(0, 0)] * len(rest))
+    return x.reshape((b * m, s) + rest)
+
+
+def _dense_unblock(x: jax.Array, spatial: Sequence[int]) -> jax.Array:
+    """The inverse of :func:`_dense_blocks`: ``[B * m, s, *rest]`` -> ``[B, *spatial, *rest]``."""
+    n = math.prod(spatial)
+    b = x.shape[0] // -(-n // x.shape[1])  # B * m blocks of m = ceil(N / s) each
+    return x.reshape((b, -1) + x.shape[2:])[:, :n].reshape((b, *spatial) + x.shape[2:])
+
+
+def _dense_chunks(b: int, m: int):
+    """The kernels' batch chunks (at most ``_MAX_BATCH`` entries) of ``b * m`` blocks."""
+    return [slice(i, i + _MAX_BATCH) for i in range(0, b * m, _MAX_BATCH)]
+
+
+def _broadcast_blocks(x: jax.Array, m: int) -> jax.Array:
+    """The tokens ``[B, S, ...]`` for every one of the ``m`` query blocks: ``[B * m, S, ...]``."""
+    return jnp.broadcast_to(x[:, None], (x.shape[0], m) + x.shape[1:]).reshape(
+        (x.shape[0] * m,) + x.shape[1:])
+
+
+def _dense_forward(query, key, value, scale, poison):
+    rank, s = query.ndim - 3, key.shape[1]
+    grid = _token_grid(s, scale)
+    q = _dense_blocks(query, rank, s)
+    m = q.shape[0] // query.shape[0]
+    k, v = _broadcast_blocks(key, m), _broadcast_blocks(value, m)
+    parts = [_forward_call(q[c], k[c], v[c], grid, poison) for c in _dense_chunks(query.shape[0], m)]
+    out = jnp.concatenate([o for o, _ in parts]) if len(parts) > 1 else parts[0][0]
+    lse = jnp.concatenate([l for _, l in parts]) if len(parts) > 1 else parts[0][1]
+    spatial = query.shape[1:1 + rank]
+    return _dense_unblock(out, spatial), _dense_unblock(lse, spatial)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _dense(query, key, value, scale, poison):
+    return _dense_forward(query, key, value, scale, poison)
+
+
+def _dense_fwd(query, key, value, scale, poison):
+    out, lse = _dense_forward(query, key, value, scale, poison)
+    return (out, lse), (query, key, value, out, lse)  # the tokens unbroadcast
+
+
+def _dense_bwd(scale, poison, residuals, cotangents):
+    return dense_backward(*residuals, *cotangents, scale, poison)
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
+
+
 def dense_attention(query, key, value, scale: float, poison: bool = False):
     """Every query over all ``S`` tokens of ``key``/``value`` (``[B, S, H_kv, D]``), with
     the log-sum-exp: the additional tokens of the public op, on the kernels. The queries
     ``[B, *spatial, H, D]`` (``N`` tokens) are padded with zeros to a multiple of ``S``
     and cut into blocks of ``S`` stacked in the batch, each a 1-D problem on ``S``
     positions whose window (``kernel_size = S``) is every key; the keys are broadcast to
-    every block (a copy of ``N x H_kv x (D + D_v)`` elements). Falls back to
-    ``xla.dense_attention`` below ``DENSE_MIN_KEYS`` tokens, with fewer queries than
-    tokens, or where the kernels do not take the shapes or dtype. ``poison``: the test
-    hook of :func:`_attention_poisoned`.
+    every block (a copy of ``N x H_kv x (D + D_v)`` elements, made again in the backward
+    rather than saved). Falls back to ``xla.dense_attention`` below ``DENSE_MIN_KEYS``
+    tokens, with fewer queries than tokens, or where the kernels do not take the shapes
+    or dtype. Its backward is :func:`dense_backward`. ``poison``: the test hook of
+    :func:`_attention_poisoned`.
 
     (A first version ran the last ``N % S`` queries as one short query block over the
-    tokens, a separate call: on an H200 its gradients of the tokens' keys came out wrong
-    where both calls ran and heads > 1, not yet explained; padding avoids it. See
-    ``benchmarks/results/extra-tokens-h200.md``.)"""
+    tokens, a separate call. Its poisoned test runs gave wrong key gradients: XLA had
+    merged the NaN fills of dK and dV into one buffer, aliased to both outputs, see
+    :func:`_backward_call`. Padding is one call and faster.)"""
     if dense_blocker(query.shape, key.shape, value.shape, query.dtype):
         return xla.dense_attention(query, key, value, scale)
-    b, *spatial, h, d = query.shape
-    s, h_kv, d_v = key.shape[1], key.shape[2], value.shape[-1]
-    n = math.prod(spatial)
+    return _dense(query, xla.vary_like(key, query), xla.vary_like(value, query), scale, poison)
+
+
+def dense_backward(query, key, value, out, lse, d_out, d_lse, scale: float, poison: bool = False):
+    """``(dq, dk, dv)`` of :func:`dense_attention` from its saved ``out`` and ``lse``: the
+    same blocks on the backward kernels (no forward recomputed), the tokens' gradients
+    summed over the blocks in float32. ``xla.dense_backward`` where
+    :func:`dense_attention` falls back to XLA. The protocol's ``dense.backward``
+    (``jax_gna.sharding``)."""
+    if dense_blocker(query.shape, key.shape, value.shape, query.dtype):
+        return xla.dense_backward(query, key, value, out, lse, d_out, d_lse, scale)
+    rank, (b, s) = query.ndim - 3, key.shape[:2]
     grid = _token_grid(s, scale)
-    m = -(-n // s)  # blocks per batch entry
-    q = query.reshape(b, n, h, d)
-    if m * s != n:
-        q = jnp.pad(q, ((0, 0), (0, m * s - n), (0, 0), (0, 0)))
-    q = q.reshape(b * m, s, h, d)
-    k, v = (jnp.broadcast_to(x[:, None], (b, m) + x.shape[1:]).reshape((b * m,) + x.shape[1:])
-            for x in (key, value))
-    parts = [_attention(q[i:i + _MAX_BATCH], k[i:i + _MAX_BATCH], v[i:i + _MAX_BATCH], grid,
-                        poison, ()) for i in range(0, b * m, _MAX_BATCH)]
-    out = parts[0][0] if len(parts) == 1 else jnp.concatenate([o for o, _ in parts])
-    lse = parts[0][1] if len(parts) == 1 else jnp.concatenate([l for _, l in parts])
-    out, lse = out.reshape(b, m * s, h, d_v)[:, :n], lse.reshape(b, m * s, h)[:, :n]
-    return out.reshape(b, *spatial, h, d_v), lse.reshape(b, *spatial, h)
+    q, o, l, do, dl = (_dense_blocks(x, rank, s) for x in (query, out, lse, d_out, d_lse))
+    m = q.shape[0] // b
+    k, v = _broadcast_blocks(key, m), _broadcast_blocks(value, m)
+    parts = [_attention_bwd(grid, poison, (), (q[c], k[c], v[c], o[c], l[c]), (do[c], dl[c]))
+             for c in _dense_chunks(b, m)]
+    dq, dk, dv = (jnp.concatenate(x) if len(parts) > 1 else x[0] for x in zip(*parts))
+    dk, dv = (x.astype(jnp.float32).reshape((b, m) + x.shape[1:]).sum(axis=1).astype(x.dtype)
+              for x in (dk, dv))
+    return _dense_unblock(dq, query.shape[1:1 + rank]), dk, dv
+
+
+dense_attention.backward = dense_backward
 
 
 attention.backward = _backward
@@ -544,14 +621,16 @@ attention.by_device_split = _by_device_split
 
 
 def _attention_poisoned(query, key, value, problem: Problem):
-    """Test hook: like :func:`attention`, but the kernels' output buffers start as NaN,
-    in every pass and sharded call (its protocol attributes are poisoned too), so an
-    element no kernel writes shows as NaN."""
+    """Test hook: like :func:`attention`, but the kernels' output buffers start as NaN
+    (the backward's dK and dV as +inf and -inf), in every pass and sharded call (its
+    protocol attributes are poisoned too), so an element no kernel writes shows as
+    NaN or inf."""
     return _run(query, key, value, problem, True)
 
 
 _attention_poisoned.backward = functools.partial(_backward, poison=True)
 _attention_poisoned.dense = functools.partial(dense_attention, poison=True)
+_attention_poisoned.dense.backward = functools.partial(dense_backward, poison=True)
 _attention_poisoned.fold_shards = _fold_flags
 _attention_poisoned.by_device = functools.partial(_by_device, poison=True)
 _attention_poisoned.backward_by_device = functools.partial(_backward_by_device, poison=True)

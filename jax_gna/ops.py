@@ -87,6 +87,14 @@ if _cuda_module() is not None:  # its backward, so that sharded calls recompute 
             q, k, v, cuda=lambda *a: _cuda_module().dense_attention(*a, scale),
             default=lambda *a: xla.dense_attention(*a, scale))
 
+    def _auto_dense_backward(q, k, v, out, lse, d_out, d_lse, scale):
+        """Its backward from the saved ``out``/``lse`` (sharded calls recompute nothing)."""
+        return jax.lax.platform_dependent(
+            q, k, v, out, lse, d_out, d_lse,
+            cuda=lambda *a: _cuda_module().dense_backward(*a, scale),
+            default=lambda *a: xla.dense_backward(*a, scale))
+
+    _auto_dense.backward = _auto_dense_backward
     _auto_attention.dense = _auto_dense
 
 

@@ -1154,9 +1154,16 @@ def dense_of(impl: Impl) -> Dense:
     return getattr(impl, "dense", xla.dense_attention)
 
 
-def _dense_local_backward(q, k, v, d_out, d_lse, scale, spatial, dense):
-    _, vjp = jax.vjp(lambda q, k, v: dense(q, k, v, scale), q, k, v)
-    dq, dk, dv = vjp((d_out, d_lse))
+def _dense_local_backward(q, k, v, out, lse, d_out, d_lse, scale, spatial, dense):
+    """One shard's gradients of the dense part: from the saved ``out``/``lse`` through
+    ``dense.backward(q, k, v, out, lse, d_out, d_lse, scale)`` where the backend has one
+    (``xla``, ``cuda``), else by recomputing its forward (``jax.vjp``)."""
+    backward = getattr(dense, "backward", None)
+    if backward is not None:
+        dq, dk, dv = backward(q, k, v, out, lse, d_out, d_lse, scale)
+    else:
+        _, vjp = jax.vjp(lambda q, k, v: dense(q, k, v, scale), q, k, v)
+        dq, dk, dv = vjp((d_out, d_lse))
     if spatial:  # every spatial shard saw all extra tokens: sum their gradients
         dk, dv = jax.lax.psum((dk, dv), spatial)
     return dq, dk, dv
@@ -1167,7 +1174,8 @@ def _dense_partitioned(scale: float, rank: int, groups: int, kv_heads: int, dens
 
     fwd = custom_partitioning(jax.jit(lambda q, k, v: dense(q, k, v, scale)))
     bwd = custom_partitioning(jax.jit(
-        lambda q, k, v, do, dl: _dense_local_backward(q, k, v, do, dl, scale, (), dense)))
+        lambda q, k, v, o, l, do, dl: _dense_local_backward(q, k, v, o, l, do, dl, scale, (),
+                                                            dense)))
 
     def shardings(mesh, arg_shapes):
         sh = arg_shapes[0].sharding
@@ -1190,10 +1198,10 @@ def _dense_partitioned(scale: float, rank: int, groups: int, kv_heads: int, dens
     def partition_bwd(mesh, arg_shapes, result_shape):
         mesh, spatial, data, lse, extra = shardings(mesh, arg_shapes)
 
-        def lower(q, k, v, do, dl):
-            return _dense_local_backward(q, k, v, do, dl, scale, spatial, dense)
+        def lower(q, k, v, o, l, do, dl):
+            return _dense_local_backward(q, k, v, o, l, do, dl, scale, spatial, dense)
 
-        return mesh, lower, (data, extra, extra), (data, extra, extra, data, lse)
+        return mesh, lower, (data, extra, extra), (data, extra, extra, data, lse, data, lse)
 
     sp = " ".join("xyz"[:rank])
     if groups > 1:
@@ -1208,21 +1216,21 @@ def _dense_partitioned(scale: float, rank: int, groups: int, kv_heads: int, dens
     fwd.def_partition(partition=partition_fwd, sharding_rule=f"{q}, {k}, {v} -> {o}, {lse}",
                       **factors)
     bwd.def_partition(partition=partition_bwd,
-                      sharding_rule=f"{q}, {k}, {v}, {o}, {lse} -> {q}, {k}, {v}", **factors)
+                      sharding_rule=f"{q}, {k}, {v}, {o}, {lse}, {o}, {lse} -> {q}, {k}, {v}",
+                      **factors)
 
     @jax.custom_vjp
     def op(q, k, v):
         return fwd(q, k, v)
 
     def op_fwd(q, k, v):
-        return fwd(q, k, v), (q, k, v)
+        out, lse = fwd(q, k, v)
+        return (out, lse), (q, k, v, out, lse)
 
     def op_bwd(res, cot):
-        q, k, v = res
+        q, k, v, out, lse = res
         d_out, d_lse = cot
-        out_dtype = q.dtype
-        return tuple(bwd(q, k, v, d_out.astype(out_dtype), d_lse.astype(jnp.result_type(
-            jnp.float64 if q.dtype == jnp.float64 else jnp.float32))))
+        return tuple(bwd(q, k, v, out, lse, d_out.astype(out.dtype), d_lse.astype(lse.dtype)))
 
     op.defvjp(op_fwd, op_bwd)
     return op

@@ -5,7 +5,7 @@ axis, a batch, heads (grouped-query sometimes), head dims (mostly ones the Hoppe
 take, sometimes any multiple of 8 up to 256, sometimes D_v != D), a dtype and sometimes
 additional keys/values (global tokens in the same softmax) from a seeded generator. It
 runs the op's own computation (``ops._compute``) on ``cuda._attention_poisoned`` (outputs
-start as NaN; the same dispatch as the public op: Hopper kernels, dilation fold or sm80
+start as NaN or inf; the same dispatch as the public op: Hopper kernels, dilation fold or sm80
 kernels) under ``jax.jit``, forward, and in most cases the gradients of a loss over out
 and lse, and compares them with the float64 NumPy brute force (``jax_gna.reference``,
 which shares no code with the backends) with the GPU tests' tolerances
@@ -91,7 +91,7 @@ def draw(rng: np.random.Generator, devices: int = 1) -> dict:
 
 def rel_error(a, r) -> float:
     """Relative L2 error of ``a`` against ``r`` in float64; infinite if ``a`` holds a
-    non-finite element (an unwritten, NaN-poisoned one)."""
+    non-finite element (an unwritten, poisoned one)."""
     import jax.numpy as jnp
 
     a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)

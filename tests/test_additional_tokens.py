@@ -138,3 +138,78 @@ def test_explain_says_where_the_tokens_run(monkeypatch):
     assert "additional tokens" not in jax_gna.explain(q, k, v, 5, backend="cuda")
     assert cuda.dense_blocker((1, 8, 4, 64), (1, 77, 2, 64), (1, 77, 2, 64), jnp.bfloat16) == (
         "fewer queries (8) than tokens (77)")
+
+
+@pytest.mark.parametrize("which", ["attention", "dense_attention"])
+def test_kernel_calls_type_check_under_shard_map(monkeypatch, which):
+    """The real FFI calls traced (not run: no GPU needed) inside ``shard_map`` with the
+    queries split over a mesh axis, differentiated: an FFI call's results come out typed
+    invariant, so without ``xla.vary_like`` on them the custom_vjp's gradients (dq above
+    all) do not match the inputs' types and JAX refuses the backward. Before, gradients
+    of ``neighborhood_attention_sharded(..., backend="cuda")`` failed this way (seen on
+    two H200s with additional tokens; both calls fail this trace without the cast)."""
+    monkeypatch.setattr(cuda, "unsupported_reason", lambda *a: None)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("cx",))
+    q, k, v = jnp.zeros((1, 128, 4, 64)), jnp.zeros((1, 128, 2, 64)), jnp.zeros((1, 128, 2, 64))
+    t = jnp.zeros((1, 64, 2, 64))  # 64 tokens: on the kernels
+    split, rep = jax.sharding.PartitionSpec(None, "cx"), jax.sharding.PartitionSpec()
+    problem = Problem(shape=(128,), kernel_size=(9,), stride=(1,), dilation=(1,),
+                      is_causal=(False,), scale=0.125)
+    if which == "attention":
+        body, specs = (lambda q, k, v: cuda.attention(q, k, v, problem)), (split, split, split)
+    else:
+        body, specs = (lambda q, k, v: cuda.dense_attention(q, k, v, 0.125)), (split, rep, rep)
+
+    def loss(q, k, v):
+        out, lse = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=(split, split))(q, k, v)
+        return jnp.sum(out) + jnp.sum(lse)
+
+    args = (q, t, t) if which == "dense_attention" else (q, k, v)
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(*args))
+    assert jaxpr.count("ffi_call") >= 2, jaxpr[:2000]  # forward and backward kernel calls
+
+
+def test_cuda_dense_under_shard_map_with_split_queries(monkeypatch):
+    """Inside shard_map the queries vary over a spatial mesh axis and the tokens do not:
+    the tokens' gradients (partial sums per shard) must still match their type, and sum
+    over the shards (``xla.vary_like``). Before, JAX refused to differentiate this (the
+    custom_vjp's dK varied over the axis, K did not). One device is enough to type it."""
+    _fake_kernels(monkeypatch, [])
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("cx",))
+    rng = np.random.default_rng(5)
+    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+               for s in ((1, 12, 4, 8), (1, 5, 2, 8), (1, 5, 2, 8)))
+    spec, rep = jax.sharding.PartitionSpec(None, "cx"), jax.sharding.PartitionSpec()
+
+    def loss(dense, q, k, v):
+        out, lse = jax.shard_map(lambda q, k, v: dense(q, k, v, 0.3), mesh=mesh,
+                                 in_specs=(spec, rep, rep), out_specs=(spec, spec))(q, k, v)
+        return jnp.sum(out * out) + jnp.sum(jnp.sin(lse))
+
+    got = jax.jit(jax.grad(lambda *a: loss(cuda.dense_attention, *a), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(lambda *a: loss(xla.dense_attention, *a), argnums=(0, 1, 2))(q, k, v)
+    for a, w in zip(got, want):
+        np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES[1::3])
+def test_cuda_dense_backward_from_saved_outputs(monkeypatch, case):
+    """``cuda.dense_backward`` (the sharded path's ``dense.backward``): the gradients from a
+    saved out / lse on the backward kernels alone, no forward call, the same as the
+    custom_vjp's."""
+    spatial, s, b, max_batch, batches = case
+    calls = []
+    _fake_kernels(monkeypatch, calls)
+    monkeypatch.setattr(cuda, "_MAX_BATCH", max_batch)
+    rng = np.random.default_rng(len(spatial) * 10 + s + 1)
+    q = rng.standard_normal((b, *spatial, 4, 8))
+    k, v = rng.standard_normal((b, s, 2, 8)), rng.standard_normal((b, s, 2, 6))
+    d_out, d_lse = rng.standard_normal((b, *spatial, 4, 6)), rng.standard_normal((b, *spatial, 4))
+    with jax.enable_x64(True):
+        (out, lse), vjp = jax.vjp(lambda q, k, v: cuda.dense_attention(q, k, v, 0.3), q, k, v)
+        want = vjp((d_out, d_lse))
+        del calls[:]
+        got = cuda.dense_backward(q, k, v, out, lse, d_out, d_lse, 0.3)
+    assert [c[0] for c in calls] == ["bwd"] * len(batches), calls
+    for a, w in zip(got, want):
+        assert a.shape == w.shape and np.allclose(np.asarray(a), np.asarray(w), rtol=1e-12, atol=1e-12)

@@ -107,7 +107,7 @@ EXTRA_CASES = ["explicit_shard_map_1d", "explicit_shard_map_2d_additional_kv",
                "error_uneven_split", "error_explicit_api", "vmap_falls_back",
                "explicit_axis_types_set_mesh", "nnx_training_step_data2_context4",
                "backend_without_backward_recomputes", "dilated_shards_fold", "auto_by_device_table",
-               "auto_split_forward", "bf16_words_exchange"]
+               "auto_split_forward", "bf16_words_exchange", "dense_saved_backward"]
 ALL_CASES = list(CASES) + list(LOCAL_CASES) + EXTRA_CASES
 
 
@@ -616,6 +616,55 @@ def _worker():  # pragma: no cover - runs in the subprocess
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
         return "ok (forward and grad of vmap)"
 
+    def dense_saved_backward():
+        """The additional tokens' partitioned backward (sharding.dense_attention under jit,
+        queries split over context x heads): from the saved out / lse through
+        ``dense.backward`` where the dense function has one, by recomputing the forward
+        where it has none; both against the unsharded xla.dense_attention."""
+        from jax_gna import xla
+
+        mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("context", "heads"))
+        rng = np.random.default_rng(7)
+        mk = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
+        q, do, dl = mk(2, 16, 4, 8), mk(2, 16, 4, 6), mk(2, 16, 4)
+        ak, av = mk(2, 5, 2, 8), mk(2, 5, 2, 6)
+        seen = []
+
+        def saved(q, k, v, scale):
+            seen.append("fwd")
+            return xla.dense_attention(q, k, v, scale)
+
+        def saved_backward(*a):
+            seen.append("bwd")
+            return xla.dense_backward(*a)
+
+        saved.backward = saved_backward
+        bare = lambda q, k, v, scale: xla.dense_attention(q, k, v, scale)  # noqa: E731
+
+        def f(dense, q, k, v, do, dl):
+            (o, l), vjp = jax.vjp(lambda q, k, v: sharding.dense_attention(q, k, v, 0.3, dense),
+                                  q, k, v)
+            return (o, l) + tuple(vjp((do, dl)))
+
+        old = sharding.set_auto_partitioning(False)
+        want = [np.asarray(x) for x in jax.jit(lambda *a: f(xla.dense_attention, *a))(
+            q, ak, av, do, dl)]
+        sharding.set_auto_partitioning(old)
+        data = NamedSharding(mesh, P(None, "context", "heads", None))
+        lse = NamedSharding(mesh, P(None, "context", "heads"))
+        extra = NamedSharding(mesh, P(None, None, "heads", None))
+        args = [jax.device_put(x, s) for x, s in zip((q, ak, av, do, dl),
+                                                        (data, extra, extra, data, lse))]
+        msgs = []
+        for name, dense in (("saved", saved), ("recomputed", bare)):
+            compiled = jax.jit(lambda *a: f(dense, *a)).lower(*args).compile()
+            errs = compare(compiled(*args), want)
+            coll = collectives(compiled.as_text())
+            assert coll["all-reduce"] == 1 and not coll["all-gather"], coll
+            msgs.append(f"{name}: max rel err {max(errs.values()):.2e}")
+        assert "bwd" in seen, seen  # the saved path ran dense.backward
+        return "; ".join(msgs) + f"; HLO collectives {coll}"
+
     def backend_without_backward():
         """A backend that exposes no backward: the partitioned backward recomputes the
         forward (jax.vjp) on each shard's block."""
@@ -929,6 +978,7 @@ def _worker():  # pragma: no cover - runs in the subprocess
                  "auto_by_device_table": auto_by_device,
                  "auto_split_forward": auto_split,
                  "bf16_words_exchange": bf16_words,
+                 "dense_saved_backward": dense_saved_backward,
                  "nnx_training_step_data2_context4": nnx_training_step})
     only = sys.argv[2:]
     report = {}

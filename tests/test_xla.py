@@ -247,3 +247,48 @@ def test_memory_is_linear_in_tokens():
     temp2 = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(
         spec2, spec2, spec2).compile().memory_analysis().temp_size_in_bytes
     assert temp2 < 3 * temp, (temp, temp2)
+
+
+def _plain_attention(q, k, v, scale):
+    """Softmax attention of every query over all keys, by jnp and autodiff: [B, N, H, D]."""
+    g = q.shape[-2] // k.shape[-2]
+    k, v = jnp.repeat(k, g, axis=-2), jnp.repeat(v, g, axis=-2)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    lse = jax.nn.logsumexp(s, axis=-1)
+    out = jnp.einsum("bhqk,bkhe->bqhe", jnp.exp(s - lse[..., None]), v)
+    return out, lse.transpose(0, 2, 1)
+
+
+@pytest.mark.parametrize("spatial,chunk", [((30,), 7), ((5, 6), 30), ((2, 3, 5), 4)])
+@pytest.mark.parametrize("dtype,rtol", [(jnp.float64, 1e-12), (jnp.float32, 1e-5),
+                                        (jnp.bfloat16, 2e-2)])
+def test_dense_attention_and_its_backward(spatial, chunk, dtype, rtol):
+    """xla.dense_attention (chunks of queries, the last one padded) and its hand-written
+    backward from the saved out / lse (xla.dense_backward, also the sharded path's) against
+    plain attention differentiated by JAX in float64: GQA, D_v != D, the lse's gradient."""
+    rng = np.random.default_rng(len(spatial) * 100 + chunk)
+    b, h, h_kv, d, d_v, s = 2, 4, 2, 8, 6, 9
+    q = rng.standard_normal((b, *spatial, h, d))
+    k, v = rng.standard_normal((b, s, h_kv, d)), rng.standard_normal((b, s, h_kv, d_v))
+    d_out = rng.standard_normal((b, *spatial, h, d_v))
+    d_lse = rng.standard_normal((b, *spatial, h))
+    n = math.prod(spatial)
+    flat = lambda x: x.reshape(b, n, *x.shape[1 + len(spatial):])  # noqa: E731
+    with jax.enable_x64(True):
+        (want_out, want_lse), vjp = jax.vjp(lambda q, k, v: _plain_attention(flat(q), k, v, 0.4),
+                                            q, k, v)
+        want = (want_out, want_lse) + vjp((flat(d_out), flat(d_lse)))
+        cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
+        (out, lse), vjp = jax.vjp(lambda q, k, v: xla.dense_attention(q, k, v, 0.4, chunk=chunk),
+                                  cast(q), cast(k), cast(v))
+        got = (out, lse) + vjp((cast(d_out), jnp.asarray(d_lse, lse.dtype)))
+        again = xla.dense_backward(cast(q), cast(k), cast(v), out, lse, cast(d_out),
+                                   jnp.asarray(d_lse, lse.dtype), 0.4, chunk=chunk)
+    assert out.dtype == dtype and lse.dtype == (jnp.float64 if dtype == jnp.float64 else jnp.float32)
+    for name, a, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        a, w = np.asarray(a, np.float64), np.asarray(w)
+        a = a.reshape(w.shape)
+        err = np.abs(a - w).max() / max(np.abs(w).max(), 1.0)
+        assert err <= rtol, f"{name}: relative error {err:.2e} > {rtol:.0e}"
+    for a, w in zip(again, got[2:]):
+        assert a.dtype == w.dtype and np.array_equal(np.asarray(a), np.asarray(w))
