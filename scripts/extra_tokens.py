@@ -17,8 +17,11 @@ head dim 128, forward and forward+backward, all in one process
               its error against ``xla``
   cudnn       cuDNN's fused attention of the queries over the S tokens
               (``jax.nn.dot_product_attention``, no log-sum-exp): a bound for a fused kernel
+  na+extra-recompute  (asked for by name) na+extra with the tokens' partitioned backward
+              recomputing their forward (``dense.backward`` removed while tracing)
 
-usage: python3 scripts/extra_tokens.py [--out FILE.json] [--extra 16,77,512]
+usage: python3 scripts/extra_tokens.py [--out FILE.json] [--extra 16,77,512] [--variants xla,kernel]
+       [--devices 2 --variants na,na+extra,na+extra-recompute --passes fwdbwd]
 """
 
 from __future__ import annotations
@@ -36,15 +39,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROBLEMS = {
     "2d_w80_s16": ((256, 256), 24, (80, 80), (16, 16)),
     "1d_w2048": ((32768,), 8, (2048,), (1,)),
+    "3d_w18x24x24_s16x8x8": ((30, 48, 80), 24, (18, 24, 24), (16, 8, 8)),
 }
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="extra-tokens.json")
-    ap.add_argument("--problems", default=",".join(PROBLEMS))
+    ap.add_argument("--problems", default="2d_w80_s16,1d_w2048")
     ap.add_argument("--extra", default="16,77,512")
     ap.add_argument("--passes", default="fwd,fwdbwd")
+    ap.add_argument("--variants", default="na,na+extra,na+xla,xla,kernel,cudnn",
+                    help="which of the variants above to time")
+    ap.add_argument("--devices", type=int, default=1,
+                    help="split the queries' last spatial axis over this many GPUs (the "
+                         "partitioned op under jit); adds the variant na+extra-recompute: the "
+                         "tokens' backward recomputing their forward, as before it took the "
+                         "saved out / lse")
     args = ap.parse_args(argv)
 
     import jax
@@ -60,6 +71,12 @@ def main(argv=None) -> int:
         rng = np.random.default_rng(0)
         q, k, v, do = (jnp.asarray(rng.standard_normal((1, *shape, heads, 128)), jnp.bfloat16)
                        for _ in range(4))
+        if args.devices > 1:
+            from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+            mesh = Mesh(np.array(jax.devices()[:args.devices]), ("x",))
+            split = NamedSharding(mesh, PartitionSpec(*[None] * len(shape), "x"))
+            q, k, v, do = (jax.device_put(x, split) for x in (q, k, v, do))
         scale = 128 ** -0.5
         problem = make_problem(q, k, v, kernel, stride)
         for s in (int(x) for x in args.extra.split(",")):
@@ -83,6 +100,7 @@ def main(argv=None) -> int:
                 "cudnn": lambda q, k, v: jax.nn.dot_product_attention(
                     flat(q), ek, ev, scale=scale, implementation="cudnn").reshape(q.shape),
             }
+            variants["na+extra-recompute"] = variants["na+extra"]  # traced without .backward
             least = cuda.DENSE_MIN_KEYS
             cuda.DENSE_MIN_KEYS = 2  # "kernel": the kernels for every S (read while tracing)
             got = jax.jit(lambda q: cuda.dense_attention(q, ek, ev, scale))(q)
@@ -94,7 +112,11 @@ def main(argv=None) -> int:
             print(f"{name} S={s}: kernel against xla {errs}", flush=True)
             for pass_ in args.passes.split(","):
                 for label, f in variants.items():
+                    if label not in args.variants.split(","):
+                        continue
                     cuda.DENSE_MIN_KEYS = 2 if label == "kernel" else least
+                    if label == "na+extra-recompute":
+                        del cuda.dense_attention.backward
                     try:
                         fn, fargs = bench.pass_fn(f, pass_, q, k, v, do, ())
                         t = bench.measure(fn, fargs)["time_s"]
@@ -103,7 +125,9 @@ def main(argv=None) -> int:
                         t = None
                     finally:
                         cuda.DENSE_MIN_KEYS = least
+                        cuda.dense_attention.backward = cuda.dense_backward
                     records.append({"problem": name, "extra": s, "pass": pass_, "variant": label,
+                                    "devices": args.devices,
                                     "time_s": t, "errs_kernel_vs_xla": errs})
                     print(f"{name:12s} S={s:5d} {pass_:7s} {label:9s} "
                           + ("failed" if t is None else f"{t * 1e3:9.3f} ms"), flush=True)
