@@ -502,8 +502,12 @@ def vary_like(x: jax.Array, *refs: jax.Array) -> jax.Array:
         axes = getattr(aval, "manual_axis_type", None)
         return set(axes.varying) if axes is not None else set(getattr(aval, "vma", ()))
 
-    missing = set().union(*map(varying, refs)) - varying(x)
-    return jax.lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
+    missing = tuple(sorted(set().union(*map(varying, refs)) - varying(x)))
+    if not missing:
+        return x
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(x, missing, to="varying")
+    return jax.lax.pvary(x, missing)  # older JAX
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
