@@ -330,7 +330,8 @@ def _backward_call(query, key, value, dout, lse, delta, problem: Problem, poison
         # Three different fills: XLA merges equal fills of equal shapes into one buffer,
         # and a call with that buffer aliased to two of its outputs wrote dV over dK on
         # an H200 (scripts/poison_alias_probe.py; benchmarks/results/extra-tokens-h200.md).
-        inits = [jnp.full(r.shape, f, r.dtype) for r, f in zip(results, (jnp.nan, jnp.inf, -jnp.inf))]
+        fills = (jnp.nan, jnp.inf, -jnp.inf)
+        inits = [jnp.full(r.shape, f, r.dtype) for r, f in zip(results, fills)]
         call = jax.ffi.ffi_call(BWD_TARGET + "_aliased", results, vmap_method="broadcast_all",
                                 input_output_aliases={6: 0, 7: 1, 8: 2})
         outs = call(query, key, value, dout, lse, delta, *inits, **_attrs(problem, devices))
@@ -526,7 +527,7 @@ def _dense_unblock(x: jax.Array, spatial: Sequence[int]) -> jax.Array:
     return x.reshape((b, -1) + x.shape[2:])[:, :n].reshape((b, *spatial) + x.shape[2:])
 
 
-def _dense_chunks(b: int, m: int):
+def _batch_chunks(b: int, m: int):
     """The kernels' batch chunks (at most ``_MAX_BATCH`` entries) of ``b * m`` blocks."""
     return [slice(i, i + _MAX_BATCH) for i in range(0, b * m, _MAX_BATCH)]
 
@@ -543,7 +544,8 @@ def _dense_forward(query, key, value, scale, poison):
     q = _dense_blocks(query, rank, s)
     m = q.shape[0] // query.shape[0]
     k, v = _broadcast_blocks(key, m), _broadcast_blocks(value, m)
-    parts = [_forward_call(q[c], k[c], v[c], grid, poison) for c in _dense_chunks(query.shape[0], m)]
+    parts = [_forward_call(q[c], k[c], v[c], grid, poison)
+             for c in _batch_chunks(query.shape[0], m)]
     out = jnp.concatenate([o for o, _ in parts]) if len(parts) > 1 else parts[0][0]
     lse = jnp.concatenate([l for _, l in parts]) if len(parts) > 1 else parts[0][1]
     spatial = query.shape[1:1 + rank]
@@ -602,7 +604,7 @@ def dense_backward(query, key, value, out, lse, d_out, d_lse, scale: float, pois
     m = q.shape[0] // b
     k, v = _broadcast_blocks(key, m), _broadcast_blocks(value, m)
     parts = [_attention_bwd(grid, poison, (), (q[c], k[c], v[c], o[c], l[c]), (do[c], dl[c]))
-             for c in _dense_chunks(b, m)]
+             for c in _batch_chunks(b, m)]
     dq, dk, dv = (jnp.concatenate(x) if len(parts) > 1 else x[0] for x in zip(*parts))
     dk, dv = (x.astype(jnp.float32).reshape((b, m) + x.shape[1:]).sum(axis=1).astype(x.dtype)
               for x in (dk, dv))

@@ -284,7 +284,8 @@ def test_dense_attention_and_its_backward(spatial, chunk, dtype, rtol):
         got = (out, lse) + vjp((cast(d_out), jnp.asarray(d_lse, lse.dtype)))
         again = xla.dense_backward(cast(q), cast(k), cast(v), out, lse, cast(d_out),
                                    jnp.asarray(d_lse, lse.dtype), 0.4, chunk=chunk)
-    assert out.dtype == dtype and lse.dtype == (jnp.float64 if dtype == jnp.float64 else jnp.float32)
+    assert out.dtype == dtype
+    assert lse.dtype == (jnp.float64 if dtype == jnp.float64 else jnp.float32)
     for name, a, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
         a, w = np.asarray(a, np.float64), np.asarray(w)
         a = a.reshape(w.shape)
