@@ -123,6 +123,21 @@ def test_public_op_lowers_the_tokens_to_the_kernels(tokens, kernel_calls):
         assert "kernel_size = dense<100>" in text and "tensor<3x100x4x64xbf16>" in text
 
 
+@pytest.mark.parametrize("impl", ["cuda", "auto"])
+def test_dense_backward_lowers_to_the_backward_kernels_only(impl):
+    """The tokens' ``dense.backward`` (what the partitioned op's backward calls with the
+    forward's saved out / lse) lowers for the cuda platform to one backward kernel call
+    and no forward: nothing is recomputed. 140 queries over 70 tokens: 2 blocks."""
+    dense = (cuda.attention if impl == "cuda" else ops._auto_attention).dense
+    q = jnp.zeros((1, 140, 4, 64), jnp.bfloat16)
+    k = jnp.zeros((1, 70, 2, 64), jnp.bfloat16)
+    out, lse = jnp.zeros((1, 140, 4, 64), jnp.bfloat16), jnp.zeros((1, 140, 4), jnp.float32)
+    text = _lower(lambda *a: dense.backward(*a, 0.125), q, k, k, out, lse, out, lse)
+    assert text.count("custom_call @jax_gna_bwd") == 1
+    assert text.count("custom_call @jax_gna_fwd") == 0
+    assert "tensor<2x70x4x64xbf16>" in text
+
+
 def test_explain_says_where_the_tokens_run(monkeypatch):
     import jax_gna
 
