@@ -88,7 +88,8 @@ if _cuda_module() is not None:  # its backward, so that sharded calls recompute 
             default=lambda *a: xla.dense_attention(*a, scale))
 
     def _auto_dense_backward(q, k, v, out, lse, d_out, d_lse, scale):
-        """Its backward from the saved ``out``/``lse`` (sharded calls recompute nothing)."""
+        """Its backward: from the saved ``out``/``lse`` on CUDA (no forward recomputed),
+        by recomputing the forward elsewhere (``xla.dense_backward``)."""
         return jax.lax.platform_dependent(
             q, k, v, out, lse, d_out, d_lse,
             cuda=lambda *a: _cuda_module().dense_backward(*a, scale),

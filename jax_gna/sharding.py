@@ -1156,8 +1156,8 @@ def dense_of(impl: Impl) -> Dense:
 
 def _dense_local_backward(q, k, v, out, lse, d_out, d_lse, scale, spatial, dense):
     """One shard's gradients of the dense part: from the saved ``out``/``lse`` through
-    ``dense.backward(q, k, v, out, lse, d_out, d_lse, scale)`` where the backend has one
-    (``xla``, ``cuda``), else by recomputing its forward (``jax.vjp``)."""
+    ``dense.backward(q, k, v, out, lse, d_out, d_lse, scale)`` where the dense function
+    has one (``cuda.dense_attention``), else by recomputing its forward (``jax.vjp``)."""
     backward = getattr(dense, "backward", None)
     if backward is not None:
         dq, dk, dv = backward(q, k, v, out, lse, d_out, d_lse, scale)

@@ -392,35 +392,26 @@ attention.fold_shards = lambda problems, query_shape, value_shape, dtype, groups
 # Plain attention over the additional (global) tokens, and the merge.
 # --------------------------------------------------------------------------
 
-def _dense_chunks(x: jax.Array, spatial_rank: int, chunk: int) -> jax.Array:
-    """``[B, *spatial, *rest]`` -> ``[n_chunks, B, chunk, *rest]``, zero-padded to whole
-    chunks of ``chunk`` tokens."""
-    b, rest = x.shape[0], x.shape[1 + spatial_rank:]
-    n = math.prod(x.shape[1:1 + spatial_rank])
-    n_chunks = -(-n // chunk)
-    x = x.reshape((b, n) + rest)
-    x = jnp.pad(x, [(0, 0), (0, n_chunks * chunk - n)] + [(0, 0)] * len(rest))
-    return jnp.moveaxis(x.reshape((b, n_chunks, chunk) + rest), 1, 0)
-
-
-def _dense_unchunk(x: jax.Array, spatial: Sequence[int]) -> jax.Array:
-    """The inverse of :func:`_dense_chunks`: ``[n_chunks, B, chunk, *rest]`` ->
-    ``[B, *spatial, *rest]``."""
-    b, rest = x.shape[1], x.shape[3:]
-    x = jnp.moveaxis(x, 0, 1).reshape((b, -1) + rest)[:, :math.prod(spatial)]
-    return x.reshape((b, *spatial) + rest)
-
-
-def _dense_forward(query, key, value, scale, chunk):
-    rank = query.ndim - 3
+def dense_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float,
+                    chunk: int = 1024) -> tuple[jax.Array, jax.Array]:
+    """Attention of every query over all of ``key``/``value`` (``[B, S, H_kv, D]``),
+    with the log-sum-exp. Queries ``[B, *spatial, H, D]`` go in chunks of ``chunk``
+    tokens, each rematerialized in the backward pass, so memory stays
+    O(tokens x S)."""
+    spatial = query.shape[1:-2]
     b, h, d = query.shape[0], query.shape[-2], query.shape[-1]
     h_kv, d_v = key.shape[-2], value.shape[-1]
     g = h // h_kv
+    n = math.prod(spatial)
     acc = _acc_dtype(query.dtype)
     prec = _precision(query.dtype)
-    chunk = min(chunk, math.prod(query.shape[1:1 + rank]))
-    q = _dense_chunks(query.reshape(query.shape[:-2] + (h_kv, g, d)), rank, chunk)
+    chunk = min(chunk, n)
+    n_chunks = -(-n // chunk)
+    q = query.reshape(b, n, h_kv, g, d)
+    q = jnp.pad(q, ((0, 0), (0, n_chunks * chunk - n), (0, 0), (0, 0), (0, 0)))
+    q = q.reshape(b, n_chunks, chunk, h_kv, g, d).transpose(1, 0, 2, 3, 4, 5)
 
+    @jax.checkpoint
     def one_chunk(qc):
         s = jnp.einsum("bqhgd,bkhd->bhgqk", qc, key, preferred_element_type=acc, precision=prec)
         s = s * scale
@@ -430,64 +421,25 @@ def _dense_forward(query, key, value, scale, chunk):
         return o.reshape(b, chunk, h, d_v), lse.reshape(b, h, chunk).transpose(0, 2, 1)
 
     o, lse = jax.lax.map(one_chunk, q)
-    spatial = query.shape[1:1 + rank]
-    return _dense_unchunk(o, spatial).astype(query.dtype), _dense_unchunk(lse, spatial)
+    o = o.transpose(1, 0, 2, 3, 4).reshape(b, n_chunks * chunk, h, d_v)[:, :n]
+    lse = lse.transpose(1, 0, 2, 3).reshape(b, n_chunks * chunk, h)[:, :n]
+    return (o.reshape((b,) + spatial + (h, d_v)).astype(query.dtype),
+            lse.reshape((b,) + spatial + (h,)))
 
 
 def dense_backward(query: jax.Array, key: jax.Array, value: jax.Array, out: jax.Array,
                    lse: jax.Array, d_out: jax.Array, d_lse: jax.Array, scale: float,
                    chunk: int = 1024) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(dq, dk, dv)`` of :func:`dense_attention` from its saved ``out`` and ``lse``
-    (the cotangents ``d_out`` and ``d_lse`` of both outputs): the scores of each chunk of
-    queries are recomputed, the forward's output is not. dK and dV are summed over the
-    chunks in the accumulation dtype. The backward of :func:`dense_attention`, and the
-    protocol's ``dense.backward`` (``jax_gna.sharding``)."""
-    rank = query.ndim - 3
-    h, d = query.shape[-2], query.shape[-1]
-    h_kv, d_v = key.shape[-2], value.shape[-1]
-    g = h // h_kv
-    acc = _acc_dtype(query.dtype)
-    prec = _precision(query.dtype)
-    chunk = min(chunk, math.prod(query.shape[1:1 + rank]))
-    grouped = lambda x, e: x.reshape(x.shape[:-2] + (h_kv, g, e))  # noqa: E731
-    # delta = rowsum(dO * O) - dLSE: dS = P * (dP - delta) also carries the lse's gradient
-    delta = jnp.sum(d_out.astype(acc) * out.astype(acc), axis=-1) - d_lse.astype(acc)
-    xs = (_dense_chunks(grouped(query, d), rank, chunk),
-          _dense_chunks(grouped(d_out.astype(query.dtype), d_v), rank, chunk),
-          _dense_chunks(lse.astype(acc).reshape(lse.shape[:-1] + (h_kv, g)), rank, chunk),
-          _dense_chunks(delta.reshape(delta.shape[:-1] + (h_kv, g)), rank, chunk))
-    half = value.dtype if acc == jnp.float32 else acc  # the forward's P dtype
-
-    def one_chunk(x):  # its dq, and its parts of dk and dv
-        qc, doc, lc, dc = x  # [b, chunk, h_kv, g, ...]; padded rows are zero throughout
-        s = jnp.einsum("bqhgd,bkhd->bqhgk", qc, key, preferred_element_type=acc,
-                       precision=prec) * scale
-        p = jnp.exp(s - lc[..., None])
-        dp = jnp.einsum("bqhge,bkhe->bqhgk", doc, value, preferred_element_type=acc,
-                        precision=prec)
-        ds = (p * (dp - dc[..., None])).astype(half)
-        dq = jnp.einsum("bqhgk,bkhd->bqhgd", ds, key, preferred_element_type=acc,
-                        precision=prec) * scale
-        dk = jnp.einsum("bqhgk,bqhgd->bkhd", ds, qc, preferred_element_type=acc,
-                        precision=prec) * scale
-        dv = jnp.einsum("bqhgk,bqhge->bkhe", p.astype(half), doc, preferred_element_type=acc,
-                        precision=prec)
-        return dq.reshape(dq.shape[:2] + (h, d)), dk, dv
-
-    def add_chunk(carry, x):
-        dq, dk, dv = one_chunk(x)
-        return (carry[0] + dk, carry[1] + dv), dq
-
-    # dk / dv summed over the chunks: the first chunk's start the sum (not zeros, whose
-    # manual axes inside shard_map would differ from the chunks')
-    dq0, dk, dv = one_chunk(tuple(x[0] for x in xs))
-    if xs[0].shape[0] > 1:
-        (dk, dv), dq = jax.lax.scan(add_chunk, (dk, dv), tuple(x[1:] for x in xs))
-        dq = jnp.concatenate([dq0[None], dq])
-    else:
-        dq = dq0[None]
-    dq = _dense_unchunk(dq, query.shape[1:1 + rank])
-    return dq.astype(query.dtype), dk.astype(key.dtype), dv.astype(value.dtype)
+    """``(dq, dk, dv)`` of :func:`dense_attention` given the cotangents ``d_out`` and
+    ``d_lse`` of its outputs: the protocol's ``dense.backward`` (``jax_gna.sharding``) for
+    ``backend="auto"``'s non-CUDA branch. It recomputes the forward (autodiff of the
+    checkpointed chunks); ``out`` and ``lse`` are not used. A hand-written backward from
+    the saved lse (session 27) was 2-21% faster on an H200 but 2-5x slower on XLA:CPU
+    with 32-64 tokens, where this backend matters most
+    (``benchmarks/results/extra-tokens-h200.md``)."""
+    del out, lse
+    _, vjp = jax.vjp(lambda q, k, v: dense_attention(q, k, v, scale, chunk), query, key, value)
+    return vjp((d_out, d_lse))
 
 
 def vary_like(x: jax.Array, *refs: jax.Array) -> jax.Array:
@@ -508,35 +460,6 @@ def vary_like(x: jax.Array, *refs: jax.Array) -> jax.Array:
     if hasattr(jax.lax, "pcast"):
         return jax.lax.pcast(x, missing, to="varying")
     return jax.lax.pvary(x, missing)  # older JAX
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _dense(query, key, value, scale, chunk):
-    return _dense_forward(query, key, value, scale, chunk)
-
-
-def _dense_fwd(query, key, value, scale, chunk):
-    out, lse = _dense_forward(query, key, value, scale, chunk)
-    return (out, lse), (query, key, value, out, lse)
-
-
-def _dense_bwd(scale, chunk, residuals, cotangents):
-    return dense_backward(*residuals, *cotangents, scale, chunk)
-
-
-_dense.defvjp(_dense_fwd, _dense_bwd)
-
-
-def dense_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float,
-                    chunk: int = 1024) -> tuple[jax.Array, jax.Array]:
-    """Attention of every query over all of ``key``/``value`` (``[B, S, H_kv, D]``),
-    with the log-sum-exp. Queries ``[B, *spatial, H, D]`` go in chunks of ``chunk``
-    tokens, so memory stays O(tokens x S); the backward (:func:`dense_backward`) saves
-    the output and log-sum-exp and recomputes each chunk's scores."""
-    return _dense(query, vary_like(key, query), vary_like(value, query), scale, chunk)
-
-
-dense_attention.backward = dense_backward
 
 
 def merge(out_a: jax.Array, lse_a: jax.Array, out_b: jax.Array, lse_b: jax.Array

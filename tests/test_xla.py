@@ -263,9 +263,9 @@ def _plain_attention(q, k, v, scale):
 @pytest.mark.parametrize("dtype,rtol", [(jnp.float64, 1e-12), (jnp.float32, 1e-5),
                                         (jnp.bfloat16, 2e-2)])
 def test_dense_attention_and_its_backward(spatial, chunk, dtype, rtol):
-    """xla.dense_attention (chunks of queries, the last one padded) and its hand-written
-    backward from the saved out / lse (xla.dense_backward, also the sharded path's) against
-    plain attention differentiated by JAX in float64: GQA, D_v != D, the lse's gradient."""
+    """xla.dense_attention (chunks of queries, the last one padded) and its gradients,
+    also through xla.dense_backward (the protocol's dense.backward), against plain
+    attention differentiated by JAX in float64: GQA, D_v != D, the lse's gradient."""
     rng = np.random.default_rng(len(spatial) * 100 + chunk)
     b, h, h_kv, d, d_v, s = 2, 4, 2, 8, 6, 9
     q = rng.standard_normal((b, *spatial, h, d))
