@@ -299,6 +299,26 @@ def _attrs(problem: Problem, devices: DeviceTable = ()) -> dict[str, Any]:
     )
 
 
+def _vary_like(x: jax.Array, *refs: jax.Array) -> jax.Array:
+    """``x`` made varying over every manual mesh axis that one of ``refs`` varies over
+    (inside ``shard_map``; a no-op elsewhere). A ``custom_vjp``'s gradients must have
+    its inputs' types: the additional tokens are the same on every spatial shard, the
+    queries are not, so the tokens are cast to varying first (the transpose of that cast
+    sums their per-shard gradients); an FFI call's results come out typed invariant, so
+    the kernels' outputs are cast to their inputs' type."""
+    def varying(a):  # the manual axes an array varies over (older JAX: .vma)
+        aval = jax.typeof(a)
+        axes = getattr(aval, "manual_axis_type", None)
+        return set(axes.varying) if axes is not None else set(getattr(aval, "vma", ()))
+
+    missing = tuple(sorted(set().union(*map(varying, refs)) - varying(x)))
+    if not missing:
+        return x
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(x, missing, to="varying")
+    return jax.lax.pvary(x, missing)  # older JAX
+
+
 def _forward_call(query, key, value, problem: Problem, poison: bool = False,
                   devices: DeviceTable = (), into=None):
     """``(out, lse)``; with ``into`` (an earlier call's ``(out, lse)``) the call writes its
@@ -317,7 +337,7 @@ def _forward_call(query, key, value, problem: Problem, poison: bool = False,
         call = jax.ffi.ffi_call(FWD_TARGET, results, vmap_method="broadcast_all")
         outs = call(query, key, value, **_attrs(problem, devices))
     # inside shard_map, typed like the inputs (an FFI call's results are typed invariant)
-    return tuple(xla.vary_like(x, query, key, value) for x in outs)
+    return tuple(_vary_like(x, query, key, value) for x in outs)
 
 
 def _backward_call(query, key, value, dout, lse, delta, problem: Problem, poison: bool = False,
@@ -338,7 +358,7 @@ def _backward_call(query, key, value, dout, lse, delta, problem: Problem, poison
     else:
         call = jax.ffi.ffi_call(BWD_TARGET, results, vmap_method="broadcast_all")
         outs = call(query, key, value, dout, lse, delta, **_attrs(problem, devices))
-    return tuple(xla.vary_like(x, query, key, value, dout) for x in outs)
+    return tuple(_vary_like(x, query, key, value, dout) for x in outs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -532,6 +552,11 @@ def _batch_chunks(b: int, m: int):
     return [slice(i, i + _MAX_BATCH) for i in range(0, b * m, _MAX_BATCH)]
 
 
+def _joined(parts: list) -> tuple:
+    """The outputs of the batch chunks' calls, each joined along the batch."""
+    return tuple(jnp.concatenate(x) if len(parts) > 1 else x[0] for x in zip(*parts))
+
+
 def _broadcast_blocks(x: jax.Array, m: int) -> jax.Array:
     """The tokens ``[B, S, ...]`` for every one of the ``m`` query blocks: ``[B * m, S, ...]``."""
     return jnp.broadcast_to(x[:, None], (x.shape[0], m) + x.shape[1:]).reshape(
@@ -546,8 +571,7 @@ def _dense_forward(query, key, value, scale, poison):
     k, v = _broadcast_blocks(key, m), _broadcast_blocks(value, m)
     parts = [_forward_call(q[c], k[c], v[c], grid, poison)
              for c in _batch_chunks(query.shape[0], m)]
-    out = jnp.concatenate([o for o, _ in parts]) if len(parts) > 1 else parts[0][0]
-    lse = jnp.concatenate([l for _, l in parts]) if len(parts) > 1 else parts[0][1]
+    out, lse = _joined(parts)
     spatial = query.shape[1:1 + rank]
     return _dense_unblock(out, spatial), _dense_unblock(lse, spatial)
 
@@ -587,7 +611,7 @@ def dense_attention(query, key, value, scale: float, poison: bool = False):
     :func:`_backward_call`. Padding is one call and faster.)"""
     if dense_blocker(query.shape, key.shape, value.shape, query.dtype):
         return xla.dense_attention(query, key, value, scale)
-    return _dense(query, xla.vary_like(key, query), xla.vary_like(value, query), scale, poison)
+    return _dense(query, _vary_like(key, query), _vary_like(value, query), scale, poison)
 
 
 def dense_backward(query, key, value, out, lse, d_out, d_lse, scale: float, poison: bool = False):
@@ -605,7 +629,7 @@ def dense_backward(query, key, value, out, lse, d_out, d_lse, scale: float, pois
     k, v = _broadcast_blocks(key, m), _broadcast_blocks(value, m)
     parts = [_attention_bwd(grid, poison, (), (q[c], k[c], v[c], o[c], l[c]), (do[c], dl[c]))
              for c in _batch_chunks(b, m)]
-    dq, dk, dv = (jnp.concatenate(x) if len(parts) > 1 else x[0] for x in zip(*parts))
+    dq, dk, dv = _joined(parts)
     dk, dv = (x.astype(jnp.float32).reshape((b, m) + x.shape[1:]).sum(axis=1).astype(x.dtype)
               for x in (dk, dv))
     return _dense_unblock(dq, query.shape[1:1 + rank]), dk, dv

@@ -442,26 +442,6 @@ def dense_backward(query: jax.Array, key: jax.Array, value: jax.Array, out: jax.
     return vjp((d_out, d_lse))
 
 
-def vary_like(x: jax.Array, *refs: jax.Array) -> jax.Array:
-    """``x`` made varying over every manual mesh axis that one of ``refs`` varies over
-    (inside ``shard_map``; a no-op elsewhere). A ``custom_vjp``'s gradients must have
-    its inputs' types: the additional tokens are the same on every spatial shard, the
-    queries are not, so the tokens are cast to varying first (the transpose of that cast
-    sums their per-shard gradients); an FFI call's results come out typed invariant, so
-    the kernels' outputs are cast to their inputs' type."""
-    def varying(a):  # the manual axes an array varies over (older JAX: .vma)
-        aval = jax.typeof(a)
-        axes = getattr(aval, "manual_axis_type", None)
-        return set(axes.varying) if axes is not None else set(getattr(aval, "vma", ()))
-
-    missing = tuple(sorted(set().union(*map(varying, refs)) - varying(x)))
-    if not missing:
-        return x
-    if hasattr(jax.lax, "pcast"):
-        return jax.lax.pcast(x, missing, to="varying")
-    return jax.lax.pvary(x, missing)  # older JAX
-
-
 def merge(out_a: jax.Array, lse_a: jax.Array, out_b: jax.Array, lse_b: jax.Array
           ) -> tuple[jax.Array, jax.Array]:
     """Combine two attentions over disjoint key sets into the attention over their union."""

@@ -159,7 +159,7 @@ def test_explain_says_where_the_tokens_run(monkeypatch):
 def test_kernel_calls_type_check_under_shard_map(monkeypatch, which):
     """The real FFI calls traced (not run: no GPU needed) inside ``shard_map`` with the
     queries split over a mesh axis, differentiated: an FFI call's results come out typed
-    invariant, so without ``xla.vary_like`` on them the custom_vjp's gradients (dq above
+    invariant, so without ``cuda._vary_like`` on them the custom_vjp's gradients (dq above
     all) do not match the inputs' types and JAX refuses the backward. Before, gradients
     of ``neighborhood_attention_sharded(..., backend="cuda")`` failed this way (seen on
     two H200s with additional tokens; both calls fail this trace without the cast)."""
@@ -187,7 +187,7 @@ def test_kernel_calls_type_check_under_shard_map(monkeypatch, which):
 def test_cuda_dense_under_shard_map_with_split_queries(monkeypatch):
     """Inside shard_map the queries vary over a spatial mesh axis and the tokens do not:
     the tokens' gradients (partial sums per shard) must still match their type, and sum
-    over the shards (``xla.vary_like``). Before, JAX refused to differentiate this (the
+    over the shards (``cuda._vary_like``). Before, JAX refused to differentiate this (the
     custom_vjp's dK varied over the axis, K did not). One device is enough to type it."""
     _fake_kernels(monkeypatch, [])
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("cx",))
