@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto bar_e = [&](int s) { return bar_q + 8 * (1 + 2 * STAGES + s); };
 
   const int h = blockIdx.y, b = blockIdx.z;
-  const int hk = divs.group(h);
+  const int hk = divs.group(h), bk = divs.kvb(b);
   const FwdTile tile(p, divs, blockIdx.x);
   const int wg = warpgroup_index();
   if (threadIdx.x == 0) {
@@ -145,11 +145,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_expect_tx(bar_k(s), L::kKBytes);
 #pragma unroll
       for (int c = 0; c < HALVES; ++c)
-        tma_load_5d(sK + s * L::kKBytes + c * L::kKHalf, &tk, bar_k(s), hk * D + 64 * c, ks[2], ks[1], ks[0], b);
+        tma_load_5d(sK + s * L::kKBytes + c * L::kKHalf, &tk, bar_k(s), hk * D + 64 * c, ks[2], ks[1], ks[0], bk);
       mbar_expect_tx(bar_v(s), L::kKBytes);
 #pragma unroll
       for (int c = 0; c < HALVES; ++c)
-        tma_load_5d(sV + s * L::kKBytes + c * L::kKHalf, &tv, bar_v(s), hk * D + 64 * c, ks[2], ks[1], ks[0], b);
+        tma_load_5d(sV + s * L::kKBytes + c * L::kKHalf, &tv, bar_v(s), hk * D + 64 * c, ks[2], ks[1], ks[0], bk);
     }
     return;
   }
@@ -443,7 +443,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto bar_s = [&](int s) { return bar_kv + 8 * (1 + STAGES + s); };
   auto bar_e = [&](int s) { return bar_kv + 8 * (1 + 2 * STAGES + s); };
 
-  const int hk = blockIdx.y, b = blockIdx.z;
+  const int hk = blockIdx.y, b = blockIdx.z, bk = divs.kvb(b);  // dK / dV are stored at b
   const int G = p.H / p.Hkv;  // query heads per key/value head
   const KeyTile tile(p, divs, order.n ? order.tile[blockIdx.x] : blockIdx.x);
   const int nsteps = G * tile.ntiles;
@@ -470,8 +470,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_expect_tx(bar_kv, 2 * L::kTBytes);
 #pragma unroll
       for (int c = 0; c < HALVES; ++c) {
-        tma_load_5d(sK + c * L::kTHalf, &tk, bar_kv, hk * D + 64 * c, kc[2], kc[1], kc[0], b);
-        tma_load_5d(sV + c * L::kTHalf, &tv, bar_kv, hk * D + 64 * c, kc[2], kc[1], kc[0], b);
+        tma_load_5d(sK + c * L::kTHalf, &tk, bar_kv, hk * D + 64 * c, kc[2], kc[1], kc[0], bk);
+        tma_load_5d(sV + c * L::kTHalf, &tv, bar_kv, hk * D + 64 * c, kc[2], kc[1], kc[0], bk);
       }
     }
     BoxWalk walk;

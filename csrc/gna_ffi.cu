@@ -63,7 +63,9 @@ void choose_tile(int rank, const int k[3], const int n[3], int t[3]) {
 }
 
 // Builds Params from attributes and the q / k / v buffers on the device with ordinal
-// `ordinal`. lead: leading (batch) dims of q (all folded into B). `empty`: this device's
+// `ordinal`. lead: leading (batch) dims of q (all folded into B). Key/value may be
+// broadcast over the last of them: their leading dims are the query's with a tail of 1s
+// (query [B, m, ...] over key/value [B, 1, ...]: p.kvb = m). `empty`: this device's
 // query block has no rows (device_q_range), nothing to launch.
 ffi::Error make_params(const Attrs& attrs, int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k,
                        ffi::AnyBuffer v, Params& p, DType& dt, bool& empty) {
@@ -105,11 +107,15 @@ ffi::Error make_params(const Attrs& attrs, int32_t ordinal, ffi::AnyBuffer q, ff
     return bad("query/key/value must have rank >= " + std::to_string(rank + 3) + " and agree: got " +
                dims_str(qd) + ", " + dims_str(kd) + ", " + dims_str(vd));
   const size_t lead = nd - rank - 2;
-  int64_t B = 1;
+  size_t shared = lead;  // the key/value batch dims before their broadcast tail of 1s
+  while (shared > 0 && kd[shared - 1] == 1) --shared;
+  int64_t B = 1, Bkv = 1;
   for (size_t i = 0; i < lead; ++i) {
-    if (qd[i] != kd[i] || qd[i] != vd[i])
-      return bad("query/key/value batch dims differ: " + dims_str(qd) + ", " + dims_str(kd) + ", " + dims_str(vd));
+    if (kd[i] != vd[i] || (i < shared && qd[i] != kd[i]))
+      return bad("query/key/value batch dims differ (key/value may have 1s where the query's last batch dims "
+                 "are not: broadcast): " + dims_str(qd) + ", " + dims_str(kd) + ", " + dims_str(vd));
     B *= qd[i];
+    Bkv *= kd[i];
   }
   for (size_t a = 0; a < rank; ++a) {
     if (qd[lead + a] != at.q_extent[a])
@@ -204,6 +210,7 @@ ffi::Error make_params(const Attrs& attrs, int32_t ordinal, ffi::AnyBuffer q, ff
   if (nqtiles >= (int64_t{1} << 31) || nktiles >= (int64_t{1} << 31)) return bad("too many tiles");
 
   p.B = static_cast<int>(B); p.H = static_cast<int>(H); p.Hkv = static_cast<int>(Hkv);
+  p.kvb = static_cast<int>(B / Bkv);
   p.D = static_cast<int>(D); p.Dv = static_cast<int>(Dv);
   p.scale = at.scale;
   p.scale_log2 = at.scale * 1.4426950408889634f;
@@ -277,10 +284,16 @@ ffi::Error Backward(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer q, ffi:
   if (auto e = same_shape("dout", dout.dimensions(), with_last(qd, 1, {Dv}), dout.element_type(), T); e.failure()) return e;
   if (auto e = same_shape("lse", lse.dimensions(), with_last(qd, 1, {}), lse.element_type(), ffi::DataType::F32); e.failure()) return e;
   if (auto e = same_shape("delta", delta.dimensions(), with_last(qd, 1, {}), delta.element_type(), ffi::DataType::F32); e.failure()) return e;
+  // dK / dV per query batch (as the key/value's shape but for broadcast keys; the caller
+  // sums those over the broadcast dims)
   auto kd = k.dimensions(), vd = v.dimensions();
+  const size_t lead = qd.size() - at.shape.size() - 2;
+  std::vector<int64_t> dkd(qd.begin(), qd.begin() + lead), dvd = dkd;
+  dkd.insert(dkd.end(), kd.begin() + lead, kd.end());
+  dvd.insert(dvd.end(), vd.begin() + lead, vd.end());
   if (auto e = same_shape("dq", dq->dimensions(), std::vector<int64_t>(qd.begin(), qd.end()), dq->element_type(), T); e.failure()) return e;
-  if (auto e = same_shape("dk", dk->dimensions(), std::vector<int64_t>(kd.begin(), kd.end()), dk->element_type(), T); e.failure()) return e;
-  if (auto e = same_shape("dv", dv->dimensions(), std::vector<int64_t>(vd.begin(), vd.end()), dv->element_type(), T); e.failure()) return e;
+  if (auto e = same_shape("dk", dk->dimensions(), dkd, dk->element_type(), T); e.failure()) return e;
+  if (auto e = same_shape("dv", dv->dimensions(), dvd, dv->element_type(), T); e.failure()) return e;
   p.dout = dout.untyped_data();
   p.lse_in = static_cast<const float*>(lse.untyped_data());
   p.delta = static_cast<const float*>(delta.untyped_data());

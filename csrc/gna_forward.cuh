@@ -133,8 +133,9 @@ __global__ void __launch_bounds__(128) fwd_kernel(const Params p) {
   for (int r = 0; r < 2; ++r) rtok[r] = sQtok[warp * 16 + gid + 8 * r];
 
   const T* qbase = static_cast<const T*>(p.q) + b * p.q_b + static_cast<int64_t>(h) * p.D;
-  const T* kbase = static_cast<const T*>(p.k) + b * p.k_b + static_cast<int64_t>(hk) * p.D;
-  const T* vbase = static_cast<const T*>(p.v) + b * p.v_b + static_cast<int64_t>(hk) * p.Dv;
+  const int bk = b / p.kvb;
+  const T* kbase = static_cast<const T*>(p.k) + bk * p.k_b + static_cast<int64_t>(hk) * p.D;
+  const T* vbase = static_cast<const T*>(p.v) + bk * p.v_b + static_cast<int64_t>(hk) * p.Dv;
   load_rows<T, DP, QM, NT>(sQ, LD, qbase, sQtok, p.q_tok, p.D);
   cp_async_commit();
 

@@ -208,10 +208,10 @@ struct BoxWalk {
 // The divisors of the Hopper kernels' tile geometry (FwdTile, KeyTile) and head
 // mapping, made on the host once the plan is applied (tile_divs): with them the
 // prologue before the first TMA load has no division instruction. Query and key tiles
-// and strides per axis, query heads per K/V head, and log2 of the tile extents (powers
+// and strides per axis, query heads per K/V head, query batches per K/V batch, and log2 of the tile extents (powers
 // of two on this path).
 struct TileDivs {
-  FastDiv nqt[3], nkt[3], s[3], group;
+  FastDiv nqt[3], nkt[3], s[3], group, kvb;
   int qsh[3], ksh[3];
 };
 inline TileDivs tile_divs(const Params& p) {
@@ -224,6 +224,7 @@ inline TileDivs tile_divs(const Params& p) {
     v.ksh[a] = __builtin_ctz(static_cast<unsigned>(p.ax[a].kt));
   }
   v.group = FastDiv(p.H / p.Hkv);
+  v.kvb = FastDiv(p.kvb);
   return v;
 }
 
@@ -331,7 +332,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto bar_e = [&](int s) { return bar_q + 8 * (1 + 2 * STAGES + s); };
 
   const int h = blockIdx.y, b = blockIdx.z;
-  const int hk = divs.group(h);
+  const int hk = divs.group(h), bk = divs.kvb(b);
   const FwdTile tile(p, divs, blockIdx.x);
   const int wg = warpgroup_index();
   [[maybe_unused]] const Stamps stamp{sbase + L::kStamps};
@@ -371,12 +372,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int c = 0; c < HALVES; ++c)
         tma_load_5d(sK + s * L::kKVBytes + c * L::kKVHalf, &tk, bar_k(s), hk * D + 64 * c, ks[2], ks[1],
-                    ks[0], b);
+                    ks[0], bk);
       mbar_expect_tx(bar_v(s), L::kKVBytes);
 #pragma unroll
       for (int c = 0; c < HALVES; ++c)
         tma_load_5d(sV + s * L::kKVBytes + c * L::kKVHalf, &tv, bar_v(s), hk * D + 64 * c, ks[2], ks[1],
-                    ks[0], b);
+                    ks[0], bk);
     }
     return;
   }

@@ -149,8 +149,9 @@ cudaError_t fwd_sm90(DType dt, Params p, cudaStream_t stream, bool& used) {
   for (int a = 0; a < 3; ++a)
     if (half[a] > 1) { half[a] /= 2; break; }
   CUtensorMap tq, tk, tv, to;
+  const int Bkv = p.B / p.kvb;
   if (!make_map(&tq, dt, p.q, p.B, qn, p.H * D, plan.qt, p.qpitch, p.qoff) ||
-      !make_map(&tk, dt, p.k, p.B, kn, p.Hkv * D, plan.kt) || !make_map(&tv, dt, p.v, p.B, kn, p.Hkv * D, plan.kt) ||
+      !make_map(&tk, dt, p.k, Bkv, kn, p.Hkv * D, plan.kt) || !make_map(&tv, dt, p.v, Bkv, kn, p.Hkv * D, plan.kt) ||
       !make_map(&to, dt, p.o, p.B, qn, p.H * D, half, p.qpitch, p.qoff))
     return cudaSuccess;  // not representable as TMA boxes: the sm80 kernels run
   static_assert(FwdLayout<D, S>::smem_bytes() <= kMaxSmem, "forward tiles exceed shared memory");
@@ -210,12 +211,12 @@ cudaError_t bwd_sm90(DType dt, const Params& p, cudaStream_t stream, bool& used)
   if (nq >= (int64_t{1} << 31) || nk >= (int64_t{1} << 31)) return cudaSuccess;
   int qn[3], kn[3];
   for (int a = 0; a < 3; ++a) { qn[a] = p.ax[a].qn; kn[a] = p.ax[a].kvn; }
-  const int HD = p.H * D, KD = p.Hkv * D;
+  const int HD = p.H * D, KD = p.Hkv * D, Bkv = p.B / p.kvb;  // dK / dV: p.B batches
   CUtensorMap q1, k1, v1, do1, dq1, q2, k2, v2, do2, dk2, dv2;
-  const bool ok = make_map(&q1, dt, p.q, p.B, qn, HD, plq.qt) && make_map(&k1, dt, p.k, p.B, kn, KD, plq.kt) &&
-                  make_map(&v1, dt, p.v, p.B, kn, KD, plq.kt) && make_map(&do1, dt, p.dout, p.B, qn, HD, plq.qt) &&
+  const bool ok = make_map(&q1, dt, p.q, p.B, qn, HD, plq.qt) && make_map(&k1, dt, p.k, Bkv, kn, KD, plq.kt) &&
+                  make_map(&v1, dt, p.v, Bkv, kn, KD, plq.kt) && make_map(&do1, dt, p.dout, p.B, qn, HD, plq.qt) &&
                   make_map(&dq1, dt, p.dq, p.B, qn, HD, plq.qt) && make_map(&q2, dt, p.q, p.B, qn, HD, plk.qt) &&
-                  make_map(&k2, dt, p.k, p.B, kn, KD, plk.kt) && make_map(&v2, dt, p.v, p.B, kn, KD, plk.kt) &&
+                  make_map(&k2, dt, p.k, Bkv, kn, KD, plk.kt) && make_map(&v2, dt, p.v, Bkv, kn, KD, plk.kt) &&
                   make_map(&do2, dt, p.dout, p.B, qn, HD, plk.qt) && make_map(&dk2, dt, p.dk, p.B, kn, KD, plk.kt) &&
                   make_map(&dv2, dt, p.dv, p.B, kn, KD, plk.kt);
   if (!ok) return cudaSuccess;

@@ -17,10 +17,15 @@ head dim 128, forward and forward+backward, all in one process
               its error against ``xla``
   cudnn       cuDNN's fused attention of the queries over the S tokens
               (``jax.nn.dot_product_attention``, no log-sum-exp): a bound for a fused kernel
+  blocks      (asked for by name) the kernels on the query blocks and the tokens already
+              copied to every block (made before the timed call; its backward leaves dK/dV
+              per block, unsummed): what ``kernel`` cost without its copy of the tokens per
+              block, before the kernels read them broadcast (session 28)
   na+extra-recompute  (asked for by name) na+extra with the tokens' partitioned backward
               recomputing their forward (``dense.backward`` removed while tracing)
 
 usage: python3 scripts/extra_tokens.py [--out FILE.json] [--extra 16,77,512] [--variants xla,kernel]
+       [--heads 1] [--variants kernel,blocks]
        [--devices 2 --variants na,na+extra,na+extra-recompute --passes fwdbwd]
 """
 
@@ -56,6 +61,8 @@ def main(argv=None) -> int:
                          "partitioned op under jit); adds the variant na+extra-recompute: the "
                          "tokens' backward recomputing their forward, as before it took the "
                          "saved out / lse")
+    ap.add_argument("--heads", type=int, default=0,
+                    help="the number of heads for every problem (default: the problem's own)")
     args = ap.parse_args(argv)
 
     import jax
@@ -68,6 +75,7 @@ def main(argv=None) -> int:
     records = []
     for name in args.problems.split(","):
         shape, heads, kernel, stride = PROBLEMS[name]
+        heads = args.heads or heads
         rng = np.random.default_rng(0)
         q, k, v, do = (jnp.asarray(rng.standard_normal((1, *shape, heads, 128)), jnp.bfloat16)
                        for _ in range(4))
@@ -101,6 +109,7 @@ def main(argv=None) -> int:
                     flat(q), ek, ev, scale=scale, implementation="cudnn").reshape(q.shape),
             }
             variants["na+extra-recompute"] = variants["na+extra"]  # traced without .backward
+            variants["blocks"] = None  # _blocks_pass
             least = cuda.DENSE_MIN_KEYS
             cuda.DENSE_MIN_KEYS = 2  # "kernel": the kernels for every S (read while tracing)
             got = jax.jit(lambda q: cuda.dense_attention(q, ek, ev, scale))(q)
@@ -118,7 +127,10 @@ def main(argv=None) -> int:
                     if label == "na+extra-recompute":
                         del cuda.dense_attention.backward
                     try:
-                        fn, fargs = bench.pass_fn(f, pass_, q, k, v, do, ())
+                        if label == "blocks":
+                            fn, fargs = _blocks_pass(q, ek, ev, do, scale, pass_)
+                        else:
+                            fn, fargs = bench.pass_fn(f, pass_, q, k, v, do, ())
                         t = bench.measure(fn, fargs)["time_s"]
                     except Exception as e:  # noqa: BLE001 - record and go on
                         print(f"  {label} {pass_}: failed {e!r}"[:400], flush=True)
@@ -127,13 +139,31 @@ def main(argv=None) -> int:
                         cuda.DENSE_MIN_KEYS = least
                         cuda.dense_attention.backward = cuda.dense_backward
                     records.append({"problem": name, "extra": s, "pass": pass_, "variant": label,
-                                    "devices": args.devices,
+                                    "devices": args.devices, "heads": heads,
                                     "time_s": t, "errs_kernel_vs_xla": errs})
                     print(f"{name:12s} S={s:5d} {pass_:7s} {label:9s} "
                           + ("failed" if t is None else f"{t * 1e3:9.3f} ms"), flush=True)
     with open(args.out, "w") as fh:
         json.dump({"environment": bench.environment(), "records": records}, fh, indent=1)
     return 0
+
+
+def _blocks_pass(q, ek, ev, do, scale, pass_):
+    """The ``blocks`` variant: ``cuda.attention`` of the tokens' 1-D problem on the query
+    blocks and the tokens broadcast to each block, both made here, outside the timed call."""
+    import jax
+    import jax.numpy as jnp
+
+    from jax_gna import bench, cuda
+
+    rank, s = q.ndim - 3, ek.shape[1]
+    grid = cuda._token_grid(s, scale)
+    qb, dob = (jax.jit(lambda x: cuda._dense_blocks(x, rank, s))(x) for x in (q, do))
+    kb, vb = (jax.jit(lambda x: jnp.broadcast_to(x[:, None], qb.shape[:2] + x.shape[1:]))(x)
+              for x in (ek, ev))
+    qb, dob, kb, vb = (x.reshape((-1,) + x.shape[2:]) for x in (qb, dob, kb, vb))
+    return bench.pass_fn(lambda q, k, v: cuda.attention(q, k, v, grid)[0], pass_, qb, kb, vb,
+                         dob, ())
 
 
 if __name__ == "__main__":

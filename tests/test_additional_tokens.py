@@ -10,6 +10,8 @@ computation lowers to for the cuda platform.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -23,14 +25,29 @@ from jax_gna.params import Problem
 def _fake_kernels(monkeypatch, calls):
     """cuda's two kernel calls replaced by the xla backend (the backward recovers d_lse from
     delta = rowsum(dO * O) - d_lse), every shape and dtype admitted."""
+    def flat(problem, query, *rest):
+        """The kernels' view: the query's batch dims as one, key/value broadcast over the
+        query's batch dims where they have 1s; and the inverse for the outputs."""
+        lead = query.shape[:query.ndim - len(problem.shape) - 2]
+        n = math.prod(lead)
+        flat = [query.reshape((n,) + query.shape[len(lead):])]
+        for x in rest:
+            assert all(a in (b, 1) for a, b in zip(x.shape, lead))
+            x = jnp.broadcast_to(x, lead + x.shape[len(lead):])
+            flat.append(x.reshape((n,) + x.shape[len(lead):]))
+        return flat, lambda y: y.reshape(lead + y.shape[1:])
+
     def forward(query, key, value, problem, poison=False, devices=(), into=None):
-        calls.append(("fwd", query.shape, problem.q_extent, problem.is_whole))
-        return xla.attention(query, key, value, problem)
+        (q, k, v), unflat = flat(problem, query, key, value)
+        calls.append(("fwd", q.shape, problem.q_extent, problem.is_whole))
+        return tuple(map(unflat, xla.attention(q, k, v, problem)))
 
     def backward(query, key, value, d_out, lse, delta, problem, poison=False, devices=()):
-        calls.append(("bwd", query.shape, problem.q_extent, problem.is_whole))
-        (out, _), vjp = jax.vjp(lambda q, k, v: xla.attention(q, k, v, problem), query, key, value)
-        return vjp((d_out, jnp.sum(d_out * out, axis=-1) - delta))
+        (q, k, v, do, dl), unflat = flat(problem, query, key, value, d_out, delta)
+        calls.append(("bwd", q.shape, problem.q_extent, problem.is_whole))
+        (out, _), vjp = jax.vjp(lambda q, k, v: xla.attention(q, k, v, problem), q, k, v)
+        # dK / dV per query batch, as the kernels give them
+        return tuple(map(unflat, vjp((do, jnp.sum(do * out, axis=-1) - dl))))
 
     monkeypatch.setattr(cuda, "_forward_call", forward)
     monkeypatch.setattr(cuda, "_backward_call", backward)
@@ -43,8 +60,10 @@ CASES = [
     ((12,), 4, 2, 65535, [6]),              # 3 whole blocks of 4 per batch entry
     ((5, 3), 4, 2, 65535, [8]),             # 15 queries padded to 4 blocks
     ((2, 5, 1), 10, 1, 65535, [1]),         # as many queries as tokens: one block
-    ((12,), 4, 2, 4, [4, 2]),               # 6 blocks in batch chunks of 4 and 2
-    ((3, 5), 4, 3, 2, [2, 2, 2, 2, 2, 2]),  # 12 padded blocks in chunks of 2
+    ((12,), 4, 2, 4, [3, 3]),               # 3 blocks per entry, one entry per call
+    ((12,), 4, 2, 2, [2, 1, 2, 1]),         # each entry's 3 blocks in calls of 2 and 1
+    ((3, 5), 4, 3, 2, [2, 2, 2, 2, 2, 2]),  # 4 padded blocks per entry in calls of 2
+    ((3, 5), 4, 3, 9, [8, 4]),              # two entries of 4 blocks, then the third
 ]
 @pytest.mark.parametrize("case", CASES)
 def test_cuda_dense_matches_xla(monkeypatch, case):
@@ -116,11 +135,13 @@ def test_public_op_lowers_the_tokens_to_the_kernels(tokens, kernel_calls):
 
     text = _lower(lambda *a: ops._compute(*a, impl=cuda.attention, problem=problem), q, k, v, ak, av)
     assert text.count("custom_call @jax_gna_fwd") == kernel_calls
+    if kernel_calls > 1:  # the tokens read as [1, 1, 100, ...] by all 3 blocks: no copy
+        assert "tensor<1x1x100x2x64xbf16>" in text and "3x100x2x64" not in text
     text = _lower(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), q, k, v, ak, av)
     assert text.count("custom_call @jax_gna_fwd") == kernel_calls
     assert text.count("custom_call @jax_gna_bwd") == kernel_calls
     if kernel_calls > 1:  # the tokens' grid: 100 positions, window 100, 3 blocks
-        assert "kernel_size = dense<100>" in text and "tensor<3x100x4x64xbf16>" in text
+        assert "kernel_size = dense<100>" in text and "tensor<1x3x100x4x64xbf16>" in text
 
 
 @pytest.mark.parametrize("impl", ["cuda", "auto"])
@@ -135,7 +156,7 @@ def test_dense_backward_lowers_to_the_backward_kernels_only(impl):
     text = _lower(lambda *a: dense.backward(*a, 0.125), q, k, k, out, lse, out, lse)
     assert text.count("custom_call @jax_gna_bwd") == 1
     assert text.count("custom_call @jax_gna_fwd") == 0
-    assert "tensor<2x70x4x64xbf16>" in text
+    assert "tensor<1x2x70x4x64xbf16>" in text and "tensor<1x1x70x2x64xbf16>" in text
 
 
 def test_explain_says_where_the_tokens_run(monkeypatch):

@@ -289,6 +289,96 @@ def test_additional_tokens_on_the_kernels(spatial, tokens, dims, dtype):
         assert _rel(g, r) < t_grad, (name, _rel(g, r))
 
 
+@pytest.mark.parametrize("path,tokens", [("public", 64), ("public", 0), ("sharded", 96)])
+def test_inside_shard_map_on_one_gpu(path, tokens):
+    """The op inside ``shard_map`` on a one-GPU mesh, where JAX types the values as varying
+    over the mesh axis (``cuda._vary_like``): the public ``neighborhood_attention`` in a
+    user's ``shard_map`` over the batch ("public"), and ``neighborhood_attention_sharded``
+    with the width on the mesh axis ("sharded"); with additional tokens on the kernels
+    (64, 96) and without. Out, lse and the gradients of q, k, v and the tokens against
+    the ``xla`` backend in float32 outside ``shard_map``."""
+    import jax_gna
+    from jax.sharding import Mesh, PartitionSpec as P
+    from jax_gna import sharding
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("m",))
+    rng = np.random.default_rng(17)
+    draw = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.bfloat16)  # noqa: E731
+    q, k, v = draw(2, 20, 24, 4, 64), draw(2, 20, 24, 2, 64), draw(2, 20, 24, 2, 64)
+    ak, av = draw(2, max(tokens, 1), 2, 64), draw(2, max(tokens, 1), 2, 64)
+    do, dl = draw(2, 20, 24, 4, 64), draw(2, 20, 24, 4).astype(jnp.float32)
+    kw = dict(kernel_size=(7, 5), stride=(2, 1))
+
+    def public(q, k, v, ak, av, backend="cuda"):
+        return jax_gna.neighborhood_attention(
+            q, k, v, **kw, additional_keys=ak if tokens else None,
+            additional_values=av if tokens else None, return_lse=True, backend=backend)
+
+    if path == "public":
+        batch = P("m")
+        op = jax.shard_map(public, mesh=mesh, in_specs=(batch,) * 5, out_specs=(batch, batch))
+    else:
+        def op(q, k, v, ak, av):
+            return sharding.neighborhood_attention_sharded(
+                q, k, v, **kw, mesh=mesh, spatial_axes={1: "m"}, additional_keys=ak,
+                additional_values=av, return_lse=True, backend="cuda")
+
+    def fwd_bwd(op):
+        def f(q, k, v, ak, av, do, dl):
+            (o, l), vjp = jax.vjp(op, q, k, v, ak, av)
+            return (o, l) + tuple(vjp((do.astype(o.dtype), dl)))
+        return f
+
+    got = jax.jit(fwd_bwd(op))(q, k, v, ak, av, do, dl)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, ak, av, do, dl)]
+    ref = jax.jit(fwd_bwd(lambda *a: public(*a, backend="xla")))(*f32)
+    names = ("out", "lse", "dq", "dk", "dv", "d_tokens_k", "d_tokens_v")[:7 if tokens else 5]
+    errs = {n: _rel(a, r) for n, a, r in zip(names, got, ref)}
+    print(path, tokens, errs)
+    t_out, t_lse, t_grad = TOL[jnp.bfloat16]
+    assert errs["out"] < t_out and errs["lse"] < t_lse, errs
+    assert max(errs[n] for n in names[2:]) < t_grad, errs
+
+
+@pytest.mark.parametrize("kernels", ["hopper", "sm80"])
+@pytest.mark.parametrize("dtype,dim", [(jnp.bfloat16, 128), (jnp.float16, 64), (jnp.float32, 32)])
+def test_broadcast_key_value_batch(monkeypatch, kernels, dtype, dim):
+    """Keys/values ``[B, 1, ...]`` read by the ``m`` query batches ``[B, m, ...]`` of their
+    entry (the kernels' broadcast, ``Params::kvb``; the additional tokens' calls): the
+    same out, lse and dQ, bit for bit, as the calls on the keys copied to every query
+    batch, and dK / dV per query batch the same as those calls'. Poisoned outputs. On the
+    Hopper kernels (forced, both passes) and on the sm80 kernels."""
+    if kernels == "sm80":
+        monkeypatch.setenv("JAX_GNA_SM90", "0")
+    elif dtype == jnp.float32 or not _is_sm90():
+        pytest.skip("no Hopper kernels for float32 / on this GPU")
+    else:
+        _force_sm90(monkeypatch, backward=True)
+    p = _problem((200,), 200, dim=dim)  # every key in every window, as the tokens' calls
+    keys = jax.random.split(_key(), 6)
+    q = jax.random.normal(keys[0], (2, 3, 200, 4, dim), jnp.float32).astype(dtype)
+    k, v = (jax.random.normal(kk, (2, 1, 200, 2, dim), jnp.float32).astype(dtype)
+            for kk in keys[1:3])
+    do = jax.random.normal(keys[3], (2, 3, 200, 4, dim), jnp.float32).astype(dtype)
+    delta = jax.random.normal(keys[4], (2, 3, 200, 4), jnp.float32)
+    copied = [jnp.broadcast_to(x, (2, 3) + x.shape[2:]) for x in (k, v)]
+
+    def run(k, v):
+        out, lse = cuda._forward_call(q, k, v, p, True)
+        return (out, lse) + cuda._backward_call(q, k, v, do, lse, delta, p, True)
+
+    got = jax.jit(run)(k, v)
+    want = jax.jit(run)(*copied)
+    for name, a, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        assert a.shape == w.shape, name
+        assert np.isfinite(np.asarray(a, np.float32)).all(), name
+        assert np.array_equal(np.asarray(a), np.asarray(w)), name
+    # and against the xla backend (one query batch of three)
+    ref, _ = xla.attention(q[:, 1].astype(jnp.float32), k[:, 0].astype(jnp.float32),
+                           v[:, 0].astype(jnp.float32), p)
+    assert _rel(got[0][:, 1], ref) < TOL[dtype][0]
+
+
 def test_bad_arguments_raise():
     """A key block that misses some window is rejected by the handler, not read out of bounds."""
     whole = _problem((32,), 5, dim=32)
