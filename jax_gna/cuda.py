@@ -505,9 +505,16 @@ def _by_device_split(query, blocks, index, problems, calls, devices, poison: boo
     return into
 
 
-# Additional tokens (every query over all S of them): below this many, XLA's dense
-# attention (``xla.dense_attention``); from it on, the kernels (``dense_attention``).
+# Additional tokens (every query over all S of them) run on the kernels
+# (``dense_attention``) from DENSE_MIN_KEYS tokens on, and from DENSE_FEW_KEYS with at
+# most S / 4 query heads; else as XLA's dense attention (``xla.dense_attention``). The
+# kernels' blocks have S queries, so their query tiles of 128 are part empty below 128
+# tokens; their time grows with the heads much faster than XLA's. Measured on an H200,
+# bf16, head dim 128, forward+backward, 1-D and 2-D (session 28,
+# benchmarks/results/extra-tokens-h200.md): the kernels win from 16 tokens with 1 head,
+# from 32 with 8, from 64 with 24.
 DENSE_MIN_KEYS = 64
+DENSE_FEW_KEYS = 16
 _MAX_BATCH = 65535  # the kernels' largest batch (grid dimension)
 
 
@@ -523,11 +530,12 @@ def dense_blocker(query_shape, key_shape, value_shape, dtype) -> str | None:
     spatial, s = tuple(query_shape[1:-2]), int(key_shape[1])
     if len(spatial) not in (1, 2, 3):
         return f"{len(spatial)} spatial axes"
-    if s < max(DENSE_MIN_KEYS, 2):
-        return f"{s} tokens, fewer than {DENSE_MIN_KEYS}, where XLA is faster"
+    h, d, h_kv, d_v = query_shape[-2], query_shape[-1], key_shape[-2], value_shape[-1]
+    if s < max(DENSE_MIN_KEYS, 2) and (s < DENSE_FEW_KEYS or 4 * h > s):
+        return (f"{s} tokens with {h} heads (the kernels from {DENSE_MIN_KEYS} tokens, or from "
+                f"{DENSE_FEW_KEYS} with at most tokens / 4 heads), where XLA is faster")
     if math.prod(spatial) < s:
         return f"fewer queries ({math.prod(spatial)}) than tokens ({s})"
-    h, d, h_kv, d_v = query_shape[-2], query_shape[-1], key_shape[-2], value_shape[-1]
     return unsupported_reason(_token_grid(s), (1, s, h, d), (1, s, h_kv, d), (1, s, h_kv, d_v), dtype)
 
 
@@ -604,9 +612,10 @@ def dense_attention(query, key, value, scale: float, poison: bool = False):
     each a 1-D problem on ``S`` positions whose window (``kernel_size = S``) is every
     key. The kernels read the tokens as ``[B, 1, S, H_kv, D]``, broadcast over the
     blocks without a copy (until session 28 a copy of ``N x H_kv x (D + D_v)`` elements
-    per pass: a third of the forward's time with 512 tokens on 2-D 256x256). Falls back to ``xla.dense_attention`` below ``DENSE_MIN_KEYS``
-    tokens, with fewer queries than tokens, or where the kernels do not take the shapes
-    or dtype. Its backward is :func:`dense_backward`. ``poison``: the test hook of
+    per pass: a third of the forward's time with 512 tokens on 2-D 256x256). Falls back
+    to ``xla.dense_attention`` with few tokens for the heads (``DENSE_MIN_KEYS``), with
+    fewer queries than tokens, or where the kernels do not take the shapes or dtype.
+    Its backward is :func:`dense_backward`. ``poison``: the test hook of
     :func:`_attention_poisoned`.
 
     (A first version ran the last ``N % S`` queries as one short query block over the

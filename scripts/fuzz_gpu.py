@@ -80,7 +80,7 @@ def draw(rng: np.random.Generator, devices: int = 1) -> dict:
             layout, batch = "batch", devices * int(rng.integers(1, 3))
         else:
             layout, h_kv = "heads", devices * int(rng.integers(1, 3))
-    extra = 0  # additional tokens: on XLA below cuda.DENSE_MIN_KEYS (64), on the kernels from it on
+    extra = 0  # additional tokens: on the kernels or XLA as cuda.dense_blocker says (64: kernels)
     if rng.random() < 0.15:
         extra = int(rng.integers(1, 64)) if rng.random() < 0.5 else int(rng.integers(64, 400))
     return dict(shape=shape, kernel_size=ks, stride=ss, dilation=ds, is_causal=cs,

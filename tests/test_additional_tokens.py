@@ -98,9 +98,9 @@ def test_cuda_dense_falls_back_to_xla(monkeypatch):
     _fake_kernels(monkeypatch, calls)
     monkeypatch.setattr(cuda, "DENSE_MIN_KEYS", 64)
     rng = np.random.default_rng(0)
-    q = jnp.asarray(rng.standard_normal((1, 9, 7, 2, 8)), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((1, 9, 7, 16, 8)), jnp.float32)
     few = [jnp.asarray(rng.standard_normal((1, 63, 2, 8)), jnp.float32)] * 2
-    out = cuda.dense_attention(q, *few, 0.5)  # fewer tokens than DENSE_MIN_KEYS
+    out = cuda.dense_attention(q, *few, 0.5)  # fewer than 64 tokens, more than 63 / 4 heads
     want = xla.dense_attention(q, *few, 0.5)
     assert not calls and all(np.array_equal(a, w) for a, w in zip(out, want))
     monkeypatch.setattr(cuda, "unsupported_reason", lambda *a: "no")  # shapes the kernels reject
@@ -114,15 +114,27 @@ def test_cuda_dense_falls_back_to_xla(monkeypatch):
     assert [c[1][:2] for c in calls] == [(2, 64)]  # 126 queries: 2 blocks of 64
 
 
+@pytest.mark.parametrize("tokens,heads,kernels", [
+    (64, 64, True), (63, 15, True), (63, 16, False), (32, 8, True), (32, 9, False),
+    (16, 4, True), (16, 5, False), (15, 1, False)])
+def test_token_threshold(monkeypatch, tokens, heads, kernels):
+    """The kernels take the tokens from 64 of them, and from 16 with at most tokens / 4
+    query heads (cuda.DENSE_MIN_KEYS, DENSE_FEW_KEYS: measured on an H200)."""
+    monkeypatch.setattr(cuda, "unsupported_reason", lambda *a: None)
+    kv = (1, tokens, 1, 64)
+    assert (cuda.dense_blocker((1, 4096, heads, 64), kv, kv, jnp.bfloat16) is None) == kernels
+
+
 def _lower(fn, *args) -> str:
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("tokens,kernel_calls", [(100, 2), (63, 1)])
+@pytest.mark.parametrize("tokens,kernel_calls", [(100, 2), (40, 2), (12, 1)])
 def test_public_op_lowers_the_tokens_to_the_kernels(tokens, kernel_calls):
-    """The op's computation (``ops._compute``) on the cuda backend: the neighborhood call,
-    and from DENSE_MIN_KEYS tokens on, one call for the tokens (250 queries padded to 3
-    blocks of 100); forward and backward."""
+    """The op's computation (``ops._compute``) on the cuda backend, 4 heads: the
+    neighborhood call, and one call for the tokens where the kernels take them (100: 250
+    queries padded to 3 blocks of 100; 40: at most 40 / 4 heads; not 12, fewer than 16);
+    forward and backward."""
     problem = Problem(shape=(10, 25), kernel_size=(3, 5), stride=(1, 1), dilation=(1, 1),
                       is_causal=(False, False), scale=0.125)
     q = jnp.zeros((1, 10, 25, 4, 64), jnp.bfloat16)
@@ -135,13 +147,14 @@ def test_public_op_lowers_the_tokens_to_the_kernels(tokens, kernel_calls):
 
     text = _lower(lambda *a: ops._compute(*a, impl=cuda.attention, problem=problem), q, k, v, ak, av)
     assert text.count("custom_call @jax_gna_fwd") == kernel_calls
-    if kernel_calls > 1:  # the tokens read as [1, 1, 100, ...] by all 3 blocks: no copy
-        assert "tensor<1x1x100x2x64xbf16>" in text and "3x100x2x64" not in text
+    m = -(-250 // tokens)  # blocks
+    if kernel_calls > 1:  # the tokens read as [1, 1, tokens, ...] by all m blocks: no copy
+        assert f"tensor<1x1x{tokens}x2x64xbf16>" in text and f"{m}x{tokens}x2x64" not in text
     text = _lower(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), q, k, v, ak, av)
     assert text.count("custom_call @jax_gna_fwd") == kernel_calls
     assert text.count("custom_call @jax_gna_bwd") == kernel_calls
-    if kernel_calls > 1:  # the tokens' grid: 100 positions, window 100, 3 blocks
-        assert "kernel_size = dense<100>" in text and "tensor<1x3x100x4x64xbf16>" in text
+    if kernel_calls > 1:  # the tokens' grid: `tokens` positions, each window all of them
+        assert f"kernel_size = dense<{tokens}>" in text and f"tensor<1x{m}x{tokens}x4x64xbf16>" in text
 
 
 @pytest.mark.parametrize("impl", ["cuda", "auto"])
@@ -170,7 +183,10 @@ def test_explain_says_where_the_tokens_run(monkeypatch):
     text = jax_gna.explain(q, k, v, 5, additional_keys=many, additional_values=many, backend="cuda")
     assert "additional tokens: on the kernels (the queries in blocks of 77" in text, text
     text = jax_gna.explain(q, k, v, 5, additional_keys=few, additional_values=few, backend="cuda")
-    assert "additional tokens: XLA's dense attention (63 tokens, fewer than 64" in text, text
+    assert "additional tokens: on the kernels (the queries in blocks of 63" in text, text
+    q = jax.ShapeDtypeStruct((1, 16, 16, 24, 64), jnp.bfloat16)
+    text = jax_gna.explain(q, k, v, 5, additional_keys=few, additional_values=few, backend="cuda")
+    assert "additional tokens: XLA's dense attention (63 tokens with 24 heads" in text, text
     assert "additional tokens" not in jax_gna.explain(q, k, v, 5, backend="cuda")
     assert cuda.dense_blocker((1, 8, 4, 64), (1, 77, 2, 64), (1, 77, 2, 64), jnp.bfloat16) == (
         "fewer queries (8) than tokens (77)")

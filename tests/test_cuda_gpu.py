@@ -278,9 +278,7 @@ def test_additional_tokens_on_the_kernels(spatial, tokens, dims, dtype):
             loss, argnums=tuple(range(5)), has_aux=True))(*inputs)
         return out, lse, grads
 
-    grid = _problem((tokens,), tokens, dim=d)  # the tokens' problem: the kernels take it
-    assert tokens >= cuda.DENSE_MIN_KEYS and cuda.unsupported_reason(
-        grid, (1, tokens, h, d), (1, tokens, h_kv, d), (1, tokens, h_kv, d_v), dtype) is None
+    assert cuda.dense_blocker(args[0].shape, args[3].shape, args[4].shape, dtype) is None
     out, lse, grads = run(cuda._attention_poisoned, args)
     r_out, r_lse, r_grads = run(xla.attention, [x.astype(jnp.float32) for x in args])
     t_out, t_lse, t_grad = TOL[dtype]
