@@ -13,8 +13,13 @@ With ``--fold-ab`` (the dilated problems by default) the context layout is timed
 shards folded into undilated problems (the default) and with ``JAX_GNA_FOLD_DILATION=0``
 (the sm80 kernels on the dilated shards), alternating, twice each; no heads layout.
 
+With ``--shard-map`` the context layout is timed twice: the public op under ``jax.jit``
+on the split arrays (the op partitions itself), and the explicit path,
+``neighborhood_attention_sharded`` (``shard_map`` around the per-shard program, which
+picks the shard's problem by ``lax.switch``), alternating, twice each; no heads layout.
+
 usage: python3 scripts/multi_gpu.py [--gpus N] [--out FILE.json] [--problems NAMES]
-       [--passes fwd,fwdbwd] [--profile] [--fold-ab]
+       [--passes fwd,fwdbwd] [--profile] [--fold-ab | --shard-map]
 """
 
 from __future__ import annotations
@@ -94,6 +99,9 @@ def main(argv=None) -> int:
                     "only checks this script")
     ap.add_argument("--fold-ab", action="store_true",
                     help="context layout with the dilated shards folded and not (see above)")
+    ap.add_argument("--shard-map", action="store_true",
+                    help="context layout under jit and by neighborhood_attention_sharded "
+                         "(see above)")
     args = ap.parse_args(argv)
     if args.fold_ab and args.problems == ",".join(PROBLEMS):
         args.problems = ",".join(DILATED)
@@ -131,21 +139,30 @@ def main(argv=None) -> int:
             return jax_gna.neighborhood_attention(q, k, v, kernel, stride, dil,
                                                   backend=args.backend)
 
+        def explicit(q, k, v):
+            return sharding.neighborhood_attention_sharded(
+                q, k, v, kernel, stride, dil, mesh=mesh, spatial_axes={axis: "x"},
+                backend=args.backend)
+
         context = [None] * (rank + 2)
         context[1 + axis] = "x"
         ctx = NamedSharding(mesh, P(*context))
-        layouts = [("1 GPU", jax.sharding.SingleDeviceSharding(gpus[0]), None)]
-        if args.fold_ab:  # (label, sharding, JAX_GNA_FOLD_DILATION while tracing)
-            layouts += [(f"{n} GPUs, context (axis {axis}), {lab}", ctx, env)
+        # (label, sharding, JAX_GNA_FOLD_DILATION while tracing, op)
+        layouts = [("1 GPU", jax.sharding.SingleDeviceSharding(gpus[0]), None, f)]
+        if args.fold_ab:
+            layouts += [(f"{n} GPUs, context (axis {axis}), {lab}", ctx, env, f)
                          for _ in range(2) for lab, env in (("folded", None), ("sm80 dilated", "0"))]
+        elif args.shard_map:
+            layouts += [(f"{n} GPUs, context (axis {axis}), {lab}", ctx, None, op)
+                        for _ in range(2) for lab, op in (("jit", f), ("shard_map", explicit))]
         else:
-            layouts += [(f"{n} GPUs, heads", NamedSharding(mesh, P(*([None] * (rank + 1)), "x")), None),
-                        (f"{n} GPUs, context (axis {axis})", ctx, None)]
+            layouts += [(f"{n} GPUs, heads", NamedSharding(mesh, P(*([None] * (rank + 1)), "x")), None, f),
+                        (f"{n} GPUs, context (axis {axis})", ctx, None, f)]
         for pass_ in args.passes.split(","):
             base = None
-            for layout, spec, fold_env in layouts:
+            for layout, spec, fold_env, op in layouts:
                 q, k, v, do = (jax.device_put(jnp.asarray(x, jnp.bfloat16), spec) for x in host)
-                fn, fargs = bench.pass_fn(f, pass_, q, k, v, do, ())
+                fn, fargs = bench.pass_fn(op, pass_, q, k, v, do, ())
                 if fold_env is None:
                     os.environ.pop("JAX_GNA_FOLD_DILATION", None)
                 else:
