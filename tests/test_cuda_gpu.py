@@ -378,12 +378,19 @@ def test_broadcast_key_value_batch(monkeypatch, kernels, dtype, dim):
 
 
 def test_bad_arguments_raise():
-    """A key block that misses some window is rejected by the handler, not read out of bounds."""
+    """Rejected by the handler, not read out of bounds: a key block that misses some
+    window; key/value batch dims that are not the query's with a tail of 1s (the only
+    broadcast the kernels read)."""
     whole = _problem((32,), 5, dim=32)
     block = whole.replace(q_origin=(8,), q_extent=(8,), kv_origin=(8,), kv_extent=(8,))
     q, k, v, _, _ = _inputs(block, 1, 1, 1, 32, 32, jnp.float16)
     with pytest.raises(Exception, match="does not hold every window"):
         jax.block_until_ready(cuda.attention(q, k, v, block))
+    q = jnp.zeros((2, 3, 32, 1, 32), jnp.float16)
+    for kv_batch in ((1, 3), (2, 2), (3, 1)):  # a leading 1, a mismatch, 3 of 2 entries
+        k = jnp.zeros(kv_batch + (32, 1, 32), jnp.float16)
+        with pytest.raises(Exception, match="batch dims differ"):
+            jax.block_until_ready(cuda._forward_call(q, k, k, whole))
 
 
 # ---------------------------------------------------------------------------
