@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(128) dq_kernel(const Params p) {
 
   const T* qbase = static_cast<const T*>(p.q) + b * p.q_b + static_cast<int64_t>(h) * p.D;
   const T* dobase = static_cast<const T*>(p.dout) + b * p.o_b + static_cast<int64_t>(h) * p.Dv;
-  const int bk = b / p.kvb;  // dK / dV are written at b
+  const int bk = b / p.kvb;  // the key/value batch this query batch reads
   const T* kbase = static_cast<const T*>(p.k) + bk * p.k_b + static_cast<int64_t>(hk) * p.D;
   const T* vbase = static_cast<const T*>(p.v) + bk * p.v_b + static_cast<int64_t>(hk) * p.Dv;
   load_rows<T, DP, QM, NT>(sQ, LD, qbase, sQtok, p.q_tok, p.D);

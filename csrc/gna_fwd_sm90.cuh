@@ -208,8 +208,8 @@ struct BoxWalk {
 // The divisors of the Hopper kernels' tile geometry (FwdTile, KeyTile) and head
 // mapping, made on the host once the plan is applied (tile_divs): with them the
 // prologue before the first TMA load has no division instruction. Query and key tiles
-// and strides per axis, query heads per K/V head, query batches per K/V batch, and log2 of the tile extents (powers
-// of two on this path).
+// and strides per axis, query heads per K/V head, query batches per K/V batch, and
+// log2 of the tile extents (powers of two on this path).
 struct TileDivs {
   FastDiv nqt[3], nkt[3], s[3], group, kvb;
   int qsh[3], ksh[3];
