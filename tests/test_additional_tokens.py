@@ -10,8 +10,6 @@ computation lowers to for the cuda platform.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
@@ -21,36 +19,15 @@ import jax.numpy as jnp
 from jax_gna import cuda, ops, xla
 from jax_gna.params import Problem
 
+import kernel_fakes
+
 
 def _fake_kernels(monkeypatch, calls):
-    """cuda's two kernel calls replaced by the xla backend (the backward recovers d_lse from
-    delta = rowsum(dO * O) - d_lse), every shape and dtype admitted."""
-    def flat(problem, query, *rest):
-        """The kernels' view: the query's batch dims as one, key/value broadcast over the
-        query's batch dims where they have 1s; and the inverse for the outputs."""
-        lead = query.shape[:query.ndim - len(problem.shape) - 2]
-        n = math.prod(lead)
-        flat = [query.reshape((n,) + query.shape[len(lead):])]
-        for x in rest:
-            assert all(a in (b, 1) for a, b in zip(x.shape, lead))
-            x = jnp.broadcast_to(x, lead + x.shape[len(lead):])
-            flat.append(x.reshape((n,) + x.shape[len(lead):]))
-        return flat, lambda y: y.reshape(lead + y.shape[1:])
-
-    def forward(query, key, value, problem, poison=False, devices=(), into=None):
-        (q, k, v), unflat = flat(problem, query, key, value)
-        calls.append(("fwd", q.shape, problem.q_extent, problem.is_whole))
-        return tuple(map(unflat, xla.attention(q, k, v, problem)))
-
-    def backward(query, key, value, d_out, lse, delta, problem, poison=False, devices=()):
-        (q, k, v, do, dl), unflat = flat(problem, query, key, value, d_out, delta)
-        calls.append(("bwd", q.shape, problem.q_extent, problem.is_whole))
-        (out, _), vjp = jax.vjp(lambda q, k, v: xla.attention(q, k, v, problem), q, k, v)
-        # dK / dV per query batch, as the kernels give them
-        return tuple(map(unflat, vjp((do, jnp.sum(do * out, axis=-1) - dl))))
-
-    monkeypatch.setattr(cuda, "_forward_call", forward)
-    monkeypatch.setattr(cuda, "_backward_call", backward)
+    """cuda's two kernel calls replaced by the xla backend (``kernel_fakes``), every
+    shape and dtype admitted; ``calls`` gets (kind, the kernels' query shape, q_extent,
+    is_whole) for each."""
+    kernel_fakes.xla_kernel_calls(monkeypatch, lambda kind, q, p: calls.append(
+        (kind, q.shape, p.q_extent, p.is_whole)))
     monkeypatch.setattr(cuda, "unsupported_reason", lambda *a: None)
     monkeypatch.setattr(cuda, "DENSE_MIN_KEYS", 2)
 

@@ -19,16 +19,12 @@ import jax.numpy as jnp
 from jax_gna import cuda, mask, xla
 from jax_gna.params import Problem
 
+from gpu_checks import TOL, fwd_bwd, rel as _rel
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not cuda.available(), reason=f"cuda backend unavailable: {cuda.unavailable_reason()}"),
 ]
-
-TOL = {  # relative L2 error (out, lse, grads) vs a float32 reference
-    jnp.float32: (2e-5, 2e-5, 5e-5),
-    jnp.float16: (4e-3, 1e-4, 1e-2),
-    jnp.bfloat16: (2.5e-2, 5e-4, 5e-2),
-}
 
 _seed = [1000]
 
@@ -36,13 +32,6 @@ _seed = [1000]
 def _key():
     _seed[0] += 1
     return jax.random.PRNGKey(_seed[0])
-
-
-def _rel(a, b) -> float:
-    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
-    assert np.isfinite(a).all(), "NaN or inf in the kernel output (unwritten or broken)"
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def _problem(shape, k, s=1, d=1, c=False, scale=None, dim=64, **kw):
@@ -321,12 +310,6 @@ def test_inside_shard_map_on_one_gpu(path, tokens):
                 q, k, v, **kw, mesh=mesh, spatial_axes={1: "m"}, additional_keys=ak,
                 additional_values=av, return_lse=True, backend="cuda")
 
-    def fwd_bwd(op):
-        def f(q, k, v, ak, av, do, dl):
-            (o, l), vjp = jax.vjp(op, q, k, v, ak, av)
-            return (o, l) + tuple(vjp((do.astype(o.dtype), dl)))
-        return f
-
     got = jax.jit(fwd_bwd(op))(q, k, v, ak, av, do, dl)
     f32 = [x.astype(jnp.float32) for x in (q, k, v, ak, av, do, dl)]
     ref = jax.jit(fwd_bwd(lambda *a: public(*a, backend="xla")))(*f32)
@@ -407,13 +390,13 @@ def test_large_tensor_64bit_offsets():
     tail = 48
     dout = jax.random.normal(_key(), (1, L, H, D), jnp.float16)
 
-    def fwd_bwd(q, k, v, dout):
+    def cut_passes(q, k, v, dout):
         (out, lse), vjp = jax.vjp(lambda q, k, v: cuda.attention(q, k, v, p), q, k, v)
         dq, dk, dv = vjp((dout, jnp.zeros_like(lse)))
         cut = lambda x: x[:, L - tail:]  # noqa: E731
         return cut(out), cut(lse), cut(dq), cut(dk), cut(dv)
 
-    out, lse, dq, dk, dv = jax.jit(fwd_bwd)(q, k, v, dout)
+    out, lse, dq, dk, dv = jax.jit(cut_passes)(q, k, v, dout)
     # The same rows from the block problem (exact for the last `tail` queries/keys).
     blk = p.replace(q_origin=(L - tail,), q_extent=(tail,), kv_origin=(L - tail - 2,),
                     kv_extent=(tail + 2,))

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 from jax_gna import cuda, dilation, reference, xla
 from jax_gna.params import Problem
 
+import kernel_fakes
+
 CASES = [
     # shape, kernel_size, stride, dilation, causal
     ((10,), (3,), (1,), (3,), (False,)),            # 10 % 3 = 1: groups of 4, 3, 3
@@ -265,21 +267,12 @@ def test_small_window_folds_the_forward_only_when_differentiated(monkeypatch):
 
 def _fake_kernels(monkeypatch, calls):
     """The cuda backend's own fold, custom_vjp and delta on the CPU: its two kernel calls
-    replaced by the xla backend (the backward recovers d_lse from delta = rowsum(dO * O) -
-    d_lse), every dtype admitted to the Hopper path, and the GPU pretended."""
-    def forward(query, key, value, problem, poison=False, devices=(), into=None):
-        calls.append(("fwd", problem.dilation, query.shape))
-        return xla.attention(query, key, value, problem)
-
-    def backward(query, key, value, d_out, lse, delta, problem, poison=False, devices=()):
-        calls.append(("bwd", problem.dilation, query.shape))
-        (out, _), vjp = jax.vjp(lambda q, k, v: xla.attention(q, k, v, problem), query, key, value)
-        return vjp((d_out, jnp.sum(d_out * out, axis=-1) - delta))
-
+    replaced by the xla backend (``kernel_fakes``), every dtype admitted to the Hopper
+    path, and the GPU pretended."""
+    kernel_fakes.xla_kernel_calls(monkeypatch, lambda kind, q, p: calls.append(
+        (kind, p.dilation, q.shape)))
     _hopper(monkeypatch)
     monkeypatch.delenv("JAX_GNA_SM90_BWD", raising=False)
-    monkeypatch.setattr(cuda, "_forward_call", forward)
-    monkeypatch.setattr(cuda, "_backward_call", backward)
     monkeypatch.setattr(cuda, "_hopper_blockers", lambda *a: [])
 
 

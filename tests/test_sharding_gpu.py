@@ -29,6 +29,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jax_gna import cuda, dilation, sharding, xla
 from jax_gna.params import make_problem
 
+from gpu_checks import TOL, fwd_bwd, rel as _rel
+
 
 def _gpus() -> list:
     try:
@@ -47,11 +49,6 @@ pytestmark = [
     pytest.mark.skipif(len(_gpus()) < 2, reason="needs two GPUs"),
 ]
 
-TOL = {  # relative L2 error (out, lse, grads) against float32 xla; as in test_cuda_gpu.py
-    jnp.float32: (2e-5, 2e-5, 5e-5),
-    jnp.float16: (4e-3, 1e-4, 1e-2),
-    jnp.bfloat16: (2.5e-2, 5e-4, 5e-2),
-}
 
 # name -> (spatial shape, B, H, H_kv, D, dtype, window kwargs, leading spec
 #          (batch, *spatial, heads) over the mesh axis "x", Hopper kernels forced)
@@ -123,13 +120,6 @@ for _name in ("backward", "fold_shards", "by_device", "backward_by_device"):
     setattr(_poisoned_unsplit, _name, getattr(_poisoned, _name))
 for _name in ("backward", "fold_shards"):
     setattr(_poisoned_switch, _name, getattr(_poisoned, _name))
-
-
-def _rel(a, b) -> float:
-    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
-    assert np.isfinite(a).all(), "NaN or inf in the output (an element no kernel wrote)"
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def _fwd_bwd(impl, problem):
@@ -290,12 +280,6 @@ def test_sharded_additional_tokens(path, tokens):
         return sharding.neighborhood_attention_sharded(
             q, k, v, **kw, mesh=mesh, spatial_axes={1: "x"}, additional_keys=ak,
             additional_values=av, return_lse=True, backend="cuda")
-
-    def fwd_bwd(op):
-        def f(q, k, v, ak, av, do, dl):
-            (o, l), vjp = jax.vjp(op, q, k, v, ak, av)
-            return (o, l) + tuple(vjp((do.astype(o.dtype), dl)))
-        return f
 
     data, lse = NamedSharding(mesh, P(None, None, "x")), NamedSharding(mesh, P(None, None, "x"))
     rep = NamedSharding(mesh, P())
