@@ -31,3 +31,15 @@ def fwd_bwd(op):
         (o, l), vjp = jax.vjp(op, q, k, v, ak, av)
         return (o, l) + tuple(vjp((do.astype(o.dtype), dl)))
     return f
+
+
+def assert_close_bf16(got, ref, tokens: int, label: str = "") -> dict:
+    """``fwd_bwd``'s outputs against a reference's within the bfloat16 tolerances (the
+    tokens' two gradients only where there are tokens); returns the errors."""
+    names = ("out", "lse", "dq", "dk", "dv", "d_tokens_k", "d_tokens_v")[:7 if tokens else 5]
+    errs = {n: rel(a, r) for n, a, r in zip(names, got, ref)}
+    print(label, tokens, errs)
+    t_out, t_lse, t_grad = TOL[jnp.bfloat16]
+    assert errs["out"] < t_out and errs["lse"] < t_lse, errs
+    assert max(errs[n] for n in names[2:]) < t_grad, errs
+    return errs

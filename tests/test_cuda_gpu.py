@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax_gna import cuda, mask, xla
 from jax_gna.params import Problem
 
-from gpu_checks import TOL, fwd_bwd, rel as _rel
+from gpu_checks import TOL, assert_close_bf16, fwd_bwd, rel as _rel
 
 pytestmark = [
     pytest.mark.gpu,
@@ -313,12 +313,7 @@ def test_inside_shard_map_on_one_gpu(path, tokens):
     got = jax.jit(fwd_bwd(op))(q, k, v, ak, av, do, dl)
     f32 = [x.astype(jnp.float32) for x in (q, k, v, ak, av, do, dl)]
     ref = jax.jit(fwd_bwd(lambda *a: public(*a, backend="xla")))(*f32)
-    names = ("out", "lse", "dq", "dk", "dv", "d_tokens_k", "d_tokens_v")[:7 if tokens else 5]
-    errs = {n: _rel(a, r) for n, a, r in zip(names, got, ref)}
-    print(path, tokens, errs)
-    t_out, t_lse, t_grad = TOL[jnp.bfloat16]
-    assert errs["out"] < t_out and errs["lse"] < t_lse, errs
-    assert max(errs[n] for n in names[2:]) < t_grad, errs
+    assert_close_bf16(got, ref, tokens, path)
 
 
 @pytest.mark.parametrize("kernels", ["hopper", "sm80"])
