@@ -1,6 +1,7 @@
 """Shared test set-up: tests marked ``gpu`` run only where JAX sees a CUDA GPU; this
 folder on the import path, so that test modules import the helpers beside them
-(``kernel_fakes``) under Bazel's test target too, whose runfiles do not put it there."""
+(``kernel_fakes``, ``gpu_checks``) under Bazel's test target too, whose runfiles do not
+put it there."""
 
 import os
 import sys
