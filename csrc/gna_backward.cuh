@@ -325,7 +325,7 @@ __global__ void __launch_bounds__(128) dkv_kernel(const Params p) {
   }
   __syncthreads();
 
-  const int bk = b / p.kvb;  // dK / dV are written at b
+  const int bk = b * p.dkvb / p.kvb;  // dK / dV are written at b: query batches b * dkvb, ...
   const T* kbase = static_cast<const T*>(p.k) + bk * p.k_b + static_cast<int64_t>(hk) * p.D;
   const T* vbase = static_cast<const T*>(p.v) + bk * p.v_b + static_cast<int64_t>(hk) * p.Dv;
   load_rows<T, DP, KM, NT>(sK, LD, kbase, sKtok, p.k_tok, p.D);
@@ -338,10 +338,10 @@ __global__ void __launch_bounds__(128) dkv_kernel(const Params p) {
 #pragma unroll
   for (int n = 0; n < (DV ? DP / 8 : 1); ++n) dv[n][0] = dv[n][1] = dv[n][2] = dv[n][3] = 0.f;
 
-  for (int hh = 0; hh < G; ++hh) {
-    const int h = hk * G + hh;
-    const T* qbase = static_cast<const T*>(p.q) + b * p.q_b + static_cast<int64_t>(h) * p.D;
-    const T* dobase = static_cast<const T*>(p.dout) + b * p.o_b + static_cast<int64_t>(h) * p.Dv;
+  for (int hh = 0; hh < p.dkvb * G; ++hh) {  // query batch, head
+    const int h = hk * G + hh % G, bq = b * p.dkvb + hh / G;
+    const T* qbase = static_cast<const T*>(p.q) + bq * p.q_b + static_cast<int64_t>(h) * p.D;
+    const T* dobase = static_cast<const T*>(p.dout) + bq * p.o_b + static_cast<int64_t>(h) * p.Dv;
     for (int64_t c0 = 0; c0 < nqb; c0 += QN) {
       if (tid < QN) {
         const int64_t n = c0 + tid;
@@ -355,7 +355,7 @@ __global__ void __launch_bounds__(128) dkv_kernel(const Params p) {
           }
           const int64_t tok = token_of(p, g, ig, false);
           sQtok[tid] = tok;
-          const int64_t i = (b * p.nq + tok) * p.H + h;
+          const int64_t i = (bq * p.nq + tok) * p.H + h;
           sLse[tid] = p.lse_in[i] * 1.4426950408889634f;
           sDelta[tid] = p.delta[i];
         } else {

@@ -443,10 +443,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto bar_s = [&](int s) { return bar_kv + 8 * (1 + STAGES + s); };
   auto bar_e = [&](int s) { return bar_kv + 8 * (1 + 2 * STAGES + s); };
 
-  const int hk = blockIdx.y, b = blockIdx.z, bk = divs.kvb(b);  // dK / dV are stored at b
+  // dK / dV are stored at batch b, summed over query batches b * dkvb ... + dkvb - 1
+  const int hk = blockIdx.y, b = blockIdx.z, b0 = b * p.dkvb, bk = divs.kvb(b0);
   const int G = p.H / p.Hkv;  // query heads per key/value head
   const KeyTile tile(p, divs, order.n ? order.tile[blockIdx.x] : blockIdx.x);
-  const int nsteps = G * tile.ntiles;
+  const int nsteps = p.dkvb * G * tile.ntiles;  // query batch, head, query tile
   const int wg = threadIdx.x / 128;  // not warpgroup_index(): with it ptxas spills here
   if (threadIdx.x == 0) {
     mbar_init(bar_kv, 1);
@@ -478,15 +479,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int it = 0; it < nsteps; ++it, walk.next(tile.nqt)) {
       const int s = it % STAGES;
       if (it >= STAGES) mbar_wait(bar_e(s), ((it / STAGES) & 1) ^ 1);
-      const int h = hk * G + it / tile.ntiles;
+      const int hq = it / tile.ntiles;  // < dkvb * G
+      const int h = hk * G + hq % G, bq = b0 + hq / G;
       int qs[3];
       tile.query_tile(p, walk, qs);
       if (lane == 0) {
         mbar_expect_tx(bar_q(s), 2 * L::kQBytes);
 #pragma unroll
         for (int c = 0; c < HALVES; ++c) {
-          tma_load_5d(sQ + s * L::kQBytes + c * L::kQHalf, &tq, bar_q(s), h * D + 64 * c, qs[2], qs[1], qs[0], b);
-          tma_load_5d(sDO + s * L::kQBytes + c * L::kQHalf, &tdo, bar_q(s), h * D + 64 * c, qs[2], qs[1], qs[0], b);
+          tma_load_5d(sQ + s * L::kQBytes + c * L::kQHalf, &tq, bar_q(s), h * D + 64 * c, qs[2], qs[1], qs[0], bq);
+          tma_load_5d(sDO + s * L::kQBytes + c * L::kQHalf, &tdo, bar_q(s), h * D + 64 * c, qs[2], qs[1], qs[0], bq);
         }
       }
       // lse (base 2) and delta of the tile's 64 queries; padding queries get P = 0.
@@ -503,7 +505,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           ok &= il < p.ax[a].qn;
           tok = tok * p.ax[a].qn + il;
         }
-        const int64_t at = (b * p.nq + tok) * p.H + h;
+        const int64_t at = (bq * p.nq + tok) * p.H + h;
         stats[s * 128 + m] = ok ? p.lse_in[at] * kLog2e : INFINITY;
         stats[s * 128 + 64 + m] = ok ? p.delta[at] : 0.f;
       }

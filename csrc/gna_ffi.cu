@@ -284,11 +284,20 @@ ffi::Error Backward(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer q, ffi:
   if (auto e = same_shape("dout", dout.dimensions(), with_last(qd, 1, {Dv}), dout.element_type(), T); e.failure()) return e;
   if (auto e = same_shape("lse", lse.dimensions(), with_last(qd, 1, {}), lse.element_type(), ffi::DataType::F32); e.failure()) return e;
   if (auto e = same_shape("delta", delta.dimensions(), with_last(qd, 1, {}), delta.element_type(), ffi::DataType::F32); e.failure()) return e;
-  // dK / dV per query batch (as the key/value's shape but for broadcast keys; the caller
-  // sums those over the broadcast dims)
+  // dK / dV per query batch (the key/value's shape but for broadcast keys), or, where the
+  // key/value's last batch dim is 1 (broadcast), with a divisor c of the query's there:
+  // the kernels sum each run of m / c query batches (p.dkvb) and the caller the rest
   auto kd = k.dimensions(), vd = v.dimensions();
   const size_t lead = qd.size() - at.shape.size() - 2;
-  std::vector<int64_t> dkd(qd.begin(), qd.begin() + lead), dvd = dkd;
+  std::vector<int64_t> dkd(qd.begin(), qd.begin() + lead), dvd;
+  if (auto gd = dk->dimensions(); lead > 0 && kd[lead - 1] == 1 && gd.size() == qd.size()) {
+    const int64_t m = qd[lead - 1], c = gd[lead - 1];
+    if (c >= 1 && m % c == 0) {
+      dkd[lead - 1] = c;
+      p.dkvb = static_cast<int>(m / c);
+    }
+  }
+  dvd = dkd;
   dkd.insert(dkd.end(), kd.begin() + lead, kd.end());
   dvd.insert(dvd.end(), vd.begin() + lead, vd.end());
   if (auto e = same_shape("dq", dq->dimensions(), std::vector<int64_t>(qd.begin(), qd.end()), dq->element_type(), T); e.failure()) return e;

@@ -30,7 +30,7 @@ inline dim3 query_grid(const Params& p) {
 inline dim3 key_grid(const Params& p) {
   int64_t n = 1;
   for (int a = 0; a < kMaxRank; ++a) n *= static_cast<int64_t>(p.ax[a].d) * p.ax[a].nkt;
-  return dim3(static_cast<unsigned>(n), p.Hkv, p.B);
+  return dim3(static_cast<unsigned>(n), p.Hkv, p.B / p.dkvb);  // dK / dV batches
 }
 
 // Keys per step of the query-outer kernels and queries per step of dK/dV, per element

@@ -43,8 +43,10 @@ struct Params {
   int rank;
   int B, H, Hkv, D, Dv;   // B: product of all leading (batch) dims
   int kvb = 1;            // query batches per key/value batch: query batch b reads key /
-                          // value batch b / kvb (1 but for broadcast keys; dK / dV stay
-                          // per query batch, at b)
+                          // value batch b / kvb (1 but for broadcast keys)
+  int dkvb = 1;           // query batches per dK / dV batch (divides kvb): the dK/dV
+                          // kernels sum query batches z * dkvb ... z * dkvb + dkvb - 1
+                          // into dK / dV batch z (1: dK / dV per query batch, at b)
   float scale;            // applied to q . k
   float scale_log2;       // scale * log2(e)
   int64_t nq, nkv;        // tokens in the query-side buffers (see qpitch) / the key block

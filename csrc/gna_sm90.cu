@@ -211,14 +211,14 @@ cudaError_t bwd_sm90(DType dt, const Params& p, cudaStream_t stream, bool& used)
   if (nq >= (int64_t{1} << 31) || nk >= (int64_t{1} << 31)) return cudaSuccess;
   int qn[3], kn[3];
   for (int a = 0; a < 3; ++a) { qn[a] = p.ax[a].qn; kn[a] = p.ax[a].kvn; }
-  const int HD = p.H * D, KD = p.Hkv * D, Bkv = p.B / p.kvb;  // dK / dV: p.B batches
+  const int HD = p.H * D, KD = p.Hkv * D, Bkv = p.B / p.kvb, Bdkv = p.B / p.dkvb;
   CUtensorMap q1, k1, v1, do1, dq1, q2, k2, v2, do2, dk2, dv2;
   const bool ok = make_map(&q1, dt, p.q, p.B, qn, HD, plq.qt) && make_map(&k1, dt, p.k, Bkv, kn, KD, plq.kt) &&
                   make_map(&v1, dt, p.v, Bkv, kn, KD, plq.kt) && make_map(&do1, dt, p.dout, p.B, qn, HD, plq.qt) &&
                   make_map(&dq1, dt, p.dq, p.B, qn, HD, plq.qt) && make_map(&q2, dt, p.q, p.B, qn, HD, plk.qt) &&
                   make_map(&k2, dt, p.k, Bkv, kn, KD, plk.kt) && make_map(&v2, dt, p.v, Bkv, kn, KD, plk.kt) &&
-                  make_map(&do2, dt, p.dout, p.B, qn, HD, plk.qt) && make_map(&dk2, dt, p.dk, p.B, kn, KD, plk.kt) &&
-                  make_map(&dv2, dt, p.dv, p.B, kn, KD, plk.kt);
+                  make_map(&do2, dt, p.dout, p.B, qn, HD, plk.qt) && make_map(&dk2, dt, p.dk, Bdkv, kn, KD, plk.kt) &&
+                  make_map(&dv2, dt, p.dv, Bdkv, kn, KD, plk.kt);
   if (!ok) return cudaSuccess;
   static_assert(sm90::DqLayout<D, S>::smem_bytes() <= kMaxSmem, "dQ tiles exceed shared memory");
   static_assert(sm90::DkvLayout<D, SK>::smem_bytes() <= kMaxSmem, "dK/dV tiles exceed shared memory");
@@ -241,8 +241,8 @@ cudaError_t bwd_sm90(DType dt, const Params& p, cudaStream_t stream, bool& used)
   // 5.5 GB per launch; Nsight Compute, benchmarks/results/dkv-order-h200.md).
   sm90::TileOrder order;
   order.n = 0;
-  if (dkv_heaviest_first(nk * p.Hkv * p.B)) order = cached_dkv_order(pk, nk);
-  return launch_sm90(kdkv, dim3(static_cast<unsigned>(nk), p.Hkv, p.B), sk, stream, pdl, pk, q2, k2, v2, do2, dk2,
+  if (dkv_heaviest_first(nk * p.Hkv * Bdkv)) order = cached_dkv_order(pk, nk);
+  return launch_sm90(kdkv, dim3(static_cast<unsigned>(nk), p.Hkv, Bdkv), sk, stream, pdl, pk, q2, k2, v2, do2, dk2,
                      dv2, order, sm90::tile_divs(pk));
 }
 

@@ -341,11 +341,17 @@ def _forward_call(query, key, value, problem: Problem, poison: bool = False,
 
 
 def _backward_call(query, key, value, dout, lse, delta, problem: Problem, poison: bool = False,
-                   devices: DeviceTable = ()):
+                   devices: DeviceTable = (), dkv_sum: int = 1):
+    """``(dq, dk, dv)``. dK / dV per query batch: the key/value's shape, but for keys
+    broadcast over the query's last batch dims (1s there: see :func:`dense_attention`),
+    which the caller sums; there the kernels sum each run of ``dkv_sum`` query batches
+    along the last batch dim (it divides that dim and key/value have 1 there), so dK /
+    dV have ``1 / dkv_sum`` of the query's batches on it."""
     _register()
-    # dK / dV per query batch: key/value's shape, but for keys broadcast over the query's
-    # last batch dims (1s there: see dense_attention), which the caller sums
     lead = query.shape[:query.ndim - len(problem.shape) - 2]
+    if dkv_sum > 1:
+        assert lead and lead[-1] % dkv_sum == 0 and key.shape[len(lead) - 1] == 1, (lead, dkv_sum)
+        lead = lead[:-1] + (lead[-1] // dkv_sum,)
     results = (jax.ShapeDtypeStruct(query.shape, query.dtype),
                jax.ShapeDtypeStruct(lead + key.shape[len(lead):], key.dtype),
                jax.ShapeDtypeStruct(lead + value.shape[len(lead):], value.dtype))
@@ -374,7 +380,7 @@ def _attention_fwd(query, key, value, problem, poison, devices):
     return (out, lse), (query, key, value, out, lse)
 
 
-def _attention_bwd(problem, poison, devices, res, cts):
+def _attention_bwd(problem, poison, devices, res, cts, dkv_sum: int = 1):
     query, key, value, out, lse = res
     dout, dlse = cts
     dout = dout.astype(query.dtype)
@@ -382,7 +388,7 @@ def _attention_bwd(problem, poison, devices, res, cts):
     # gradient that flows into the returned log-sum-exp.
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     delta = delta - dlse.astype(jnp.float32)
-    return _backward_call(query, key, value, dout, lse, delta, problem, poison, devices)
+    return _backward_call(query, key, value, dout, lse, delta, problem, poison, devices, dkv_sum)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -516,6 +522,17 @@ def _by_device_split(query, blocks, index, problems, calls, devices, poison: boo
 DENSE_MIN_KEYS = 64
 DENSE_FEW_KEYS = 16
 _MAX_BATCH = 65535  # the kernels' largest batch (grid dimension)
+# CTAs a tokens' dK/dV launch aims for (about 8 waves on 132 SMs): the kernels sum the
+# blocks of a batch entry in runs (_dkv_sum), few and long CTAs, not one short CTA per block
+_DKV_CTAS = 1024
+
+
+def _dkv_sum(b: int, m: int, s: int, h_kv: int) -> int:
+    """Query blocks each dK / dV CTA of a tokens' backward call sums (``b`` batch entries
+    of ``m`` blocks of ``s`` queries, ``h_kv`` key heads): the largest divisor of ``m``
+    that leaves ``_DKV_CTAS`` CTAs (key tiles of 128 tokens), else 1."""
+    ctas = b * m * h_kv * -(-s // 128)  # one run per block
+    return max(n for n in range(1, m + 1) if m % n == 0 and (n == 1 or ctas // n >= _DKV_CTAS))
 
 
 def _token_grid(tokens: int, scale: float = 1.0) -> Problem:
@@ -630,7 +647,8 @@ def dense_attention(query, key, value, scale: float, poison: bool = False):
 def dense_backward(query, key, value, out, lse, d_out, d_lse, scale: float, poison: bool = False):
     """``(dq, dk, dv)`` of :func:`dense_attention` from its saved ``out`` and ``lse``: the
     same blocks on the backward kernels (no forward recomputed), the tokens' gradients
-    summed over the blocks in float32. ``xla.dense_backward`` where
+    summed over the blocks: the kernels sum runs of blocks (``_dkv_sum``), float32 the
+    rest. ``xla.dense_backward`` where
     :func:`dense_attention` falls back to XLA. The protocol's ``dense.backward``
     (``jax_gna.sharding``)."""
     if dense_blocker(query.shape, key.shape, value.shape, query.dtype):
@@ -641,9 +659,10 @@ def dense_backward(query, key, value, out, lse, d_out, d_lse, scale: float, pois
     k, v = key[:, None], value[:, None]  # read by all blocks of their batch entry
     dq, dk, dv = [], [], []
     for row in _batch_chunks(*q.shape[:2]):
-        # each call's dK / dV per block, summed over the blocks in float32
+        # each call's dK / dV per run of blocks, summed over the runs in float32
         calls = [_attention_bwd(grid, poison, (), (q[i, j], k[i], v[i], o[i, j], l[i, j]),
-                                (do[i, j], dl[i, j])) for i, j in row]
+                                (do[i, j], dl[i, j]), _dkv_sum(*q[i, j].shape[:2], s, k.shape[-2]))
+                 for i, j in row]
         dq.append(_cat([c[0] for c in calls], 1))
         dk.append(sum(c[1].astype(jnp.float32).sum(axis=1) for c in calls))
         dv.append(sum(c[2].astype(jnp.float32).sum(axis=1) for c in calls))

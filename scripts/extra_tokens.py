@@ -14,7 +14,11 @@ head dim 128, forward and forward+backward, all in one process
   na+xla      the same with the dense part on XLA (the op before the kernels took it)
   xla         ``xla.dense_attention`` alone
   kernel      ``cuda.dense_attention`` alone (on the kernels even below DENSE_MIN_KEYS);
-              its error against ``xla``
+              its error against ``xla`` (out, lse; the tokens' dK / dV with the kernels
+              summing runs of blocks, ``cuda._dkv_sum``, and with one per block)
+  kernel-per-block  (asked for by name) ``kernel`` with the tokens' dK / dV per query
+              block, summed in float32 outside the kernels (``cuda._DKV_CTAS`` so large
+              that no run sums: the backward before session 29)
   cudnn       cuDNN's fused attention of the queries over the S tokens
               (``jax.nn.dot_product_attention``, no log-sum-exp): a bound for a fused kernel
   blocks      (asked for by name) the kernels on the query blocks and the tokens already
@@ -32,6 +36,7 @@ usage: python3 scripts/extra_tokens.py [--out FILE.json] [--extra 16,77,512] [--
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -110,20 +115,33 @@ def main(argv=None) -> int:
             }
             variants["na+extra-recompute"] = variants["na+extra"]  # traced without .backward
             variants["blocks"] = None  # _blocks_pass
-            least = cuda.DENSE_MIN_KEYS
+            variants["kernel-per-block"] = variants["kernel"]  # traced with _DKV_CTAS huge
+            least, dkv_ctas = cuda.DENSE_MIN_KEYS, cuda._DKV_CTAS
+
+            def with_grads(fn, q, ek, ev, do):  # out, lse, d tokens_k, d tokens_v
+                (out, lse), vjp = jax.vjp(lambda ek, ev: fn(q, ek, ev, scale), ek, ev)
+                return (out, lse) + vjp((do, jnp.zeros_like(lse)))
+
             cuda.DENSE_MIN_KEYS = 2  # "kernel": the kernels for every S (read while tracing)
-            got = jax.jit(lambda q: cuda.dense_attention(q, ek, ev, scale))(q)
-            cuda.DENSE_MIN_KEYS = least
-            ref = jax.jit(lambda q: xla.dense_attention(q, ek, ev, scale))(q)
-            errs = {n: float(jnp.linalg.norm((a.astype(jnp.float32) - r.astype(jnp.float32)).ravel())
-                             / jnp.linalg.norm(r.astype(jnp.float32).ravel()))
-                    for n, a, r in zip(("out", "lse"), got, ref)}
+            got = jax.jit(functools.partial(with_grads, cuda.dense_attention))(q, ek, ev, do)
+            cuda._DKV_CTAS = 1 << 60
+            per_block = jax.jit(functools.partial(with_grads, cuda.dense_attention))(q, ek, ev, do)
+            cuda.DENSE_MIN_KEYS, cuda._DKV_CTAS = least, dkv_ctas
+            ref = jax.jit(functools.partial(with_grads, xla.dense_attention))(
+                *(x.astype(jnp.float32) for x in (q, ek, ev, do)))
+            rel = lambda a, r: float(jnp.linalg.norm((a.astype(jnp.float32) - r).ravel())  # noqa: E731
+                                     / jnp.linalg.norm(r.ravel()))
+            errs = {n: rel(a, r) for n, a, r in zip(("out", "lse", "dk", "dv"), got, ref)}
+            errs.update({n + "_per_block": rel(a, r)
+                         for n, a, r in zip(("dk", "dv"), per_block[2:], ref[2:])})
             print(f"{name} S={s}: kernel against xla {errs}", flush=True)
             for pass_ in args.passes.split(","):
                 for label, f in variants.items():
                     if label not in args.variants.split(","):
                         continue
-                    cuda.DENSE_MIN_KEYS = 2 if label == "kernel" else least
+                    cuda.DENSE_MIN_KEYS = 2 if label.startswith("kernel") else least
+                    if label == "kernel-per-block":
+                        cuda._DKV_CTAS = 1 << 60
                     if label == "na+extra-recompute":
                         del cuda.dense_attention.backward
                     try:
@@ -136,7 +154,7 @@ def main(argv=None) -> int:
                         print(f"  {label} {pass_}: failed {e!r}"[:400], flush=True)
                         t = None
                     finally:
-                        cuda.DENSE_MIN_KEYS = least
+                        cuda.DENSE_MIN_KEYS, cuda._DKV_CTAS = least, dkv_ctas
                         cuda.dense_attention.backward = cuda.dense_backward
                     records.append({"problem": name, "extra": s, "pass": pass_, "variant": label,
                                     "devices": args.devices, "heads": heads,

@@ -14,10 +14,11 @@ from jax_gna import cuda, xla
 
 def xla_kernel_calls(monkeypatch, record) -> None:
     """Patch ``cuda._forward_call`` / ``cuda._backward_call`` with ``xla.attention``;
-    ``record(kind, query, problem)`` sees every call ("fwd" or "bwd"), ``query`` as the
-    kernels see it: its batch dims flattened into one. Keys/values with 1s in the
+    ``record(kind, query, problem, dkv_sum)`` sees every call ("fwd" or "bwd"), ``query``
+    as the kernels see it: its batch dims flattened into one. Keys/values with 1s in the
     query's last batch dims are broadcast over them, as the kernels read them, and dK /
-    dV come back per query batch. The backward recovers d_lse from the kernels' delta =
+    dV come back per query batch, or summed over runs of ``dkv_sum`` query batches along
+    the last batch dim as the kernels do (accumulated in at least float32). The backward recovers d_lse from the kernels' delta =
     rowsum(dO * O) - d_lse."""
     def flat(problem, query, *rest):
         lead = query.shape[:query.ndim - len(problem.shape) - 2]
@@ -34,14 +35,22 @@ def xla_kernel_calls(monkeypatch, record) -> None:
 
     def forward(query, key, value, problem, poison=False, devices=(), into=None):
         (q, k, v), unflat = flat(problem, query, key, value)
-        record("fwd", q, problem)
+        record("fwd", q, problem, 1)
         return tuple(map(unflat, xla.attention(q, k, v, problem)))
 
-    def backward(query, key, value, d_out, lse, delta, problem, poison=False, devices=()):
+    def backward(query, key, value, d_out, lse, delta, problem, poison=False, devices=(),
+                 dkv_sum=1):
         (q, k, v, do, dl), unflat = flat(problem, query, key, value, d_out, delta)
-        record("bwd", q, problem)
+        record("bwd", q, problem, dkv_sum)
         (out, _), vjp = jax.vjp(lambda q, k, v: xla.attention(q, k, v, problem), q, k, v)
-        return tuple(map(unflat, vjp((do, jnp.sum(do * out, axis=-1) - dl))))
+        dq, dk, dv = map(unflat, vjp((do, jnp.sum(do * out, axis=-1) - dl)))
+        if dkv_sum > 1:  # as the handler checks: key/value broadcast on the last batch dim
+            n = query.ndim - len(problem.shape) - 2
+            assert key.shape[n - 1] == 1 and query.shape[n - 1] % dkv_sum == 0, dkv_sum
+            acc = jnp.promote_types(dk.dtype, jnp.float32)
+            dk, dv = (x.astype(acc).reshape(x.shape[:n - 1] + (-1, dkv_sum) + x.shape[n:])
+                      .sum(n).astype(x.dtype) for x in (dk, dv))
+        return dq, dk, dv
 
     monkeypatch.setattr(cuda, "_forward_call", forward)
     monkeypatch.setattr(cuda, "_backward_call", backward)

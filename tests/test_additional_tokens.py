@@ -10,6 +10,8 @@ computation lowers to for the cuda platform.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -25,9 +27,9 @@ import kernel_fakes
 def _fake_kernels(monkeypatch, calls):
     """cuda's two kernel calls replaced by the xla backend (``kernel_fakes``), every
     shape and dtype admitted; ``calls`` gets (kind, the kernels' query shape, q_extent,
-    is_whole) for each."""
-    kernel_fakes.xla_kernel_calls(monkeypatch, lambda kind, q, p: calls.append(
-        (kind, q.shape, p.q_extent, p.is_whole)))
+    is_whole, dkv_sum) for each."""
+    kernel_fakes.xla_kernel_calls(monkeypatch, lambda kind, q, p, n: calls.append(
+        (kind, q.shape, p.q_extent, p.is_whole, n)))
     monkeypatch.setattr(cuda, "unsupported_reason", lambda *a: None)
     monkeypatch.setattr(cuda, "DENSE_MIN_KEYS", 2)
 
@@ -42,12 +44,17 @@ CASES = [
     ((3, 5), 4, 3, 2, [2, 2, 2, 2, 2, 2]),  # 4 padded blocks per entry in calls of 2
     ((3, 5), 4, 3, 9, [8, 4]),              # two entries of 4 blocks, then the third
 ]
+@pytest.mark.parametrize("dkv_ctas", [1024, 1])
 @pytest.mark.parametrize("case", CASES)
-def test_cuda_dense_matches_xla(monkeypatch, case):
+def test_cuda_dense_matches_xla(monkeypatch, case, dkv_ctas):
+    """Out, lse and gradients against xla; the tokens' dK / dV per block (``dkv_ctas``
+    1024: these grids are far smaller) or summed by the (faked) kernels over each call's
+    blocks of a batch entry (1)."""
     spatial, s, b, max_batch, batches = case
     calls = []
     _fake_kernels(monkeypatch, calls)
     monkeypatch.setattr(cuda, "_MAX_BATCH", max_batch)
+    monkeypatch.setattr(cuda, "_DKV_CTAS", dkv_ctas)
     rng = np.random.default_rng(len(spatial) * 10 + s)
     h, h_kv, d, d_v = 4, 2, 8, 6
     q = rng.standard_normal((b, *spatial, h, d))
@@ -63,11 +70,24 @@ def test_cuda_dense_matches_xla(monkeypatch, case):
     assert [c[1][0] for c in calls if c[0] == "fwd"] == batches, calls
     assert sorted(c[1][0] for c in calls if c[0] == "bwd") == sorted(batches), calls
     assert all(c[1][1] == s and c[3] for c in calls), calls  # whole blocks of S rows
+    m = -(-math.prod(spatial) // s)
+    sums = [1 if dkv_ctas > 1 else len(range(m)[j]) for row in cuda._batch_chunks(b, m) for _, j in row]
+    assert [c[4] for c in calls if c[0] == "bwd"] == sums, calls
     for i, (a, w) in enumerate(zip((*got, *grads), (*want, *ref_grads))):
         # The backward's delta = rowsum(dO * O) - d_lse is float32 by design: fp32 errors.
         tol = 1e-10 if i < 2 else 1e-5
         assert a.shape == w.shape, i
         assert np.abs(np.asarray(a) - np.asarray(w)).max() <= tol * max(np.abs(w).max(), 1.0), i
+
+
+def test_dkv_sum():
+    """Blocks each dK / dV CTA sums: the largest divisor of the blocks that leaves 1024
+    CTAs (key tiles of 128), else 1."""
+    assert cuda._dkv_sum(1, 128, 512, 24) == 8     # 2-D 256x256 with 512 tokens: 1536 CTAs
+    assert cuda._dkv_sum(1, 1024, 64, 24) == 16    # 64 tokens: 1536 CTAs of 16 blocks
+    assert cuda._dkv_sum(1, 64, 512, 8) == 2       # 1-D 32768, 8 heads
+    assert cuda._dkv_sum(1, 64, 512, 1) == 1       # 256 CTAs: too few to sum
+    assert cuda._dkv_sum(2, 1, 512, 24) == 1       # one block
 
 
 def test_cuda_dense_falls_back_to_xla(monkeypatch):
@@ -147,6 +167,18 @@ def test_dense_backward_lowers_to_the_backward_kernels_only(impl):
     assert text.count("custom_call @jax_gna_bwd") == 1
     assert text.count("custom_call @jax_gna_fwd") == 0
     assert "tensor<1x2x70x4x64xbf16>" in text and "tensor<1x1x70x2x64xbf16>" in text
+
+
+def test_dense_backward_lowers_with_summed_key_gradients():
+    """A grid the kernels sum the blocks' dK / dV on (``_dkv_sum``): 65536 queries over
+    512 tokens, 24 heads over 8 key heads, 128 blocks; 4096 CTAs with one per block, so
+    runs of 4 blocks: dK / dV come out as 32 batches, never one per block."""
+    q = out = jax.ShapeDtypeStruct((1, 65536, 24, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 512, 8, 128), jnp.bfloat16)
+    lse = jax.ShapeDtypeStruct((1, 65536, 24), jnp.float32)
+    text = _lower(lambda *a: cuda.dense_backward(*a, 0.125), q, k, k, out, lse, out, lse)
+    assert text.count("custom_call @jax_gna_bwd") == 1
+    assert "tensor<1x32x512x8x128xbf16>" in text and "1x128x512x8x128" not in text
 
 
 def test_explain_says_where_the_tokens_run(monkeypatch):

@@ -237,19 +237,24 @@ def test_lse_cotangent_only():
         assert _rel(a, b) < 5e-5
 
 
-@pytest.mark.parametrize("spatial,tokens,dims,dtype", [
-    ((10, 25), 100, (4, 2, 64, 64), jnp.bfloat16),  # 250 queries padded to 3 blocks of 100
-    ((8, 8), 64, (2, 1, 128, 128), jnp.float16),    # exactly one block, GQA
-    ((6, 7, 5), 64, (2, 2, 32, 48), jnp.float32),   # 210 queries padded to 4 blocks
-    ((30, 26), 114, (4, 2, 256, 256), jnp.bfloat16),  # the fuzz's failing case, one GPU
+# dkv_ctas 1: the kernels sum all blocks of a batch entry into the tokens' dK / dV
+# (cuda._dkv_sum); these grids are far below the default's 1024 CTAs (one run per block)
+@pytest.mark.parametrize("spatial,tokens,dims,dtype,dkv_ctas", [
+    ((10, 25), 100, (4, 2, 64, 64), jnp.bfloat16, 1024),  # 250 queries padded to 3 blocks of 100
+    ((10, 25), 100, (4, 2, 64, 64), jnp.bfloat16, 1),
+    ((16, 16), 64, (4, 2, 128, 128), jnp.bfloat16, 1),    # 4 blocks of 64
+    ((8, 8), 64, (2, 1, 128, 128), jnp.float16, 1024),    # exactly one block, GQA
+    ((6, 7, 5), 64, (2, 2, 32, 48), jnp.float32, 1),      # 210 queries padded to 4 blocks
+    ((30, 26), 114, (4, 2, 256, 256), jnp.bfloat16, 1024),  # the fuzz's failing case, one GPU
 ])
-def test_additional_tokens_on_the_kernels(spatial, tokens, dims, dtype):
+def test_additional_tokens_on_the_kernels(monkeypatch, spatial, tokens, dims, dtype, dkv_ctas):
     """The op's computation with additional tokens (``cuda.dense_attention``: padded query
     blocks in the batch over the broadcast tokens, the neighborhood call, the merge), every
     kernel output poisoned, against the same on the xla backend: outputs, lse, and the
     gradients of q, k, v and the tokens."""
     from jax_gna import ops
 
+    monkeypatch.setattr(cuda, "_DKV_CTAS", dkv_ctas)
     h, h_kv, d, d_v = dims
     problem = _problem(spatial, 3, dim=d)
     keys = jax.random.split(_key(), 7)
@@ -322,8 +327,10 @@ def test_broadcast_key_value_batch(monkeypatch, kernels, dtype, dim):
     """Keys/values ``[B, 1, ...]`` read by the ``m`` query batches ``[B, m, ...]`` of their
     entry (the kernels' broadcast, ``Params::kvb``; the additional tokens' calls): the
     same out, lse and dQ, bit for bit, as the calls on the keys copied to every query
-    batch, and dK / dV per query batch the same as those calls'. Poisoned outputs. On the
-    Hopper kernels (forced, both passes) and on the sm80 kernels."""
+    batch, and dK / dV per query batch the same as those calls'; dK / dV summed by the
+    kernels over runs of 2 and 4 query batches (``Params::dkvb``) as those per query
+    batch summed. Poisoned outputs. On the Hopper kernels (forced, both passes) and on
+    the sm80 kernels."""
     if kernels == "sm80":
         monkeypatch.setenv("JAX_GNA_SM90", "0")
     elif dtype == jnp.float32 or not _is_sm90():
@@ -332,12 +339,12 @@ def test_broadcast_key_value_batch(monkeypatch, kernels, dtype, dim):
         _force_sm90(monkeypatch, backward=True)
     p = _problem((200,), 200, dim=dim)  # every key in every window, as the tokens' calls
     keys = jax.random.split(_key(), 6)
-    q = jax.random.normal(keys[0], (2, 3, 200, 4, dim), jnp.float32).astype(dtype)
+    q = jax.random.normal(keys[0], (2, 4, 200, 4, dim), jnp.float32).astype(dtype)
     k, v = (jax.random.normal(kk, (2, 1, 200, 2, dim), jnp.float32).astype(dtype)
             for kk in keys[1:3])
-    do = jax.random.normal(keys[3], (2, 3, 200, 4, dim), jnp.float32).astype(dtype)
-    delta = jax.random.normal(keys[4], (2, 3, 200, 4), jnp.float32)
-    copied = [jnp.broadcast_to(x, (2, 3) + x.shape[2:]) for x in (k, v)]
+    do = jax.random.normal(keys[3], (2, 4, 200, 4, dim), jnp.float32).astype(dtype)
+    delta = jax.random.normal(keys[4], (2, 4, 200, 4), jnp.float32)
+    copied = [jnp.broadcast_to(x, (2, 4) + x.shape[2:]) for x in (k, v)]
 
     def run(k, v):
         out, lse = cuda._forward_call(q, k, v, p, True)
@@ -349,10 +356,20 @@ def test_broadcast_key_value_batch(monkeypatch, kernels, dtype, dim):
         assert a.shape == w.shape, name
         assert np.isfinite(np.asarray(a, np.float32)).all(), name
         assert np.array_equal(np.asarray(a), np.asarray(w)), name
-    # and against the xla backend (one query batch of three)
+    # and against the xla backend (one query batch of four)
     ref, _ = xla.attention(q[:, 1].astype(jnp.float32), k[:, 0].astype(jnp.float32),
                            v[:, 0].astype(jnp.float32), p)
     assert _rel(got[0][:, 1], ref) < TOL[dtype][0]
+    # rounded once per run, not per query batch: within the dtype's rounding
+    tol = {jnp.float32: 1e-5, jnp.float16: 2e-3, jnp.bfloat16: 1e-2}[dtype]
+    for n in (2, 4):
+        summed = jax.jit(lambda k, v, n=n: cuda._backward_call(
+            q, k, v, do, got[1], delta, p, True, dkv_sum=n))(k, v)
+        assert np.array_equal(np.asarray(summed[0]), np.asarray(got[2])), n  # dQ
+        for name, a, w in zip(("dk", "dv"), summed[1:], got[3:]):
+            w = np.asarray(w, np.float64).reshape((2, 4 // n, n) + w.shape[2:]).sum(2)
+            assert a.shape == w.shape, (name, n)
+            assert _rel(a, w) < tol, (name, n)
 
 
 def test_bad_arguments_raise():
@@ -369,6 +386,14 @@ def test_bad_arguments_raise():
         k = jnp.zeros(kv_batch + (32, 1, 32), jnp.float16)
         with pytest.raises(Exception, match="batch dims differ"):
             jax.block_until_ready(cuda._forward_call(q, k, k, whole))
+    # dK / dV of broadcast keys summed over runs that do not divide the 3 query batches
+    k = jnp.zeros((2, 1, 32, 1, 32), jnp.float16)
+    lse = jnp.zeros((2, 3, 32, 1), jnp.float32)
+    grad = jax.ShapeDtypeStruct((2, 2, 32, 1, 32), jnp.float16)
+    call = jax.ffi.ffi_call(cuda.BWD_TARGET, (jax.ShapeDtypeStruct(q.shape, q.dtype), grad, grad),
+                            vmap_method="broadcast_all")
+    with pytest.raises(Exception, match="dk has shape"):
+        jax.block_until_ready(call(q, k, k, q, lse, lse, **cuda._attrs(whole)))
 
 
 # ---------------------------------------------------------------------------

@@ -269,7 +269,7 @@ def _fake_kernels(monkeypatch, calls):
     """The cuda backend's own fold, custom_vjp and delta on the CPU: its two kernel calls
     replaced by the xla backend (``kernel_fakes``), every dtype admitted to the Hopper
     path, and the GPU pretended."""
-    kernel_fakes.xla_kernel_calls(monkeypatch, lambda kind, q, p: calls.append(
+    kernel_fakes.xla_kernel_calls(monkeypatch, lambda kind, q, p, n: calls.append(
         (kind, p.dilation, q.shape)))
     _hopper(monkeypatch)
     monkeypatch.delenv("JAX_GNA_SM90_BWD", raising=False)
