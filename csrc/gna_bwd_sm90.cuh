@@ -479,8 +479,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int it = 0; it < nsteps; ++it, walk.next(tile.nqt)) {
       const int s = it % STAGES;
       if (it >= STAGES) mbar_wait(bar_e(s), ((it / STAGES) & 1) ^ 1);
-      const int hq = it / tile.ntiles;  // < dkvb * G
-      const int h = hk * G + hq % G, bq = b0 + hq / G;
+      const int hq = it / tile.ntiles, hb = divs.group(hq);  // hq < dkvb * G; hb = hq / G
+      const int h = hk * G + hq - hb * G, bq = b0 + hb;
       int qs[3];
       tile.query_tile(p, walk, qs);
       if (lane == 0) {
