@@ -18,8 +18,8 @@ def xla_kernel_calls(monkeypatch, record) -> None:
     as the kernels see it: its batch dims flattened into one. Keys/values with 1s in the
     query's last batch dims are broadcast over them, as the kernels read them, and dK /
     dV come back per query batch, or summed over runs of ``dkv_sum`` query batches along
-    the last batch dim as the kernels do (accumulated in at least float32). The backward recovers d_lse from the kernels' delta =
-    rowsum(dO * O) - d_lse."""
+    the last batch dim as the kernels do (accumulated in at least float32). The backward
+    recovers d_lse from the kernels' delta = rowsum(dO * O) - d_lse."""
     def flat(problem, query, *rest):
         lead = query.shape[:query.ndim - len(problem.shape) - 2]
         n = math.prod(lead)
