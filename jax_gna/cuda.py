@@ -512,14 +512,17 @@ def _by_device_split(query, blocks, index, problems, calls, devices, poison: boo
 
 
 # Additional tokens (every query over all S of them) run on the kernels
-# (``dense_attention``) from DENSE_MIN_KEYS tokens on, and from DENSE_FEW_KEYS with at
-# most S / 4 query heads; else as XLA's dense attention (``xla.dense_attention``). The
-# kernels' blocks have S queries, so their query tiles of 128 are part empty below 128
-# tokens; their time grows with the heads much faster than XLA's. Measured on an H200,
-# bf16, head dim 128, forward+backward, 1-D and 2-D (session 28,
-# benchmarks/results/extra-tokens-h200.md): the kernels win from 16 tokens with 1 head,
-# from 32 with 8, from 64 with 24.
+# (``dense_attention``) from DENSE_MIN_KEYS tokens on, from DENSE_SOME_KEYS with at most
+# DENSE_SOME_HEADS query heads, and from DENSE_FEW_KEYS with at most S / 4; else as
+# XLA's dense attention (``xla.dense_attention``). The kernels' blocks have S queries,
+# so their query tiles of 128 are part empty below 128 tokens; their time grows with the
+# heads much faster than XLA's. Measured on an H200, bf16, head dim 128,
+# forward+backward, 1-D and 2-D (sessions 28-29, benchmarks/results/extra-tokens-h200.md):
+# the kernels win from 16 tokens with 1 head; with the tokens' dK / dV summed in runs
+# (session 29) from 32 tokens with 8 and 16 heads, at 32 and 48 tokens with 24 heads
+# they are within 5% of XLA either way, from 64 they win with 24.
 DENSE_MIN_KEYS = 64
+DENSE_SOME_KEYS, DENSE_SOME_HEADS = 32, 16
 DENSE_FEW_KEYS = 16
 _MAX_BATCH = 65535  # the kernels' largest batch (grid dimension)
 # CTAs a tokens' dK/dV launch aims for (about 8 waves on 132 SMs): the kernels sum the
@@ -548,8 +551,11 @@ def dense_blocker(query_shape, key_shape, value_shape, dtype) -> str | None:
     if len(spatial) not in (1, 2, 3):
         return f"{len(spatial)} spatial axes"
     h, d, h_kv, d_v = query_shape[-2], query_shape[-1], key_shape[-2], value_shape[-1]
-    if s < max(DENSE_MIN_KEYS, 2) and (s < DENSE_FEW_KEYS or 4 * h > s):
-        return (f"{s} tokens with {h} heads (the kernels from {DENSE_MIN_KEYS} tokens, or from "
+    some = s >= DENSE_SOME_KEYS and h <= DENSE_SOME_HEADS
+    few = s >= DENSE_FEW_KEYS and 4 * h <= s
+    if s < max(DENSE_MIN_KEYS, 2) and not (some or few):
+        return (f"{s} tokens with {h} heads (the kernels from {DENSE_MIN_KEYS} tokens, from "
+                f"{DENSE_SOME_KEYS} with at most {DENSE_SOME_HEADS} heads, or from "
                 f"{DENSE_FEW_KEYS} with at most tokens / 4 heads), where XLA is faster")
     if math.prod(spatial) < s:
         return f"fewer queries ({math.prod(spatial)}) than tokens ({s})"

@@ -95,9 +95,9 @@ def test_cuda_dense_falls_back_to_xla(monkeypatch):
     _fake_kernels(monkeypatch, calls)
     monkeypatch.setattr(cuda, "DENSE_MIN_KEYS", 64)
     rng = np.random.default_rng(0)
-    q = jnp.asarray(rng.standard_normal((1, 9, 7, 16, 8)), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((1, 9, 7, 18, 8)), jnp.float32)
     few = [jnp.asarray(rng.standard_normal((1, 63, 2, 8)), jnp.float32)] * 2
-    out = cuda.dense_attention(q, *few, 0.5)  # fewer than 64 tokens, more than 63 / 4 heads
+    out = cuda.dense_attention(q, *few, 0.5)  # fewer than 64 tokens, more than 16 heads
     want = xla.dense_attention(q, *few, 0.5)
     assert not calls and all(np.array_equal(a, w) for a, w in zip(out, want))
     monkeypatch.setattr(cuda, "unsupported_reason", lambda *a: "no")  # shapes the kernels reject
@@ -112,11 +112,12 @@ def test_cuda_dense_falls_back_to_xla(monkeypatch):
 
 
 @pytest.mark.parametrize("tokens,heads,kernels", [
-    (64, 64, True), (63, 15, True), (63, 16, False), (32, 8, True), (32, 9, False),
-    (16, 4, True), (16, 5, False), (15, 1, False)])
+    (64, 64, True), (63, 16, True), (63, 17, False), (32, 16, True), (32, 17, False),
+    (31, 7, True), (31, 8, False), (16, 4, True), (16, 5, False), (15, 1, False)])
 def test_token_threshold(monkeypatch, tokens, heads, kernels):
-    """The kernels take the tokens from 64 of them, and from 16 with at most tokens / 4
-    query heads (cuda.DENSE_MIN_KEYS, DENSE_FEW_KEYS: measured on an H200)."""
+    """The kernels take the tokens from 64 of them, from 32 with at most 16 query heads,
+    and from 16 with at most tokens / 4 (cuda.DENSE_MIN_KEYS, DENSE_SOME_KEYS /
+    DENSE_SOME_HEADS, DENSE_FEW_KEYS: measured on an H200)."""
     monkeypatch.setattr(cuda, "unsupported_reason", lambda *a: None)
     kv = (1, tokens, 1, 64)
     assert (cuda.dense_blocker((1, 4096, heads, 64), kv, kv, jnp.bfloat16) is None) == kernels
