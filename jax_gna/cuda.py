@@ -525,17 +525,30 @@ DENSE_MIN_KEYS = 64
 DENSE_SOME_KEYS, DENSE_SOME_HEADS = 32, 16
 DENSE_FEW_KEYS = 16
 _MAX_BATCH = 65535  # the kernels' largest batch (grid dimension)
-# CTAs a tokens' dK/dV launch aims for (about 8 waves on 132 SMs): the kernels sum the
-# blocks of a batch entry in runs (_dkv_sum), few and long CTAs, not one short CTA per block
-_DKV_CTAS = 1024
+# The tokens' dK/dV launch sums the blocks of a batch entry in runs (_dkv_sum), chosen by a
+# wave model: streaming multiprocessors (H100/H200 SXM; one dK/dV CTA fits per SM), and a
+# CTA's fixed cost (loading its key tile, storing dK/dV) in query steps of 64 tokens per
+# head. Fitted on an H200 (bf16, head dim 128, session 30): the dK/dV kernel's time over
+# five run lengths on five grids was 1.69-1.93 us per modelled step, the fixed cost 2.6.
+_SMS = 132
+_DKV_FIXED_STEPS = 2.6
 
 
-def _dkv_sum(b: int, m: int, s: int, h_kv: int) -> int:
+def _dkv_sum(b: int, m: int, s: int, h_kv: int, group: int = 1) -> int:
     """Query blocks each dK / dV CTA of a tokens' backward call sums (``b`` batch entries
-    of ``m`` blocks of ``s`` queries, ``h_kv`` key heads): the largest divisor of ``m``
-    that leaves ``_DKV_CTAS`` CTAs (key tiles of 128 tokens), else 1."""
+    of ``m`` blocks of ``s`` queries, ``h_kv`` key heads of ``group`` query heads each):
+    the divisor ``n`` of ``m`` with the least modelled time, waves x CTA length:
+    ``ceil(ctas / n / _SMS) * (_DKV_FIXED_STEPS + n * steps)``, one CTA per key tile of
+    128 tokens and run, ``steps = ceil(s / 64) * group`` per block. Ties go to the longer
+    run (fewer partial sums). Few long CTAs where the grid is small, no more than a wave's
+    worth of runs where it is large."""
     ctas = b * m * h_kv * -(-s // 128)  # one run per block
-    return max(n for n in range(1, m + 1) if m % n == 0 and (n == 1 or ctas // n >= _DKV_CTAS))
+    steps = -(-s // 64) * group
+
+    def cost(n: int) -> tuple[float, int]:
+        return -(-(ctas // n) // _SMS) * (_DKV_FIXED_STEPS + n * steps), -n
+
+    return min((n for n in range(1, m + 1) if m % n == 0), key=cost)
 
 
 def _token_grid(tokens: int, scale: float = 1.0) -> Problem:
@@ -663,11 +676,12 @@ def dense_backward(query, key, value, out, lse, d_out, d_lse, scale: float, pois
     grid = _token_grid(s, scale)
     q, o, l, do, dl = (_dense_blocks(x, rank, s) for x in (query, out, lse, d_out, d_lse))
     k, v = key[:, None], value[:, None]  # read by all blocks of their batch entry
+    group = query.shape[-2] // key.shape[-2]
     dq, dk, dv = [], [], []
     for row in _batch_chunks(*q.shape[:2]):
         # each call's dK / dV per run of blocks, summed over the runs in float32
         calls = [_attention_bwd(grid, poison, (), (q[i, j], k[i], v[i], o[i, j], l[i, j]),
-                                (do[i, j], dl[i, j]), _dkv_sum(*q[i, j].shape[:2], s, k.shape[-2]))
+                                (do[i, j], dl[i, j]), _dkv_sum(*q[i, j].shape[:2], s, k.shape[-2], group))
                  for i, j in row]
         dq.append(_cat([c[0] for c in calls], 1))
         dk.append(sum(c[1].astype(jnp.float32).sum(axis=1) for c in calls))

@@ -16,9 +16,13 @@ head dim 128, forward and forward+backward, all in one process
   kernel      ``cuda.dense_attention`` alone (on the kernels even below DENSE_MIN_KEYS);
               its error against ``xla`` (out, lse; the tokens' dK / dV with the kernels
               summing runs of blocks, ``cuda._dkv_sum``, and with one per block)
+  kernel-ctasN, na+extra-ctasN  (``--dkv-ctas N,...``; the second where na+extra is
+              asked for) ``kernel`` / ``na+extra`` with the tokens' dK / dV summed in
+              runs by session 29's rule (the longest run of blocks that leaves N CTAs;
+              1024 was its default) instead of ``cuda._dkv_sum``'s wave model
   kernel-per-block  (asked for by name) ``kernel`` with the tokens' dK / dV per query
-              block, summed in float32 outside the kernels (``cuda._DKV_CTAS`` so large
-              that no run sums: the backward before session 29)
+              block, summed in float32 outside the kernels (no run sums: the backward
+              before session 29)
   cudnn       cuDNN's fused attention of the queries over the S tokens
               (``jax.nn.dot_product_attention``, no log-sum-exp): a bound for a fused kernel
   blocks      (asked for by name) the kernels on the query blocks and the tokens already
@@ -28,7 +32,11 @@ head dim 128, forward and forward+backward, all in one process
   na+extra-recompute  (asked for by name) na+extra with the tokens' partitioned backward
               recomputing their forward (``dense.backward`` removed while tracing)
 
+With ``--kernels`` every variant timed is also profiled (torch.profiler, 10 calls):
+each kernel's median duration, printed and recorded (``kernels``: [name, s, launches]).
+
 usage: python3 scripts/extra_tokens.py [--out FILE.json] [--extra 16,77,512] [--variants xla,kernel]
+       [--dkv-ctas 256,4096] [--kernels]
        [--heads 1] [--variants kernel,blocks]
        [--devices 2 --variants na,na+extra,na+extra-recompute --passes fwdbwd]
 """
@@ -68,7 +76,14 @@ def main(argv=None) -> int:
                          "saved out / lse")
     ap.add_argument("--heads", type=int, default=0,
                     help="the number of heads for every problem (default: the problem's own)")
+    ap.add_argument("--dkv-ctas", default="",
+                    help="comma-separated CTA counts: adds the variants kernel-ctasN")
+    ap.add_argument("--kernels", action="store_true",
+                    help="also each GPU kernel's median time in every variant (torch.profiler)")
     args = ap.parse_args(argv)
+    sweep = [int(x) for x in args.dkv_ctas.split(",") if x]
+    chosen = args.variants.split(",")
+    chosen += [f"{v}-ctas{n}" for v in ("kernel", "na+extra") if v in chosen for n in sweep]
 
     import jax
     import jax.numpy as jnp
@@ -115,8 +130,11 @@ def main(argv=None) -> int:
             }
             variants["na+extra-recompute"] = variants["na+extra"]  # traced without .backward
             variants["blocks"] = None  # _blocks_pass
-            variants["kernel-per-block"] = variants["kernel"]  # traced with _DKV_CTAS huge
-            least, dkv_ctas = cuda.DENSE_MIN_KEYS, cuda._DKV_CTAS
+            variants["kernel-per-block"] = variants["kernel"]  # traced with runs of 1
+            for n in sweep:  # traced with _runs_for(n)
+                variants[f"kernel-ctas{n}"] = variants["kernel"]
+                variants[f"na+extra-ctas{n}"] = variants["na+extra"]
+            least, dkv_sum = cuda.DENSE_MIN_KEYS, cuda._dkv_sum
 
             def with_grads(fn, q, ek, ev, do):  # out, lse, d tokens_k, d tokens_v
                 (out, lse), vjp = jax.vjp(lambda ek, ev: fn(q, ek, ev, scale), ek, ev)
@@ -124,9 +142,9 @@ def main(argv=None) -> int:
 
             cuda.DENSE_MIN_KEYS = 2  # "kernel": the kernels for every S (read while tracing)
             got = jax.jit(functools.partial(with_grads, cuda.dense_attention))(q, ek, ev, do)
-            cuda._DKV_CTAS = 1 << 60
+            cuda._dkv_sum = _per_block
             per_block = jax.jit(functools.partial(with_grads, cuda.dense_attention))(q, ek, ev, do)
-            cuda.DENSE_MIN_KEYS, cuda._DKV_CTAS = least, dkv_ctas
+            cuda.DENSE_MIN_KEYS, cuda._dkv_sum = least, dkv_sum
             ref = jax.jit(functools.partial(with_grads, xla.dense_attention))(
                 *(x.astype(jnp.float32) for x in (q, ek, ev, do)))
             rel = lambda a, r: float(jnp.linalg.norm((a.astype(jnp.float32) - r).ravel())  # noqa: E731
@@ -137,11 +155,14 @@ def main(argv=None) -> int:
             print(f"{name} S={s}: kernel against xla {errs}", flush=True)
             for pass_ in args.passes.split(","):
                 for label, f in variants.items():
-                    if label not in args.variants.split(","):
+                    if label not in chosen:
                         continue
                     cuda.DENSE_MIN_KEYS = 2 if label.startswith("kernel") else least
                     if label == "kernel-per-block":
-                        cuda._DKV_CTAS = 1 << 60
+                        cuda._dkv_sum = _per_block
+                    if "-ctas" in label:
+                        cuda._dkv_sum = _runs_for(int(label.rsplit("-ctas", 1)[1]))
+                    kernels = None
                     if label == "na+extra-recompute":
                         del cuda.dense_attention.backward
                     try:
@@ -150,20 +171,51 @@ def main(argv=None) -> int:
                         else:
                             fn, fargs = bench.pass_fn(f, pass_, q, k, v, do, ())
                         t = bench.measure(fn, fargs)["time_s"]
+                        if args.kernels:
+                            kernels = _kernel_times(fn, fargs)
                     except Exception as e:  # noqa: BLE001 - record and go on
                         print(f"  {label} {pass_}: failed {e!r}"[:400], flush=True)
                         t = None
                     finally:
-                        cuda.DENSE_MIN_KEYS, cuda._DKV_CTAS = least, dkv_ctas
+                        cuda.DENSE_MIN_KEYS, cuda._dkv_sum = least, dkv_sum
                         cuda.dense_attention.backward = cuda.dense_backward
                     records.append({"problem": name, "extra": s, "pass": pass_, "variant": label,
                                     "devices": args.devices, "heads": heads,
-                                    "time_s": t, "errs_kernel_vs_xla": errs})
+                                    "time_s": t, "errs_kernel_vs_xla": errs, "kernels": kernels})
                     print(f"{name:12s} S={s:5d} {pass_:7s} {label:9s} "
                           + ("failed" if t is None else f"{t * 1e3:9.3f} ms"), flush=True)
+                    for kname, ks, per in kernels or ():
+                        print(f"    {ks * 1e6:10.1f} us x{per:g}  {kname[:110]}", flush=True)
     with open(args.out, "w") as fh:
         json.dump({"environment": bench.environment(), "records": records}, fh, indent=1)
     return 0
+
+
+def _per_block(b, m, s, h_kv, group=1) -> int:
+    """``cuda._dkv_sum`` for the backward before session 29: dK / dV per block."""
+    return 1
+
+
+def _runs_for(ctas: int):
+    """``cuda._dkv_sum`` by session 29's rule: the longest run of blocks (a divisor of m)
+    that leaves ``ctas`` CTAs (key tiles of 128), else 1."""
+    def runs(b, m, s, h_kv, group=1):
+        one = b * m * h_kv * -(-s // 128)
+        return max(n for n in range(1, m + 1) if m % n == 0 and (n == 1 or one // n >= ctas))
+    return runs
+
+
+def _kernel_times(fn, fargs) -> list:
+    """[name, median s, launches per call] of each GPU kernel of ``fn`` jitted, over 10
+    calls (torch.profiler), longest first."""
+    import jax
+    import torch
+
+    from benchmarks.torch_peers import kernel_times
+
+    jf = jax.jit(fn)
+    times = kernel_times(torch, lambda: jax.block_until_ready(jf(*fargs)), 10)
+    return sorted(([n, s, per] for n, (s, per) in times.items()), key=lambda r: -r[1] * r[2])
 
 
 def _blocks_pass(q, ek, ev, do, scale, pass_):

@@ -44,17 +44,17 @@ CASES = [
     ((3, 5), 4, 3, 2, [2, 2, 2, 2, 2, 2]),  # 4 padded blocks per entry in calls of 2
     ((3, 5), 4, 3, 9, [8, 4]),              # two entries of 4 blocks, then the third
 ]
-@pytest.mark.parametrize("dkv_ctas", [1024, 1])
+@pytest.mark.parametrize("sms", [1 << 40, 1])
 @pytest.mark.parametrize("case", CASES)
-def test_cuda_dense_matches_xla(monkeypatch, case, dkv_ctas):
-    """Out, lse and gradients against xla; the tokens' dK / dV per block (``dkv_ctas``
-    1024: these grids are far smaller) or summed by the (faked) kernels over each call's
-    blocks of a batch entry (1)."""
+def test_cuda_dense_matches_xla(monkeypatch, case, sms):
+    """Out, lse and gradients against xla; the tokens' dK / dV per block (``_dkv_sum``
+    on a GPU with far more SMs than CTAs) or summed by the (faked) kernels over each
+    call's blocks of a batch entry (on one SM)."""
     spatial, s, b, max_batch, batches = case
     calls = []
     _fake_kernels(monkeypatch, calls)
     monkeypatch.setattr(cuda, "_MAX_BATCH", max_batch)
-    monkeypatch.setattr(cuda, "_DKV_CTAS", dkv_ctas)
+    monkeypatch.setattr(cuda, "_SMS", sms)
     rng = np.random.default_rng(len(spatial) * 10 + s)
     h, h_kv, d, d_v = 4, 2, 8, 6
     q = rng.standard_normal((b, *spatial, h, d))
@@ -71,7 +71,7 @@ def test_cuda_dense_matches_xla(monkeypatch, case, dkv_ctas):
     assert sorted(c[1][0] for c in calls if c[0] == "bwd") == sorted(batches), calls
     assert all(c[1][1] == s and c[3] for c in calls), calls  # whole blocks of S rows
     m = -(-math.prod(spatial) // s)
-    sums = [1 if dkv_ctas > 1 else len(range(m)[j]) for row in cuda._batch_chunks(b, m) for _, j in row]
+    sums = [1 if sms > 1 else len(range(m)[j]) for row in cuda._batch_chunks(b, m) for _, j in row]
     assert [c[4] for c in calls if c[0] == "bwd"] == sums, calls
     for i, (a, w) in enumerate(zip((*got, *grads), (*want, *ref_grads))):
         # The backward's delta = rowsum(dO * O) - d_lse is float32 by design: fp32 errors.
@@ -81,13 +81,28 @@ def test_cuda_dense_matches_xla(monkeypatch, case, dkv_ctas):
 
 
 def test_dkv_sum():
-    """Blocks each dK / dV CTA sums: the largest divisor of the blocks that leaves 1024
-    CTAs (key tiles of 128), else 1."""
-    assert cuda._dkv_sum(1, 128, 512, 24) == 8     # 2-D 256x256 with 512 tokens: 1536 CTAs
-    assert cuda._dkv_sum(1, 1024, 64, 24) == 16    # 64 tokens: 1536 CTAs of 16 blocks
-    assert cuda._dkv_sum(1, 64, 512, 8) == 2       # 1-D 32768, 8 heads
-    assert cuda._dkv_sum(1, 64, 512, 1) == 1       # 256 CTAs: too few to sum
+    """Blocks each dK / dV CTA sums: the divisor of the blocks with the fewest modelled
+    steps, waves (132 SMs) x (2.6 + steps per CTA); checked here against that model by
+    brute force, and on the grids measured in session 30."""
+    def model(b, m, s, h_kv, group, n):
+        ctas = b * m * h_kv * -(-s // 128) // n
+        return -(-ctas // 132) * (2.6 + n * -(-s // 64) * group)
+
+    for b, m, s, h_kv, group in [(1, 128, 512, 24, 1), (1, 512, 128, 24, 1), (1, 64, 512, 8, 1),
+                                 (1, 256, 128, 8, 1), (1, 225, 512, 24, 1), (1, 900, 128, 24, 1),
+                                 (1, 128, 512, 8, 3), (2, 4096, 16, 8, 1), (3, 1024, 64, 24, 2)]:
+        n = cuda._dkv_sum(b, m, s, h_kv, group)
+        costs = {d: model(b, m, s, h_kv, group, d) for d in range(1, m + 1) if m % d == 0}
+        assert m % n == 0 and costs[n] == min(costs.values()), (b, m, s, h_kv, group, n)
+    # 2-D 256x256, 24 heads: 512 tokens (12288 CTAs with one per block): runs of 32, three
+    # waves of 384 CTAs (session 29's rule of 1024 CTAs gave runs of 8); 128 tokens too
+    assert cuda._dkv_sum(1, 128, 512, 24) == 32
+    assert cuda._dkv_sum(1, 512, 128, 24) == 32
+    assert cuda._dkv_sum(1, 256, 128, 8) == 16     # 1-D 32768, 8 heads, 128 tokens: one wave
+    assert cuda._dkv_sum(1, 225, 512, 24) == 15    # 3-D 30x48x80: 1440 CTAs, 10.9 waves
+    assert cuda._dkv_sum(1, 64, 512, 1) == 2       # 1-D, one head: 128 CTAs, not 256
     assert cuda._dkv_sum(2, 1, 512, 24) == 1       # one block
+    assert cuda._dkv_sum(1, 7, 512, 1) == 1        # 28 CTAs: a run would only lengthen them
 
 
 def test_cuda_dense_falls_back_to_xla(monkeypatch):
@@ -173,13 +188,14 @@ def test_dense_backward_lowers_to_the_backward_kernels_only(impl):
 def test_dense_backward_lowers_with_summed_key_gradients():
     """A grid the kernels sum the blocks' dK / dV on (``_dkv_sum``): 65536 queries over
     512 tokens, 24 heads over 8 key heads, 128 blocks; 4096 CTAs with one per block, so
-    runs of 4 blocks: dK / dV come out as 32 batches, never one per block."""
+    runs of 32 blocks (one wave of 128 CTAs): dK / dV come out as 4 batches, never one
+    per block."""
     q = out = jax.ShapeDtypeStruct((1, 65536, 24, 128), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((1, 512, 8, 128), jnp.bfloat16)
     lse = jax.ShapeDtypeStruct((1, 65536, 24), jnp.float32)
     text = _lower(lambda *a: cuda.dense_backward(*a, 0.125), q, k, k, out, lse, out, lse)
     assert text.count("custom_call @jax_gna_bwd") == 1
-    assert "tensor<1x32x512x8x128xbf16>" in text and "1x128x512x8x128" not in text
+    assert "tensor<1x4x512x8x128xbf16>" in text and "1x128x512x8x128" not in text
 
 
 def test_explain_says_where_the_tokens_run(monkeypatch):

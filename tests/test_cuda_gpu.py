@@ -237,24 +237,24 @@ def test_lse_cotangent_only():
         assert _rel(a, b) < 5e-5
 
 
-# dkv_ctas 1: the kernels sum all blocks of a batch entry into the tokens' dK / dV
-# (cuda._dkv_sum); these grids are far below the default's 1024 CTAs (one run per block)
-@pytest.mark.parametrize("spatial,tokens,dims,dtype,dkv_ctas", [
-    ((10, 25), 100, (4, 2, 64, 64), jnp.bfloat16, 1024),  # 250 queries padded to 3 blocks of 100
+# sms 1: the kernels sum all blocks of a batch entry into the tokens' dK / dV
+# (cuda._dkv_sum); 1 << 40: one run per block
+@pytest.mark.parametrize("spatial,tokens,dims,dtype,sms", [
+    ((10, 25), 100, (4, 2, 64, 64), jnp.bfloat16, 1 << 40),  # 250 queries padded to 3 blocks of 100
     ((10, 25), 100, (4, 2, 64, 64), jnp.bfloat16, 1),
     ((16, 16), 64, (4, 2, 128, 128), jnp.bfloat16, 1),    # 4 blocks of 64
-    ((8, 8), 64, (2, 1, 128, 128), jnp.float16, 1024),    # exactly one block, GQA
+    ((8, 8), 64, (2, 1, 128, 128), jnp.float16, 1 << 40),    # exactly one block, GQA
     ((6, 7, 5), 64, (2, 2, 32, 48), jnp.float32, 1),      # 210 queries padded to 4 blocks
-    ((30, 26), 114, (4, 2, 256, 256), jnp.bfloat16, 1024),  # the fuzz's failing case, one GPU
+    ((30, 26), 114, (4, 2, 256, 256), jnp.bfloat16, 1 << 40),  # the fuzz's failing case, one GPU
 ])
-def test_additional_tokens_on_the_kernels(monkeypatch, spatial, tokens, dims, dtype, dkv_ctas):
+def test_additional_tokens_on_the_kernels(monkeypatch, spatial, tokens, dims, dtype, sms):
     """The op's computation with additional tokens (``cuda.dense_attention``: padded query
     blocks in the batch over the broadcast tokens, the neighborhood call, the merge), every
     kernel output poisoned, against the same on the xla backend: outputs, lse, and the
     gradients of q, k, v and the tokens."""
     from jax_gna import ops
 
-    monkeypatch.setattr(cuda, "_DKV_CTAS", dkv_ctas)
+    monkeypatch.setattr(cuda, "_SMS", sms)
     h, h_kv, d, d_v = dims
     problem = _problem(spatial, 3, dim=d)
     keys = jax.random.split(_key(), 7)
