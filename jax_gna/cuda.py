@@ -529,7 +529,8 @@ _MAX_BATCH = 65535  # the kernels' largest batch (grid dimension)
 # wave model: streaming multiprocessors (H100/H200 SXM; one dK/dV CTA fits per SM), and a
 # CTA's fixed cost (loading its key tile, storing dK/dV) in query steps of 64 tokens per
 # head. Fitted on an H200 (bf16, head dim 128, session 30): the dK/dV kernel's time over
-# five run lengths on five grids was 1.69-1.93 us per modelled step, the fixed cost 2.6.
+# five run lengths on each of six grids was 1.63-1.93 us per modelled step (within 7% on
+# a grid); the fixed cost 2.6 (benchmarks/results/extra-tokens-h200.md).
 _SMS = 132
 _DKV_FIXED_STEPS = 2.6
 

@@ -205,17 +205,30 @@ def _runs_for(ctas: int):
     return runs
 
 
-def _kernel_times(fn, fargs) -> list:
-    """[name, median s, launches per call] of each GPU kernel of ``fn`` jitted, over 10
-    calls (torch.profiler), longest first."""
+def _kernel_times(fn, fargs, calls: int = 10) -> list:
+    """[name, median s, launches per call] of each GPU kernel of ``fn`` jitted, over
+    ``calls`` calls (torch.profiler), longest first. A kernel launched k times per call
+    gives k entries, "#i name" the i-th launch of each call (e.g. the neighborhood
+    attention's dQ kernel and then the tokens')."""
+    import statistics
+
     import jax
     import torch
 
-    from benchmarks.torch_peers import kernel_times
+    from benchmarks.torch_peers import kernel_trace
 
     jf = jax.jit(fn)
-    times = kernel_times(torch, lambda: jax.block_until_ready(jf(*fargs)), 10)
-    return sorted(([n, s, per] for n, (s, per) in times.items()), key=lambda r: -r[1] * r[2])
+    trace = kernel_trace(torch, lambda: jax.block_until_ready(jf(*fargs)), calls)
+    launches: dict[str, list[float]] = {}
+    for e in sorted((e for e in trace.get("traceEvents", []) if e.get("cat") == "kernel"),
+                    key=lambda e: float(e["ts"])):
+        launches.setdefault(e["name"], []).append(float(e["dur"]) * 1e-6)
+    rows = []
+    for name, durs in launches.items():
+        k = max(len(durs) // calls, 1)
+        for i in range(k):
+            rows.append([f"#{i + 1} {name}" if k > 1 else name, statistics.median(durs[i::k]), 1])
+    return sorted(rows, key=lambda r: -r[1])
 
 
 def _blocks_pass(q, ek, ev, do, scale, pass_):
