@@ -21,7 +21,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from jax_gna import nn as gnn  # noqa: E402
 from jax_gna import sharding  # noqa: E402
@@ -30,7 +30,9 @@ from jax_gna import sharding  # noqa: E402
 def main(steps: int = 5) -> None:
     n = jax.device_count()
     data = 2 if n >= 4 and n % 2 == 0 else 1
-    mesh = jax.make_mesh((data, n // data), ("data", "context"))
+    # Auto axes: the op partitions under jit (custom partitioning); jax.make_mesh's
+    # default, Explicit axes, would take its shard_map path
+    mesh = jax.make_mesh((data, n // data), ("data", "context"), axis_types=(AxisType.Auto,) * 2)
     shape, kernel, channels = (64, 32), (7, 7), 64  # 2-D tokens, e.g. a latent image
     layer = gnn.NeighborhoodAttention2D(4, channels, kernel_size=kernel, stride=(1, 1),
                                         num_kv_heads=2, rope=True, normalize_qk=True,
