@@ -671,6 +671,10 @@ def make_attention_fn(kernel_size: IntOrTuple, stride: IntOrTuple = 1,
                              f"attention (dropout_rate={dropout_rate}); set dropout_rate=0 or "
                              "deterministic=True.")
         r = num_spatial_dims if num_spatial_dims is not None else query.ndim - 3
+        if r not in (1, 2, 3):
+            raise ValueError(f"neighborhood attention takes 1, 2 or 3 spatial axes, got {r} "
+                             f"(query shape {query.shape}, kernel_size {kernel_size!r}); pass "
+                             "num_spatial_dims, or a query [batch, *spatial, heads, head_dim].")
         if query.ndim < r + 3:
             raise ValueError(f"query must be [batch..., {r} spatial axes, heads, head_dim], "
                              f"got shape {query.shape}.")

@@ -187,12 +187,12 @@ na3d = _fixed_rank(3)
 def explain(query: Any, key: Any, value: Any, kernel_size: IntOrTuple, stride: IntOrTuple = 1,
             dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False, scale: float | None = None,
             *, additional_keys: Any = None, additional_values: Any = None,
-            backend: str = "auto", **_: Any) -> str:
+            return_lse: bool = False, backend: str = "auto") -> str:
     """Say which backend a call with these arguments would use, and why (for ``cuda``:
     which kernels, and where the additional tokens run).
 
     Takes the same arguments as :func:`neighborhood_attention` (arrays or
-    ``jax.ShapeDtypeStruct``); runs nothing.
+    ``jax.ShapeDtypeStruct``; ``return_lse`` changes nothing here); runs nothing.
     """
     problem = make_problem(query, key, value, kernel_size, stride, dilation, is_causal, scale,
                            additional_keys, additional_values)

@@ -934,6 +934,11 @@ def halo_sizes(shape: Sequence[int], kernel_size: IntOrTuple, stride: IntOrTuple
     problem = Problem(shape=shape, kernel_size=k, stride=s, dilation=d, is_causal=c, scale=1.0)
     out = {}
     for a, n in shards.items():
+        if not isinstance(a, (int, np.integer)) or not 0 <= a < len(shape):
+            raise ValueError(f"shards keys must be spatial axis indices in [0, {len(shape)}), "
+                             f"got {a!r}.")
+        if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+            raise ValueError(f"shards[{a}] must be an integer shard count, got {n!r}.")
         p = plan_axis(problem, a, (f"axis{a}",), int(n))
         out[a] = (p.left, p.right)
     return out
@@ -1364,6 +1369,13 @@ def neighborhood_attention_sharded(query: jax.Array, key: jax.Array, value: jax.
         if not isinstance(a, (int, np.integer)) or not 0 <= a < rank:
             raise ValueError(f"spatial_axes keys must be spatial axis indices in [0, {rank}), "
                              f"got {a!r} (spatial_axes={spatial_axes}).")
+    named = [("batch_axis", batch_axis), ("head_axis", head_axis)]
+    named += [(f"spatial_axes[{a}]", n) for a, n in spatial_axes.items()]
+    for what, names in named:
+        unknown = [n for n in _axis_names(names) if n not in mesh.shape]
+        if unknown:
+            raise ValueError(f"{what}={names!r} names {unknown}, not an axis of the mesh "
+                             f"(its axes: {tuple(mesh.shape)}).")
     h_kv = np.shape(key)[-2]
     heads = _axis_names(head_axis)
     if heads and h_kv % _mesh_size(mesh, heads):

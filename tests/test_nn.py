@@ -546,6 +546,12 @@ def test_attention_fn_refuses_what_it_cannot_do():
         fn(q, q, q, dropout_rate=0.1, deterministic=False)
     assert _shape_of(lambda q: fn(q, q, q, dropout_rate=0.1, deterministic=True), q)[0] == q.shape
     assert _shape_of(lambda q: fn(q, q, q, dtype=jnp.bfloat16), q)[1] == jnp.bfloat16
+    # spatial axes from the query's rank or the kernel size's length: 1, 2 or 3 only
+    for f, shape in ((fn, (10, 2, 4)), (fn, (1, 2, 2, 2, 2, 2, 4)),
+                     (gn.make_attention_fn((3, 3, 3, 3), backend="xla"), (1, 4, 4, 4, 4, 2, 4))):
+        x = _x(shape)
+        with pytest.raises(ValueError, match="1, 2 or 3 spatial axes"):
+            f(x, x, x)
 
 
 _SHARDED_SCRIPT = r"""

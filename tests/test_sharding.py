@@ -392,6 +392,24 @@ def test_halo_sizes():
     assert halo_sizes((16, 64), (3, 7), shards={1: 8}) == {1: (3, 3)}
     # the first shard's windows are shifted inward: it needs more than k // 2 on the right
     assert halo_sizes((256,), 80, shards={0: 8}) == {0: (48, 48)}
+    with pytest.raises(ValueError, match="spatial axis indices"):
+        halo_sizes((32,), 5, shards={1: 4})
+    with pytest.raises(ValueError, match="integer shard count"):
+        halo_sizes((32,), 5, shards={0: 2.5})
+
+
+def test_sharded_unknown_mesh_axis():
+    """A mesh axis name the mesh does not have: a ValueError naming it, before any work."""
+    import jax
+    from jax.sharding import Mesh
+
+    from jax_gna import sharding
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("c",))
+    x = np.zeros((1, 8, 2, 4), np.float32)
+    for kw in ({"spatial_axes": {0: "zz"}}, {"batch_axis": "zz"}, {"head_axis": ("c", "zz")}):
+        with pytest.raises(ValueError, match="not an axis of the mesh"):
+            sharding.neighborhood_attention_sharded(x, x, x, 3, mesh=mesh, **kw)
 
 
 # --------------------------------------------------------------------------

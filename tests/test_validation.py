@@ -143,3 +143,14 @@ def test_numpy_inputs_accepted():
     q = rng.standard_normal((1, 10, 2, 4)).astype(np.float32)
     out = jax_gna.na1d(q, q, q, 3)
     assert out.shape == q.shape and np.isfinite(np.asarray(out)).all()
+
+
+def test_explain_takes_the_op_arguments_only():
+    """``explain`` takes what the op takes (``return_lse`` too) and refuses anything else,
+    e.g. a misspelt ``additional_keys``, instead of answering for a different call."""
+    import jax_gna
+
+    x = np.zeros((1, 8, 2, 4), np.float32)
+    assert "xla" in jax_gna.explain(x, x, x, 3, return_lse=True, backend="xla")
+    with pytest.raises(TypeError):
+        jax_gna.explain(x, x, x, 3, addtional_keys=x[:, :2])
