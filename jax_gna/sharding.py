@@ -919,6 +919,15 @@ def platform_by_device(cuda_impl: Impl, default_impl: Impl) -> tuple[Any, Any, A
             by_device_split if cuda_split is not None else None)
 
 
+def _check_axis_keys(name: str, mapping: Mapping[Any, Any], rank: int) -> None:
+    """A ValueError unless every key of ``mapping`` (argument ``name``) is a spatial axis
+    index in ``[0, rank)``."""
+    for a in mapping:
+        if not isinstance(a, (int, np.integer)) or not 0 <= a < max(rank, 0):
+            raise ValueError(f"{name} keys must be spatial axis indices in [0, {rank}), "
+                             f"got {a!r} ({name}={dict(mapping)}).")
+
+
 def halo_sizes(shape: Sequence[int], kernel_size: IntOrTuple, stride: IntOrTuple = 1,
                dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False, *,
                shards: Mapping[int, int]) -> dict[int, tuple[int, int]]:
@@ -927,17 +936,15 @@ def halo_sizes(shape: Sequence[int], kernel_size: IntOrTuple, stride: IntOrTuple
     ``shards[a]`` equal blocks. Per step and device, the forward moves
     ``(left + right) * prod(other local extents) * H_kv * (D + D_v)`` elements per sharded
     axis; the backward moves twice that (the halo again, and its gradient back)."""
-    from .params import window_params
+    from .params import _is_int, window_params
 
     shape = tuple(int(n) for n in shape)
     k, s, d, c = window_params(shape, kernel_size, stride, dilation, is_causal)
     problem = Problem(shape=shape, kernel_size=k, stride=s, dilation=d, is_causal=c, scale=1.0)
+    _check_axis_keys("shards", shards, len(shape))
     out = {}
     for a, n in shards.items():
-        if not isinstance(a, (int, np.integer)) or not 0 <= a < len(shape):
-            raise ValueError(f"shards keys must be spatial axis indices in [0, {len(shape)}), "
-                             f"got {a!r}.")
-        if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+        if not _is_int(n):
             raise ValueError(f"shards[{a}] must be an integer shard count, got {n!r}.")
         p = plan_axis(problem, a, (f"axis{a}",), int(n))
         out[a] = (p.left, p.right)
@@ -1312,10 +1319,7 @@ def neighborhood_attention_local(query: jax.Array, key: jax.Array, value: jax.Ar
     spatial_axes = dict(spatial_axes or {})
     ndim = len(np.shape(query))
     rank = ndim - 3
-    for a in spatial_axes:
-        if not isinstance(a, (int, np.integer)) or not 0 <= a < max(rank, 0):
-            raise ValueError(f"spatial_axes keys must be spatial axis indices in [0, {rank}), "
-                             f"got {a!r} (spatial_axes={spatial_axes}).")
+    _check_axis_keys("spatial_axes", spatial_axes, rank)
     # The mesh's axis order: how ppermute numbers a spatial axis split over several mesh
     # axes (the data is laid out in the order spatial_axes names them).
     mesh_shape = dict(getattr(jax.sharding.get_abstract_mesh(), "shape", None) or {}) or None
@@ -1365,10 +1369,7 @@ def neighborhood_attention_sharded(query: jax.Array, key: jax.Array, value: jax.
     make_problem(query, key, value, kernel_size, stride, dilation, is_causal, scale,
                  additional_keys, additional_values)  # errors before any device work
     rank = len(np.shape(query)) - 3
-    for a in spatial_axes:
-        if not isinstance(a, (int, np.integer)) or not 0 <= a < rank:
-            raise ValueError(f"spatial_axes keys must be spatial axis indices in [0, {rank}), "
-                             f"got {a!r} (spatial_axes={spatial_axes}).")
+    _check_axis_keys("spatial_axes", spatial_axes, rank)
     named = [("batch_axis", batch_axis), ("head_axis", head_axis)]
     named += [(f"spatial_axes[{a}]", n) for a, n in spatial_axes.items()]
     for what, names in named:
