@@ -269,6 +269,44 @@ ffi::Error Forward(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer q, ffi::
   return launched(dispatch(dt, p, stream, true));
 }
 
+// The forward with additional tokens xk / xv ([lead..., S, Hkv, D] and [..., Dv], lead
+// the query's batch dims): out and lse over each query's window and the tokens together,
+// on the Hopper forward kernel only (the caller checks that it applies: an error here).
+ffi::Error ForwardTokens(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                         ffi::AnyBuffer v, ffi::AnyBuffer xk, ffi::AnyBuffer xv, ffi::Result<ffi::AnyBuffer> o,
+                         ffi::Result<ffi::AnyBuffer> lse, const Attrs& at) {
+  if (at.device_ordinals.size() != 0) return bad("the forward with additional tokens takes no device table");
+  Params p;
+  DType dt;
+  bool empty;
+  if (auto e = make_params(at, ordinal, q, k, v, p, dt, empty); e.failure()) return e;
+  auto qd = q.dimensions(), xd = xk.dimensions();
+  const size_t lead = qd.size() - at.shape.size() - 2;
+  const int64_t Dv = v.dimensions()[v.dimensions().size() - 1];
+  if (xd.size() != lead + 3 || xd[lead] < 1 || xd[lead] >= (int64_t{1} << 30))
+    return bad("additional keys " + dims_str(xd) + " must be [batch dims, S, heads_kv, D] with S >= 1");
+  std::vector<int64_t> want(qd.begin(), qd.begin() + lead);
+  want.insert(want.end(), {xd[lead], p.Hkv, p.D});
+  if (auto e = same_shape("additional keys", xd, want, xk.element_type(), q.element_type()); e.failure()) return e;
+  want.back() = Dv;
+  if (auto e = same_shape("additional values", xv.dimensions(), want, xv.element_type(), q.element_type()); e.failure())
+    return e;
+  if (auto e = same_shape("out", o->dimensions(), with_last(qd, 1, {Dv}), o->element_type(), q.element_type()); e.failure()) return e;
+  if (auto e = same_shape("lse", lse->dimensions(), with_last(qd, 1, {}), lse->element_type(), ffi::DataType::F32); e.failure()) return e;
+  p.o = o->untyped_data();
+  p.lse = static_cast<float*>(lse->untyped_data());
+  p.nx = static_cast<int>(xd[lead]);
+  p.xk = xk.untyped_data();
+  p.xv = xv.untyped_data();
+  bool used = false;
+  const cudaError_t e = launch_forward_sm90(dt, p, stream, used);
+  if (e == cudaSuccess && !used)
+    return bad("the forward with additional tokens runs on the Hopper forward kernel only (a compute capability "
+               "9.0 GPU, float16/bfloat16, head dims D = D_v in {64, 128, 256}, no dilation, blocks of at least "
+               "one tile, JAX_GNA_SM90 not 0); this call does not fit it");
+  return launched(e);
+}
+
 ffi::Error Backward(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                     ffi::AnyBuffer dout, ffi::AnyBuffer lse, ffi::AnyBuffer delta,
                     ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
@@ -326,6 +364,17 @@ ffi::Error FwdAliasedImpl(cudaStream_t s, int32_t ordinal, ffi::AnyBuffer q, ffi
                           ffi::AnyBuffer, ffi::AnyBuffer, ffi::Result<ffi::AnyBuffer> o,
                           ffi::Result<ffi::AnyBuffer> lse, GNA_ATTR_PARAMS) {
   return Forward(s, ordinal, q, k, v, o, lse, GNA_ATTRS);
+}
+ffi::Error FwdTokensImpl(cudaStream_t s, int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                         ffi::AnyBuffer xk, ffi::AnyBuffer xv, ffi::Result<ffi::AnyBuffer> o,
+                         ffi::Result<ffi::AnyBuffer> lse, GNA_ATTR_PARAMS) {
+  return ForwardTokens(s, ordinal, q, k, v, xk, xv, o, lse, GNA_ATTRS);
+}
+ffi::Error FwdTokensAliasedImpl(cudaStream_t s, int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                                ffi::AnyBuffer v, ffi::AnyBuffer xk, ffi::AnyBuffer xv, ffi::AnyBuffer,
+                                ffi::AnyBuffer, ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse,
+                                GNA_ATTR_PARAMS) {
+  return ForwardTokens(s, ordinal, q, k, v, xk, xv, o, lse, GNA_ATTRS);
 }
 ffi::Error BwdImpl(cudaStream_t s, int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                    ffi::AnyBuffer dout, ffi::AnyBuffer lse, ffi::AnyBuffer delta,
@@ -390,6 +439,9 @@ int device_smem_optin() {
 #define GNA_BIND ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>().Ctx<ffi::DeviceOrdinal>()
 #define GNA_FWD_BIND GNA_BIND GNA_ARG GNA_ARG GNA_ARG GNA_RET GNA_RET GNA_BIND_ATTRS
 #define GNA_FWD_ALIASED_BIND GNA_BIND GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_RET GNA_RET GNA_BIND_ATTRS
+#define GNA_FWD_TOKENS_BIND GNA_BIND GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_RET GNA_RET GNA_BIND_ATTRS
+#define GNA_FWD_TOKENS_ALIASED_BIND \
+  GNA_BIND GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_RET GNA_RET GNA_BIND_ATTRS
 #define GNA_BWD_BIND GNA_BIND GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_RET GNA_RET GNA_RET GNA_BIND_ATTRS
 #define GNA_BWD_ALIASED_BIND \
   GNA_BIND GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_ARG GNA_RET GNA_RET GNA_RET GNA_BIND_ATTRS
@@ -403,7 +455,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_gna_fwd, gna::FwdImpl, GNA_FWD_BIND, GNA_CMD_B
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_gna_fwd_aliased, gna::FwdAliasedImpl, GNA_FWD_ALIASED_BIND, GNA_CMD_BUFFER);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_gna_bwd, gna::BwdImpl, GNA_BWD_BIND, GNA_CMD_BUFFER);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_gna_bwd_aliased, gna::BwdAliasedImpl, GNA_BWD_ALIASED_BIND, GNA_CMD_BUFFER);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_gna_fwd_tokens, gna::FwdTokensImpl, GNA_FWD_TOKENS_BIND, GNA_CMD_BUFFER);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_gna_fwd_tokens_aliased, gna::FwdTokensAliasedImpl, GNA_FWD_TOKENS_ALIASED_BIND,
+                              GNA_CMD_BUFFER);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_gna_fwd_nocb, gna::FwdImpl, GNA_FWD_BIND);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_gna_fwd_tokens_nocb, gna::FwdTokensImpl, GNA_FWD_TOKENS_BIND);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_gna_fwd_tokens_aliased_nocb, gna::FwdTokensAliasedImpl, GNA_FWD_TOKENS_ALIASED_BIND);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_gna_fwd_aliased_nocb, gna::FwdAliasedImpl, GNA_FWD_ALIASED_BIND);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_gna_bwd_nocb, gna::BwdImpl, GNA_BWD_BIND);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_gna_bwd_aliased_nocb, gna::BwdAliasedImpl, GNA_BWD_ALIASED_BIND);

@@ -2,6 +2,8 @@
 //
 //   jax_gna_fwd(q, k, v) -> (o, lse)
 //   jax_gna_bwd(q, k, v, dout, lse, delta) -> (dq, dk, dv)
+//   jax_gna_fwd_tokens(q, k, v, xk, xv) -> (o, lse): the forward with additional tokens
+//   xk / xv ([batch dims, S, Hkv, D]) that every query sees (Hopper forward kernel only)
 //   *_aliased: the same with the outputs also passed as trailing inputs (aliased to
 //   the results by the caller); the tests use them to poison outputs with NaN.
 // Attributes (all int64 arrays of length rank, except scale: f32): shape,
@@ -19,11 +21,15 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_gna_fwd);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_gna_bwd);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_gna_fwd_aliased);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_gna_bwd_aliased);
-// The same four without the command-buffer trait (XLA calls them on every execution).
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_gna_fwd_tokens);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_gna_fwd_tokens_aliased);
+// The same six without the command-buffer trait (XLA calls them on every execution).
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_gna_fwd_nocb);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_gna_bwd_nocb);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_gna_fwd_aliased_nocb);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_gna_bwd_aliased_nocb);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_gna_fwd_tokens_nocb);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_gna_fwd_tokens_aliased_nocb);
 
 // Largest dynamic shared memory (bytes) the kernels take for head dims d, d_v and
 // dtype 0 = float16, 1 = bfloat16, 2 = float32; the current device's opt-in limit

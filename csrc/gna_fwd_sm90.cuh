@@ -306,11 +306,16 @@ struct FwdTile {
   }
 };
 
-template <typename T, int D, int STAGES>
-__global__ void __launch_bounds__(kThreads, 1)
-    fwd_sm90_kernel(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap tq,
-                    const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv,
-                    const __grid_constant__ CUtensorMap to, const __grid_constant__ TileDivs divs) {
+// The forward's body. EXTRA: the call's additional tokens (p.nx of them, [B, nx, Hkv, D]
+// read through the maps txk / txv as (Hkv*D, nx, 1, 1, B) with boxes of (64, KT, 1, 1, 1):
+// a key tile's shared-memory layout) are ceil(nx / KT) more key tiles after the window's,
+// every query sees all of them (the last masked past nx, whose rows TMA zero-fills): out
+// and lse come out over the window and the tokens together. Without EXTRA the maps are
+// not read (null).
+template <typename T, int D, int STAGES, bool EXTRA>
+__device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap& tq, const CUtensorMap& tk,
+                                              const CUtensorMap& tv, const CUtensorMap& to, const TileDivs& divs,
+                                              const CUtensorMap* txk, const CUtensorMap* txv) {
 #if defined(GNA_SM90_ENABLED)
   using L = FwdLayout<D, STAGES>;
   constexpr int HALVES = D / 64;
@@ -378,6 +383,23 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int c = 0; c < HALVES; ++c)
         tma_load_5d(sV + s * L::kKVBytes + c * L::kKVHalf, &tv, bar_v(s), hk * D + 64 * c, ks[2], ks[1],
                     ks[0], bk);
+    }
+    if constexpr (EXTRA) {
+      tma_prefetch_desc(txk);
+      tma_prefetch_desc(txv);
+      const int n = tile.ntiles + (p.nx + KT - 1) / KT;
+      for (int it = tile.ntiles, x0 = 0; it < n; ++it, x0 += KT) {
+        const int s = it % STAGES;
+        if (it >= STAGES) mbar_wait(bar_e(s), ((it / STAGES) & 1) ^ 1);
+        mbar_expect_tx(bar_k(s), L::kKVBytes);
+#pragma unroll
+        for (int c = 0; c < HALVES; ++c)
+          tma_load_5d(sK + s * L::kKVBytes + c * L::kKVHalf, txk, bar_k(s), hk * D + 64 * c, x0, 0, 0, b);
+        mbar_expect_tx(bar_v(s), L::kKVBytes);
+#pragma unroll
+        for (int c = 0; c < HALVES; ++c)
+          tma_load_5d(sV + s * L::kKVBytes + c * L::kKVHalf, txv, bar_v(s), hk * D + 64 * c, x0, 0, 0, b);
+      }
     }
     return;
   }
@@ -448,10 +470,20 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int g = 0; g < NG; ++g) Wgmma<T>::rs(o_acc[g], pa[j], desc_plus(dv, 2 * g * L::kKVHalf + j * 16 * 128));
     wg_commit();
   };
-  // The next key tile of the softmax (tiles in order): its global start and whether it
-  // lies inside every window. Computed before waiting on the scores it masks.
+  // The next key tile of the softmax (tiles in order, `it`): its global start and whether
+  // it lies inside every window. Computed before waiting on the scores it masks. EXTRA:
+  // past the window's tiles, the tokens' tiles are full but the last one where nx is not
+  // a multiple of KT; that one sets xcols, the tokens it holds (0 otherwise).
   BoxWalk walk;
-  auto next_tile = [&](int (&ks)[3]) {
+  [[maybe_unused]] int xcols = 0;
+  auto next_tile = [&](int it, int (&ks)[3]) {
+    if constexpr (EXTRA) {
+      if (it >= tile.ntiles) {
+        const int left = p.nx - (it - tile.ntiles) * KT;
+        xcols = left < KT ? left : 0;
+        return left >= KT;
+      }
+    }
     tile.key_tile(p, walk, ks);
     walk.next(tile.nkt);
     bool full = true;
@@ -471,6 +503,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int i = 0; i < NS; ++i) sc[i] *= sl2;
       }
+    } else if (EXTRA && xcols > 0) {
+      // The tokens' last tile: columns past the tokens are padding (accumulator i of a
+      // row holds column 8 (i / 4) + 2 tig + i % 2).
+#pragma unroll
+      for (int i = 0; i < NS; ++i) sc[i] = 8 * (i / 4) + 2 * tig + i % 2 < xcols ? sc[i] * pre : -INFINITY;
     } else {
       // Per row and axis: key-tile-relative window start and width (unsigned compare).
       int rlo[2][3];
@@ -540,14 +577,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   float sc[NS], alpha[2];
   uint32_t pa[NK][4];
   int ks[3];
-  const int n = tile.ntiles;
+  const int n = EXTRA ? tile.ntiles + (p.nx + KT - 1) / KT : tile.ntiles;
   if (cw == 1) turn_pass();  // warpgroup 0 goes first
   mbar_wait(bar_q, 0);
   if (GNA_FWD_TIMELINE) stamp.take(1);
   turn_wait();
   issue_s(0, sc);
   turn_pass();
-  bool full = next_tile(ks);
+  bool full = next_tile(0, ks);
   wg_wait<0>();
   if (GNA_FWD_TIMELINE) stamp.take(2);
   reg_fence(sc);
@@ -558,7 +595,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     issue_s(it, sc);
     issue_pv(it - 1, pa);
     turn_pass();
-    full = next_tile(ks);
+    full = next_tile(it, ks);
     wg_wait<1>();
     reg_fence(sc);
     softmax(ks, full, sc, alpha);
@@ -669,6 +706,24 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
 #endif
+}
+
+template <typename T, int D, int STAGES>
+__global__ void __launch_bounds__(kThreads, 1)
+    fwd_sm90_kernel(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap tq,
+                    const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv,
+                    const __grid_constant__ CUtensorMap to, const __grid_constant__ TileDivs divs) {
+  fwd_sm90_body<T, D, STAGES, false>(p, tq, tk, tv, to, divs, nullptr, nullptr);
+}
+
+// The forward with the call's additional tokens as extra key tiles (p.nx of them).
+template <typename T, int D, int STAGES>
+__global__ void __launch_bounds__(kThreads, 1)
+    fwd_tokens_sm90_kernel(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap tq,
+                           const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv,
+                           const __grid_constant__ CUtensorMap to, const __grid_constant__ TileDivs divs,
+                           const __grid_constant__ CUtensorMap txk, const __grid_constant__ CUtensorMap txv) {
+  fwd_sm90_body<T, D, STAGES, true>(p, tq, tk, tv, to, divs, &txk, &txv);
 }
 
 }  // namespace sm90

@@ -65,6 +65,10 @@ struct Params {
   void* o; float* lse;
   const void* dout; const float* lse_in; const float* delta;
   void* dq; void* dk; void* dv;
+  // Additional tokens (Hopper forward only, gna_sm90.cu): nx keys / values [B, nx, Hkv,
+  // D] that every query sees besides its window; nx = 0: none.
+  int nx = 0;
+  const void* xk = nullptr; const void* xv = nullptr;
 };
 
 // Keys a non-causal window of size k reaches left / right of its center c: the window

@@ -156,10 +156,20 @@ cudaError_t fwd_sm90(DType dt, Params p, cudaStream_t stream, bool& used) {
     return cudaSuccess;  // not representable as TMA boxes: the sm80 kernels run
   static_assert(FwdLayout<D, S>::smem_bytes() <= kMaxSmem, "forward tiles exceed shared memory");
   const size_t smem = FwdLayout<D, S>::smem_bytes();
+  const dim3 grid(static_cast<unsigned>(nqtiles), p.H, p.B);
+  if (p.nx > 0) {  // the additional tokens as extra key tiles: [B, nx, Hkv, D] as 1-D blocks
+    auto kx = sm90::fwd_tokens_sm90_kernel<T, D, S>;
+    CUtensorMap txk, txv;
+    const int xn[3] = {1, 1, p.nx}, xt[3] = {1, 1, sm90::fwd_key_tokens<D>()};
+    if (!make_map(&txk, dt, p.xk, p.B, xn, p.Hkv * D, xt) || !make_map(&txv, dt, p.xv, p.B, xn, p.Hkv * D, xt))
+      return cudaSuccess;
+    if (cudaError_t e = set_smem(kx, smem); e != cudaSuccess) return e;
+    used = true;
+    return launch_sm90(kx, grid, smem, stream, pdl_from_env(), p, tq, tk, tv, to, sm90::tile_divs(p), txk, txv);
+  }
   if (cudaError_t e = set_smem(kern, smem); e != cudaSuccess) return e;
   used = true;
-  return launch_sm90(kern, dim3(static_cast<unsigned>(nqtiles), p.H, p.B), smem, stream, pdl_from_env(), p, tq,
-                     tk, tv, to, sm90::tile_divs(p));
+  return launch_sm90(kern, grid, smem, stream, pdl_from_env(), p, tq, tk, tv, to, sm90::tile_divs(p));
 }
 
 // Streaming multiprocessors of the current device (0 if the query fails).

@@ -25,6 +25,9 @@ PYBIND11_MODULE(_gna_ffi, m) {
         d["jax_gna_bwd"] = command_buffer ? capsule(jax_gna_bwd) : capsule(jax_gna_bwd_nocb);
         d["jax_gna_fwd_aliased"] = command_buffer ? capsule(jax_gna_fwd_aliased) : capsule(jax_gna_fwd_aliased_nocb);
         d["jax_gna_bwd_aliased"] = command_buffer ? capsule(jax_gna_bwd_aliased) : capsule(jax_gna_bwd_aliased_nocb);
+        d["jax_gna_fwd_tokens"] = command_buffer ? capsule(jax_gna_fwd_tokens) : capsule(jax_gna_fwd_tokens_nocb);
+        d["jax_gna_fwd_tokens_aliased"] =
+            command_buffer ? capsule(jax_gna_fwd_tokens_aliased) : capsule(jax_gna_fwd_tokens_aliased_nocb);
         return d;
       },
       py::arg("command_buffer") = true,

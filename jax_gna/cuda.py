@@ -7,7 +7,8 @@ Contract (the public op dispatches here):
 - :func:`unsupported_reason`: ``None`` when the kernels cover a configuration,
   otherwise a short reason (the op then falls back to ``xla`` or raises).
 - :func:`attention`: ``(out, lse)`` for one :class:`~jax_gna.params.Problem`,
-  differentiable (``jax.custom_vjp``), the lse cotangent included.
+  differentiable (``jax.custom_vjp``), the lse cotangent included;
+  :func:`attention_with_tokens` the same with additional tokens in the softmax.
 
 Importing this module never touches the GPU or the library; the FFI targets are
 registered on first use. Lowering does not need the library either, so the
@@ -46,10 +47,12 @@ import jax.numpy as jnp
 from . import dilation, xla
 from .params import Problem
 
-__all__ = ["available", "unavailable_reason", "unsupported_reason", "attention"]
+__all__ = ["available", "unavailable_reason", "unsupported_reason", "attention",
+           "attention_with_tokens"]
 
 FWD_TARGET = "jax_gna_fwd"
 BWD_TARGET = "jax_gna_bwd"
+FWD_TOKENS_TARGET = "jax_gna_fwd_tokens"
 _SUPPORTED_DTYPES = (np.dtype(np.float16), np.dtype(jnp.bfloat16), np.dtype(np.float32))
 _MAX_HEAD_DIM = 256
 
@@ -450,11 +453,12 @@ def attention(query, key, value, problem: Problem):
 def export_disabled_checks() -> list:
     """What to pass as ``disabled_checks`` to ``jax.export.export`` for a function that
     calls the kernels: ``jax.export`` only trusts custom calls on its own list, so the
-    two targets must be allowed explicitly. The exported module needs this library
+    kernels' targets (forward, backward, forward with tokens) must be allowed explicitly. The exported module needs this library
     (same FFI targets) wherever it is deserialized and run."""
     from jax import export  # noqa: PLC0415
 
-    return [export.DisabledSafetyCheck.custom_call(n) for n in (FWD_TARGET, BWD_TARGET)]
+    return [export.DisabledSafetyCheck.custom_call(n)
+            for n in (FWD_TARGET, BWD_TARGET, FWD_TOKENS_TARGET)]
 
 
 def _backward(query, key, value, out, lse, d_out, d_lse, problem: Problem, poison: bool = False):
@@ -694,8 +698,103 @@ def dense_backward(query, key, value, out, lse, d_out, d_lse, scale: float, pois
 dense_attention.backward = dense_backward
 
 
+# The additional tokens as extra key tiles of the Hopper forward (``csrc/gna_fwd_sm90.cuh``,
+# EXTRA): one kernel gives out / lse over each query's window and the tokens together, in
+# place of the neighborhood forward, the tokens' own forward over the queries again and
+# their merge in XLA (:func:`attention_with_tokens`).
+
+def tokens_blocker(problem: Problem, query_shape, key_shape, value_shape, dtype) -> str | None:
+    """Why :func:`attention_with_tokens` runs the additional tokens (``key_shape`` /
+    ``value_shape``: ``[B, S, H_kv, D(_v)]``) apart from the neighborhood attention
+    (:func:`attention`, :func:`dense_attention` and ``xla.merge``) rather than as extra key
+    tiles of the Hopper forward; None when it fuses them: a compute capability 9.0 GPU
+    whose Hopper forward takes the problem, and no ``JAX_GNA_FUSED_TOKENS=0`` in the
+    environment (read while tracing)."""
+    if os.environ.get("JAX_GNA_FUSED_TOKENS") in ("0", "off"):
+        return "JAX_GNA_FUSED_TOKENS=0"
+    if _compute_capability() != "9.0":
+        return "not a compute capability 9.0 GPU"
+    why = _hopper_blockers(problem, query_shape, value_shape, dtype)
+    if why:
+        return "the Hopper forward does not apply (" + ", ".join(why) + ")"
+    return None
+
+
+def _forward_tokens_call(query, key, value, extra_keys, extra_values, problem: Problem,
+                         poison: bool = False):
+    """``(out, lse)`` over each query's window and the additional tokens, one kernel."""
+    _register()
+    out_shape = query.shape[:-1] + (value.shape[-1],)
+    results = (jax.ShapeDtypeStruct(out_shape, query.dtype),
+               jax.ShapeDtypeStruct(query.shape[:-1], jnp.float32))
+    args = (query, key, value, extra_keys, extra_values)
+    if poison:  # test hook: outputs start as NaN
+        inits = (jnp.full(out_shape, jnp.nan, query.dtype),
+                 jnp.full(query.shape[:-1], jnp.nan, jnp.float32))
+        call = jax.ffi.ffi_call(FWD_TOKENS_TARGET + "_aliased", results,
+                                vmap_method="broadcast_all", input_output_aliases={5: 0, 6: 1})
+        outs = call(*args, *inits, **_attrs(problem))
+    else:
+        call = jax.ffi.ffi_call(FWD_TOKENS_TARGET, results, vmap_method="broadcast_all")
+        outs = call(*args, **_attrs(problem))
+    return tuple(_vary_like(x, *args) for x in outs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attention_tokens(query, key, value, extra_keys, extra_values, problem, poison):
+    return _forward_tokens_call(query, key, value, extra_keys, extra_values, problem, poison)
+
+
+def _attention_tokens_fwd(query, key, value, extra_keys, extra_values, problem, poison):
+    out, lse = _forward_tokens_call(query, key, value, extra_keys, extra_values, problem, poison)
+    return (out, lse), (query, key, value, extra_keys, extra_values, out, lse)
+
+
+def _attention_tokens_bwd(problem, poison, res, cts):
+    # Each part's gradients from the merged out / lse: P = exp(s - lse) over a part's keys
+    # is the merged softmax restricted to them, and delta = rowsum(dO o) - dLSE is the
+    # whole row's, so the two backward passes give exactly the union's gradients (no
+    # per-part outputs, no merge backward).
+    # The tokens' part on the kernels where dense_attention would take them, else (few
+    # tokens for the heads) on XLA from the same saved statistics.
+    query, key, value, extra_keys, extra_values, out, lse = res
+    dq, dk, dv = _attention_bwd(problem, poison, (), (query, key, value, out, lse), cts)
+    args = (query, extra_keys, extra_values, out, lse, *cts, problem.scale)
+    if dense_blocker(query.shape, extra_keys.shape, extra_values.shape, query.dtype) is None:
+        dqx, dxk, dxv = dense_backward(*args, poison)
+    else:
+        dqx, dxk, dxv = xla.dense_backward_saved(*args)
+    return (dq.astype(jnp.float32) + dqx).astype(dq.dtype), dk, dv, dxk, dxv
+
+
+_attention_tokens.defvjp(_attention_tokens_fwd, _attention_tokens_bwd)
+
+
+def _with_tokens(query, key, value, extra_keys, extra_values, problem: Problem,
+                 poison: bool = False):
+    if tokens_blocker(problem, query.shape, extra_keys.shape, extra_values.shape,
+                      query.dtype) is None:
+        return _attention_tokens(query, key, value, extra_keys, extra_values, problem, poison)
+    out, lse = _run(query, key, value, problem, poison)
+    return xla.merge(out, lse, *dense_attention(query, extra_keys, extra_values, problem.scale,
+                                                poison))
+
+
+def attention_with_tokens(query, key, value, extra_keys, extra_values, problem: Problem):
+    """:func:`attention` merged with :func:`dense_attention` over the additional tokens
+    ``extra_keys`` / ``extra_values`` (``[B, S, H_kv, D(_v)]``): ``(out, lse)`` over each
+    query's window and the tokens together. Where :func:`tokens_blocker` allows (the
+    Hopper forward's problems on a compute capability 9.0 GPU) the tokens are
+    extra key tiles of the Hopper forward (one kernel) and the backward runs both parts
+    from the merged out / lse (the tokens' part on the kernels, or for few tokens
+    ``xla.dense_backward_saved``); elsewhere the two parts and ``xla.merge``. The whole grid
+    only (``jax_gna.sharding`` keeps sharded calls on the two parts)."""
+    return _with_tokens(query, key, value, extra_keys, extra_values, problem)
+
+
 attention.backward = _backward
 attention.dense = dense_attention
+attention.with_tokens = attention_with_tokens
 attention.fold_shards = _fold_flags
 attention.by_device = _by_device
 attention.backward_by_device = _backward_by_device
@@ -713,6 +812,7 @@ def _attention_poisoned(query, key, value, problem: Problem):
 _attention_poisoned.backward = functools.partial(_backward, poison=True)
 _attention_poisoned.dense = functools.partial(dense_attention, poison=True)
 _attention_poisoned.dense.backward = functools.partial(dense_backward, poison=True)
+_attention_poisoned.with_tokens = functools.partial(_with_tokens, poison=True)
 _attention_poisoned.fold_shards = _fold_flags
 _attention_poisoned.by_device = functools.partial(_by_device, poison=True)
 _attention_poisoned.backward_by_device = functools.partial(_backward_by_device, poison=True)

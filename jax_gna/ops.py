@@ -98,18 +98,28 @@ if _cuda_module() is not None:  # its backward, so that sharded calls recompute 
     _auto_dense.backward = _auto_dense_backward
     _auto_attention.dense = _auto_dense
 
+    def _auto_with_tokens(q, k, v, xk, xv, problem):
+        """The call with its additional tokens: the kernels on CUDA (one Hopper forward
+        where ``cuda.tokens_blocker`` allows), ``xla`` and a merge elsewhere."""
+        def default(q, k, v, xk, xv):
+            out, lse = xla.attention(q, k, v, problem)
+            return xla.merge(out, lse, *xla.dense_attention(q, xk, xv, problem.scale))
+
+        return jax.lax.platform_dependent(
+            q, k, v, xk, xv, default=default,
+            cuda=lambda *a: _cuda_module().attention_with_tokens(*a, problem))
+
+    _auto_attention.with_tokens = _auto_with_tokens
+
 
 def _compute(query, key, value, additional_keys, additional_values, impl: Impl,
              problem: Problem, partitioning: bool = True) -> tuple[jax.Array, jax.Array]:
     # ``partitioning`` (sharding.set_auto_partitioning, read while tracing) is only a key
     # of the compiled cache below, so that changing it takes effect on eager calls too.
-    out, lse = sharding.attention(impl, query, key, value, problem)  # impl, partitioned
     if additional_keys is not None:
-        extra_out, extra_lse = sharding.dense_attention(query, additional_keys,
-                                                        additional_values, problem.scale,
-                                                        sharding.dense_of(impl))
-        out, lse = xla.merge(out, lse, extra_out, extra_lse)
-    return out, lse
+        return sharding.attention_with_tokens(impl, query, key, value, additional_keys,
+                                              additional_values, problem)
+    return sharding.attention(impl, query, key, value, problem)  # impl, partitioned
 
 
 # Eager calls run compiled (once per shape and configuration), not op by op.
@@ -201,9 +211,19 @@ def explain(query: Any, key: Any, value: Any, kernel_size: IntOrTuple, stride: I
         cuda = _cuda_module()
         why += "; " + cuda.kernel_path(problem, query.shape, value.shape, query.dtype)
         if additional_keys is not None:
-            blocker = cuda.dense_blocker(query.shape, additional_keys.shape,
-                                         additional_values.shape, query.dtype)
-            why += ("; additional tokens: on the kernels (the queries in blocks of "
-                    f"{additional_keys.shape[1]}, cuda.dense_attention)" if blocker is None else
-                    f"; additional tokens: XLA's dense attention ({blocker})")
+            shapes = (query.shape, additional_keys.shape, additional_values.shape, query.dtype)
+            fused = cuda.tokens_blocker(problem, *shapes)
+            blocker = cuda.dense_blocker(*shapes)
+            if fused is None:
+                where = ("the kernels" if blocker is None else
+                         f"XLA ({blocker}; xla.dense_backward_saved)")
+                why += ("; additional tokens: extra key tiles of the Hopper forward (one kernel; "
+                        "sharded calls run them apart), their backward on " + where +
+                        " from the merged out and lse")
+            elif blocker is None:
+                why += ("; additional tokens: on the kernels (the queries in blocks of "
+                        f"{additional_keys.shape[1]}, cuda.dense_attention; not as key tiles "
+                        f"of the forward: {fused})")
+            else:
+                why += f"; additional tokens: XLA's dense attention ({blocker})"
     return f"{name}: {why}"

@@ -1276,6 +1276,24 @@ def dense_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: f
     return _dense_partitioned(scale, rank, groups, key.shape[-2], dense)(query, key, value)
 
 
+def attention_with_tokens(impl: Impl, query: jax.Array, key: jax.Array, value: jax.Array,
+                          extra_keys: jax.Array, extra_values: jax.Array,
+                          problem: Problem) -> tuple[jax.Array, jax.Array]:
+    """:func:`attention` over each query's window merged with :func:`dense_attention` over
+    the additional tokens ``extra_keys`` / ``extra_values``: ``(out, lse)`` over both. A
+    backend may do both in one: ``impl.with_tokens(q, k, v, extra_k, extra_v, problem)``
+    (the kernels' Hopper forward), taken where nothing partitions the call; otherwise
+    the two parts, each partitioned, and ``xla.merge``."""
+    fused = getattr(impl, "with_tokens", None)
+    if fused is not None and problem.is_whole and not _partitioning_applies(
+            query, key, value, extra_keys, extra_values):
+        return fused(query, key, value, extra_keys, extra_values, problem)
+    out, lse = attention(impl, query, key, value, problem)
+    extra_out, extra_lse = dense_attention(query, extra_keys, extra_values, problem.scale,
+                                           dense_of(impl))
+    return xla.merge(out, lse, extra_out, extra_lse)
+
+
 # --------------------------------------------------------------------------
 # Explicit path: inside shard_map, or shard_map for you.
 # --------------------------------------------------------------------------

@@ -442,6 +442,39 @@ def dense_backward(query: jax.Array, key: jax.Array, value: jax.Array, out: jax.
     return vjp((d_out, d_lse))
 
 
+def dense_backward_saved(query: jax.Array, key: jax.Array, value: jax.Array, out: jax.Array,
+                         lse: jax.Array, d_out: jax.Array, d_lse: jax.Array, scale: float
+                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(dq, dk, dv)`` of the part over ``key``/``value`` (``[B, S, H_kv, D]``, every query
+    sees all of them) of an attention whose rows' saved ``out`` and ``lse`` may span more
+    keys (a neighborhood merged with these tokens): ``P = exp(q k^T scale - lse)`` is the
+    row's softmax restricted to these keys and ``delta = rowsum(dO o) - dLSE`` the whole
+    row's, so the parts' gradients add up to the union's. No forward recomputed; one
+    pass over all queries at once (``[B, H, N, S]`` scores in float32: meant for few
+    tokens, where the kernels' blocks of ``S`` queries are slow). The kernels' backward
+    with additional tokens of fewer than ``cuda.DENSE_MIN_KEYS`` (``cuda.tokens_blocker``)."""
+    b, h, d = query.shape[0], query.shape[-2], query.shape[-1]
+    h_kv, d_v = key.shape[-2], value.shape[-1]
+    g, n = h // h_kv, math.prod(query.shape[1:-2])
+    acc, prec = _acc_dtype(query.dtype), _precision(query.dtype)
+    low = value.dtype if acc == jnp.float32 else acc  # matmul operands as in the forward
+    q = query.reshape(b, n, h_kv, g, d)
+    do = d_out.astype(query.dtype).reshape(b, n, h_kv, g, d_v)
+    delta = jnp.sum(do.astype(acc) * out.reshape(b, n, h_kv, g, d_v).astype(acc), axis=-1)
+    delta = delta - d_lse.reshape(b, n, h_kv, g).astype(acc)
+    row = lambda x: x.transpose(0, 2, 3, 1)[..., None]  # noqa: E731 - [b, n, h, g] -> [b, h, g, n, 1]
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", q, key, preferred_element_type=acc, precision=prec)
+    p = jnp.exp(s * scale - row(lse.reshape(b, n, h_kv, g).astype(acc)))
+    dp = jnp.einsum("bqhgd,bkhd->bhgqk", do, value, preferred_element_type=acc, precision=prec)
+    ds = (p * (dp - row(delta)) * scale).astype(low)
+    dv = jnp.einsum("bhgqk,bqhgd->bkhd", p.astype(low), do, preferred_element_type=acc,
+                    precision=prec)
+    dq = jnp.einsum("bhgqk,bkhd->bqhgd", ds, key, preferred_element_type=acc, precision=prec)
+    dk = jnp.einsum("bhgqk,bqhgd->bkhd", ds, q, preferred_element_type=acc, precision=prec)
+    return (dq.reshape(query.shape).astype(query.dtype), dk.astype(key.dtype),
+            dv.astype(value.dtype))
+
+
 def merge(out_a: jax.Array, lse_a: jax.Array, out_b: jax.Array, lse_b: jax.Array
           ) -> tuple[jax.Array, jax.Array]:
     """Combine two attentions over disjoint key sets into the attention over their union."""

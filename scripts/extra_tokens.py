@@ -29,6 +29,10 @@ head dim 128, forward and forward+backward, all in one process
               copied to every block (made before the timed call; its backward leaves dK/dV
               per block, unsummed): what ``kernel`` cost without its copy of the tokens per
               block, before the kernels read them broadcast (session 28)
+  na+extra-apart  na+extra traced with ``JAX_GNA_FUSED_TOKENS=0``: the tokens' forward
+              apart from the neighborhood one and merged in XLA (the op before session 31),
+              where na+extra takes them as extra key tiles of the Hopper forward; the two
+              ops' outputs and gradients are compared (``fused_vs_apart``)
   na+extra-recompute  (asked for by name) na+extra with the tokens' partitioned backward
               recomputing their forward (``dense.backward`` removed while tracing)
 
@@ -129,6 +133,7 @@ def main(argv=None) -> int:
                     flat(q), ek, ev, scale=scale, implementation="cudnn").reshape(q.shape),
             }
             variants["na+extra-recompute"] = variants["na+extra"]  # traced without .backward
+            variants["na+extra-apart"] = variants["na+extra"]  # traced with JAX_GNA_FUSED_TOKENS=0
             variants["blocks"] = None  # _blocks_pass
             variants["kernel-per-block"] = variants["kernel"]  # traced with runs of 1
             for n in sweep:  # traced with _runs_for(n)
@@ -153,6 +158,9 @@ def main(argv=None) -> int:
             errs.update({n + "_per_block": rel(a, r)
                          for n, a, r in zip(("dk", "dv"), per_block[2:], ref[2:])})
             print(f"{name} S={s}: kernel against xla {errs}", flush=True)
+            if "na+extra-apart" in chosen:
+                errs.update(_fused_vs_apart(kernel, stride, q, k, v, do, ek, ev))
+                print(f"{name} S={s}: fused against apart {errs}", flush=True)
             for pass_ in args.passes.split(","):
                 for label, f in variants.items():
                     if label not in chosen:
@@ -165,6 +173,9 @@ def main(argv=None) -> int:
                     kernels = None
                     if label == "na+extra-recompute":
                         del cuda.dense_attention.backward
+                    if label == "na+extra-apart":  # read while tracing: no cached traces
+                        os.environ["JAX_GNA_FUSED_TOKENS"] = "0"
+                        jax.clear_caches()
                     try:
                         if label == "blocks":
                             fn, fargs = _blocks_pass(q, ek, ev, do, scale, pass_)
@@ -179,6 +190,8 @@ def main(argv=None) -> int:
                     finally:
                         cuda.DENSE_MIN_KEYS, cuda._dkv_sum = least, dkv_sum
                         cuda.dense_attention.backward = cuda.dense_backward
+                        if os.environ.pop("JAX_GNA_FUSED_TOKENS", None) is not None:
+                            jax.clear_caches()
                     records.append({"problem": name, "extra": s, "pass": pass_, "variant": label,
                                     "devices": args.devices, "heads": heads,
                                     "time_s": t, "errs_kernel_vs_xla": errs, "kernels": kernels})
@@ -189,6 +202,36 @@ def main(argv=None) -> int:
     with open(args.out, "w") as fh:
         json.dump({"environment": bench.environment(), "records": records}, fh, indent=1)
     return 0
+
+
+def _fused_vs_apart(kernel, stride, q, k, v, do, ek, ev) -> dict:
+    """Relative L2 differences of the op's out and q / k / v / tokens' gradients with the
+    tokens as key tiles (by default) against the tokens apart (``JAX_GNA_FUSED_TOKENS=0``,
+    read while tracing: the caches are cleared around it), the public op on the cuda backend."""
+    import jax
+    import jax.numpy as jnp
+    import jax_gna
+
+    def run(q, k, v, do, ek, ev):
+        out, vjp = jax.vjp(lambda *a: jax_gna.neighborhood_attention(
+            *a[:3], kernel, stride, additional_keys=a[3], additional_values=a[4],
+            backend="cuda"), q, k, v, ek, ev)
+        return (out,) + vjp(do)
+
+    args = (q, k, v, do, ek, ev)
+    jax.clear_caches()
+    fused = jax.jit(run)(*args)
+    os.environ["JAX_GNA_FUSED_TOKENS"] = "0"
+    jax.clear_caches()
+    try:
+        apart = jax.jit(run)(*args)
+    finally:
+        os.environ.pop("JAX_GNA_FUSED_TOKENS", None)
+        jax.clear_caches()
+    rel = lambda a, r: float(jnp.linalg.norm((a.astype(jnp.float32) - r.astype(jnp.float32)).ravel())  # noqa: E731
+                             / jnp.linalg.norm(r.astype(jnp.float32).ravel()))
+    names = ("out", "dq", "dk", "dv", "d_tokens_k", "d_tokens_v")
+    return {f"fused_vs_apart_{n}": rel(a, r) for n, a, r in zip(names, fused, apart)}
 
 
 def _per_block(b, m, s, h_kv, group=1) -> int:

@@ -171,6 +171,79 @@ def test_public_op_lowers_the_tokens_to_the_kernels(tokens, kernel_calls):
 
 
 @pytest.mark.parametrize("impl", ["cuda", "auto"])
+@pytest.mark.parametrize("env,fused,tokens", [(None, True, 100), ("0", False, 100),
+                                              (None, True, 12), ("0", False, 12)])
+def test_tokens_lower_to_one_hopper_forward(monkeypatch, impl, env, fused, tokens):
+    """Where the Hopper forward applies (a compute capability 9.0 GPU, pretended here) the
+    op's computation with tokens is one forward call (``jax_gna_fwd_tokens``: the tokens
+    as extra key tiles) and two backward calls (the neighborhood's and the tokens', both
+    from the merged out / lse: no merge in XLA), one with 12 tokens (their backward on
+    XLA from the saved statistics); ``JAX_GNA_FUSED_TOKENS=0`` keeps the two forwards
+    (one with 12 tokens: XLA's) and the merge."""
+    monkeypatch.setattr(cuda, "_compute_capability", lambda: "9.0")
+    if env is None:
+        monkeypatch.delenv("JAX_GNA_FUSED_TOKENS", raising=False)
+    else:
+        monkeypatch.setenv("JAX_GNA_FUSED_TOKENS", env)
+    fn = cuda.attention if impl == "cuda" else ops._auto_attention
+    ak = av = jnp.zeros((1, tokens, 2, 64), jnp.bfloat16)
+
+    def loss(q, k, v, ak, av):
+        out, lse = ops._compute(q, k, v, ak, av, impl=fn, problem=_PROBLEM)
+        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
+
+    text = _lower(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), *_QKV, ak, av)
+    kernels = 2 if tokens >= 16 else 1  # 12 tokens: XLA's (cuda.dense_blocker)
+    assert text.count("custom_call @jax_gna_fwd_tokens(") == (1 if fused else 0)
+    assert text.count("custom_call @jax_gna_fwd(") == (0 if fused else kernels)
+    assert text.count("custom_call @jax_gna_bwd(") == kernels
+    assert ("log_plus_one" in text) != fused  # the merge's logaddexp
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_dense_backward_saved_splits_the_union(dtype, tol):
+    """``xla.dense_backward_saved`` from the statistics of a softmax over more keys: the
+    tokens cut into two parts, each part's gradients from the union's out / lse add up to
+    the union's (autodiff of ``xla.dense_attention`` over all tokens), GQA, D != D_v."""
+    rng = np.random.default_rng(31)
+    draw = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)  # noqa: E731
+    q, k, v = draw(2, 5, 6, 4, 16), draw(2, 20, 2, 16), draw(2, 20, 2, 8)
+    w, u = draw(2, 5, 6, 4, 8), draw(2, 5, 6, 4).astype(jnp.float32)
+    (out, lse), vjp = jax.vjp(lambda *a: xla.dense_attention(*a, 0.3), q, k, v)
+    ref = vjp((w, u))
+    one = xla.dense_backward_saved(q, k[:, :12], v[:, :12], out, lse, w, u, 0.3)
+    two = xla.dense_backward_saved(q, k[:, 12:], v[:, 12:], out, lse, w, u, 0.3)
+    got = (one[0].astype(jnp.float32) + two[0], jnp.concatenate([one[1], two[1]], 1),
+           jnp.concatenate([one[2], two[2]], 1))
+    for name, a, r in zip(("dq", "dk", "dv"), got, ref):
+        a, r = np.asarray(a, np.float32), np.asarray(r, np.float32)
+        assert np.linalg.norm(a - r) / np.linalg.norm(r) < tol, name
+
+
+def test_tokens_as_key_tiles_export(monkeypatch):
+    """``jax.export`` of the gradient with tokens as key tiles for the cuda platform: the
+    forward-with-tokens target is among ``cuda.export_disabled_checks()``."""
+    from jax import export
+
+    monkeypatch.setattr(cuda, "_compute_capability", lambda: "9.0")
+    ak = av = jnp.zeros((1, 100, 2, 64), jnp.bfloat16)
+
+    def loss(*a):
+        out, lse = cuda.attention_with_tokens(*a, _PROBLEM)
+        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
+
+    exp = export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))), platforms=["cuda"],
+                        disabled_checks=cuda.export_disabled_checks())(*_QKV, ak, av)
+    assert "jax_gna_fwd_tokens" in exp.mlir_module()
+
+
+_PROBLEM = Problem(shape=(16, 16), kernel_size=(5, 5), stride=(1, 1), dilation=(1, 1),
+                   is_causal=(False, False), scale=0.125)
+_QKV = (jnp.zeros((1, 16, 16, 4, 64), jnp.bfloat16), jnp.zeros((1, 16, 16, 2, 64), jnp.bfloat16),
+        jnp.zeros((1, 16, 16, 2, 64), jnp.bfloat16))
+
+
+@pytest.mark.parametrize("impl", ["cuda", "auto"])
 def test_dense_backward_lowers_to_the_backward_kernels_only(impl):
     """The tokens' ``dense.backward`` (what the partitioned op's backward calls with the
     forward's saved out / lse) lowers for the cuda platform to one backward kernel call
@@ -214,6 +287,20 @@ def test_explain_says_where_the_tokens_run(monkeypatch):
     text = jax_gna.explain(q, k, v, 5, additional_keys=few, additional_values=few, backend="cuda")
     assert "additional tokens: XLA's dense attention (63 tokens with 24 heads" in text, text
     assert "additional tokens" not in jax_gna.explain(q, k, v, 5, backend="cuda")
+    monkeypatch.setattr(cuda, "_compute_capability", lambda: "9.0")
+    q = jax.ShapeDtypeStruct((1, 16, 16, 4, 64), jnp.bfloat16)
+    text = jax_gna.explain(q, k, v, 5, additional_keys=many, additional_values=many, backend="cuda")
+    assert ("additional tokens: extra key tiles of the Hopper forward (one kernel; sharded calls "
+            "run them apart), their backward on the kernels from the merged") in text, text
+    q24 = q.update(shape=(1, 16, 16, 24, 64))
+    text = jax_gna.explain(q24, k, v, 5, additional_keys=few, additional_values=few, backend="cuda")
+    assert ("extra key tiles of the Hopper forward (one kernel; sharded calls run them apart), "
+            "their backward on XLA (63 tokens with 24 heads") in text, text
+    text = jax_gna.explain(q.update(shape=(1, 8, 8, 4, 64)), k.update(shape=(1, 8, 8, 2, 64)),
+                           v.update(shape=(1, 8, 8, 2, 64)), 5, additional_keys=few,
+                           additional_values=few, backend="cuda")
+    assert ("cuda.dense_attention; not as key tiles of the forward: the Hopper forward does "
+            "not apply (blocks smaller than a 128-token tile)") in text, text
     assert cuda.dense_blocker((1, 8, 4, 64), (1, 77, 2, 64), (1, 77, 2, 64), jnp.bfloat16) == (
         "fewer queries (8) than tokens (77)")
 

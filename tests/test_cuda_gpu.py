@@ -8,6 +8,7 @@ shows up as NaN or inf.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -247,14 +248,17 @@ def test_lse_cotangent_only():
     ((6, 7, 5), 64, (2, 2, 32, 48), jnp.float32, 1),      # 210 queries padded to 4 blocks
     ((30, 26), 114, (4, 2, 256, 256), jnp.bfloat16, 1 << 40),  # the fuzz's failing case, one GPU
 ])
-def test_additional_tokens_on_the_kernels(monkeypatch, spatial, tokens, dims, dtype, sms):
+@pytest.mark.parametrize("fused", ["1", "0"])
+def test_additional_tokens_on_the_kernels(monkeypatch, spatial, tokens, dims, dtype, sms, fused):
     """The op's computation with additional tokens (``cuda.dense_attention``: padded query
-    blocks in the batch over the broadcast tokens, the neighborhood call, the merge), every
-    kernel output poisoned, against the same on the xla backend: outputs, lse, and the
-    gradients of q, k, v and the tokens."""
+    blocks in the batch over the broadcast tokens, the neighborhood call, the merge; with
+    ``fused`` "1" the Hopper-eligible cases take the tokens as extra key tiles instead),
+    every kernel output poisoned, against the same on the xla backend: outputs, lse, and
+    the gradients of q, k, v and the tokens."""
     from jax_gna import ops
 
     monkeypatch.setattr(cuda, "_SMS", sms)
+    monkeypatch.setenv("JAX_GNA_FUSED_TOKENS", fused)  # "1": as key tiles where they can be
     h, h_kv, d, d_v = dims
     problem = _problem(spatial, 3, dim=d)
     keys = jax.random.split(_key(), 7)
@@ -279,6 +283,84 @@ def test_additional_tokens_on_the_kernels(monkeypatch, spatial, tokens, dims, dt
     assert _rel(out, r_out) < t_out and _rel(lse, r_lse) < t_lse
     for name, g, r in zip(("dq", "dk", "dv", "d_tokens_k", "d_tokens_v"), grads, r_grads):
         assert _rel(g, r) < t_grad, (name, _rel(g, r))
+
+
+# (spatial, kernel, stride, causal, tokens, (h, h_kv, d), dtype): fewer tokens than a key
+# tile (16 of 128), exactly two tiles (256), a tile and 2 (130), head dim 256's key tiles
+# of 64 (50 tokens: one partial tile), too few tokens for the heads to take the kernels'
+# backward (cuda.dense_blocker: xla.dense_backward_saved)
+@pytest.mark.parametrize("spatial,k,s,c,tokens,dims,dtype", [
+    ((16, 16), 5, 1, False, 16, (4, 1, 128), jnp.bfloat16),
+    ((20, 24), 7, 2, (True, False), 256, (2, 2, 64), jnp.float16),
+    ((300,), 33, 4, True, 130, (2, 1, 128), jnp.bfloat16),
+    ((4, 8, 10), 3, 1, False, 50, (2, 2, 256), jnp.bfloat16),
+    ((16, 16), 5, 1, False, 12, (8, 2, 64), jnp.bfloat16),  # few: the tokens' backward on XLA
+    ((12, 20), 5, 3, True, 40, (24, 8, 128), jnp.float16),  # 40 tokens for 24 heads: XLA's too
+])
+def test_tokens_as_key_tiles(spatial, k, s, c, tokens, dims, dtype):
+    """The additional tokens as extra key tiles of the Hopper forward (``jax_gna_fwd_tokens``,
+    outputs poisoned) and both backward passes from the merged out / lse, against the
+    xla backend in float32: out, lse, and the gradients of q, k, v and the tokens."""
+    from jax_gna import ops
+
+    if cuda._compute_capability() != "9.0":
+        pytest.skip("the Hopper forward needs a compute capability 9.0 GPU")
+    h, h_kv, d = dims
+    problem = _problem(spatial, k, s, 1, c, dim=d)
+    keys = jax.random.split(_key(), 7)
+    shapes = [(2, *spatial, h, d), (2, *spatial, h_kv, d), (2, *spatial, h_kv, d),
+              (2, tokens, h_kv, d), (2, tokens, h_kv, d)]
+    args = [jax.random.normal(kk, sh, jnp.float32).astype(dtype) for kk, sh in zip(keys, shapes)]
+    w = jax.random.normal(keys[5], (2, *spatial, h, d), jnp.float32)
+    u = jax.random.normal(keys[6], (2, *spatial, h), jnp.float32)
+    assert cuda.tokens_blocker(problem, shapes[0], shapes[3], shapes[4], dtype) is None
+
+    def loss(impl):
+        def f(*a):
+            out, lse = ops._compute(*a, impl=impl, problem=problem)
+            return jnp.sum(out.astype(jnp.float32) * w) + jnp.sum(lse * u), (out, lse)
+        return jax.value_and_grad(f, argnums=tuple(range(5)), has_aux=True)
+
+    fn = jax.jit(loss(cuda._attention_poisoned))
+    assert "jax_gna_fwd_tokens_aliased" in fn.lower(*args).as_text()
+    (_, (out, lse)), grads = fn(*args)
+    (_, (r_out, r_lse)), r_grads = jax.jit(loss(xla.attention))(*[x.astype(jnp.float32) for x in args])
+    t_out, t_lse, t_grad = TOL[dtype]
+    assert _rel(out, r_out) < t_out and _rel(lse, r_lse) < t_lse, (_rel(out, r_out), _rel(lse, r_lse))
+    for name, g, r in zip(("dq", "dk", "dv", "d_tokens_k", "d_tokens_v"), grads, r_grads):
+        assert _rel(g, r) < t_grad, (name, _rel(g, r))
+
+
+def test_tokens_as_key_tiles_under_vmap():
+    """The public op with tokens as key tiles under ``jax.vmap`` (the FFI call takes the
+    mapped axis as one more batch dim: the tokens' tensor map's batch is the product) and
+    ``jax.grad``, against the xla backend in float32."""
+    import jax_gna
+
+    if cuda._compute_capability() != "9.0":
+        pytest.skip("the Hopper forward needs a compute capability 9.0 GPU")
+    rng = np.random.default_rng(31)
+    draw = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.bfloat16)  # noqa: E731
+    q, k, v = draw(3, 2, 16, 20, 4, 64), draw(3, 2, 16, 20, 2, 64), draw(3, 2, 16, 20, 2, 64)
+    ak, av, w = draw(3, 2, 40, 2, 64), draw(3, 2, 40, 2, 64), draw(3, 2, 16, 20, 4, 64)
+
+    def loss(backend, *a):
+        out = jax.vmap(lambda q, k, v, ak, av: jax_gna.neighborhood_attention(
+            q, k, v, (5, 7), (2, 3), is_causal=(True, False), additional_keys=ak,
+            additional_values=av, backend=backend))(*a)
+        return jnp.sum(out.astype(jnp.float32) * w.astype(jnp.float32)), out
+
+    args = (q, k, v, ak, av)
+    text = jax.jit(functools.partial(loss, "cuda")).lower(*args).as_text()
+    assert "jax_gna_fwd_tokens" in text
+    (_, out), g = jax.jit(jax.value_and_grad(functools.partial(loss, "cuda"), argnums=tuple(range(5)),
+                                             has_aux=True))(*args)
+    (_, r_out), r = jax.jit(jax.value_and_grad(functools.partial(loss, "xla"), argnums=tuple(range(5)),
+                                               has_aux=True))(*[x.astype(jnp.float32) for x in args])
+    t_out, _, t_grad = TOL[jnp.bfloat16]
+    assert _rel(out, r_out) < t_out
+    for name, a, b in zip(("dq", "dk", "dv", "d_tokens_k", "d_tokens_v"), g, r):
+        assert _rel(a, b) < t_grad, (name, _rel(a, b))
 
 
 @pytest.mark.parametrize("path,tokens", [("public", 64), ("public", 0), ("sharded", 96)])
