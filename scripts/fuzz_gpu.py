@@ -188,6 +188,9 @@ def run_case(case: dict, impl=None, devices=None) -> dict:
     worst = max(errs[n] / limits[n] for n in errs)
     path = cuda.kernel_path(problem, q.shape, v.shape, dtype)
     res = {"errs": errs, "worst": worst, "ok": bool(worst < 1.0), "path": path}
+    if n_extra and specs is None and jax.device_count() < 2:  # nothing partitions the call
+        res["tokens_as_key_tiles"] = cuda.tokens_blocker(problem, q.shape, extra[0].shape,
+                                                         extra[1].shape, dtype) is None
     layout = case.get("layout") or ""
     if layout.startswith("context") and max(problem.dilation) > 1:
         a = int(layout[len("context"):])
@@ -213,6 +216,8 @@ def path_class(path: str, res: dict | None = None, case: dict | None = None) -> 
         cls = "sm90 fwd + sm80 bwd"
     else:
         cls = "sm80"
+    if res is not None and res.get("tokens_as_key_tiles"):
+        cls += " + tokens as key tiles"
     layout = (case or {}).get("layout")
     return f"{layout.rstrip('0123456789')} {cls}" if layout else cls
 
