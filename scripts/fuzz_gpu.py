@@ -18,7 +18,7 @@ hold whole groups), by batch or by heads, as the case draws (``layout``). ``--im
 runs the portable backend in place of the kernels: a dry run of the script itself, e.g.
 on CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=2``).
 
-usage: python3 scripts/fuzz_gpu.py --seconds 200 --seed 1 --out fuzz.jsonl [--devices 2]
+usage: python3 scripts/fuzz_gpu.py --seconds 200 --seed 1 --out fuzz.jsonl [--devices 2] [--tokens 1]
        python3 scripts/fuzz_gpu.py --case '{"shape": [40, 33], ...}'   (one case again)
 Prints one line per case and a summary by kernel path; exits 1 if a case failed.
 """
@@ -38,9 +38,10 @@ TOL = {"float32": (2e-5, 2e-5, 5e-5), "float16": (4e-3, 1e-4, 1e-2), "bfloat16":
 MAX_TOKENS = {1: 2048, 2: 2048, 3: 2048}  # the brute force is dense: [tokens, tokens]
 
 
-def draw(rng: np.random.Generator, devices: int = 1) -> dict:
+def draw(rng: np.random.Generator, devices: int = 1, tokens: float = 0.15) -> dict:
     """One random case (a JSON-able dict) whose problem SEMANTICS.md accepts; with
-    ``devices`` > 1, also a layout over that many devices that splits evenly."""
+    ``devices`` > 1, also a layout over that many devices that splits evenly; additional
+    tokens with probability ``tokens``."""
     rank = int(rng.choice([1, 2, 3], p=[0.3, 0.4, 0.3]))
     dtype = str(rng.choice(["bfloat16", "float16", "float32"], p=[0.45, 0.35, 0.2]))
     shape, ks, ss, ds, cs = [], [], [], [], []
@@ -81,7 +82,7 @@ def draw(rng: np.random.Generator, devices: int = 1) -> dict:
         else:
             layout, h_kv = "heads", devices * int(rng.integers(1, 3))
     extra = 0  # additional tokens: on the kernels or XLA as cuda.dense_blocker says (64: kernels)
-    if rng.random() < 0.15:
+    if rng.random() < tokens:
         extra = int(rng.integers(1, 64)) if rng.random() < 0.5 else int(rng.integers(64, 400))
     return dict(shape=shape, kernel_size=ks, stride=ss, dilation=ds, is_causal=cs,
                 batch=batch, heads=h_kv * int(rng.integers(1, 4)), kv_heads=h_kv,
@@ -231,6 +232,8 @@ def main(argv=None) -> int:
                     help="shard each case over this many devices (a layout drawn per case)")
     ap.add_argument("--impl", choices=("cuda", "xla"), default="cuda",
                     help="xla: the portable backend in place of the kernels (a dry run)")
+    ap.add_argument("--tokens", type=float, default=0.15,
+                    help="the probability that a case has additional tokens")
     ap.add_argument("--out", help="append one JSON line per case here")
     ap.add_argument("--case", help="run this one case (a JSON dict as printed) and stop")
     args = ap.parse_args(argv)
@@ -249,7 +252,7 @@ def main(argv=None) -> int:
     t0, failed, counts, worst = time.time(), [], Counter(), {}
     i = 0
     while (cases is None and time.time() - t0 < args.seconds and i < args.max_cases) or (cases and i < 1):
-        case = cases[0] if cases else draw(rng, args.devices)
+        case = cases[0] if cases else draw(rng, args.devices, args.tokens)
         i += 1
         print("case", json.dumps(case), file=sys.stderr, flush=True)  # named if the process dies
         try:
