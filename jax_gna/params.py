@@ -14,6 +14,7 @@ the global operator.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Any, Sequence, Union
 
@@ -249,6 +250,11 @@ def make_problem(query: Any, key: Any, value: Any, kernel_size: IntOrTuple,
         raise ValueError(f"scale must be a real number or None, got {scale!r}.")
     elif not np.isfinite(float(scale)):
         raise ValueError(f"scale must be finite, got {scale!r}.")
+    elif (np.dtype(_dtype(query)) != np.float64
+          and abs(float(scale)) * math.log2(math.e) >= float(np.finfo(np.float32).max)):
+        # the kernels take scale * log2(e) in float32; XLA's scores are float32 too
+        raise ValueError(f"scale {scale!r} overflows float32 (scale * log2(e) must stay below "
+                         f"{float(np.finfo(np.float32).max):.3g}; float64 inputs allow more).")
     return Problem(shape=shape, kernel_size=k, stride=s, dilation=d, is_causal=c,
                    scale=float(scale))
 

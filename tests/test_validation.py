@@ -72,11 +72,24 @@ def test_fixed_rank_functions():
     (dict(kernel_size=3, is_causal=(True,)), "is_causal=\\(True,\\) has 1 entries"),
     (dict(kernel_size=3, scale="x"), "scale must be a real number"),
     (dict(kernel_size=3, scale=float("nan")), "scale must be finite"),
+    (dict(kernel_size=3, scale=3e38), "scale 3e\\+38 overflows float32"),
+    (dict(kernel_size=3, scale=-3e38), "overflows float32"),
     (dict(kernel_size=3, backend="triton"), "backend must be one of"),
 ])
 def test_bad_parameters(kwargs, match):
     q, k, v = arrays()
     rejects(match, q, k, v, **kwargs)
+
+
+def test_scale_just_below_float32_overflow_and_float64():
+    """The largest scales float32 can take (scale * log2(e) below its maximum) pass, and a
+    float64 call (xla backend, x64) takes a scale float32 cannot hold."""
+    from jax_gna.params import make_problem
+
+    q, k, v = arrays()
+    assert make_problem(q, k, v, 3, scale=2.3e38).scale == 2.3e38
+    q64 = jax.ShapeDtypeStruct(q.shape, np.float64)
+    assert make_problem(q64, q64, q64, 3, scale=1e300).scale == 1e300
 
 
 def test_not_arrays():
