@@ -218,10 +218,11 @@ def test_library_exports_both_handler_sets():
     get = ctypes.pythonapi.PyCapsule_GetPointer
     get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
     with_cb, plain = lib.registrations(True), lib.registrations(False)
-    names = {"jax_gna_fwd", "jax_gna_bwd", "jax_gna_fwd_aliased", "jax_gna_bwd_aliased"}
+    names = {"jax_gna_fwd", "jax_gna_bwd", "jax_gna_fwd_aliased", "jax_gna_bwd_aliased",
+             "jax_gna_fwd_tokens", "jax_gna_fwd_tokens_aliased"}
     assert set(with_cb) == set(plain) == names
     pointers = {get(c, None) for c in list(with_cb.values()) + list(plain.values())}
-    assert len(pointers) == 8 and None not in pointers
+    assert len(pointers) == 12 and None not in pointers
     assert isinstance(lib.handler_runs(), int)
 
 
