@@ -443,16 +443,17 @@ def dense_backward(query: jax.Array, key: jax.Array, value: jax.Array, out: jax.
 
 
 def dense_backward_saved(query: jax.Array, key: jax.Array, value: jax.Array, out: jax.Array,
-                         lse: jax.Array, d_out: jax.Array, d_lse: jax.Array, scale: float
-                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                         lse: jax.Array, d_out: jax.Array, d_lse: jax.Array, scale: float,
+                         max_scores: int = 1 << 27) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(dq, dk, dv)`` of the part over ``key``/``value`` (``[B, S, H_kv, D]``, every query
     sees all of them) of an attention whose rows' saved ``out`` and ``lse`` may span more
     keys (a neighborhood merged with these tokens): ``P = exp(q k^T scale - lse)`` is the
     row's softmax restricted to these keys and ``delta = rowsum(dO o) - dLSE`` the whole
-    row's, so the parts' gradients add up to the union's. No forward recomputed; one
-    pass over all queries at once (``[B, H, N, S]`` scores in float32: meant for few
-    tokens, where the kernels' blocks of ``S`` queries are slow). The kernels' backward
-    with additional tokens of fewer than ``cuda.DENSE_MIN_KEYS`` (``cuda.tokens_blocker``)."""
+    row's, so the parts' gradients add up to the union's. No forward recomputed. The
+    queries go in as few chunks as keep each chunk's ``[B, H, chunk, S]`` float32 scores
+    within ``max_scores`` elements (one chunk on the benchmark problems; dK / dV summed
+    over the chunks). The kernels' backward for additional tokens that ``cuda.dense_blocker``
+    leaves to XLA (few tokens for the heads: ``cuda.tokens_blocker``)."""
     b, h, d = query.shape[0], query.shape[-2], query.shape[-1]
     h_kv, d_v = key.shape[-2], value.shape[-1]
     g, n = h // h_kv, math.prod(query.shape[1:-2])
@@ -462,15 +463,37 @@ def dense_backward_saved(query: jax.Array, key: jax.Array, value: jax.Array, out
     do = d_out.astype(query.dtype).reshape(b, n, h_kv, g, d_v)
     delta = jnp.sum(do.astype(acc) * out.reshape(b, n, h_kv, g, d_v).astype(acc), axis=-1)
     delta = delta - d_lse.reshape(b, n, h_kv, g).astype(acc)
+    lse = lse.reshape(b, n, h_kv, g).astype(acc)
     row = lambda x: x.transpose(0, 2, 3, 1)[..., None]  # noqa: E731 - [b, n, h, g] -> [b, h, g, n, 1]
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", q, key, preferred_element_type=acc, precision=prec)
-    p = jnp.exp(s * scale - row(lse.reshape(b, n, h_kv, g).astype(acc)))
-    dp = jnp.einsum("bqhgd,bkhd->bhgqk", do, value, preferred_element_type=acc, precision=prec)
-    ds = (p * (dp - row(delta)) * scale).astype(low)
-    dv = jnp.einsum("bhgqk,bqhgd->bkhd", p.astype(low), do, preferred_element_type=acc,
-                    precision=prec)
-    dq = jnp.einsum("bhgqk,bkhd->bqhgd", ds, key, preferred_element_type=acc, precision=prec)
-    dk = jnp.einsum("bhgqk,bqhgd->bkhd", ds, q, preferred_element_type=acc, precision=prec)
+
+    def part(q, do, lse, delta):  # one chunk of queries: dq, and its share of dk / dv
+        s = jnp.einsum("bqhgd,bkhd->bhgqk", q, key, preferred_element_type=acc, precision=prec)
+        p = jnp.exp(s * scale - row(lse))
+        dp = jnp.einsum("bqhgd,bkhd->bhgqk", do, value, preferred_element_type=acc, precision=prec)
+        ds = (p * (dp - row(delta)) * scale).astype(low)
+        dv = jnp.einsum("bhgqk,bqhgd->bkhd", p.astype(low), do, preferred_element_type=acc,
+                        precision=prec)
+        dq = jnp.einsum("bhgqk,bkhd->bqhgd", ds, key, preferred_element_type=acc, precision=prec)
+        dk = jnp.einsum("bhgqk,bqhgd->bkhd", ds, q, preferred_element_type=acc, precision=prec)
+        return dq, dk, dv
+
+    chunk = max(1, max_scores // (b * h * key.shape[1]))
+    if n <= chunk:
+        dq, dk, dv = part(q, do, lse, delta)
+    else:  # padded rows: q = dO = 0 and lse = +inf, so P = 0 there
+        m = -(-n // chunk)
+        pad = lambda x, fill=0: jnp.pad(  # noqa: E731
+            x, [(0, 0), (0, m * chunk - n)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+        cut = lambda x: x.reshape((b, m, chunk) + x.shape[2:]).swapaxes(0, 1)  # noqa: E731
+
+        def step(carry, xs):
+            dq, dk, dv = part(*xs)
+            return (carry[0] + dk, carry[1] + dv), dq
+
+        zeros = (jnp.zeros(key.shape, acc), jnp.zeros(value.shape, acc))
+        (dk, dv), dq = jax.lax.scan(step, zeros, (cut(pad(q)), cut(pad(do)), cut(pad(lse, jnp.inf)),
+                                                  cut(pad(delta))))
+        dq = dq.swapaxes(0, 1).reshape((b, m * chunk) + dq.shape[3:])[:, :n]
     return (dq.reshape(query.shape).astype(query.dtype), dk.astype(key.dtype),
             dv.astype(value.dtype))
 

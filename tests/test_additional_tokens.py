@@ -200,19 +200,23 @@ def test_tokens_lower_to_one_hopper_forward(monkeypatch, impl, env, fused, token
     assert ("log_plus_one" in text) != fused  # the merge's logaddexp
 
 
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-def test_dense_backward_saved_splits_the_union(dtype, tol):
+@pytest.mark.parametrize("dtype,tol,max_scores", [(jnp.float32, 1e-5, 1 << 27),
+                                                  (jnp.bfloat16, 2e-2, 1 << 27),
+                                                  (jnp.float32, 1e-5, 2 * 4 * 12 * 7)])
+def test_dense_backward_saved_splits_the_union(dtype, tol, max_scores):
     """``xla.dense_backward_saved`` from the statistics of a softmax over more keys: the
     tokens cut into two parts, each part's gradients from the union's out / lse add up to
-    the union's (autodiff of ``xla.dense_attention`` over all tokens), GQA, D != D_v."""
+    the union's (autodiff of ``xla.dense_attention`` over all tokens), GQA, D != D_v; in
+    one chunk of queries and in chunks of 7 (30 queries: the last chunk padded)."""
     rng = np.random.default_rng(31)
     draw = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)  # noqa: E731
     q, k, v = draw(2, 5, 6, 4, 16), draw(2, 20, 2, 16), draw(2, 20, 2, 8)
     w, u = draw(2, 5, 6, 4, 8), draw(2, 5, 6, 4).astype(jnp.float32)
     (out, lse), vjp = jax.vjp(lambda *a: xla.dense_attention(*a, 0.3), q, k, v)
     ref = vjp((w, u))
-    one = xla.dense_backward_saved(q, k[:, :12], v[:, :12], out, lse, w, u, 0.3)
-    two = xla.dense_backward_saved(q, k[:, 12:], v[:, 12:], out, lse, w, u, 0.3)
+    one = xla.dense_backward_saved(q, k[:, :12], v[:, :12], out, lse, w, u, 0.3, max_scores)
+    two = xla.dense_backward_saved(q, k[:, 12:], v[:, 12:], out, lse, w, u, 0.3,
+                                   max_scores * 8 // 12)
     got = (one[0].astype(jnp.float32) + two[0], jnp.concatenate([one[1], two[1]], 1),
            jnp.concatenate([one[2], two[2]], 1))
     for name, a, r in zip(("dq", "dk", "dv"), got, ref):
