@@ -213,6 +213,10 @@ def explain(query: Any, key: Any, value: Any, kernel_size: IntOrTuple, stride: I
         if additional_keys is not None:
             shapes = (query.shape, additional_keys.shape, additional_values.shape, query.dtype)
             fused = cuda.tokens_blocker(problem, *shapes)
+            if fused is None and sharding._partitioning_applies():
+                fused = (f"this process sees {jax.device_count()} devices, so the call is "
+                         "partitioned; jax_gna.sharding.set_auto_partitioning(False) keeps "
+                         "it whole")
             blocker = cuda.dense_blocker(*shapes)
             if fused is None:
                 where = ("the kernels" if blocker is None else

@@ -296,6 +296,13 @@ def test_explain_says_where_the_tokens_run(monkeypatch):
     text = jax_gna.explain(q, k, v, 5, additional_keys=many, additional_values=many, backend="cuda")
     assert ("additional tokens: extra key tiles of the Hopper forward (one kernel; sharded calls "
             "run them apart), their backward on the kernels from the merged") in text, text
+    monkeypatch.setattr(jax, "device_count", lambda *a: 2)  # every call partitioned
+    text = jax_gna.explain(q, k, v, 5, additional_keys=many, additional_values=many, backend="cuda")
+    assert ("cuda.dense_attention; not as key tiles of the forward: this process sees 2 devices"
+            in text), text
+    monkeypatch.undo()
+    monkeypatch.setattr(ops, "_cuda_status", lambda *a: None)
+    monkeypatch.setattr(cuda, "_compute_capability", lambda: "9.0")
     q24 = q.update(shape=(1, 16, 16, 24, 64))
     text = jax_gna.explain(q24, k, v, 5, additional_keys=few, additional_values=few, backend="cuda")
     assert ("extra key tiles of the Hopper forward (one kernel; sharded calls run them apart), "
