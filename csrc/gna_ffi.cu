@@ -253,51 +253,42 @@ cudaError_t dispatch(DType dt, const Params& p, cudaStream_t s, bool fwd) {
   return fwd ? launch_forward(dt, p, s) : launch_backward(dt, p, s);
 }
 
+// The forward; with additional tokens xk / xv ([lead..., S, Hkv, D] and [..., Dv], lead
+// the query's batch dims; both or neither) out and lse are over each query's window and
+// the tokens together, on the Hopper forward kernel only (the caller checks that it
+// applies: an error here).
 ffi::Error Forward(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                   ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse, const Attrs& at) {
+                   ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse, const Attrs& at,
+                   const ffi::AnyBuffer* xk = nullptr, const ffi::AnyBuffer* xv = nullptr) {
+  if (xk && at.device_ordinals.size() != 0) return bad("the forward with additional tokens takes no device table");
   Params p;
   DType dt;
   bool empty;
   if (auto e = make_params(at, ordinal, q, k, v, p, dt, empty); e.failure()) return e;
   auto qd = q.dimensions();
   const int64_t Dv = v.dimensions()[v.dimensions().size() - 1];
+  if (xk) {
+    auto xd = xk->dimensions();
+    const size_t lead = qd.size() - at.shape.size() - 2;
+    if (xd.size() != lead + 3 || xd[lead] < 1 || xd[lead] >= (int64_t{1} << 30))
+      return bad("additional keys " + dims_str(xd) + " must be [batch dims, S, heads_kv, D] with S >= 1");
+    std::vector<int64_t> want(qd.begin(), qd.begin() + lead);
+    want.insert(want.end(), {xd[lead], p.Hkv, p.D});
+    if (auto e = same_shape("additional keys", xd, want, xk->element_type(), q.element_type()); e.failure()) return e;
+    want.back() = Dv;
+    if (auto e = same_shape("additional values", xv->dimensions(), want, xv->element_type(), q.element_type());
+        e.failure())
+      return e;
+    p.nx = static_cast<int>(xd[lead]);
+    p.xk = xk->untyped_data();
+    p.xv = xv->untyped_data();
+  }
   if (auto e = same_shape("out", o->dimensions(), with_last(qd, 1, {Dv}), o->element_type(), q.element_type()); e.failure()) return e;
   if (auto e = same_shape("lse", lse->dimensions(), with_last(qd, 1, {}), lse->element_type(), ffi::DataType::F32); e.failure()) return e;
   if (empty) return launched(cudaSuccess);
   p.o = o->untyped_data();
   p.lse = static_cast<float*>(lse->untyped_data());
-  return launched(dispatch(dt, p, stream, true));
-}
-
-// The forward with additional tokens xk / xv ([lead..., S, Hkv, D] and [..., Dv], lead
-// the query's batch dims): out and lse over each query's window and the tokens together,
-// on the Hopper forward kernel only (the caller checks that it applies: an error here).
-ffi::Error ForwardTokens(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                         ffi::AnyBuffer v, ffi::AnyBuffer xk, ffi::AnyBuffer xv, ffi::Result<ffi::AnyBuffer> o,
-                         ffi::Result<ffi::AnyBuffer> lse, const Attrs& at) {
-  if (at.device_ordinals.size() != 0) return bad("the forward with additional tokens takes no device table");
-  Params p;
-  DType dt;
-  bool empty;
-  if (auto e = make_params(at, ordinal, q, k, v, p, dt, empty); e.failure()) return e;
-  auto qd = q.dimensions(), xd = xk.dimensions();
-  const size_t lead = qd.size() - at.shape.size() - 2;
-  const int64_t Dv = v.dimensions()[v.dimensions().size() - 1];
-  if (xd.size() != lead + 3 || xd[lead] < 1 || xd[lead] >= (int64_t{1} << 30))
-    return bad("additional keys " + dims_str(xd) + " must be [batch dims, S, heads_kv, D] with S >= 1");
-  std::vector<int64_t> want(qd.begin(), qd.begin() + lead);
-  want.insert(want.end(), {xd[lead], p.Hkv, p.D});
-  if (auto e = same_shape("additional keys", xd, want, xk.element_type(), q.element_type()); e.failure()) return e;
-  want.back() = Dv;
-  if (auto e = same_shape("additional values", xv.dimensions(), want, xv.element_type(), q.element_type()); e.failure())
-    return e;
-  if (auto e = same_shape("out", o->dimensions(), with_last(qd, 1, {Dv}), o->element_type(), q.element_type()); e.failure()) return e;
-  if (auto e = same_shape("lse", lse->dimensions(), with_last(qd, 1, {}), lse->element_type(), ffi::DataType::F32); e.failure()) return e;
-  p.o = o->untyped_data();
-  p.lse = static_cast<float*>(lse->untyped_data());
-  p.nx = static_cast<int>(xd[lead]);
-  p.xk = xk.untyped_data();
-  p.xv = xv.untyped_data();
+  if (!xk) return launched(dispatch(dt, p, stream, true));
   bool used = false;
   const cudaError_t e = launch_forward_sm90(dt, p, stream, used);
   if (e == cudaSuccess && !used)
@@ -368,13 +359,13 @@ ffi::Error FwdAliasedImpl(cudaStream_t s, int32_t ordinal, ffi::AnyBuffer q, ffi
 ffi::Error FwdTokensImpl(cudaStream_t s, int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                          ffi::AnyBuffer xk, ffi::AnyBuffer xv, ffi::Result<ffi::AnyBuffer> o,
                          ffi::Result<ffi::AnyBuffer> lse, GNA_ATTR_PARAMS) {
-  return ForwardTokens(s, ordinal, q, k, v, xk, xv, o, lse, GNA_ATTRS);
+  return Forward(s, ordinal, q, k, v, o, lse, GNA_ATTRS, &xk, &xv);
 }
 ffi::Error FwdTokensAliasedImpl(cudaStream_t s, int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k,
                                 ffi::AnyBuffer v, ffi::AnyBuffer xk, ffi::AnyBuffer xv, ffi::AnyBuffer,
                                 ffi::AnyBuffer, ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse,
                                 GNA_ATTR_PARAMS) {
-  return ForwardTokens(s, ordinal, q, k, v, xk, xv, o, lse, GNA_ATTRS);
+  return Forward(s, ordinal, q, k, v, o, lse, GNA_ATTRS, &xk, &xv);
 }
 ffi::Error BwdImpl(cudaStream_t s, int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                    ffi::AnyBuffer dout, ffi::AnyBuffer lse, ffi::AnyBuffer delta,

@@ -322,17 +322,25 @@ def _vary_like(x: jax.Array, *refs: jax.Array) -> jax.Array:
     return jax.lax.pvary(x, missing)  # older JAX
 
 
+def _forward_results(query, value) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+    """A forward call's results: out ``[..., D_v]`` in the query's dtype, lse in float32."""
+    return (jax.ShapeDtypeStruct(query.shape[:-1] + (value.shape[-1],), query.dtype),
+            jax.ShapeDtypeStruct(query.shape[:-1], jnp.float32))
+
+
+def _nan_like(results) -> tuple[jax.Array, ...]:
+    """NaN-filled buffers of ``results``' shapes and dtypes: the poisoned outputs (test hook)."""
+    return tuple(jnp.full(r.shape, jnp.nan, r.dtype) for r in results)
+
+
 def _forward_call(query, key, value, problem: Problem, poison: bool = False,
                   devices: DeviceTable = (), into=None):
     """``(out, lse)``; with ``into`` (an earlier call's ``(out, lse)``) the call writes its
     rows into those buffers (aliased) and the other rows keep their values."""
     _register()
-    out_shape = query.shape[:-1] + (value.shape[-1],)
-    results = (jax.ShapeDtypeStruct(out_shape, query.dtype),
-               jax.ShapeDtypeStruct(query.shape[:-1], jnp.float32))
+    results = _forward_results(query, value)
     if poison or into is not None:  # poison: test hook, outputs start as NaN
-        o0, l0 = into if into is not None else (jnp.full(out_shape, jnp.nan, query.dtype),
-                                                jnp.full(query.shape[:-1], jnp.nan, jnp.float32))
+        o0, l0 = into if into is not None else _nan_like(results)
         call = jax.ffi.ffi_call(FWD_TARGET + "_aliased", results, vmap_method="broadcast_all",
                                 input_output_aliases={3: 0, 4: 1})
         outs = call(query, key, value, o0, l0, **_attrs(problem, devices))
@@ -724,16 +732,12 @@ def _forward_tokens_call(query, key, value, extra_keys, extra_values, problem: P
                          poison: bool = False):
     """``(out, lse)`` over each query's window and the additional tokens, one kernel."""
     _register()
-    out_shape = query.shape[:-1] + (value.shape[-1],)
-    results = (jax.ShapeDtypeStruct(out_shape, query.dtype),
-               jax.ShapeDtypeStruct(query.shape[:-1], jnp.float32))
+    results = _forward_results(query, value)
     args = (query, key, value, extra_keys, extra_values)
     if poison:  # test hook: outputs start as NaN
-        inits = (jnp.full(out_shape, jnp.nan, query.dtype),
-                 jnp.full(query.shape[:-1], jnp.nan, jnp.float32))
         call = jax.ffi.ffi_call(FWD_TOKENS_TARGET + "_aliased", results,
                                 vmap_method="broadcast_all", input_output_aliases={5: 0, 6: 1})
-        outs = call(*args, *inits, **_attrs(problem))
+        outs = call(*args, *_nan_like(results), **_attrs(problem))
     else:
         call = jax.ffi.ffi_call(FWD_TOKENS_TARGET, results, vmap_method="broadcast_all")
         outs = call(*args, **_attrs(problem))

@@ -152,10 +152,8 @@ def main(argv=None) -> int:
             cuda.DENSE_MIN_KEYS, cuda._dkv_sum = least, dkv_sum
             ref = jax.jit(functools.partial(with_grads, xla.dense_attention))(
                 *(x.astype(jnp.float32) for x in (q, ek, ev, do)))
-            rel = lambda a, r: float(jnp.linalg.norm((a.astype(jnp.float32) - r).ravel())  # noqa: E731
-                                     / jnp.linalg.norm(r.ravel()))
-            errs = {n: rel(a, r) for n, a, r in zip(("out", "lse", "dk", "dv"), got, ref)}
-            errs.update({n + "_per_block": rel(a, r)
+            errs = {n: _rel(a, r) for n, a, r in zip(("out", "lse", "dk", "dv"), got, ref)}
+            errs.update({n + "_per_block": _rel(a, r)
                          for n, a, r in zip(("dk", "dv"), per_block[2:], ref[2:])})
             print(f"{name} S={s}: kernel against xla {errs}", flush=True)
             if "na+extra-apart" in chosen:
@@ -204,12 +202,19 @@ def main(argv=None) -> int:
     return 0
 
 
+def _rel(a, r) -> float:
+    """Relative L2 difference of ``a`` against ``r``, both taken in float32."""
+    import jax.numpy as jnp
+
+    a, r = (x.astype(jnp.float32).ravel() for x in (a, r))
+    return float(jnp.linalg.norm(a - r) / jnp.linalg.norm(r))
+
+
 def _fused_vs_apart(kernel, stride, q, k, v, do, ek, ev) -> dict:
     """Relative L2 differences of the op's out and q / k / v / tokens' gradients with the
     tokens as key tiles (by default) against the tokens apart (``JAX_GNA_FUSED_TOKENS=0``,
     read while tracing: the caches are cleared around it), the public op on the cuda backend."""
     import jax
-    import jax.numpy as jnp
     import jax_gna
 
     def run(q, k, v, do, ek, ev):
@@ -228,10 +233,8 @@ def _fused_vs_apart(kernel, stride, q, k, v, do, ek, ev) -> dict:
     finally:
         os.environ.pop("JAX_GNA_FUSED_TOKENS", None)
         jax.clear_caches()
-    rel = lambda a, r: float(jnp.linalg.norm((a.astype(jnp.float32) - r.astype(jnp.float32)).ravel())  # noqa: E731
-                             / jnp.linalg.norm(r.astype(jnp.float32).ravel()))
     names = ("out", "dq", "dk", "dv", "d_tokens_k", "d_tokens_v")
-    return {f"fused_vs_apart_{n}": rel(a, r) for n, a, r in zip(names, fused, apart)}
+    return {f"fused_vs_apart_{n}": _rel(a, r) for n, a, r in zip(names, fused, apart)}
 
 
 def _per_block(b, m, s, h_kv, group=1) -> int:

@@ -255,32 +255,47 @@ def test_additional_tokens_on_the_kernels(monkeypatch, spatial, tokens, dims, dt
     ``fused`` "1" the Hopper-eligible cases take the tokens as extra key tiles instead),
     every kernel output poisoned, against the same on the xla backend: outputs, lse, and
     the gradients of q, k, v and the tokens."""
-    from jax_gna import ops
-
     monkeypatch.setattr(cuda, "_SMS", sms)
     monkeypatch.setenv("JAX_GNA_FUSED_TOKENS", fused)  # "1": as key tiles where they can be
-    h, h_kv, d, d_v = dims
-    problem = _problem(spatial, 3, dim=d)
+    problem = _problem(spatial, 3, dim=dims[2])
+    args, w, u = _token_inputs(spatial, tokens, *dims, dtype)
+    assert cuda.dense_blocker(args[0].shape, args[3].shape, args[4].shape, dtype) is None
+    _assert_tokens_close_to_xla(problem, args, w, u, dtype,
+                                _op_value_and_grad(problem, w, u, cuda._attention_poisoned)(*args))
+
+
+def _token_inputs(spatial, tokens, h, h_kv, d, d_v, dtype):
+    """Fresh random q, k, v and the tokens' keys / values (batch 2, ``dtype``) and the
+    loss weights of out and lse (float32)."""
     keys = jax.random.split(_key(), 7)
     shapes = [(2, *spatial, h, d), (2, *spatial, h_kv, d), (2, *spatial, h_kv, d_v),
               (2, tokens, h_kv, d), (2, tokens, h_kv, d_v)]
     args = [jax.random.normal(kk, sh, jnp.float32).astype(dtype) for kk, sh in zip(keys, shapes)]
     w = jax.random.normal(keys[5], (2, *spatial, h, d_v), jnp.float32)
     u = jax.random.normal(keys[6], (2, *spatial, h), jnp.float32)
+    return args, w, u
 
-    def run(impl, inputs):
-        def loss(*a):
-            out, lse = ops._compute(*a, impl=impl, problem=problem)
-            return jnp.sum(out.astype(jnp.float32) * w) + jnp.sum(lse * u), (out, lse)
-        (_, (out, lse)), grads = jax.jit(jax.value_and_grad(
-            loss, argnums=tuple(range(5)), has_aux=True))(*inputs)
-        return out, lse, grads
 
-    assert cuda.dense_blocker(args[0].shape, args[3].shape, args[4].shape, dtype) is None
-    out, lse, grads = run(cuda._attention_poisoned, args)
-    r_out, r_lse, r_grads = run(xla.attention, [x.astype(jnp.float32) for x in args])
+def _op_value_and_grad(problem, w, u, impl):
+    """The op's computation with tokens (``ops._compute`` on ``impl``), jitted:
+    ``((sum(out w) + sum(lse u), (out, lse)), gradients of the five inputs)``."""
+    from jax_gna import ops
+
+    def loss(*a):
+        out, lse = ops._compute(*a, impl=impl, problem=problem)
+        return jnp.sum(out.astype(jnp.float32) * w) + jnp.sum(lse * u), (out, lse)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(5)), has_aux=True))
+
+
+def _assert_tokens_close_to_xla(problem, args, w, u, dtype, got):
+    """``got`` (from :func:`_op_value_and_grad`) against the xla backend in float32 within
+    the dtype's tolerances: out, lse and the five gradients."""
+    (_, (out, lse)), grads = got
+    (_, (r_out, r_lse)), r_grads = _op_value_and_grad(problem, w, u, xla.attention)(
+        *[x.astype(jnp.float32) for x in args])
     t_out, t_lse, t_grad = TOL[dtype]
-    assert _rel(out, r_out) < t_out and _rel(lse, r_lse) < t_lse
+    assert _rel(out, r_out) < t_out and _rel(lse, r_lse) < t_lse, (_rel(out, r_out), _rel(lse, r_lse))
     for name, g, r in zip(("dq", "dk", "dv", "d_tokens_k", "d_tokens_v"), grads, r_grads):
         assert _rel(g, r) < t_grad, (name, _rel(g, r))
 
@@ -301,34 +316,15 @@ def test_tokens_as_key_tiles(spatial, k, s, c, tokens, dims, dtype):
     """The additional tokens as extra key tiles of the Hopper forward (``jax_gna_fwd_tokens``,
     outputs poisoned) and both backward passes from the merged out / lse, against the
     xla backend in float32: out, lse, and the gradients of q, k, v and the tokens."""
-    from jax_gna import ops
-
     if cuda._compute_capability() != "9.0":
         pytest.skip("the Hopper forward needs a compute capability 9.0 GPU")
     h, h_kv, d = dims
     problem = _problem(spatial, k, s, 1, c, dim=d)
-    keys = jax.random.split(_key(), 7)
-    shapes = [(2, *spatial, h, d), (2, *spatial, h_kv, d), (2, *spatial, h_kv, d),
-              (2, tokens, h_kv, d), (2, tokens, h_kv, d)]
-    args = [jax.random.normal(kk, sh, jnp.float32).astype(dtype) for kk, sh in zip(keys, shapes)]
-    w = jax.random.normal(keys[5], (2, *spatial, h, d), jnp.float32)
-    u = jax.random.normal(keys[6], (2, *spatial, h), jnp.float32)
-    assert cuda.tokens_blocker(problem, shapes[0], shapes[3], shapes[4], dtype) is None
-
-    def loss(impl):
-        def f(*a):
-            out, lse = ops._compute(*a, impl=impl, problem=problem)
-            return jnp.sum(out.astype(jnp.float32) * w) + jnp.sum(lse * u), (out, lse)
-        return jax.value_and_grad(f, argnums=tuple(range(5)), has_aux=True)
-
-    fn = jax.jit(loss(cuda._attention_poisoned))
+    args, w, u = _token_inputs(spatial, tokens, h, h_kv, d, d, dtype)
+    assert cuda.tokens_blocker(problem, args[0].shape, args[3].shape, args[4].shape, dtype) is None
+    fn = _op_value_and_grad(problem, w, u, cuda._attention_poisoned)
     assert "jax_gna_fwd_tokens_aliased" in fn.lower(*args).as_text()
-    (_, (out, lse)), grads = fn(*args)
-    (_, (r_out, r_lse)), r_grads = jax.jit(loss(xla.attention))(*[x.astype(jnp.float32) for x in args])
-    t_out, t_lse, t_grad = TOL[dtype]
-    assert _rel(out, r_out) < t_out and _rel(lse, r_lse) < t_lse, (_rel(out, r_out), _rel(lse, r_lse))
-    for name, g, r in zip(("dq", "dk", "dv", "d_tokens_k", "d_tokens_v"), grads, r_grads):
-        assert _rel(g, r) < t_grad, (name, _rel(g, r))
+    _assert_tokens_close_to_xla(problem, args, w, u, dtype, fn(*args))
 
 
 def test_tokens_as_key_tiles_under_vmap():
