@@ -744,6 +744,19 @@ def _forward_tokens_call(query, key, value, extra_keys, extra_values, problem: P
     return tuple(_vary_like(x, *args) for x in outs)
 
 
+def tokens_backward(query, extra_keys, extra_values, out, lse, d_out, d_lse, scale: float,
+                    poison: bool = False):
+    """``(dq, dk, dv)`` of the additional tokens' part of an attention merged with them
+    (the tokens ``[B, S, H_kv, D]``), from the merged ``out`` / ``lse``: on
+    :func:`dense_backward`'s kernels where :func:`dense_blocker` allows, else
+    ``xla.dense_backward_saved`` (few tokens for the heads; no forward recomputed either
+    way). The protocol's ``tokens_backward`` (``jax_gna.sharding``)."""
+    args = (query, extra_keys, extra_values, out, lse, d_out, d_lse, scale)
+    if dense_blocker(query.shape, extra_keys.shape, extra_values.shape, query.dtype) is None:
+        return dense_backward(*args, poison)
+    return xla.dense_backward_saved(*args)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _attention_tokens(query, key, value, extra_keys, extra_values, problem, poison):
     return _forward_tokens_call(query, key, value, extra_keys, extra_values, problem, poison)
@@ -763,11 +776,8 @@ def _attention_tokens_bwd(problem, poison, res, cts):
     # tokens for the heads) on XLA from the same saved statistics.
     query, key, value, extra_keys, extra_values, out, lse = res
     dq, dk, dv = _attention_bwd(problem, poison, (), (query, key, value, out, lse), cts)
-    args = (query, extra_keys, extra_values, out, lse, *cts, problem.scale)
-    if dense_blocker(query.shape, extra_keys.shape, extra_values.shape, query.dtype) is None:
-        dqx, dxk, dxv = dense_backward(*args, poison)
-    else:
-        dqx, dxk, dxv = xla.dense_backward_saved(*args)
+    dqx, dxk, dxv = tokens_backward(query, extra_keys, extra_values, out, lse, *cts,
+                                    problem.scale, poison)
     return (dq.astype(jnp.float32) + dqx).astype(dq.dtype), dk, dv, dxk, dxv
 
 
@@ -791,14 +801,16 @@ def attention_with_tokens(query, key, value, extra_keys, extra_values, problem: 
     Hopper forward's problems on a compute capability 9.0 GPU) the tokens are
     extra key tiles of the Hopper forward (one kernel) and the backward runs both parts
     from the merged out / lse (the tokens' part on the kernels, or for few tokens
-    ``xla.dense_backward_saved``); elsewhere the two parts and ``xla.merge``. The whole grid
-    only (``jax_gna.sharding`` keeps sharded calls on the two parts)."""
+    ``xla.dense_backward_saved``); elsewhere the two parts and ``xla.merge``. A whole grid
+    (``jax_gna.sharding`` calls it on each shard of a call sharded along batch or heads
+    only)."""
     return _with_tokens(query, key, value, extra_keys, extra_values, problem)
 
 
 attention.backward = _backward
 attention.dense = dense_attention
 attention.with_tokens = attention_with_tokens
+attention.tokens_backward = tokens_backward
 attention.fold_shards = _fold_flags
 attention.by_device = _by_device
 attention.backward_by_device = _backward_by_device
@@ -817,6 +829,7 @@ _attention_poisoned.backward = functools.partial(_backward, poison=True)
 _attention_poisoned.dense = functools.partial(dense_attention, poison=True)
 _attention_poisoned.dense.backward = functools.partial(dense_backward, poison=True)
 _attention_poisoned.with_tokens = functools.partial(_with_tokens, poison=True)
+_attention_poisoned.tokens_backward = functools.partial(tokens_backward, poison=True)
 _attention_poisoned.fold_shards = _fold_flags
 _attention_poisoned.by_device = functools.partial(_by_device, poison=True)
 _attention_poisoned.backward_by_device = functools.partial(_backward_by_device, poison=True)

@@ -111,6 +111,16 @@ if _cuda_module() is not None:  # its backward, so that sharded calls recompute 
 
     _auto_attention.with_tokens = _auto_with_tokens
 
+    def _auto_tokens_backward(q, k, v, out, lse, d_out, d_lse, scale):
+        """The tokens' part of a backward from the merged ``out``/``lse``: the kernels'
+        on CUDA, ``xla.dense_backward_saved`` elsewhere."""
+        return jax.lax.platform_dependent(
+            q, k, v, out, lse, d_out, d_lse,
+            cuda=lambda *a: _cuda_module().tokens_backward(*a, scale),
+            default=lambda *a: xla.dense_backward_saved(*a, scale))
+
+    _auto_attention.tokens_backward = _auto_tokens_backward
+
 
 def _compute(query, key, value, additional_keys, additional_values, impl: Impl,
              problem: Problem, partitioning: bool = True) -> tuple[jax.Array, jax.Array]:
@@ -213,17 +223,13 @@ def explain(query: Any, key: Any, value: Any, kernel_size: IntOrTuple, stride: I
         if additional_keys is not None:
             shapes = (query.shape, additional_keys.shape, additional_values.shape, query.dtype)
             fused = cuda.tokens_blocker(problem, *shapes)
-            if fused is None and sharding._partitioning_applies():
-                fused = (f"this process sees {jax.device_count()} devices, so the call is "
-                         "partitioned; jax_gna.sharding.set_auto_partitioning(False) keeps "
-                         "it whole")
             blocker = cuda.dense_blocker(*shapes)
             if fused is None:
                 where = ("the kernels" if blocker is None else
                          f"XLA ({blocker}; xla.dense_backward_saved)")
                 why += ("; additional tokens: extra key tiles of the Hopper forward (one kernel; "
-                        "sharded calls run them apart), their backward on " + where +
-                        " from the merged out and lse")
+                        "a call sharded along a spatial axis runs them apart on each shard), "
+                        "their backward on " + where + " from the merged out and lse")
             elif blocker is None:
                 why += ("; additional tokens: on the kernels (the queries in blocks of "
                         f"{additional_keys.shape[1]}, cuda.dense_attention; not as key tiles "

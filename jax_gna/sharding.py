@@ -99,6 +99,16 @@ a device-to-host copy of the index and a wait for it. (A ``shard_map`` program m
 exported and run on the devices of another mesh of the same shape; a table of device
 ordinals would then silently pick wrong problems, so only the partitioner's mesh is
 trusted.)
+
+Additional tokens. A call with them is one partitioned op over the call and its tokens
+(:func:`attention_with_tokens`; one ``shard_map`` with ``Explicit`` mesh axes): the
+tokens are split along batch and heads like the queries and whole along their own axis.
+Where no spatial axis is split, each shard runs the backend's call with its tokens
+(``impl.with_tokens``: on the ``cuda`` backend the tokens as extra key tiles of the
+Hopper forward); where one is, each shard runs its neighborhood part (halo exchange)
+and its queries over all the tokens, merged by log-sum-exp. The ``jax.jit`` path's
+backward runs both parts from the merged out / lse (``impl.backward``,
+``impl.tokens_backward``) and sums the tokens' gradients over the spatial mesh axes.
 """
 
 from __future__ import annotations
@@ -971,7 +981,10 @@ def _partitioning_applies(*args: Any) -> bool:
     return True
 
 
-def _rule(rank: int, groups: int, kv_heads: int, backward: bool) -> tuple[str, dict]:
+def _rule(rank: int, groups: int, kv_heads: int, backward: bool,
+          tokens: bool = False) -> tuple[str, dict]:
+    """The Shardy sharding rule of the partitioned op (``tokens``: the op with the
+    additional tokens, ``[B, S, H_kv, D]``, as two more inputs) and its factors."""
     sp = " ".join("xyz"[:rank])
     # Query heads are (key/value head, group) major to minor. Shardy rejects a size-1
     # factor inside a compound one, so a single key/value head gets its own factor.
@@ -980,13 +993,16 @@ def _rule(rank: int, groups: int, kv_heads: int, backward: bool) -> tuple[str, d
     else:
         qh, kh = "h", "h"
     q, k, v = f"b {sp} {qh} d", f"b {sp} {kh} d", f"b {sp} {kh} e"
+    ins = f"{q}, {k}, {v}, b s {kh} d, b s {kh} e" if tokens else f"{q}, {k}, {v}"
     o, lse = f"b {sp} {qh} e", f"b {sp} {qh}"
     sizes = {"g": groups} if groups > 1 and kv_heads > 1 else {}
     if backward:
-        rule = f"{q}, {k}, {v}, {o}, {lse}, {o}, {lse} -> {q}, {k}, {v}"
+        rule = f"{ins}, {o}, {lse}, {o}, {lse} -> {ins}"
     else:
-        rule = f"{q}, {k}, {v} -> {o}, {lse}"
-    return rule, dict(need_replication_factors=("d", "e"), **sizes)
+        rule = f"{ins} -> {o}, {lse}"
+    # (special factors listed in order of first appearance: Shardy wants them sorted)
+    factors = ("d", "e", "s") if tokens else ("d", "e")
+    return rule, dict(need_replication_factors=factors, **sizes)
 
 
 def _mesh_size(mesh, names: tuple[str, ...]) -> int:
@@ -1276,18 +1292,151 @@ def dense_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: f
     return _dense_partitioned(scale, rank, groups, key.shape[-2], dense)(query, key, value)
 
 
+def _local_with_tokens(query, key, value, extra_keys, extra_values, problem: Problem,
+                       plans: Sequence[AxisPlan], impl: Impl, mesh: Any = None,
+                       differentiated: bool = False):
+    """One shard's forward of a call with additional tokens (the whole call without
+    ``plans``): the backend's ``impl.with_tokens`` where no spatial axis is split (each
+    shard holds whole grids), else :func:`local_attention` (halo exchange) merged with
+    the shard's queries over all the tokens. ``differentiated``: as
+    :func:`local_attention` says (False on the ``jax.jit`` path, whose backward is
+    :func:`_local_with_tokens_backward`; True under ``shard_map``, plain autodiff)."""
+    fused = getattr(impl, "with_tokens", None)
+    if fused is not None and not plans:
+        return fused(query, key, value, extra_keys, extra_values, problem)
+    out, lse = local_attention(query, key, value, problem, plans, impl, mesh, differentiated)
+    return xla.merge(out, lse, *dense_of(impl)(query, extra_keys, extra_values, problem.scale))
+
+
+def _local_with_tokens_backward(query, key, value, extra_keys, extra_values, out, lse, d_out,
+                                d_lse, problem: Problem, plans: Sequence[AxisPlan], impl: Impl,
+                                mesh: Any = None):
+    """Gradients of :func:`_local_with_tokens` from its merged ``out`` / ``lse``: each
+    part's backward from the merged statistics (``P = exp(s - lse)`` over a part's keys
+    is the merged softmax restricted to them, ``delta = rowsum(dO o) - dLSE`` the whole
+    row's), so the two add up to the union's gradients with no merge backward:
+    :func:`local_attention_backward` and ``impl.tokens_backward``; the tokens' gradients
+    summed over the spatial shards, which all saw every token."""
+    dq, dk, dv = local_attention_backward(query, key, value, out, lse, d_out, d_lse, problem,
+                                          plans, impl, _backward_of(impl), mesh)
+    dqx, dxk, dxv = impl.tokens_backward(query, extra_keys, extra_values, out, lse, d_out,
+                                         d_lse, problem.scale)
+    spatial = tuple(n for p in plans for n in p.mesh_axes)
+    if spatial:
+        dxk, dxv = jax.lax.psum((dxk, dxv), spatial)
+    acc = jnp.promote_types(dq.dtype, jnp.float32)
+    return (dq.astype(acc) + dqx.astype(acc)).astype(dq.dtype), dk, dv, dxk, dxv
+
+
+def _explicit_with_tokens(impl: Impl, query, key, value, extra_keys, extra_values,
+                          problem: Problem, mesh, spec):
+    """:func:`_explicit_attention` for a call with additional tokens: one ``shard_map``
+    running :func:`_local_with_tokens` (plain autodiff; the tokens' gradients are summed
+    over the spatial mesh axes by the transpose of their replication)."""
+    plans, lead = _layout(problem, spec, dict(mesh.shape), query.shape, key.shape)
+    data, lse = PartitionSpec(*lead, None), PartitionSpec(*lead)
+    extra = PartitionSpec(lead[0], None, lead[-1], None)
+    query, key, value = [jax.sharding.reshard(x, NamedSharding(mesh, data))
+                         for x in (query, key, value)]
+    extra_keys, extra_values = [jax.sharding.reshard(x, NamedSharding(mesh, extra))
+                                for x in (extra_keys, extra_values)]
+    used = {n for e in lead for n in _axis_names(e)}
+
+    def body(q, k, v, xk, xv):
+        return _local_with_tokens(q, k, v, xk, xv, problem, plans, impl, differentiated=True)
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(data, data, data, extra, extra),
+                         out_specs=(data, lse), axis_names=frozenset(used))(
+        query, key, value, extra_keys, extra_values)
+
+
+def _partitioned_tokens_op(problem: Problem, impl: Impl, groups: int, kv_heads: int):
+    """:func:`_partitioned_op` for a call with additional tokens: one op over
+    ``(q, k, v, extra_k, extra_v)`` whose shards run :func:`_local_with_tokens` (the
+    tokens ``[B, S, H_kv, D]`` split along batch and heads like the queries, whole
+    along S), its backward :func:`_local_with_tokens_backward`."""
+    from jax.experimental.custom_partitioning import custom_partitioning
+
+    def forward_global(q, k, v, xk, xv):
+        return _local_with_tokens(q, k, v, xk, xv, problem, (), impl)
+
+    def backward_global(q, k, v, xk, xv, out, lse, d_out, d_lse):
+        return _local_with_tokens_backward(q, k, v, xk, xv, out, lse, d_out, d_lse, problem,
+                                           (), impl)
+
+    fwd = custom_partitioning(jax.jit(forward_global))  # jit: see _partitioned_op
+    bwd = custom_partitioning(jax.jit(backward_global))
+
+    def layout(mesh, arg_shapes):
+        shapes = (arg_shapes[0].shape, arg_shapes[1].shape)
+        mesh, plans, data, lse = _plan_from_sharding(problem, arg_shapes[0].sharding, mesh, shapes)
+        extra = NamedSharding(mesh, PartitionSpec(data.spec[0], None, data.spec[-2], None))
+        return mesh, plans, data, lse, extra
+
+    def partition_fwd(mesh, arg_shapes, result_shape):
+        mesh, plans, data, lse, extra = layout(mesh, arg_shapes)
+
+        def lower(q, k, v, xk, xv):
+            return _local_with_tokens(q, k, v, xk, xv, problem, plans, impl, mesh)
+
+        return mesh, lower, (data, lse), (data, data, data, extra, extra)
+
+    def partition_bwd(mesh, arg_shapes, result_shape):
+        mesh, plans, data, lse, extra = layout(mesh, arg_shapes)
+
+        def lower(q, k, v, xk, xv, out, l, d_out, d_l):
+            return _local_with_tokens_backward(q, k, v, xk, xv, out, l, d_out, d_l, problem,
+                                               plans, impl, mesh)
+
+        return (mesh, lower, (data, data, data, extra, extra),
+                (data, data, data, extra, extra, data, lse, data, lse))
+
+    rule, factors = _rule(problem.rank, groups, kv_heads, backward=False, tokens=True)
+    fwd.def_partition(partition=partition_fwd, sharding_rule=rule, **factors)
+    rule, factors = _rule(problem.rank, groups, kv_heads, backward=True, tokens=True)
+    bwd.def_partition(partition=partition_bwd, sharding_rule=rule, **factors)
+
+    @jax.custom_vjp
+    def op(q, k, v, xk, xv):
+        return fwd(q, k, v, xk, xv)
+
+    def op_fwd(q, k, v, xk, xv):
+        out, lse = fwd(q, k, v, xk, xv)
+        return (out, lse), (q, k, v, xk, xv, out, lse)
+
+    def op_bwd(res, cot):
+        d_out, d_lse = cot
+        return tuple(bwd(*res, d_out.astype(res[5].dtype), d_lse.astype(res[6].dtype)))
+
+    op.defvjp(op_fwd, op_bwd)
+    return op
+
+
 def attention_with_tokens(impl: Impl, query: jax.Array, key: jax.Array, value: jax.Array,
                           extra_keys: jax.Array, extra_values: jax.Array,
                           problem: Problem) -> tuple[jax.Array, jax.Array]:
     """:func:`attention` over each query's window merged with :func:`dense_attention` over
     the additional tokens ``extra_keys`` / ``extra_values``: ``(out, lse)`` over both. A
     backend may do both in one: ``impl.with_tokens(q, k, v, extra_k, extra_v, problem)``
-    (the kernels' Hopper forward), taken where nothing partitions the call; otherwise
-    the two parts, each partitioned, and ``xla.merge``."""
+    (the kernels' Hopper forward), taken where nothing partitions the call. Under
+    ``jax.jit`` with two or more devices, a backend with a backward from saved
+    statistics (``impl.backward`` and ``impl.tokens_backward``) runs one partitioned op
+    (:func:`_partitioned_tokens_op`): ``impl.with_tokens`` on each shard where no spatial
+    axis is split, the two parts and a merge on each shard where one is, the backward
+    from the merged out / lse; with ``Explicit`` mesh axes, the same shards' programs in
+    one ``shard_map`` (:func:`_explicit_with_tokens`, plain autodiff). Otherwise (a
+    backend without those) the two parts, each partitioned, and ``xla.merge``."""
     fused = getattr(impl, "with_tokens", None)
-    if fused is not None and problem.is_whole and not _partitioning_applies(
-            query, key, value, extra_keys, extra_values):
-        return fused(query, key, value, extra_keys, extra_values, problem)
+    args = (query, key, value, extra_keys, extra_values)
+    if problem.is_whole and _partitioning_applies(*args):
+        explicit = _explicit_spec(query)
+        if explicit is not None:
+            return _explicit_with_tokens(impl, *args, problem, *explicit)
+        if _backward_of(impl) is not None and getattr(impl, "tokens_backward", None) is not None:
+            groups = query.shape[-2] // key.shape[-2]
+            return _partitioned_tokens_op(problem, impl, groups, key.shape[-2])(*args)
+    elif fused is not None and problem.is_whole:
+        return fused(*args, problem)
     out, lse = attention(impl, query, key, value, problem)
     extra_out, extra_lse = dense_attention(query, extra_keys, extra_values, problem.scale,
                                            dense_of(impl))

@@ -510,3 +510,4 @@ def merge(out_a: jax.Array, lse_a: jax.Array, out_b: jax.Array, lse_b: jax.Array
 
 
 attention.dense = dense_attention  # the additional tokens (protocol: jax_gna.sharding)
+attention.tokens_backward = dense_backward_saved  # their part of a merged backward (same)

@@ -294,19 +294,20 @@ def test_explain_says_where_the_tokens_run(monkeypatch):
     monkeypatch.setattr(cuda, "_compute_capability", lambda: "9.0")
     q = jax.ShapeDtypeStruct((1, 16, 16, 4, 64), jnp.bfloat16)
     text = jax_gna.explain(q, k, v, 5, additional_keys=many, additional_values=many, backend="cuda")
-    assert ("additional tokens: extra key tiles of the Hopper forward (one kernel; sharded calls "
-            "run them apart), their backward on the kernels from the merged") in text, text
-    monkeypatch.setattr(jax, "device_count", lambda *a: 2)  # every call partitioned
-    text = jax_gna.explain(q, k, v, 5, additional_keys=many, additional_values=many, backend="cuda")
-    assert ("cuda.dense_attention; not as key tiles of the forward: this process sees 2 devices"
-            in text), text
+    assert ("additional tokens: extra key tiles of the Hopper forward (one kernel; a call sharded "
+            "along a spatial axis runs them apart on each shard), their backward on the kernels "
+            "from the merged") in text, text
+    monkeypatch.setattr(jax, "device_count", lambda *a: 2)  # every call partitioned: the same
+    assert jax_gna.explain(q, k, v, 5, additional_keys=many, additional_values=many,
+                           backend="cuda") == text
     monkeypatch.undo()
     monkeypatch.setattr(ops, "_cuda_status", lambda *a: None)
     monkeypatch.setattr(cuda, "_compute_capability", lambda: "9.0")
     q24 = q.update(shape=(1, 16, 16, 24, 64))
     text = jax_gna.explain(q24, k, v, 5, additional_keys=few, additional_values=few, backend="cuda")
-    assert ("extra key tiles of the Hopper forward (one kernel; sharded calls run them apart), "
-            "their backward on XLA (63 tokens with 24 heads") in text, text
+    assert ("extra key tiles of the Hopper forward (one kernel; a call sharded along a spatial "
+            "axis runs them apart on each shard), their backward on XLA (63 tokens with 24 "
+            "heads") in text, text
     text = jax_gna.explain(q.update(shape=(1, 8, 8, 4, 64)), k.update(shape=(1, 8, 8, 2, 64)),
                            v.update(shape=(1, 8, 8, 2, 64)), 5, additional_keys=few,
                            additional_values=few, backend="cuda")

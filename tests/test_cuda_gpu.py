@@ -327,6 +327,32 @@ def test_tokens_as_key_tiles(spatial, k, s, c, tokens, dims, dtype):
     _assert_tokens_close_to_xla(problem, args, w, u, dtype, fn(*args))
 
 
+@pytest.mark.parametrize("tokens", [96, 12])
+def test_tokens_partitioned_op_on_one_gpu(monkeypatch, tokens):
+    """The partitioned op of a call with tokens (``sharding._partitioned_tokens_op``, what a
+    process with two or more devices runs under ``jax.jit``) on one GPU, where
+    ``custom_partitioning`` runs its whole-array functions: each shard's program without
+    a spatial split, the tokens as key tiles of the Hopper forward (poisoned) and the
+    backward from the merged out / lse (96 tokens on the kernels, 12 on XLA), against
+    the xla backend in float32."""
+    if cuda._compute_capability() != "9.0":
+        pytest.skip("the Hopper forward needs a compute capability 9.0 GPU")
+    from jax_gna import sharding
+
+    problem = _problem((16, 24), 7, 2, 1, (True, False), dim=128)
+    args, w, u = _token_inputs((16, 24), tokens, 8, 2, 128, 128, jnp.bfloat16)
+    monkeypatch.setattr(sharding, "_partitioning_applies", lambda *a: True)
+    seen = []
+    real = sharding._partitioned_tokens_op
+    monkeypatch.setattr(sharding, "_partitioned_tokens_op",
+                        lambda *a: seen.append(a[0]) or real(*a))
+    fn = _op_value_and_grad(problem, w, u, cuda._attention_poisoned)
+    assert "jax_gna_fwd_tokens_aliased" in fn.lower(*args).as_text() and seen
+    got = fn(*args)
+    monkeypatch.undo()
+    _assert_tokens_close_to_xla(problem, args, w, u, jnp.bfloat16, got)
+
+
 def test_tokens_as_key_tiles_under_vmap():
     """The public op with tokens as key tiles under ``jax.vmap`` (the FFI call takes the
     mapped axis as one more batch dim: the tokens' tensor map's batch is the product) and

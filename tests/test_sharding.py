@@ -107,7 +107,8 @@ EXTRA_CASES = ["explicit_shard_map_1d", "explicit_shard_map_2d_additional_kv",
                "error_uneven_split", "error_explicit_api", "vmap_falls_back",
                "explicit_axis_types_set_mesh", "nnx_training_step_data2_context4",
                "backend_without_backward_recomputes", "dilated_shards_fold", "auto_by_device_table",
-               "auto_split_forward", "bf16_words_exchange", "dense_saved_backward"]
+               "auto_split_forward", "bf16_words_exchange", "dense_saved_backward",
+               "tokens_one_op"]
 ALL_CASES = list(CASES) + list(LOCAL_CASES) + EXTRA_CASES
 
 
@@ -683,6 +684,92 @@ def _worker():  # pragma: no cover - runs in the subprocess
         assert "bwd" in seen, seen  # the saved path ran dense.backward
         return "; ".join(msgs) + f"; HLO collectives {coll}"
 
+    def tokens_one_op():
+        """A call with additional tokens under jax.jit runs one partitioned op
+        (sharding._partitioned_tokens_op): a backend's with_tokens on each shard where no
+        spatial axis is split (batch x heads), the two parts and a merge where one is
+        (heads x context); the backward from the merged out / lse (tokens_backward, no
+        merge backward). Out, lse and the gradients of q, k, v and the tokens against
+        the unsharded op, for a spy backend and backend="auto"."""
+        import contextlib
+
+        from jax.sharding import AxisType
+
+        from jax_gna import xla
+        from jax_gna.params import make_problem
+
+        seen = []
+
+        def impl(q, k, v, p):
+            seen.append("na")
+            return xla.attention(q, k, v, p)
+
+        def with_tokens(q, k, v, xk, xv, p):
+            seen.append(("with_tokens", q.shape, xk.shape))
+            out, lse = xla.attention(q, k, v, p)
+            return xla.merge(out, lse, *xla.dense_attention(q, xk, xv, p.scale))
+
+        def tokens_backward(*a):
+            seen.append("tokens_backward")
+            return xla.dense_backward_saved(*a)
+
+        impl.backward, impl.dense = xla.attention.backward, xla.dense_attention
+        impl.with_tokens, impl.tokens_backward = with_tokens, tokens_backward
+        kw = dict(kernel_size=(3, 5), stride=(1, 2), is_causal=(True, False))
+        q, k, v, do, dl = inputs((8, 12), 2, 4, 2, 8, seed=11)
+        rng = np.random.default_rng(12)
+        ak, av = (jnp.asarray(rng.standard_normal((2, 6, 2, 8)), jnp.float32) for _ in range(2))
+        names = ("out", "lse", "dq", "dk", "dv", "dak", "dav")
+
+        def f(backend, q, k, v, ak, av, do, dl):
+            def op(q, k, v, ak, av):
+                if backend is None:
+                    prob = make_problem(q, k, v, **kw, additional_keys=ak, additional_values=av)
+                    return sharding.attention_with_tokens(impl, q, k, v, ak, av, prob)
+                return jax_gna.neighborhood_attention(
+                    q, k, v, **kw, additional_keys=ak, additional_values=av, return_lse=True,
+                    backend=backend)
+            (o, l), vjp = jax.vjp(op, q, k, v, ak, av)
+            return (o, l) + tuple(vjp((do, dl)))
+
+        old = sharding.set_auto_partitioning(False)
+        want = [np.asarray(x) for x in jax.jit(lambda *a: f("xla", *a))(q, k, v, ak, av, do, dl)]
+        sharding.set_auto_partitioning(old)
+        report = []
+        for mshape, mnames, lead, fused, explicit in [
+                ((2, 2), ("data", "heads"), ("data", None, None, "heads"), True, False),
+                ((2, 4), ("heads", "cx"), (None, "cx", None, "heads"), False, False),
+                ((2, 2), ("data", "heads"), ("data", None, None, "heads"), True, True),
+                ((2, 4), ("heads", "cx"), (None, "cx", None, "heads"), False, True)]:
+            devices = np.array(jax.devices()[:int(np.prod(mshape))]).reshape(mshape)
+            mesh = Mesh(devices, mnames, axis_types=(AxisType.Explicit if explicit else
+                                                     AxisType.Auto,) * len(mnames))
+            data, lse = NamedSharding(mesh, P(*lead, None)), NamedSharding(mesh, P(*lead))
+            extra = NamedSharding(mesh, P(lead[0], None, lead[-1], None))
+            args = [jax.device_put(x, s) for x, s in zip(
+                (q, k, v, ak, av, do, dl), (data, data, data, extra, extra, data, lse))]
+            for backend in (None, "auto"):
+                seen.clear()
+                with (jax.set_mesh(mesh) if explicit else contextlib.nullcontext()):
+                    compiled = jax.jit(lambda *a: f(backend, *a)).lower(*args).compile()
+                    got = compiled(*args)
+                errs = compare(got, want, names)
+                coll = collectives(compiled.as_text())
+                assert not coll["all-gather"] and not coll["all-to-all"], coll
+                # the tokens' gradients are summed over the spatial shards only
+                assert coll["all-reduce"] == (0 if fused else 1), coll
+                if backend is None:  # (jax.jit: the op's global function is traced too)
+                    on_shards = [c for c in seen if c[0] == "with_tokens" and c[1] != q.shape]
+                    if fused:  # the shard's blocks: half the batch and the heads
+                        assert on_shards == [("with_tokens", (1, 8, 12, 2, 8), (1, 6, 1, 8))], seen
+                    else:
+                        assert not on_shards and "na" in seen, seen
+                    # the jit path's backward from the merged statistics (shard_map: autodiff)
+                    assert ("tokens_backward" in seen) != explicit, seen
+                report.append(f"{mnames}{' explicit' if explicit else ''} {backend or 'spy'}: "
+                              f"{max(errs.values()):.1e} {coll}")
+        return "; ".join(report)
+
     def backend_without_backward():
         """A backend that exposes no backward: the partitioned backward recomputes the
         forward (jax.vjp) on each shard's block."""
@@ -997,6 +1084,7 @@ def _worker():  # pragma: no cover - runs in the subprocess
                  "auto_split_forward": auto_split,
                  "bf16_words_exchange": bf16_words,
                  "dense_saved_backward": dense_saved_backward,
+                 "tokens_one_op": tokens_one_op,
                  "nnx_training_step_data2_context4": nnx_training_step})
     only = sys.argv[2:]
     report = {}

@@ -251,23 +251,27 @@ def test_sharded_layer_training_step():
     assert worst < 1e-5, worst
 
 
-@pytest.mark.parametrize("path,tokens", [("jit", 96), ("shard_map", 96), ("shard_map", 0)])
+@pytest.mark.parametrize("path,tokens", [("jit", 96), ("jit_batch", 96), ("jit_batch", 40),
+                                         ("shard_map", 96), ("shard_map", 0)])
 def test_sharded_additional_tokens(path, tokens):
-    """Additional tokens (96: on the kernels, ``cuda.dense_attention``) with the queries
-    split in width over two GPUs: under ``jax.jit`` (the partitioned op, its tokens'
-    backward from the saved outputs, poisoned) and inside ``shard_map``
-    (``neighborhood_attention_sharded``, also without tokens). Out, lse and the gradients
-    of q, k, v and the tokens against the unsharded ``xla`` backend in float32 on one
-    GPU."""
+    """Additional tokens (96: on the kernels, ``cuda.dense_attention``; 40: XLA's, for 4
+    heads) with the queries split in width (``jit``) or batch (``jit_batch``) over two
+    GPUs under ``jax.jit`` (one partitioned op for the call and its tokens, poisoned:
+    in width the two parts and a merge on each shard, in batch the tokens as key tiles
+    of each shard's Hopper forward; the backward from the merged out / lse), and inside
+    ``shard_map`` (``neighborhood_attention_sharded``, also without tokens). Out, lse
+    and the gradients of q, k, v and the tokens against the unsharded ``xla`` backend in
+    float32 on one GPU."""
     import jax_gna
     from jax_gna import ops
 
     rng = np.random.default_rng(11)
     draw = lambda *s: np.asarray(jnp.asarray(rng.standard_normal(s), jnp.bfloat16)  # noqa: E731
                                  .astype(jnp.float32))
-    q, k, v = draw(1, 32, 48, 4, 128), draw(1, 32, 48, 2, 128), draw(1, 32, 48, 2, 128)
-    ak, av = draw(1, tokens, 2, 128), draw(1, tokens, 2, 128)
-    do, dl = draw(1, 32, 48, 4, 128), draw(1, 32, 48, 4)
+    b = 2 if path == "jit_batch" else 1
+    q, k, v = draw(b, 32, 48, 4, 128), draw(b, 32, 48, 2, 128), draw(b, 32, 48, 2, 128)
+    ak, av = draw(b, tokens, 2, 128), draw(b, tokens, 2, 128)
+    do, dl = draw(b, 32, 48, 4, 128), draw(b, 32, 48, 4)
     kw = dict(kernel_size=(9, 9), stride=(1, 2))
     problem = make_problem(q, k, v, **kw)
     mesh = Mesh(np.array(_gpus()[:2]), ("x",))
@@ -275,20 +279,26 @@ def test_sharded_additional_tokens(path, tokens):
     def op(q, k, v, ak, av):
         if not tokens:
             ak = av = None
-        if path == "jit":
+        if path.startswith("jit"):
             return ops._compute(q, k, v, ak, av, _poisoned, problem)
         return sharding.neighborhood_attention_sharded(
             q, k, v, **kw, mesh=mesh, spatial_axes={1: "x"}, additional_keys=ak,
             additional_values=av, return_lse=True, backend="cuda")
 
-    data, lse = NamedSharding(mesh, P(None, None, "x")), NamedSharding(mesh, P(None, None, "x"))
-    rep = NamedSharding(mesh, P())
+    if path == "jit_batch":
+        data, lse = NamedSharding(mesh, P("x")), NamedSharding(mesh, P("x"))
+        extra = data
+    else:
+        data = lse = NamedSharding(mesh, P(None, None, "x"))
+        extra = NamedSharding(mesh, P())
     args = [jax.device_put(jnp.asarray(x, jnp.bfloat16), s)
-            for x, s in zip((q, k, v, ak, av), (data, data, data, rep, rep))]
+            for x, s in zip((q, k, v, ak, av), (data, data, data, extra, extra))]
     args += [jax.device_put(jnp.asarray(do), data), jax.device_put(jnp.asarray(dl), lse)]
     fn = jax.jit(fwd_bwd(op))
     hlo = fn.lower(*args).compile().as_text()
     assert _collectives(hlo)["all-gather"] == 0, _collectives(hlo)
+    if path.startswith("jit") and _is_sm90():  # each shard's forward: one kernel, or two parts
+        assert (cuda.FWD_TOKENS_TARGET in hlo) == (path == "jit_batch"), path
     got = fn(*args)
 
     one = _gpus()[0]
