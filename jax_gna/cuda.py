@@ -538,28 +538,37 @@ DENSE_SOME_KEYS, DENSE_SOME_HEADS = 32, 16
 DENSE_FEW_KEYS = 16
 _MAX_BATCH = 65535  # the kernels' largest batch (grid dimension)
 # The tokens' dK/dV launch sums the blocks of a batch entry in runs (_dkv_sum), chosen by a
-# wave model: streaming multiprocessors (H100/H200 SXM; one dK/dV CTA fits per SM), and a
+# wave model: the GPU's streaming multiprocessors (one dK/dV CTA fits per SM), and a
 # CTA's fixed cost (loading its key tile, storing dK/dV) in query steps of 64 tokens per
-# head. Fitted on an H200 (bf16, head dim 128, session 30): the dK/dV kernel's time over
-# five run lengths on each of six grids was 1.63-1.93 us per modelled step (within 7% on
-# a grid); the fixed cost 2.6 (benchmarks/results/extra-tokens-h200.md).
-_SMS = 132
+# head. Fitted on an H200 (132 SMs, bf16, head dim 128, session 30): the dK/dV kernel's
+# time over five run lengths on each of six grids was 1.63-1.93 us per modelled step
+# (within 7% on a grid); the fixed cost 2.6 (benchmarks/results/extra-tokens-h200.md).
+_SMS: int | None = None  # None: the first visible GPU's count (132, an H100/H200 SXM's, without one)
 _DKV_FIXED_STEPS = 2.6
+
+
+@functools.lru_cache(maxsize=1)
+def _device_sms() -> int:
+    """The first visible CUDA GPU's streaming multiprocessors (132 where JAX does not say)."""
+    if _gpu_reason():
+        return 132
+    return int(getattr(jax.devices("gpu")[0], "core_count", 0) or 132)
 
 
 def _dkv_sum(b: int, m: int, s: int, h_kv: int, group: int = 1) -> int:
     """Query blocks each dK / dV CTA of a tokens' backward call sums (``b`` batch entries
     of ``m`` blocks of ``s`` queries, ``h_kv`` key heads of ``group`` query heads each):
     the divisor ``n`` of ``m`` with the least modelled time, waves x CTA length:
-    ``ceil(ctas / n / _SMS) * (_DKV_FIXED_STEPS + n * steps)``, one CTA per key tile of
+    ``ceil(ctas / n / SMs) * (_DKV_FIXED_STEPS + n * steps)``, one CTA per key tile of
     128 tokens and run, ``steps = ceil(s / 64) * group`` per block. Ties go to the longer
     run (fewer partial sums). Few long CTAs where the grid is small, no more than a wave's
     worth of runs where it is large."""
     ctas = b * m * h_kv * -(-s // 128)  # one run per block
     steps = -(-s // 64) * group
+    sms = _SMS if _SMS is not None else _device_sms()
 
     def cost(n: int) -> tuple[float, int]:
-        return -(-(ctas // n) // _SMS) * (_DKV_FIXED_STEPS + n * steps), -n
+        return -(-(ctas // n) // sms) * (_DKV_FIXED_STEPS + n * steps), -n
 
     return min((n for n in range(1, m + 1) if m % n == 0), key=cost)
 

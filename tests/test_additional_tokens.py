@@ -80,20 +80,26 @@ def test_cuda_dense_matches_xla(monkeypatch, case, sms):
         assert np.abs(np.asarray(a) - np.asarray(w)).max() <= tol * max(np.abs(w).max(), 1.0), i
 
 
-def test_dkv_sum():
+def test_dkv_sum(monkeypatch):
     """Blocks each dK / dV CTA sums: the divisor of the blocks with the fewest modelled
-    steps, waves (132 SMs) x (2.6 + steps per CTA); checked here against that model by
-    brute force, and on the grids measured in session 30."""
-    def model(b, m, s, h_kv, group, n):
+    steps, waves (the GPU's SMs: 132 as on an H200, 114 as on an H100 PCIe) x (2.6 +
+    steps per CTA); checked here against that model by brute force, and on the grids
+    measured in session 30 (132 SMs)."""
+    def model(b, m, s, h_kv, group, n, sms):
         ctas = b * m * h_kv * -(-s // 128) // n
-        return -(-ctas // 132) * (2.6 + n * -(-s // 64) * group)
+        return -(-ctas // sms) * (2.6 + n * -(-s // 64) * group)
 
-    for b, m, s, h_kv, group in [(1, 128, 512, 24, 1), (1, 512, 128, 24, 1), (1, 64, 512, 8, 1),
-                                 (1, 256, 128, 8, 1), (1, 225, 512, 24, 1), (1, 900, 128, 24, 1),
-                                 (1, 128, 512, 8, 3), (2, 4096, 16, 8, 1), (3, 1024, 64, 24, 2)]:
-        n = cuda._dkv_sum(b, m, s, h_kv, group)
-        costs = {d: model(b, m, s, h_kv, group, d) for d in range(1, m + 1) if m % d == 0}
-        assert m % n == 0 and costs[n] == min(costs.values()), (b, m, s, h_kv, group, n)
+    for sms in (114, 132):
+        monkeypatch.setattr(cuda, "_SMS", sms)
+        for b, m, s, h_kv, group in [(1, 128, 512, 24, 1), (1, 512, 128, 24, 1), (1, 64, 512, 8, 1),
+                                     (1, 256, 128, 8, 1), (1, 225, 512, 24, 1), (1, 900, 128, 24, 1),
+                                     (1, 128, 512, 8, 3), (2, 4096, 16, 8, 1), (3, 1024, 64, 24, 2)]:
+            n = cuda._dkv_sum(b, m, s, h_kv, group)
+            costs = {d: model(b, m, s, h_kv, group, d, sms) for d in range(1, m + 1) if m % d == 0}
+            assert m % n == 0 and costs[n] == min(costs.values()), (b, m, s, h_kv, group, n, sms)
+    monkeypatch.setattr(cuda, "_SMS", 114)  # 1-D 32768, 8 heads, 128 tokens: not one wave
+    assert cuda._dkv_sum(1, 256, 128, 8) == 4  # of 128 CTAs (16) but 4.5 of 512 shorter ones
+    monkeypatch.setattr(cuda, "_SMS", 132)
     # 2-D 256x256, 24 heads: 512 tokens (12288 CTAs with one per block): runs of 32, three
     # waves of 384 CTAs (session 29's rule of 1024 CTAs gave runs of 8); 128 tokens too
     assert cuda._dkv_sum(1, 128, 512, 24) == 32
