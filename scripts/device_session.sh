@@ -50,7 +50,8 @@
 #           $SETTLE_PASSES (default fwd), alternating, twice: what running the GPU into
 #           its power cap first changes
 #   multigpu the two-GPU tests (tests/test_sharding_gpu.py), then scripts/multi_gpu.py: the
-#           cuda backend on one GPU against $MULTIGPU_N GPUs (default 2), split by heads and
+#           cuda backend on one GPU against $MULTIGPU_N GPUs (default 2; $MULTIGPU_ARGS: more of
+#           its flags, e.g. "--problems 2d_w80_s16 --tokens 512 --tokens-ab"), split by heads and
 #           along a spatial axis, fwd and fwd+bwd, bf16, into $OUT/results/multi-gpu.{json,md}
 #   fuzz    scripts/fuzz_gpu.py: random problems, cuda against the float64 brute force, for
 #           $FUZZ_SECONDS (default 240) from seed $FUZZ_SEED (default: the date), sharded over
@@ -123,7 +124,7 @@ for stage in "$@"; do
     multigpu) TAIL=20 step multigpu_tests "${MULTIGPU_TEST_LIMIT:-300}" env XLA_PYTHON_CLIENT_PREALLOCATE=false \
                 python3 -m pytest -v -rfE -p no:cacheprovider tests/test_sharding_gpu.py
               TAIL=30 step multigpu "${MULTIGPU_LIMIT:-300}" env XLA_PYTHON_CLIENT_PREALLOCATE=false \
-                python3 scripts/multi_gpu.py --gpus "${MULTIGPU_N:-2}" --out "$OUT/results/multi-gpu.json" ;;
+                python3 scripts/multi_gpu.py --gpus "${MULTIGPU_N:-2}" ${MULTIGPU_ARGS:-} --out "$OUT/results/multi-gpu.json" ;;
     example) step example 120 python3 examples/digits_vit.py --backend cuda ;;
     bench) step bench "${BENCH_LIMIT:-400}" python3 -m benchmarks.run \
              --preset "${BENCH_PRESETS:-small,paper}" --budget-s "${BENCH_BUDGET:-330}" \

@@ -18,8 +18,14 @@ on the split arrays (the op partitions itself), and the explicit path,
 ``neighborhood_attention_sharded`` (``shard_map`` around the per-shard program, which
 picks the shard's problem by ``lax.switch``), alternating, twice each; no heads layout.
 
+With ``--tokens S`` every call has S additional tokens (split by heads like the queries
+in the heads layout, whole on every GPU in the context layout). ``--tokens-ab`` times the
+heads layout with the tokens as key tiles of each shard's Hopper forward (the default)
+and with ``JAX_GNA_FUSED_TOKENS=0`` (apart on each shard), alternating, twice each.
+
 usage: python3 scripts/multi_gpu.py [--gpus N] [--out FILE.json] [--problems NAMES]
-       [--passes fwd,fwdbwd] [--profile] [--fold-ab | --shard-map]
+       [--passes fwd,fwdbwd] [--profile] [--tokens S [--tokens-ab]]
+       [--fold-ab | --shard-map]
 """
 
 from __future__ import annotations
@@ -102,7 +108,12 @@ def main(argv=None) -> int:
     ap.add_argument("--shard-map", action="store_true",
                     help="context layout under jit and by neighborhood_attention_sharded "
                          "(see above)")
+    ap.add_argument("--tokens", type=int, default=0, help="additional tokens per call")
+    ap.add_argument("--tokens-ab", action="store_true",
+                    help="heads layout with the tokens as key tiles and apart (see above)")
     args = ap.parse_args(argv)
+    if args.tokens_ab and not args.tokens:
+        raise SystemExit("--tokens-ab needs --tokens S")
     if args.fold_ab and args.problems == ",".join(PROBLEMS):
         args.problems = ",".join(DILATED)
 
@@ -132,49 +143,65 @@ def main(argv=None) -> int:
         rank = len(shape)
         rng = np.random.default_rng(0)
         host = [rng.standard_normal((1, *shape, heads, 128), np.float32) for _ in range(4)]
+        tokens = [rng.standard_normal((1, args.tokens, heads, 128), np.float32)
+                  for _ in range(2 if args.tokens else 0)]
         left, right = sharding.halo_sizes(shape, kernel, stride=stride, dilation=dil,
                                           shards={axis: n})[axis]
 
-        def f(q, k, v):
+        def f(q, k, v, *extra):
+            ak, av = extra or (None, None)
             return jax_gna.neighborhood_attention(q, k, v, kernel, stride, dil,
+                                                  additional_keys=ak, additional_values=av,
                                                   backend=args.backend)
 
-        def explicit(q, k, v):
+        def explicit(q, k, v, *extra):
+            ak, av = extra or (None, None)
             return sharding.neighborhood_attention_sharded(
                 q, k, v, kernel, stride, dil, mesh=mesh, spatial_axes={axis: "x"},
-                backend=args.backend)
+                additional_keys=ak, additional_values=av, backend=args.backend)
 
         context = [None] * (rank + 2)
         context[1 + axis] = "x"
         ctx = NamedSharding(mesh, P(*context))
-        # (label, sharding, JAX_GNA_FOLD_DILATION while tracing, op)
-        layouts = [("1 GPU", jax.sharding.SingleDeviceSharding(gpus[0]), None, f)]
+        heads_split = NamedSharding(mesh, P(*([None] * (rank + 1)), "x"))
+        one = jax.sharding.SingleDeviceSharding(gpus[0])
+        # (label, sharding, environment while tracing ({name: value}), op)
+        layouts = [("1 GPU", one, {}, f)]
         if args.fold_ab:
             layouts += [(f"{n} GPUs, context (axis {axis}), {lab}", ctx, env, f)
-                         for _ in range(2) for lab, env in (("folded", None), ("sm80 dilated", "0"))]
+                        for _ in range(2) for lab, env in (
+                            ("folded", {}), ("sm80 dilated", {"JAX_GNA_FOLD_DILATION": "0"}))]
         elif args.shard_map:
-            layouts += [(f"{n} GPUs, context (axis {axis}), {lab}", ctx, None, op)
+            layouts += [(f"{n} GPUs, context (axis {axis}), {lab}", ctx, {}, op)
                         for _ in range(2) for lab, op in (("jit", f), ("shard_map", explicit))]
+        elif args.tokens_ab:
+            layouts += [(f"{n} GPUs, heads, tokens {lab}", heads_split, env, f)
+                        for _ in range(2) for lab, env in (
+                            ("as key tiles", {}), ("apart", {"JAX_GNA_FUSED_TOKENS": "0"}))]
         else:
-            layouts += [(f"{n} GPUs, heads", NamedSharding(mesh, P(*([None] * (rank + 1)), "x")), None, f),
-                        (f"{n} GPUs, context (axis {axis})", ctx, None, f)]
+            layouts += [(f"{n} GPUs, heads", heads_split, {}, f),
+                        (f"{n} GPUs, context (axis {axis})", ctx, {}, f)]
         for pass_ in args.passes.split(","):
             base = None
-            for layout, spec, fold_env, op in layouts:
+            for layout, spec, env, op in layouts:
                 q, k, v, do = (jax.device_put(jnp.asarray(x, jnp.bfloat16), spec) for x in host)
-                fn, fargs = bench.pass_fn(op, pass_, q, k, v, do, ())
-                if fold_env is None:
-                    os.environ.pop("JAX_GNA_FOLD_DILATION", None)
-                else:
-                    os.environ["JAX_GNA_FOLD_DILATION"] = fold_env
+                # the tokens: split by heads like the queries, else whole on every device
+                tspec = spec if spec in (one, heads_split) else NamedSharding(mesh, P())
+                extra = tuple(jax.device_put(jnp.asarray(x, jnp.bfloat16), tspec) for x in tokens)
+                fn, fargs = bench.pass_fn(op, pass_, q, k, v, do, extra)
+                if args.fold_ab or args.tokens_ab:  # read while tracing: trace afresh
+                    jax.clear_caches()
+                os.environ.update(env)
                 try:
                     stats = bench.measure(fn, fargs, settle_s=0.5)
                 finally:
-                    os.environ.pop("JAX_GNA_FOLD_DILATION", None)
+                    for name_ in env:
+                        os.environ.pop(name_, None)
                 t = stats["time_s"]
                 base = t if base is None else base
                 rec = {"problem": name, "shape": shape, "heads": heads, "kernel_size": kernel,
-                       "stride": stride, "dilation": dil, "pass": pass_, "layout": layout, "time_s": t,
+                       "stride": stride, "dilation": dil, "tokens": args.tokens, "pass": pass_,
+                       "layout": layout, "time_s": t,
                        "samples": stats["samples"], "inner": stats["inner"],
                        "efficiency": None if layout == "1 GPU" else base / (n * t),
                        "halo_rows": [left, right] if "context" in layout else None}
@@ -187,7 +214,7 @@ def main(argv=None) -> int:
                 records.append(rec)
                 eff = "" if rec["efficiency"] is None else f"  efficiency {rec['efficiency']:.0%}"
                 print(f"{name:24s} {pass_:7s} {layout:28s} {t * 1e3:9.3f} ms{eff}", flush=True)
-                del q, k, v, do, fargs
+                del q, k, v, do, extra, fargs
 
     result = {"environment": bench.environment(), "gpus": n,
               "devices": [str(d) for d in gpus[:n]], "records": records}
