@@ -38,7 +38,7 @@ __global__ void __launch_bounds__(128) dq_kernel(const Params p) {
   int* sKcbuf = reinterpret_cast<int*>(sKtokbuf + 2 * KN);  // [2][3][KN]
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
-  const int h = blockIdx.y, b = blockIdx.z;
+  const int h = blockIdx.y, b = blockIdx.z + p.z0;
   const int hk = h / (p.H / p.Hkv);
 
   int g[3], qs[3], qe[3];
@@ -263,7 +263,7 @@ __global__ void __launch_bounds__(128) dkv_kernel(const Params p) {
   float* sDelta = sLse + QN;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
-  const int hk = blockIdx.y, b = blockIdx.z;
+  const int hk = blockIdx.y, b = blockIdx.z + p.z0;
   const int G = p.H / p.Hkv;
 
   // Key tile.

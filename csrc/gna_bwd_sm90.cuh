@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto bar_v = [&](int s) { return bar_q + 8 * (1 + STAGES + s); };
   auto bar_e = [&](int s) { return bar_q + 8 * (1 + 2 * STAGES + s); };
 
-  const int h = blockIdx.y, b = blockIdx.z;
+  const int h = blockIdx.y, b = blockIdx.z + p.z0;
   const int hk = divs.group(h), bk = divs.kvb(b);
   const FwdTile tile(p, divs, blockIdx.x);
   const int wg = warpgroup_index();
@@ -444,7 +444,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto bar_e = [&](int s) { return bar_kv + 8 * (1 + 2 * STAGES + s); };
 
   // dK / dV are stored at batch b, summed over query batches b * dkvb ... + dkvb - 1
-  const int hk = blockIdx.y, b = blockIdx.z, b0 = b * p.dkvb, bk = divs.kvb(b0);
+  const int hk = blockIdx.y, b = blockIdx.z + p.z0, b0 = b * p.dkvb, bk = divs.kvb(b0);
   const int G = p.H / p.Hkv;  // query heads per key/value head
   const KeyTile tile(p, divs, order.n ? order.tile[blockIdx.x] : blockIdx.x);
   const int nsteps = p.dkvb * G * tile.ntiles;  // query batch, head, query tile

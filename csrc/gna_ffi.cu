@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -131,7 +132,8 @@ ffi::Error make_params(const Attrs& attrs, int32_t ordinal, ffi::AnyBuffer q, ff
     return bad("query heads (" + std::to_string(H) + ") must be a multiple of key/value heads (" + std::to_string(Hkv) + ")");
   if (D % 8 || Dv % 8 || D < 8 || Dv < 8 || D > 256 || Dv > 256)
     return bad("head dims must be multiples of 8 in [8, 256], got D=" + std::to_string(D) + ", D_v=" + std::to_string(Dv));
-  if (B < 1 || B > 65535 || H > 65535) return bad("batch (" + std::to_string(B) + ") and heads (" + std::to_string(H) + ") must be in [1, 65535]");
+  if (B < 1 || B > INT32_MAX) return bad("batch (" + std::to_string(B) + ") must be in [1, 2^31 - 1]");
+  if (H > 65535) return bad("heads (" + std::to_string(H) + ") must be at most 65535");
   if (q.element_type() != k.element_type() || q.element_type() != v.element_type())
     return bad("query, key and value must have the same dtype");
   switch (q.element_type()) {

@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(128) fwd_kernel(const Params p) {
   int* sKcbuf = reinterpret_cast<int*>(sKtokbuf + 2 * KN);  // [2][3][KN] key group coordinates
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
-  const int h = blockIdx.y, b = blockIdx.z;
+  const int h = blockIdx.y, b = blockIdx.z + p.z0;
   const int hk = h / (p.H / p.Hkv);
 
   int g[3], qs[3], qe[3];

@@ -337,7 +337,7 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
   auto bar_v = [&](int s) { return bar_q + 8 * (1 + STAGES + s); };
   auto bar_e = [&](int s) { return bar_q + 8 * (1 + 2 * STAGES + s); };
 
-  const int h = blockIdx.y, b = blockIdx.z;
+  const int h = blockIdx.y, b = blockIdx.z + p.z0;
   const int hk = divs.group(h), bk = divs.kvb(b);
   const FwdTile tile(p, divs, blockIdx.x);
   const int wg = warpgroup_index();

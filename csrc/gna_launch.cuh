@@ -10,6 +10,7 @@
 
 namespace gna {
 
+// grid.z may exceed CUDA's limit: one launch per kMaxGridZ batches (Params::z0).
 template <typename Kern>
 inline cudaError_t launch(Kern kern, dim3 grid, size_t smem, cudaStream_t stream, const Params& p) {
   if (grid.x == 0) return cudaSuccess;
@@ -18,8 +19,14 @@ inline cudaError_t launch(Kern kern, dim3 grid, size_t smem, cudaStream_t stream
                                          static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
-  kern<<<grid, 128, smem, stream>>>(p);
-  return cudaGetLastError();
+  Params part = p;
+  for (unsigned z0 = 0; z0 < grid.z; z0 += kMaxGridZ) {
+    part.z0 = static_cast<int>(z0);
+    const unsigned nz = grid.z - z0 < kMaxGridZ ? grid.z - z0 : kMaxGridZ;
+    kern<<<dim3(grid.x, grid.y, nz), 128, smem, stream>>>(part);
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
 }
 
 inline dim3 query_grid(const Params& p) {

@@ -27,6 +27,7 @@
 namespace gna {
 
 constexpr int kMaxRank = 3;
+constexpr int kMaxGridZ = 65535;  // CUDA's largest grid z: batches per launch
 
 struct Axis {
   int L;       // global length of the axis (windows are defined on it)
@@ -47,6 +48,8 @@ struct Params {
   int dkvb = 1;           // query batches per dK / dV batch (divides kvb): the dK/dV
                           // kernels sum query batches z * dkvb ... z * dkvb + dkvb - 1
                           // into dK / dV batch z (1: dK / dV per query batch, at b)
+  int z0 = 0;             // this launch's first grid z (batch, or dK / dV batch): a grid
+                          // of more than kMaxGridZ batches runs as several launches
   float scale;            // applied to q . k
   float scale_log2;       // scale * log2(e)
   int64_t nq, nkv;        // tokens in the query-side buffers (see qpitch) / the key block

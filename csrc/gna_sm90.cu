@@ -48,11 +48,12 @@ bool pdl_from_env() {
   return !(e && std::strcmp(e, "0") == 0);
 }
 
+// grid.z may exceed CUDA's limit: one launch per kMaxGridZ batches (Params::z0), each
+// waiting for the one before it as any two launches do (see grid_dependency_wait).
 template <typename... KArgs, typename... Args>
 cudaError_t launch_sm90(void (*kern)(KArgs...), dim3 grid, size_t smem, cudaStream_t stream, bool pdl,
-                        Args&&... args) {
+                        Params p, const Args&... args) {
   cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid;
   cfg.blockDim = dim3(sm90::kThreads);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
@@ -61,7 +62,12 @@ cudaError_t launch_sm90(void (*kern)(KArgs...), dim3 grid, size_t smem, cudaStre
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kern, std::forward<Args>(args)...);
+  for (unsigned z0 = 0; z0 < grid.z; z0 += kMaxGridZ) {
+    p.z0 = static_cast<int>(z0);
+    cfg.gridDim = dim3(grid.x, grid.y, grid.z - z0 < kMaxGridZ ? grid.z - z0 : kMaxGridZ);
+    if (cudaError_t e = cudaLaunchKernelEx(&cfg, kern, p, args...); e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
 }
 
 PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {

@@ -131,8 +131,8 @@ def unsupported_reason(problem: Problem, query_shape, key_shape, value_shape, dt
         if x > _MAX_HEAD_DIM:
             return f"{name} {x} is larger than {_MAX_HEAD_DIM}"
     batch = int(np.prod(qs[:len(qs) - n - 2]))
-    if batch > 65535 or qs[-2] > 65535:
-        return f"batch {batch} or heads {qs[-2]} above 65535"
+    if batch >= 2 ** 31 or qs[-2] > 65535:
+        return f"batch {batch} of 2^31 or more, or heads {qs[-2]} above 65535"
     if max(problem.shape) >= 2 ** 30:
         return "an axis of 2^30 tokens or more"
     lib, _ = _load_library()
@@ -196,8 +196,7 @@ def fold_dilation(problem: Problem, query_shape, value_shape, dtype) -> tuple[bo
     lse (:func:`_backward`), so there each pass follows its own flag.
 
     Both need a whole-grid (unsharded) problem with dilation whose every piece the Hopper
-    forward takes, one batch axis whose size times the groups stays within the kernels'
-    65535 (under ``jax.vmap`` the mapped axis multiplies it too, unseen here), a
+    forward takes, one batch axis whose size times the groups stays below 2^31, a
     visible GPU of compute capability 9.0 and no ``JAX_GNA_FOLD_DILATION=0`` in the
     environment (read while tracing). A spatially sharded call folds on each shard where
     its shards hold whole dilation groups, by the same rules (``jax_gna.sharding``). The
@@ -221,7 +220,7 @@ def _fold_flags(problems, query_shape, value_shape, dtype, groups: int) -> tuple
         return no
     if _compute_capability() != "9.0":
         return no
-    if int(query_shape[0]) * int(groups) > 65535:  # groups join the batch
+    if int(query_shape[0]) * int(groups) >= 2 ** 31:  # groups join the batch
         return no
     if any(_hopper_blockers(sub, query_shape, value_shape, dtype) for sub in problems):
         return no
@@ -536,7 +535,6 @@ def _by_device_split(query, blocks, index, problems, calls, devices, poison: boo
 DENSE_MIN_KEYS = 64
 DENSE_SOME_KEYS, DENSE_SOME_HEADS = 32, 16
 DENSE_FEW_KEYS = 16
-_MAX_BATCH = 65535  # the kernels' largest batch (grid dimension)
 # The tokens' dK/dV launch sums the blocks of a batch entry in runs (_dkv_sum), chosen by a
 # wave model: the GPU's streaming multiprocessors (one dK/dV CTA fits per SM), and a
 # CTA's fixed cost (loading its key tile, storing dK/dV) in query steps of 64 tokens per
@@ -615,32 +613,13 @@ def _dense_unblock(x: jax.Array, spatial: Sequence[int]) -> jax.Array:
     return x.reshape((b, -1) + x.shape[3:])[:, :n].reshape((b, *spatial) + x.shape[3:])
 
 
-def _batch_chunks(b: int, m: int) -> list[list[tuple[slice, slice]]]:
-    """The kernels' calls over ``b`` batch entries of ``m`` query blocks, at most
-    ``_MAX_BATCH`` blocks each: rows of ``(batch slice, block slice)``, the rows along
-    the batch, a row's calls along its blocks (whole batch entries per call where ``m``
-    allows, else one entry's blocks in pieces)."""
-    if m > _MAX_BATCH:
-        return [[(slice(i, i + 1), slice(j, j + _MAX_BATCH)) for j in range(0, m, _MAX_BATCH)]
-                for i in range(b)]
-    per = _MAX_BATCH // m
-    return [[(slice(i, i + per), slice(None))] for i in range(0, b, per)]
-
-
-def _cat(xs: list, axis: int) -> jax.Array:
-    return jnp.concatenate(xs, axis) if len(xs) > 1 else xs[0]
-
-
 def _dense_forward(query, key, value, scale, poison):
     rank, s = query.ndim - 3, key.shape[1]
-    grid = _token_grid(s, scale)
-    q = _dense_blocks(query, rank, s)
     # The tokens [B, 1, S, ...]: the kernels read them for all m blocks of their batch
-    # entry (no copy per block)
-    k, v = key[:, None], value[:, None]
-    rows = [[_forward_call(q[i, j], k[i], v[i], grid, poison) for i, j in row]
-            for row in _batch_chunks(*q.shape[:2])]
-    out, lse = (_cat([_cat([call[n] for call in row], 1) for row in rows], 0) for n in (0, 1))
+    # entry (no copy per block). One call: the kernels take any batch (launches of at most
+    # 65535 batches each; until session 32 this made several calls of at most 65535 blocks).
+    out, lse = _forward_call(_dense_blocks(query, rank, s), key[:, None], value[:, None],
+                             _token_grid(s, scale), poison)
     spatial = query.shape[1:1 + rank]
     return _dense_unblock(out, spatial), _dense_unblock(lse, spatial)
 
@@ -699,17 +678,12 @@ def dense_backward(query, key, value, out, lse, d_out, d_lse, scale: float, pois
     q, o, l, do, dl = (_dense_blocks(x, rank, s) for x in (query, out, lse, d_out, d_lse))
     k, v = key[:, None], value[:, None]  # read by all blocks of their batch entry
     group = query.shape[-2] // key.shape[-2]
-    dq, dk, dv = [], [], []
-    for row in _batch_chunks(*q.shape[:2]):
-        # each call's dK / dV per run of blocks, summed over the runs in float32
-        calls = [_attention_bwd(grid, poison, (), (q[i, j], k[i], v[i], o[i, j], l[i, j]),
-                                (do[i, j], dl[i, j]), _dkv_sum(*q[i, j].shape[:2], s, k.shape[-2], group))
-                 for i, j in row]
-        dq.append(_cat([c[0] for c in calls], 1))
-        dk.append(sum(c[1].astype(jnp.float32).sum(axis=1) for c in calls))
-        dv.append(sum(c[2].astype(jnp.float32).sum(axis=1) for c in calls))
-    return (_dense_unblock(_cat(dq, 0), query.shape[1:1 + rank]),
-            _cat(dk, 0).astype(key.dtype), _cat(dv, 0).astype(value.dtype))
+    dq, dk, dv = _attention_bwd(grid, poison, (), (q, k, v, o, l), (do, dl),
+                                _dkv_sum(*q.shape[:2], s, k.shape[-2], group))
+    # dK / dV per run of blocks, summed over the runs in float32
+    return (_dense_unblock(dq, query.shape[1:1 + rank]),
+            dk.astype(jnp.float32).sum(axis=1).astype(key.dtype),
+            dv.astype(jnp.float32).sum(axis=1).astype(value.dtype))
 
 
 dense_attention.backward = dense_backward

@@ -327,6 +327,48 @@ def test_tokens_as_key_tiles(spatial, k, s, c, tokens, dims, dtype):
     _assert_tokens_close_to_xla(problem, args, w, u, dtype, fn(*args))
 
 
+# dtype, head dim, length, additional tokens: the Hopper forward (and with 12 tokens its
+# tokens variant, their backward on XLA) and backward; the sm80 kernels in float32, with 64
+# tokens on them (cuda.dense_attention: one block of 64 queries per batch entry)
+@pytest.mark.parametrize("dtype,d,n,tokens", [(jnp.bfloat16, 64, 128, 0),
+                                              (jnp.bfloat16, 64, 128, 12),
+                                              (jnp.float32, 8, 64, 64)])
+def test_batch_above_the_grid_limit(dtype, d, n, tokens):
+    """A batch of 65543, above CUDA's largest grid z (65535): every kernel runs it as two
+    launches (``Params::z0``). Poisoned outputs, forward and gradients of q, k, v (and
+    the tokens) against the xla backend in float32 (relative L2 error, on the GPU)."""
+    if dtype == jnp.bfloat16 and cuda._compute_capability() != "9.0":
+        pytest.skip("the Hopper kernels need a compute capability 9.0 GPU")
+    from jax_gna import ops
+
+    b = 65543
+    problem = _problem((n,), 9, dim=d)
+    keys = jax.random.split(_key(), 7)
+    shapes = [(b, n, 1, d)] * 3 + [(b, tokens, 1, d)] * (2 if tokens else 0)
+    args = [jax.random.normal(kk, sh, jnp.float32).astype(dtype) for kk, sh in zip(keys, shapes)]
+    w = jax.random.normal(keys[5], (b, n, 1, d), jnp.float32)
+    u = jax.random.normal(keys[6], (b, n, 1), jnp.float32)
+
+    def run(impl, *a):
+        def loss(*a):
+            out, lse = ops._compute(*a[:3], *(a[3:] or (None, None)), impl=impl, problem=problem)
+            return jnp.sum(out.astype(jnp.float32) * w) + jnp.sum(lse * u), (out, lse)
+        (_, outs), grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(a))),
+                                                      has_aux=True))(*a)
+        return (*outs, *grads)
+
+    def rel(a, r):  # on the GPU: the arrays hold 10^8-10^9 elements
+        a, r = a.astype(jnp.float32), r.astype(jnp.float32)
+        assert bool(jnp.isfinite(a).all()), "NaN or inf: an element no launch wrote"
+        return float(jnp.linalg.norm((a - r).ravel()) / jnp.linalg.norm(r.ravel()))
+
+    got = run(cuda._attention_poisoned, *args)
+    ref = run(xla.attention, *[x.astype(jnp.float32) for x in args])
+    errs = [rel(a, r) for a, r in zip(got, ref)]
+    t_out, t_lse, t_grad = TOL[dtype]
+    assert errs[0] < t_out and errs[1] < t_lse and max(errs[2:]) < t_grad, errs
+
+
 @pytest.mark.parametrize("tokens", [96, 12])
 def test_tokens_partitioned_op_on_one_gpu(monkeypatch, tokens):
     """The partitioned op of a call with tokens (``sharding._partitioned_tokens_op``, what a
