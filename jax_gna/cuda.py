@@ -145,6 +145,11 @@ def unsupported_reason(problem: Problem, query_shape, key_shape, value_shape, dt
     return None
 
 
+# The Hopper kernels' largest batch (csrc/gna_sm90.cu, eligible()): they would run a larger
+# one in several launches as the sm80 kernels do, but that has not yet run on a GPU.
+_HOPPER_MAX_BATCH = 65535
+
+
 def _hopper_blockers(problem: Problem, query_shape, value_shape, dtype) -> list[str]:
     """Why the Hopper forward kernel cannot take this problem (empty: it can, on a
     compute capability 9.0 GPU). Mirrors the checks of ``csrc/gna_sm90.cu``."""
@@ -158,6 +163,9 @@ def _hopper_blockers(problem: Problem, query_shape, value_shape, dtype) -> list[
         why.append(f"head dims {d}/{d_v} ({' or '.join(f'{x}/{x}' for x in dims)})")
     if any(x != 1 for x in problem.dilation):
         why.append("dilation")
+    batch = int(np.prod(query_shape[:len(query_shape) - problem.rank - 2]))
+    if batch > _HOPPER_MAX_BATCH:
+        why.append(f"a batch of {batch}, above {_HOPPER_MAX_BATCH}")
 
     def tiles_fit(extent, tokens) -> bool:  # power-of-two boxes, each axis <= next pow2
         return int(np.prod([min(1 << max(int(n) - 1, 0).bit_length(), tokens) for n in extent])) >= tokens
@@ -196,9 +204,11 @@ def fold_dilation(problem: Problem, query_shape, value_shape, dtype) -> tuple[bo
     lse (:func:`_backward`), so there each pass follows its own flag.
 
     Both need a whole-grid (unsharded) problem with dilation whose every piece the Hopper
-    forward takes, one batch axis whose size times the groups stays below 2^31, a
-    visible GPU of compute capability 9.0 and no ``JAX_GNA_FOLD_DILATION=0`` in the
-    environment (read while tracing). A spatially sharded call folds on each shard where
+    forward takes, one batch axis whose size times the groups stays within
+    :data:`_HOPPER_MAX_BATCH` (under ``jax.vmap`` the mapped axis multiplies it too,
+    unseen here: above it the sm80 kernels run the pieces), a visible GPU of compute
+    capability 9.0 and no ``JAX_GNA_FOLD_DILATION=0`` in the environment (read while
+    tracing). A spatially sharded call folds on each shard where
     its shards hold whole dilation groups, by the same rules (``jax_gna.sharding``). The
     forward also needs a window of at least :data:`FOLD_FORWARD_MIN_KEYS` keys (or
     ``JAX_GNA_FOLD_DILATION=always``, for measurements); the backward head dim 64 or 128
@@ -220,7 +230,7 @@ def _fold_flags(problems, query_shape, value_shape, dtype, groups: int) -> tuple
         return no
     if _compute_capability() != "9.0":
         return no
-    if int(query_shape[0]) * int(groups) >= 2 ** 31:  # groups join the batch
+    if int(query_shape[0]) * int(groups) > _HOPPER_MAX_BATCH:  # groups join the batch
         return no
     if any(_hopper_blockers(sub, query_shape, value_shape, dtype) for sub in problems):
         return no

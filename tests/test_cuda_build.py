@@ -324,6 +324,8 @@ def test_kernel_path_mirrors_the_hopper_eligibility(monkeypatch):
          (1, 64, 64, 4, 64), jnp.float16, "dilation"),
         (_problem((5, 7), (3, 3), (1, 1), (1, 1), (False, False)), (1, 5, 7, 4, 64),
          (1, 5, 7, 4, 64), jnp.float16, "smaller than a 128-token tile"),  # 8 x 8 < 128
+        (p2, (2, 32768, 64, 64, 4, 128), (2, 32768, 64, 64, 4, 128), jnp.bfloat16,
+         "a batch of 65536, above 65535"),  # the Hopper kernels: one launch
     ]
     for p, qs, vs, dt, why in cases:
         text = cuda.kernel_path(p, qs, vs, dt)

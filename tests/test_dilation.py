@@ -159,7 +159,7 @@ def test_fold_decision(monkeypatch):
         (BIG, Q[:-1] + (32,), V[:-1] + (32,), jnp.float16),               # head dim 32
         (BIG.replace(shape=(16, 18), q_extent=(16, 18), kv_extent=(16, 18), kernel_size=(5, 5)),
          (1, 16, 18, 4, 64), (1, 16, 18, 2, 64), jnp.float16),            # 8 x 6 pieces
-        (BIG, (2 ** 29, 41, 46, 4, 64), (2 ** 29, 41, 46, 2, 64), jnp.float16),  # 6 x 2^29 >= 2^31
+        (BIG, (11000, 41, 46, 4, 64), (11000, 41, 46, 2, 64), jnp.float16),  # 6 x 11000 > 65535
     ]
     for args in no:
         assert cuda.fold_dilation(*args) == (False, False), args[0]
