@@ -93,6 +93,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import jax
@@ -224,6 +225,9 @@ class AttentionConfig:
             raise ValueError(f"rope needs head_dim >= 2 * num_spatial_dims = {2 * r}, got "
                              f"head_dim={head_dim} (qkv_features={qkv_features}, "
                              f"num_heads={num_heads}).")
+        if (not isinstance(rope_theta, (numbers.Real, np.floating)) or isinstance(rope_theta, bool)
+                or not np.isfinite(float(rope_theta)) or float(rope_theta) <= 0):
+            raise ValueError(f"rope_theta must be a positive finite number, got {rope_theta!r}.")
         check_backend(backend)
         return cls(r, num_heads, num_kv_heads, in_features, qkv_features, out_features,
                    k, s, d, c, bool(use_bias), bool(normalize_qk), bool(rope),
@@ -652,6 +656,16 @@ def make_attention_fn(kernel_size: IntOrTuple, stride: IntOrTuple = 1,
         raise ValueError(f"num_spatial_dims must be 1, 2 or 3, got {num_spatial_dims!r}.")
     if num_spatial_dims is None and isinstance(kernel_size, (tuple, list)):
         num_spatial_dims = len(kernel_size)
+    # the window checked now where its rank is known (scalars are the same on every axis)
+    known = num_spatial_dims
+    if known is None and not any(isinstance(x, (tuple, list))
+                                 for x in (stride, dilation, is_causal)):
+        known = 1
+    if known in (1, 2, 3):  # (other ranks are refused when it is called)
+        check_window(known, kernel_size, stride, dilation, is_causal)
+    if scale is not None and (not isinstance(scale, (numbers.Real, np.floating))
+                              or isinstance(scale, bool) or not np.isfinite(float(scale))):
+        raise ValueError(f"scale must be a finite real number or None, got {scale!r}.")
     configured_causal = is_causal
 
     def attention_fn(query: Array, key: Array, value: Array, bias: Array | None = None,

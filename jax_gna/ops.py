@@ -6,6 +6,7 @@ import logging
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 from . import sharding, xla
 from .params import BoolOrTuple, IntOrTuple, Problem, check_backend, make_problem
@@ -169,6 +170,9 @@ def neighborhood_attention(query: jax.Array, key: jax.Array, value: jax.Array,
       ValueError: for any input SEMANTICS.md rejects, before any computation, or for
         ``backend="cuda"`` where the kernels cannot run.
     """
+    if not isinstance(return_lse, (bool, np.bool_)):
+        raise ValueError(f"return_lse must be a bool, got {return_lse!r} (under jax.jit, make "
+                         "it static: static_argnames).")
     problem = make_problem(query, key, value, kernel_size, stride, dilation, is_causal, scale,
                            additional_keys, additional_values, rank=_rank)
     name, why, impl = select(backend, problem, query, key, value)

@@ -18,6 +18,7 @@ import math
 import numbers
 from typing import Any, Sequence, Union
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -157,11 +158,19 @@ def window_params(shape: Sequence[int], kernel_size: IntOrTuple, stride: IntOrTu
 
 
 def _dtype(x: Any) -> np.dtype:
-    return np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
+    """The dtype JAX computes ``x`` in (NumPy float64 is float32 unless x64 is on)."""
+    return np.dtype(jax.dtypes.canonicalize_dtype(
+        x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype))
 
 
 def _shape(x: Any) -> tuple[int, ...]:
-    return tuple(int(n) for n in np.shape(x))
+    try:
+        return tuple(int(n) for n in np.shape(x))
+    except Exception as e:  # noqa: BLE001 - symbolic dims (jax.export) raise their own kind
+        raise ValueError(
+            f"jax_gna needs static shapes, got shape {tuple(np.shape(x))}: symbolic dimensions "
+            "(jax.export shape polymorphism) are not supported; export one shape per "
+            "batch size.") from e
 
 
 def check_tensors(query: Any, key: Any, value: Any, additional_keys: Any = None,

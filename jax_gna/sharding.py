@@ -1532,6 +1532,11 @@ def neighborhood_attention_sharded(query: jax.Array, key: jax.Array, value: jax.
     Works under ``jax.jit`` and ``jax.grad``."""
     from .params import make_problem
 
+    if not isinstance(getattr(mesh, "shape", None), Mapping):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh, got {mesh!r}.")
+    if spatial_axes is not None and not isinstance(spatial_axes, Mapping):
+        raise ValueError("spatial_axes must map spatial axis indices to mesh axis names, got "
+                         f"{spatial_axes!r}.")
     spatial_axes = dict(spatial_axes or {})
     make_problem(query, key, value, kernel_size, stride, dilation, is_causal, scale,
                  additional_keys, additional_values)  # errors before any device work
@@ -1539,11 +1544,17 @@ def neighborhood_attention_sharded(query: jax.Array, key: jax.Array, value: jax.
     _check_axis_keys("spatial_axes", spatial_axes, rank)
     named = [("batch_axis", batch_axis), ("head_axis", head_axis)]
     named += [(f"spatial_axes[{a}]", n) for a, n in spatial_axes.items()]
+    used: dict[str, str] = {}
     for what, names in named:
         unknown = [n for n in _axis_names(names) if n not in mesh.shape]
         if unknown:
             raise ValueError(f"{what}={names!r} names {unknown}, not an axis of the mesh "
                              f"(its axes: {tuple(mesh.shape)}).")
+        for n in _axis_names(names):
+            if n in used:
+                raise ValueError(f"mesh axis {n!r} is named twice ({used[n]} and {what}): "
+                                 "each mesh axis splits one dim.")
+            used[n] = what
     h_kv = np.shape(key)[-2]
     heads = _axis_names(head_axis)
     if heads and h_kv % _mesh_size(mesh, heads):

@@ -535,6 +535,22 @@ def test_attention_fn_in_flax_mha():
         jax.eval_shape(lambda: lmha.apply(v, x, mask=jnp.ones((2, 6, 4, 5, 5), bool)))
 
 
+def test_arguments_checked_at_construction():
+    """rope_theta (a positive finite number) when the layer is built; make_attention_fn's
+    window and scale when the function is made, where the window's rank is known."""
+    for theta in (0.0, -1.0, "abc", float("inf")):
+        with pytest.raises(ValueError, match="rope_theta"):
+            gn.NeighborhoodAttention1D(num_heads=2, in_features=8, kernel_size=2, rope=True,
+                                       rope_theta=theta, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="kernel_size"):
+        gn.make_attention_fn(1)
+    with pytest.raises(ValueError, match="scale"):
+        gn.make_attention_fn(3, scale="a")
+    with pytest.raises(ValueError):
+        gn.make_attention_fn((3, 3), stride=(1, 2, 1))
+    gn.make_attention_fn(3, stride=(1, 2))  # the rank comes with the query
+
+
 def test_attention_fn_refuses_what_it_cannot_do():
     fn = gn.make_attention_fn(3, backend="xla")
     q = _x((1, 5, 5, 2, 4))

@@ -615,8 +615,25 @@ def _worker():  # pragma: no cover - runs in the subprocess
                                                     spatial_axes={0: "context"})
         except ValueError as e:
             assert "cannot be split into 8 equal shards" in str(e), str(e)
-            return str(e)[:300]
-        raise AssertionError("no ValueError")
+            msg = str(e)[:300]
+        else:
+            raise AssertionError("no ValueError")
+        # arguments that are not a mesh, a mapping, or name a mesh axis twice
+        mesh2 = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "context"))
+        q, k, v, _, _ = inputs((16,), 2, 2, 2, 4)
+        for kw, match in [(dict(mesh=None), "mesh must be a jax.sharding.Mesh"),
+                          (dict(mesh=mesh2, spatial_axes=["context"]), "spatial_axes must map"),
+                          (dict(mesh=mesh2, batch_axis="context", spatial_axes={0: "context"}),
+                           "'context' is named twice"),
+                          (dict(mesh=mesh2, spatial_axes={0: ("data", "data")}),
+                           "'data' is named twice")]:
+            try:
+                sharding.neighborhood_attention_sharded(q, k, v, 3, **kw)
+            except ValueError as e:
+                assert match in str(e), (kw, str(e))
+            else:
+                raise AssertionError(f"no ValueError for {kw}")
+        return msg
 
     def vmap_fallback():
         q, k, v, _, _ = inputs((16,), 3, 2, 2, 4)

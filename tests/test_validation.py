@@ -89,7 +89,8 @@ def test_scale_just_below_float32_overflow_and_float64():
     q, k, v = arrays()
     assert make_problem(q, k, v, 3, scale=2.3e38).scale == 2.3e38
     q64 = jax.ShapeDtypeStruct(q.shape, np.float64)
-    assert make_problem(q64, q64, q64, 3, scale=1e300).scale == 1e300
+    with jax.enable_x64(True):
+        assert make_problem(q64, q64, q64, 3, scale=1e300).scale == 1e300
 
 
 def test_not_arrays():
@@ -167,3 +168,28 @@ def test_explain_takes_the_op_arguments_only():
     assert "xla" in jax_gna.explain(x, x, x, 3, return_lse=True, backend="xla")
     with pytest.raises(TypeError):
         jax_gna.explain(x, x, x, 3, addtional_keys=x[:, :2])
+
+
+def test_checks_use_the_dtype_jax_computes_in():
+    """NumPy float64 inputs with x64 off compute in float32: the scale check and the
+    dtype agreement follow that, not the NumPy dtype."""
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((1, 12, 2, 8))  # float64
+    k = rng.standard_normal((1, 12, 1, 8))
+    rejects("overflows float32", q, k, k, 3, scale=1e39)
+    out = jax_gna.na1d(q, jnp.asarray(k, jnp.float32), jnp.asarray(k, jnp.float32), 3)
+    assert out.dtype == jnp.float32
+
+
+def test_symbolic_shapes_rejected_clearly():
+    b, = jax.export.symbolic_shape("b")
+    q = jax.ShapeDtypeStruct((b, 12, 2, 8), jnp.float32)
+    with pytest.raises(ValueError, match="static shapes"):
+        jax.export.export(jax.jit(lambda q: jax_gna.na1d(q, q, q, 3, backend="xla")))(q)
+
+
+@pytest.mark.parametrize("flag", ["no", None, 1])
+def test_return_lse_must_be_a_bool(flag):
+    q, k, v = arrays()
+    rejects("return_lse must be a bool", q, k, v, 3, return_lse=flag)
+    assert len(jax_gna.neighborhood_attention(q, k, v, 3, return_lse=np.bool_(True))) == 2
