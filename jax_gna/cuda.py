@@ -545,6 +545,9 @@ def _by_device_split(query, blocks, index, problems, calls, devices, poison: boo
 DENSE_MIN_KEYS = 64
 DENSE_SOME_KEYS, DENSE_SOME_HEADS = 32, 16
 DENSE_FEW_KEYS = 16
+# cuda.dense_attention's calls take at most this many query blocks, so that the Hopper
+# kernels (one launch each: _HOPPER_MAX_BATCH) run them; the sm80 kernels take any batch.
+_MAX_BATCH = _HOPPER_MAX_BATCH
 # The tokens' dK/dV launch sums the blocks of a batch entry in runs (_dkv_sum), chosen by a
 # wave model: the GPU's streaming multiprocessors (one dK/dV CTA fits per SM), and a
 # CTA's fixed cost (loading its key tile, storing dK/dV) in query steps of 64 tokens per
@@ -623,13 +626,32 @@ def _dense_unblock(x: jax.Array, spatial: Sequence[int]) -> jax.Array:
     return x.reshape((b, -1) + x.shape[3:])[:, :n].reshape((b, *spatial) + x.shape[3:])
 
 
+def _batch_chunks(b: int, m: int) -> list[list[tuple[slice, slice]]]:
+    """The kernels' calls over ``b`` batch entries of ``m`` query blocks, at most
+    ``_MAX_BATCH`` blocks each: rows of ``(batch slice, block slice)``, the rows along
+    the batch, a row's calls along its blocks (whole batch entries per call where ``m``
+    allows, else one entry's blocks in pieces)."""
+    if m > _MAX_BATCH:
+        return [[(slice(i, i + 1), slice(j, j + _MAX_BATCH)) for j in range(0, m, _MAX_BATCH)]
+                for i in range(b)]
+    per = _MAX_BATCH // m
+    return [[(slice(i, i + per), slice(None))] for i in range(0, b, per)]
+
+
+def _cat(xs: list, axis: int) -> jax.Array:
+    return jnp.concatenate(xs, axis) if len(xs) > 1 else xs[0]
+
+
 def _dense_forward(query, key, value, scale, poison):
     rank, s = query.ndim - 3, key.shape[1]
+    grid = _token_grid(s, scale)
+    q = _dense_blocks(query, rank, s)
     # The tokens [B, 1, S, ...]: the kernels read them for all m blocks of their batch
-    # entry (no copy per block). One call: the kernels take any batch (launches of at most
-    # 65535 batches each; until session 32 this made several calls of at most 65535 blocks).
-    out, lse = _forward_call(_dense_blocks(query, rank, s), key[:, None], value[:, None],
-                             _token_grid(s, scale), poison)
+    # entry (no copy per block)
+    k, v = key[:, None], value[:, None]
+    rows = [[_forward_call(q[i, j], k[i], v[i], grid, poison) for i, j in row]
+            for row in _batch_chunks(*q.shape[:2])]
+    out, lse = (_cat([_cat([call[n] for call in row], 1) for row in rows], 0) for n in (0, 1))
     spatial = query.shape[1:1 + rank]
     return _dense_unblock(out, spatial), _dense_unblock(lse, spatial)
 
@@ -688,12 +710,17 @@ def dense_backward(query, key, value, out, lse, d_out, d_lse, scale: float, pois
     q, o, l, do, dl = (_dense_blocks(x, rank, s) for x in (query, out, lse, d_out, d_lse))
     k, v = key[:, None], value[:, None]  # read by all blocks of their batch entry
     group = query.shape[-2] // key.shape[-2]
-    dq, dk, dv = _attention_bwd(grid, poison, (), (q, k, v, o, l), (do, dl),
-                                _dkv_sum(*q.shape[:2], s, k.shape[-2], group))
-    # dK / dV per run of blocks, summed over the runs in float32
-    return (_dense_unblock(dq, query.shape[1:1 + rank]),
-            dk.astype(jnp.float32).sum(axis=1).astype(key.dtype),
-            dv.astype(jnp.float32).sum(axis=1).astype(value.dtype))
+    dq, dk, dv = [], [], []
+    for row in _batch_chunks(*q.shape[:2]):
+        # each call's dK / dV per run of blocks, summed over the runs in float32
+        calls = [_attention_bwd(grid, poison, (), (q[i, j], k[i], v[i], o[i, j], l[i, j]),
+                                (do[i, j], dl[i, j]), _dkv_sum(*q[i, j].shape[:2], s, k.shape[-2], group))
+                 for i, j in row]
+        dq.append(_cat([c[0] for c in calls], 1))
+        dk.append(sum(c[1].astype(jnp.float32).sum(axis=1) for c in calls))
+        dv.append(sum(c[2].astype(jnp.float32).sum(axis=1) for c in calls))
+    return (_dense_unblock(_cat(dq, 0), query.shape[1:1 + rank]),
+            _cat(dk, 0).astype(key.dtype), _cat(dv, 0).astype(value.dtype))
 
 
 dense_attention.backward = dense_backward

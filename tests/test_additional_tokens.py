@@ -2,7 +2,8 @@
 and cut into blocks of S stacked in the batch, each block a 1-D problem whose window is
 all S keys.
 
-Without a GPU: the cuda backend's own padding, reshapes, broadcasts and custom_vjp, with its two kernel calls replaced by the ``xla`` backend, against
+Without a GPU: the cuda backend's own padding, reshapes, broadcasts, batch chunks
+and custom_vjp, with its two kernel calls replaced by the ``xla`` backend, against
 ``xla.dense_attention`` in float64; when it falls back to XLA; and what the public op's
 computation lowers to for the cuda platform.
 """
@@ -33,22 +34,26 @@ def _fake_kernels(monkeypatch, calls):
     monkeypatch.setattr(cuda, "DENSE_MIN_KEYS", 2)
 
 
-# spatial shape, S, batch -> the kernels' batch (batch entries x blocks of S queries)
+# spatial shape, S, batch, largest kernel batch -> kernel batch of each forward call
 CASES = [
-    ((12,), 4, 2, 6),       # 3 whole blocks of 4 per batch entry
-    ((5, 3), 4, 2, 8),      # 15 queries padded to 4 blocks
-    ((2, 5, 1), 10, 1, 1),  # as many queries as tokens: one block
-    ((3, 5), 4, 3, 12),     # 4 padded blocks per entry
+    ((12,), 4, 2, 65535, [6]),              # 3 whole blocks of 4 per batch entry
+    ((5, 3), 4, 2, 65535, [8]),             # 15 queries padded to 4 blocks
+    ((2, 5, 1), 10, 1, 65535, [1]),         # as many queries as tokens: one block
+    ((12,), 4, 2, 4, [3, 3]),               # 3 blocks per entry, one entry per call
+    ((12,), 4, 2, 2, [2, 1, 2, 1]),         # each entry's 3 blocks in calls of 2 and 1
+    ((3, 5), 4, 3, 2, [2, 2, 2, 2, 2, 2]),  # 4 padded blocks per entry in calls of 2
+    ((3, 5), 4, 3, 9, [8, 4]),              # two entries of 4 blocks, then the third
 ]
 @pytest.mark.parametrize("sms", [1 << 40, 1])
 @pytest.mark.parametrize("case", CASES)
 def test_cuda_dense_matches_xla(monkeypatch, case, sms):
-    """Out, lse and gradients against xla, one forward and one backward call of the
-    (faked) kernels; the tokens' dK / dV per block (``_dkv_sum`` on a GPU with far more
-    SMs than CTAs) or summed by the kernels over a batch entry's blocks (on one SM)."""
-    spatial, s, b, batch = case
+    """Out, lse and gradients against xla; the tokens' dK / dV per block (``_dkv_sum``
+    on a GPU with far more SMs than CTAs) or summed by the (faked) kernels over each
+    call's blocks of a batch entry (on one SM)."""
+    spatial, s, b, max_batch, batches = case
     calls = []
     _fake_kernels(monkeypatch, calls)
+    monkeypatch.setattr(cuda, "_MAX_BATCH", max_batch)
     monkeypatch.setattr(cuda, "_SMS", sms)
     rng = np.random.default_rng(len(spatial) * 10 + s)
     h, h_kv, d, d_v = 4, 2, 8, 6
@@ -62,10 +67,12 @@ def test_cuda_dense_matches_xla(monkeypatch, case, sms):
         grads = vjp((d_out, d_lse))
         want, ref_vjp = jax.vjp(lambda q, k, v: xla.dense_attention(q, k, v, 0.3), q, k, v)
         ref_grads = ref_vjp((d_out, d_lse))
-    assert [(c[0], c[1][0]) for c in calls] == [("fwd", batch), ("bwd", batch)], calls
+    assert [c[1][0] for c in calls if c[0] == "fwd"] == batches, calls
+    assert sorted(c[1][0] for c in calls if c[0] == "bwd") == sorted(batches), calls
     assert all(c[1][1] == s and c[3] for c in calls), calls  # whole blocks of S rows
     m = -(-math.prod(spatial) // s)
-    assert calls[1][4] == (1 if sms > 1 else m), calls
+    sums = [1 if sms > 1 else len(range(m)[j]) for row in cuda._batch_chunks(b, m) for _, j in row]
+    assert [c[4] for c in calls if c[0] == "bwd"] == sums, calls
     for i, (a, w) in enumerate(zip((*got, *grads), (*want, *ref_grads))):
         # The backward's delta = rowsum(dO * O) - d_lse is float32 by design: fp32 errors.
         tol = 1e-10 if i < 2 else 1e-5
@@ -368,14 +375,15 @@ def test_cuda_dense_under_shard_map_with_split_queries(monkeypatch):
         np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", CASES[1::2])
+@pytest.mark.parametrize("case", CASES[1::3])
 def test_cuda_dense_backward_from_saved_outputs(monkeypatch, case):
     """``cuda.dense_backward`` (the sharded path's ``dense.backward``): the gradients from a
     saved out / lse on the backward kernels alone, no forward call, the same as the
     custom_vjp's."""
-    spatial, s, b, _ = case
+    spatial, s, b, max_batch, batches = case
     calls = []
     _fake_kernels(monkeypatch, calls)
+    monkeypatch.setattr(cuda, "_MAX_BATCH", max_batch)
     rng = np.random.default_rng(len(spatial) * 10 + s + 1)
     q = rng.standard_normal((b, *spatial, 4, 8))
     k, v = rng.standard_normal((b, s, 2, 8)), rng.standard_normal((b, s, 2, 6))
@@ -385,7 +393,7 @@ def test_cuda_dense_backward_from_saved_outputs(monkeypatch, case):
         want = vjp((d_out, d_lse))
         del calls[:]
         got = cuda.dense_backward(q, k, v, out, lse, d_out, d_lse, 0.3)
-    assert [c[0] for c in calls] == ["bwd"], calls
+    assert [c[0] for c in calls] == ["bwd"] * len(batches), calls
     for a, w in zip(got, want):
         assert a.shape == w.shape
         assert np.allclose(np.asarray(a), np.asarray(w), rtol=1e-12, atol=1e-12)

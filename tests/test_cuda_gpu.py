@@ -330,7 +330,7 @@ def test_tokens_as_key_tiles(spatial, k, s, c, tokens, dims, dtype):
 # dtype, head dim, length, additional tokens: the sm80 kernels, in bf16 (the Hopper kernels
 # take at most 65535 batches: cuda._HOPPER_MAX_BATCH) without tokens and with 12 (on XLA)
 # and in float32 with 64 tokens on the kernels (cuda.dense_attention: one block of 64
-# queries per batch entry)
+# queries per batch entry, in calls of at most 65535 blocks)
 @pytest.mark.parametrize("dtype,d,n,tokens", [(jnp.bfloat16, 64, 128, 0),
                                               (jnp.bfloat16, 64, 128, 12),
                                               (jnp.float32, 8, 64, 64)])
