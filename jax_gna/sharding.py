@@ -1483,6 +1483,9 @@ def neighborhood_attention_local(query: jax.Array, key: jax.Array, value: jax.Ar
     from .params import make_problem
     from . import xla as _xla
 
+    if spatial_axes is not None and not isinstance(spatial_axes, Mapping):
+        raise ValueError("spatial_axes must map spatial axis indices to mesh axis names, got "
+                         f"{spatial_axes!r}.")
     spatial_axes = dict(spatial_axes or {})
     ndim = len(np.shape(query))
     rank = ndim - 3
@@ -1490,8 +1493,15 @@ def neighborhood_attention_local(query: jax.Array, key: jax.Array, value: jax.Ar
     # The mesh's axis order: how ppermute numbers a spatial axis split over several mesh
     # axes (the data is laid out in the order spatial_axes names them).
     mesh_shape = dict(getattr(jax.sharding.get_abstract_mesh(), "shape", None) or {}) or None
-    counts = {a: int(jax.lax.axis_size(_collective_name(_axis_names(n))))
-              for a, n in spatial_axes.items()}
+    counts = {}
+    for a, n in spatial_axes.items():
+        try:
+            counts[a] = int(jax.lax.axis_size(_collective_name(_axis_names(n))))
+        except NameError as e:  # not inside shard_map (or a mesh without that axis)
+            raise ValueError(
+                f"spatial_axes[{a}]={n!r} is not a mesh axis bound here: call "
+                "neighborhood_attention_local inside jax.shard_map over a mesh with that axis "
+                "(or neighborhood_attention_sharded, which does).") from e
 
     def global_struct(x):
         shape = list(np.shape(x))

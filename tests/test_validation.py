@@ -193,3 +193,14 @@ def test_return_lse_must_be_a_bool(flag):
     q, k, v = arrays()
     rejects("return_lse must be a bool", q, k, v, 3, return_lse=flag)
     assert len(jax_gna.neighborhood_attention(q, k, v, 3, return_lse=np.bool_(True))) == 2
+
+
+def test_local_op_outside_shard_map():
+    """``neighborhood_attention_local`` names mesh axes that only ``shard_map`` binds."""
+    from jax_gna import sharding
+
+    q, k, v = arrays()
+    with pytest.raises(ValueError, match="inside jax.shard_map"):
+        sharding.neighborhood_attention_local(q, k, v, 3, spatial_axes={0: "context"})
+    with pytest.raises(ValueError, match="spatial_axes must map"):
+        sharding.neighborhood_attention_local(q, k, v, 3, spatial_axes=["context"])
