@@ -104,7 +104,7 @@ from flax import nnx
 from flax.core import meta as flax_meta
 
 from .ops import na1d, na2d, na3d
-from .params import BoolOrTuple, IntOrTuple, check_backend, check_window
+from .params import BoolOrTuple, IntOrTuple, check_backend, check_scale, check_window
 
 __all__ = [
     "NeighborhoodAttention", "NeighborhoodAttention1D", "NeighborhoodAttention2D",
@@ -663,9 +663,7 @@ def make_attention_fn(kernel_size: IntOrTuple, stride: IntOrTuple = 1,
         known = 1
     if known in (1, 2, 3):  # (other ranks are refused when it is called)
         check_window(known, kernel_size, stride, dilation, is_causal)
-    if scale is not None and (not isinstance(scale, (numbers.Real, np.floating))
-                              or isinstance(scale, bool) or not np.isfinite(float(scale))):
-        raise ValueError(f"scale must be a finite real number or None, got {scale!r}.")
+    check_scale(scale)
     configured_causal = is_causal
 
     def attention_fn(query: Array, key: Array, value: Array, bias: Array | None = None,

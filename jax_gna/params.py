@@ -243,6 +243,16 @@ def check_tensors(query: Any, key: Any, value: Any, additional_keys: Any = None,
     return n
 
 
+def check_scale(scale: Any) -> None:
+    """A ValueError unless ``scale`` is None or a finite real number (not a bool)."""
+    if scale is None:
+        return
+    if not isinstance(scale, (numbers.Real, np.floating)) or isinstance(scale, bool):
+        raise ValueError(f"scale must be a real number or None, got {scale!r}.")
+    if not np.isfinite(float(scale)):
+        raise ValueError(f"scale must be finite, got {scale!r}.")
+
+
 def make_problem(query: Any, key: Any, value: Any, kernel_size: IntOrTuple,
                  stride: IntOrTuple = 1, dilation: IntOrTuple = 1,
                  is_causal: BoolOrTuple = False, scale: float | None = None,
@@ -253,12 +263,9 @@ def make_problem(query: Any, key: Any, value: Any, kernel_size: IntOrTuple,
     shape = _shape(query)[1:1 + n]
     k, s, d, c = window_params(shape, kernel_size, stride, dilation, is_causal)
     head_dim = _shape(query)[-1]
+    check_scale(scale)
     if scale is None:
         scale = head_dim ** -0.5
-    elif not isinstance(scale, (numbers.Real, np.floating)) or isinstance(scale, bool):
-        raise ValueError(f"scale must be a real number or None, got {scale!r}.")
-    elif not np.isfinite(float(scale)):
-        raise ValueError(f"scale must be finite, got {scale!r}.")
     elif (np.dtype(_dtype(query)) != np.float64
           and abs(float(scale)) * math.log2(math.e) >= float(np.finfo(np.float32).max)):
         # the kernels take scale * log2(e) in float32; XLA's scores are float32 too

@@ -1085,6 +1085,27 @@ def _explicit_attention(impl: Impl, query, key, value, problem: Problem, mesh, s
                          axis_names=frozenset(used))(query, key, value)
 
 
+def _with_saved_backward(fwd: Callable, bwd: Callable) -> Callable:
+    """The differentiable op of a partitioned pair: ``fwd(*inputs) -> (out, lse)`` and
+    ``bwd(*inputs, out, lse, d_out, d_lse) -> gradients of the inputs`` (the cotangents
+    cast to the outputs' dtypes)."""
+    @jax.custom_vjp
+    def op(*inputs):
+        return fwd(*inputs)
+
+    def op_fwd(*inputs):
+        out, lse = fwd(*inputs)
+        return (out, lse), (*inputs, out, lse)
+
+    def op_bwd(res, cot):
+        d_out, d_lse = cot
+        out, lse = res[-2:]
+        return tuple(bwd(*res, d_out.astype(out.dtype), d_lse.astype(lse.dtype)))
+
+    op.defvjp(op_fwd, op_bwd)
+    return op
+
+
 def _partitioned_op(problem: Problem, impl: Impl, groups: int, kv_heads: int):
     from jax.experimental.custom_partitioning import custom_partitioning
 
@@ -1126,20 +1147,7 @@ def _partitioned_op(problem: Problem, impl: Impl, groups: int, kv_heads: int):
     rule, factors = _rule(problem.rank, groups, kv_heads, backward=True)
     bwd.def_partition(partition=partition_bwd, sharding_rule=rule, **factors)
 
-    @jax.custom_vjp
-    def op(q, k, v):
-        return fwd(q, k, v)
-
-    def op_fwd(q, k, v):
-        out, lse = fwd(q, k, v)
-        return (out, lse), (q, k, v, out, lse)
-
-    def op_bwd(res, cot):
-        d_out, d_lse = cot
-        return tuple(bwd(*res, d_out.astype(res[3].dtype), d_lse.astype(res[4].dtype)))
-
-    op.defvjp(op_fwd, op_bwd)
-    return op
+    return _with_saved_backward(fwd, bwd)
 
 
 def attention(impl: Impl, query: jax.Array, key: jax.Array, value: jax.Array,
@@ -1247,21 +1255,7 @@ def _dense_partitioned(scale: float, rank: int, groups: int, kv_heads: int, dens
                       sharding_rule=f"{q}, {k}, {v}, {o}, {lse}, {o}, {lse} -> {q}, {k}, {v}",
                       **factors)
 
-    @jax.custom_vjp
-    def op(q, k, v):
-        return fwd(q, k, v)
-
-    def op_fwd(q, k, v):
-        out, lse = fwd(q, k, v)
-        return (out, lse), (q, k, v, out, lse)
-
-    def op_bwd(res, cot):
-        q, k, v, out, lse = res
-        d_out, d_lse = cot
-        return tuple(bwd(q, k, v, out, lse, d_out.astype(out.dtype), d_lse.astype(lse.dtype)))
-
-    op.defvjp(op_fwd, op_bwd)
-    return op
+    return _with_saved_backward(fwd, bwd)
 
 
 def dense_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float,
@@ -1396,20 +1390,7 @@ def _partitioned_tokens_op(problem: Problem, impl: Impl, groups: int, kv_heads: 
     rule, factors = _rule(problem.rank, groups, kv_heads, backward=True, tokens=True)
     bwd.def_partition(partition=partition_bwd, sharding_rule=rule, **factors)
 
-    @jax.custom_vjp
-    def op(q, k, v, xk, xv):
-        return fwd(q, k, v, xk, xv)
-
-    def op_fwd(q, k, v, xk, xv):
-        out, lse = fwd(q, k, v, xk, xv)
-        return (out, lse), (q, k, v, xk, xv, out, lse)
-
-    def op_bwd(res, cot):
-        d_out, d_lse = cot
-        return tuple(bwd(*res, d_out.astype(res[5].dtype), d_lse.astype(res[6].dtype)))
-
-    op.defvjp(op_fwd, op_bwd)
-    return op
+    return _with_saved_backward(fwd, bwd)
 
 
 def attention_with_tokens(impl: Impl, query: jax.Array, key: jax.Array, value: jax.Array,
