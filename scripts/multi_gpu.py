@@ -185,8 +185,10 @@ def main(argv=None) -> int:
             base = None
             for layout, spec, env, op in layouts:
                 q, k, v, do = (jax.device_put(jnp.asarray(x, jnp.bfloat16), spec) for x in host)
-                # the tokens: split by heads like the queries, else whole on every device
-                tspec = spec if spec in (one, heads_split) else NamedSharding(mesh, P())
+                # the tokens [1, S, H, D]: split by heads like the queries, else whole on
+                # every device
+                tspec = (NamedSharding(mesh, P(None, None, "x")) if spec is heads_split
+                         else spec if spec is one else NamedSharding(mesh, P()))
                 extra = tuple(jax.device_put(jnp.asarray(x, jnp.bfloat16), tspec) for x in tokens)
                 fn, fargs = bench.pass_fn(op, pass_, q, k, v, do, extra)
                 if args.fold_ab or args.tokens_ab:  # read while tracing: trace afresh
