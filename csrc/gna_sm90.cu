@@ -265,10 +265,6 @@ cudaError_t bwd_sm90(DType dt, const Params& p, cudaStream_t stream, bool& used)
 // fp16/bf16, D = D_v, no dilation; head dims {64, 128, 256} forward, {64, 128} backward.
 bool eligible(DType dt, const Params& p, bool backward) {
   if (dt == DType::kF32 || p.D != p.Dv || (p.D != 64 && p.D != 128 && (backward || p.D != 256))) return false;
-  // One launch per kernel: launch_sm90 splits larger grids (Params::z0) like the sm80
-  // kernels' launch, but that has not yet run on a GPU (session 32), so the sm80 kernels
-  // take a batch above 65535 (jax_gna.cuda._HOPPER_MAX_BATCH mirrors this).
-  if (p.B > kMaxGridZ) return false;
   for (int a = 0; a < 3; ++a)
     if (p.ax[a].d != 1) return false;
   return true;

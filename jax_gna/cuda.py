@@ -145,11 +145,6 @@ def unsupported_reason(problem: Problem, query_shape, key_shape, value_shape, dt
     return None
 
 
-# The Hopper kernels' largest batch (csrc/gna_sm90.cu, eligible()): they would run a larger
-# one in several launches as the sm80 kernels do, but that has not yet run on a GPU.
-_HOPPER_MAX_BATCH = 65535
-
-
 def _hopper_blockers(problem: Problem, query_shape, value_shape, dtype) -> list[str]:
     """Why the Hopper forward kernel cannot take this problem (empty: it can, on a
     compute capability 9.0 GPU). Mirrors the checks of ``csrc/gna_sm90.cu``."""
@@ -163,9 +158,6 @@ def _hopper_blockers(problem: Problem, query_shape, value_shape, dtype) -> list[
         why.append(f"head dims {d}/{d_v} ({' or '.join(f'{x}/{x}' for x in dims)})")
     if any(x != 1 for x in problem.dilation):
         why.append("dilation")
-    batch = int(np.prod(query_shape[:len(query_shape) - problem.rank - 2]))
-    if batch > _HOPPER_MAX_BATCH:
-        why.append(f"a batch of {batch}, above {_HOPPER_MAX_BATCH}")
 
     def tiles_fit(extent, tokens) -> bool:  # power-of-two boxes, each axis <= next pow2
         return int(np.prod([min(1 << max(int(n) - 1, 0).bit_length(), tokens) for n in extent])) >= tokens
@@ -204,9 +196,9 @@ def fold_dilation(problem: Problem, query_shape, value_shape, dtype) -> tuple[bo
     lse (:func:`_backward`), so there each pass follows its own flag.
 
     Both need a whole-grid (unsharded) problem with dilation whose every piece the Hopper
-    forward takes, one batch axis whose size times the groups stays within
-    :data:`_HOPPER_MAX_BATCH` (under ``jax.vmap`` the mapped axis multiplies it too,
-    unseen here: above it the sm80 kernels run the pieces), a visible GPU of compute
+    forward takes, one batch axis whose size times the groups stays below 2^31 (the
+    kernels' largest batch; under ``jax.vmap`` the mapped axis multiplies it too, unseen
+    here), a visible GPU of compute
     capability 9.0 and no ``JAX_GNA_FOLD_DILATION=0`` in the environment (read while
     tracing). A spatially sharded call folds on each shard where
     its shards hold whole dilation groups, by the same rules (``jax_gna.sharding``). The
@@ -230,7 +222,7 @@ def _fold_flags(problems, query_shape, value_shape, dtype, groups: int) -> tuple
         return no
     if _compute_capability() != "9.0":
         return no
-    if int(query_shape[0]) * int(groups) > _HOPPER_MAX_BATCH:  # groups join the batch
+    if int(query_shape[0]) * int(groups) >= 2 ** 31:  # groups join the batch
         return no
     if any(_hopper_blockers(sub, query_shape, value_shape, dtype) for sub in problems):
         return no
@@ -545,9 +537,9 @@ def _by_device_split(query, blocks, index, problems, calls, devices, poison: boo
 DENSE_MIN_KEYS = 64
 DENSE_SOME_KEYS, DENSE_SOME_HEADS = 32, 16
 DENSE_FEW_KEYS = 16
-# cuda.dense_attention's calls take at most this many query blocks, so that the Hopper
-# kernels (one launch each: _HOPPER_MAX_BATCH) run them; the sm80 kernels take any batch.
-_MAX_BATCH = _HOPPER_MAX_BATCH
+# cuda.dense_attention's calls take at most this many query blocks: the kernels' largest
+# batch (the FFI's; a grid of more than 65535 runs as several launches, Params::z0).
+_MAX_BATCH = 2 ** 31 - 1
 # The tokens' dK/dV launch sums the blocks of a batch entry in runs (_dkv_sum), chosen by a
 # wave model: the GPU's streaming multiprocessors (one dK/dV CTA fits per SM), and a
 # CTA's fixed cost (loading its key tile, storing dK/dV) in query steps of 64 tokens per

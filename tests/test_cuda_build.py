@@ -324,12 +324,13 @@ def test_kernel_path_mirrors_the_hopper_eligibility(monkeypatch):
          (1, 64, 64, 4, 64), jnp.float16, "dilation"),
         (_problem((5, 7), (3, 3), (1, 1), (1, 1), (False, False)), (1, 5, 7, 4, 64),
          (1, 5, 7, 4, 64), jnp.float16, "smaller than a 128-token tile"),  # 8 x 8 < 128
-        (p2, (2, 32768, 64, 64, 4, 128), (2, 32768, 64, 64, 4, 128), jnp.bfloat16,
-         "a batch of 65536, above 65535"),  # the Hopper kernels: one launch
     ]
     for p, qs, vs, dt, why in cases:
         text = cuda.kernel_path(p, qs, vs, dt)
         assert text.startswith("forward and backward: sm80 kernels") and why in text, text
+    # A batch above 65535 (CUDA's largest grid z): the Hopper kernels in several launches.
+    text = cuda.kernel_path(p2, (2, 32768, 64, 64, 4, 128), (2, 32768, 64, 64, 4, 128), jnp.bfloat16)
+    assert text.startswith("forward and backward: Hopper"), text
     # 8 x 10 fits an 8 x 16 tile; 1-D with 100 tokens one 128-token tile.
     p8 = _problem((8, 10), (3, 3), (1, 1), (1, 1), (False, False))
     assert cuda.kernel_path(p8, (1, 8, 10, 4, 64), (1, 8, 10, 4, 64), jnp.float16).startswith("forward and backward: Hopper")

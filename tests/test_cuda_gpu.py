@@ -327,46 +327,65 @@ def test_tokens_as_key_tiles(spatial, k, s, c, tokens, dims, dtype):
     _assert_tokens_close_to_xla(problem, args, w, u, dtype, fn(*args))
 
 
-# dtype, head dim, length, additional tokens: the sm80 kernels, in bf16 (the Hopper kernels
-# take at most 65535 batches: cuda._HOPPER_MAX_BATCH) without tokens and with 12 (on XLA)
-# and in float32 with 64 tokens on the kernels (cuda.dense_attention: one block of 64
-# queries per batch entry, in calls of at most 65535 blocks)
+# dtype, head dim, length, additional tokens: bf16 on the Hopper kernels without tokens and
+# with 128 (the tokens as extra key tiles of the forward; their backward as 2 query blocks
+# per batch entry, 131086 blocks in one cuda.dense_attention call), float32 on the sm80
+# kernels with 64 tokens (one block per entry, on the kernels too)
 @pytest.mark.parametrize("dtype,d,n,tokens", [(jnp.bfloat16, 64, 128, 0),
-                                              (jnp.bfloat16, 64, 128, 12),
+                                              (jnp.bfloat16, 64, 256, 128),
                                               (jnp.float32, 8, 64, 64)])
 def test_batch_above_the_grid_limit(dtype, d, n, tokens):
-    """A batch of 65543, above CUDA's largest grid z (65535): the sm80 kernels run it as
-    two launches each (``Params::z0``). Poisoned outputs, forward and gradients of q, k, v (and
-    the tokens) against the xla backend in float32 (relative L2 error, on the GPU)."""
+    """A batch of 65543, above CUDA's largest grid z (65535): each kernel runs as two
+    launches (``Params::z0``). Poisoned outputs, forward and gradients of q, k, v (and the
+    tokens). The inputs repeat every 7 batch entries (65535 is not a multiple of 7: a
+    launch reading or writing another launch's entries shows), so every entry is checked
+    against the xla backend's result on the first 7 (float32): the largest relative L2
+    error of one entry within the dtype's tolerance. (A first version compared the whole
+    arrays, where an error in a few entries of 65543 would hide, against xla on all of
+    them, and its loss captured the 2 GB cotangent weights as constants: its bf16 cases did
+    not finish in 230 s, compiling.)"""
     from jax_gna import ops
 
-    b = 65543
+    b, period = 65543, 7
     problem = _problem((n,), 9, dim=d)
     keys = jax.random.split(_key(), 7)
-    shapes = [(b, n, 1, d)] * 3 + [(b, tokens, 1, d)] * (2 if tokens else 0)
-    args = [jax.random.normal(kk, sh, jnp.float32).astype(dtype) for kk, sh in zip(keys, shapes)]
-    assert "a batch of 65543" in cuda.kernel_path(problem, shapes[0], shapes[2], dtype) or d < 64
-    w = jax.random.normal(keys[5], (b, n, 1, d), jnp.float32)
-    u = jax.random.normal(keys[6], (b, n, 1), jnp.float32)
+    shapes = [(period, n, 1, d)] * 3 + [(period, tokens, 1, d)] * (2 if tokens else 0)
+    small = [jax.random.normal(kk, sh, jnp.float32).astype(dtype) for kk, sh in zip(keys, shapes)]
+    w = jax.random.normal(keys[5], (period, n, 1, d), jnp.float32)
+    u = jax.random.normal(keys[6], (period, n, 1), jnp.float32)
+    entry = jnp.arange(b) % period
+    big = [x[entry] for x in small]
+    path = cuda.kernel_path(problem, big[0].shape, big[2].shape, dtype)
+    assert path.startswith("forward and backward: " + ("Hopper" if dtype == jnp.bfloat16 else "sm80")), path
+    if tokens and dtype == jnp.bfloat16:
+        assert cuda.tokens_blocker(problem, big[0].shape, big[3].shape, big[4].shape, dtype) is None
 
-    def run(impl, *a):
-        def loss(*a):
+    def run(impl, w, u, *a):  # w, u are arguments: as constants they took minutes to compile
+        def loss(w, u, *a):
             out, lse = ops._compute(*a[:3], *(a[3:] or (None, None)), impl=impl, problem=problem)
             return jnp.sum(out.astype(jnp.float32) * w) + jnp.sum(lse * u), (out, lse)
-        (_, outs), grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(a))),
-                                                      has_aux=True))(*a)
+        (_, outs), grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(2, 2 + len(a))),
+                                                      has_aux=True))(w, u, *a)
         return (*outs, *grads)
 
-    def rel(a, r):  # on the GPU: the arrays hold 10^8-10^9 elements
-        a, r = a.astype(jnp.float32), r.astype(jnp.float32)
-        assert bool(jnp.isfinite(a).all()), "NaN or inf: an element no launch wrote"
-        return float(jnp.linalg.norm((a - r).ravel()) / jnp.linalg.norm(r.ravel()))
+    @jax.jit
+    def entry_errors(a, r):  # relative L2 error of each batch entry against its reference
+        a, r = a.astype(jnp.float32), r[entry]
+        axes = tuple(range(1, a.ndim))
+        return jnp.isfinite(a).all(), jnp.sqrt(jnp.sum((a - r) ** 2, axes) / jnp.sum(r ** 2, axes))
 
-    got = run(cuda._attention_poisoned, *args)
-    ref = run(xla.attention, *[x.astype(jnp.float32) for x in args])
-    errs = [rel(a, r) for a, r in zip(got, ref)]
+    got = run(cuda._attention_poisoned, w[entry], u[entry], *big)
+    ref = run(xla.attention, w, u, *[x.astype(jnp.float32) for x in small])
+    names = ["out", "lse", "dq", "dk", "dv", "d extra k", "d extra v"]
+    worst = {}
+    for name, a, r in zip(names, got, ref):
+        finite, errs = entry_errors(a, r)
+        assert bool(finite), f"{name}: NaN or inf, an element no launch wrote"
+        i = int(jnp.argmax(errs))
+        worst[name] = (float(errs[i]), i)
     t_out, t_lse, t_grad = TOL[dtype]
-    assert errs[0] < t_out and errs[1] < t_lse and max(errs[2:]) < t_grad, errs
+    limits = [t_out, t_lse] + [t_grad] * (len(got) - 2)
+    assert all(worst[name][0] < t for name, t in zip(names, limits)), worst
 
 
 @pytest.mark.parametrize("tokens", [96, 12])

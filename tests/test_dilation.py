@@ -159,10 +159,12 @@ def test_fold_decision(monkeypatch):
         (BIG, Q[:-1] + (32,), V[:-1] + (32,), jnp.float16),               # head dim 32
         (BIG.replace(shape=(16, 18), q_extent=(16, 18), kv_extent=(16, 18), kernel_size=(5, 5)),
          (1, 16, 18, 4, 64), (1, 16, 18, 2, 64), jnp.float16),            # 8 x 6 pieces
-        (BIG, (11000, 41, 46, 4, 64), (11000, 41, 46, 2, 64), jnp.float16),  # 6 x 11000 > 65535
+        (BIG, (358 << 20, 41, 46, 4, 64), (358 << 20, 41, 46, 2, 64), jnp.float16),  # 6 x that >= 2^31
     ]
     for args in no:
         assert cuda.fold_dilation(*args) == (False, False), args[0]
+    # 6 x 11000 groups above 65535 (CUDA's largest grid z): folded, in several launches
+    assert cuda.fold_dilation(BIG, (11000,) + Q[1:], (11000,) + V[1:], jnp.float16) == (True, True)
     monkeypatch.setenv("JAX_GNA_SM90_BWD", "0")
     assert cuda.fold_dilation(BIG, Q, V, jnp.bfloat16) == (True, False)
     monkeypatch.delenv("JAX_GNA_SM90_BWD")
