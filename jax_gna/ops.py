@@ -142,7 +142,7 @@ def neighborhood_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                            dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
                            scale: float | None = None, *, additional_keys: jax.Array | None = None,
                            additional_values: jax.Array | None = None, return_lse: bool = False,
-                           backend: str = "auto", _rank: int | None = None):
+                           backend: str = "auto"):
     """Generalized neighborhood attention over 1, 2 or 3 spatial axes.
 
     Each query attends to the keys in its window on every spatial axis (SEMANTICS.md):
@@ -170,11 +170,19 @@ def neighborhood_attention(query: jax.Array, key: jax.Array, value: jax.Array,
       ValueError: for any input SEMANTICS.md rejects, before any computation, or for
         ``backend="cuda"`` where the kernels cannot run.
     """
+    return _attention(query, key, value, kernel_size, stride, dilation, is_causal, scale,
+                      additional_keys, additional_values, return_lse, backend, None)
+
+
+def _attention(query, key, value, kernel_size, stride, dilation, is_causal, scale,
+               additional_keys, additional_values, return_lse, backend, rank: int | None):
+    """:func:`neighborhood_attention`, with ``rank`` (1, 2 or 3: ``na1d`` ... ``na3d``, which
+    refuse other ranks; None: any) checked by ``make_problem``."""
     if not isinstance(return_lse, (bool, np.bool_)):
         raise ValueError(f"return_lse must be a bool, got {return_lse!r} (under jax.jit, make "
                          "it static: static_argnames).")
     problem = make_problem(query, key, value, kernel_size, stride, dilation, is_causal, scale,
-                           additional_keys, additional_values, rank=_rank)
+                           additional_keys, additional_values, rank=rank)
     name, why, impl = select(backend, problem, query, key, value)
     log.debug("jax_gna: %s backend (%s) for %s", name, why, problem)
     args = (query, key, value, additional_keys, additional_values)
@@ -190,10 +198,8 @@ def _fixed_rank(rank: int):
            scale: float | None = None, *, additional_keys: jax.Array | None = None,
            additional_values: jax.Array | None = None, return_lse: bool = False,
            backend: str = "auto"):
-        return neighborhood_attention(
-            query, key, value, kernel_size, stride, dilation, is_causal, scale,
-            additional_keys=additional_keys, additional_values=additional_values,
-            return_lse=return_lse, backend=backend, _rank=rank)
+        return _attention(query, key, value, kernel_size, stride, dilation, is_causal, scale,
+                          additional_keys, additional_values, return_lse, backend, rank)
 
     op.__name__ = op.__qualname__ = f"na{rank}d"
     op.__doc__ = (f"{rank}-D generalized neighborhood attention: inputs "
@@ -216,10 +222,15 @@ def explain(query: Any, key: Any, value: Any, kernel_size: IntOrTuple, stride: I
     which kernels, and where the additional tokens run).
 
     Takes the same arguments as :func:`neighborhood_attention` (arrays or
-    ``jax.ShapeDtypeStruct``; ``return_lse`` changes nothing here); runs nothing.
+    ``jax.ShapeDtypeStruct``; ``return_lse`` changes nothing here); runs nothing. Raises
+    ``ValueError`` for inputs the op rejects; for ``backend="cuda"`` where the kernels
+    cannot run it says so (``"cuda: cannot run this call: ..."``), as the op's error would.
     """
     problem = make_problem(query, key, value, kernel_size, stride, dilation, is_causal, scale,
                            additional_keys, additional_values)
+    check_backend(backend)
+    if backend == "cuda" and (reason := _cuda_status(problem, query, key, value)) is not None:
+        return f"cuda: cannot run this call (neighborhood_attention raises ValueError): {reason}"
     name, why, _ = select(backend, problem, query, key, value)
     if name == "cuda":
         cuda = _cuda_module()

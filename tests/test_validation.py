@@ -150,6 +150,31 @@ def test_cuda_backend_errors_clearly_without_gpu():
     with pytest.raises(ValueError, match="backend='cuda' cannot run this call"):
         jax_gna.neighborhood_attention(q, k, v, 3, backend="cuda")
     assert jax_gna.explain(q, k, v, 3).startswith("xla:")
+    # explain says why instead of raising; bad inputs still raise
+    text = jax_gna.explain(q, k, v, 3, backend="cuda")
+    assert text.startswith("cuda: cannot run this call (neighborhood_attention raises"), text
+    from jax_gna import ops
+    from jax_gna.params import make_problem
+    assert text.endswith(ops._cuda_status(make_problem(q, k, v, 3), q, k, v)), text
+    with pytest.raises(ValueError, match="must not exceed"):
+        jax_gna.explain(q, k, v, 99, backend="cuda")
+    with pytest.raises(ValueError, match="backend"):
+        jax_gna.explain(q, k, v, 3, backend="cudaa")
+
+
+def test_public_signatures_have_no_private_arguments():
+    """The public ops' signatures name only documented arguments (``na1d`` ... ``na3d``
+    pass their rank privately), and each fixed-rank op refuses other ranks."""
+    import inspect
+
+    for op in (jax_gna.neighborhood_attention, jax_gna.na1d, jax_gna.na2d, jax_gna.na3d,
+               jax_gna.explain):
+        assert not [p for p in inspect.signature(op).parameters if p.startswith("_")], op
+    q = jnp.zeros((1, 6, 6, 2, 8))
+    with pytest.raises(ValueError, match="na1d expects 1 spatial axes"):
+        jax_gna.na1d(q, q, q, 3)
+    with pytest.raises(TypeError):
+        jax_gna.neighborhood_attention(q, q, q, 3, _rank=2)
 
 
 def test_numpy_inputs_accepted():
