@@ -1069,6 +1069,12 @@ def _explicit_spec(x: Any):
     return mesh, spec
 
 
+def _has_explicit_axes(mesh) -> bool:
+    """Whether ``mesh`` has an axis of type ``Explicit``."""
+    explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
+    return explicit is not None and explicit in tuple(getattr(mesh, "axis_types", ()) or ())
+
+
 def _explicit_attention(impl: Impl, query, key, value, problem: Problem, mesh, spec):
     """Explicit-sharding mode: the layout is known while tracing, so run the per-shard
     program under ``shard_map`` (plain autodiff; no partitioner callback needed)."""
@@ -1520,7 +1526,9 @@ def neighborhood_attention_sharded(query: jax.Array, key: jax.Array, value: jax.
     that layout (log-sum-exp without the last dim); a spatial axis may name a tuple of
     mesh axes in any order (the layout's, major to minor). ``head_axis`` must divide the
     key/value heads. Additional tokens are split over ``batch_axis``/``head_axis`` only.
-    Works under ``jax.jit`` and ``jax.grad``."""
+    Inputs laid out otherwise are resharded to that layout first (also on a mesh with
+    ``Explicit`` axes, where ``shard_map`` itself would refuse them). Works under
+    ``jax.jit`` and ``jax.grad``."""
     from .params import make_problem
 
     if not isinstance(getattr(mesh, "shape", None), Mapping):
@@ -1575,6 +1583,9 @@ def neighborhood_attention_sharded(query: jax.Array, key: jax.Array, value: jax.
 
     in_specs = (data, data, data) + ((extra, extra) if has_extra else ())
     args = (query, key, value) + ((additional_keys, additional_values) if has_extra else ())
+    if _has_explicit_axes(mesh):  # shard_map reshards nothing there: place the inputs
+        args = tuple(jax.sharding.reshard(x, NamedSharding(mesh, spec))
+                     for x, spec in zip(args, in_specs))
     out, lse = jax.shard_map(body, mesh=mesh, in_specs=in_specs,
                              out_specs=(data, lse_spec))(*args)
     return (out, lse) if return_lse else out

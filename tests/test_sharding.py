@@ -589,6 +589,20 @@ def _worker():  # pragma: no cover - runs in the subprocess
         coll = collectives(compiled.as_text())
         assert coll["collective-permute"] > 0 and not coll["all-gather"], coll
         msgs.append(f"set_mesh (2, 4): {max(errs.values()):.2e}; HLO collectives {coll}")
+
+        # The same mesh, inputs not placed on it: neighborhood_attention_sharded places them
+        # (shard_map reshards nothing on Explicit axes; it raised its in_specs error before)
+        def g(q, k, v, do, dl):
+            op = lambda q, k, v: sharding.neighborhood_attention_sharded(
+                q, k, v, **kw, mesh=mesh, spatial_axes={1: ("y", "x")}, return_lse=True,
+                backend="xla")
+            (o, l), vjp = jax.vjp(op, q, k, v)
+            return (o, l) + tuple(vjp((do, dl)))
+
+        got = jax.jit(g)(*args)
+        errs = compare(got, want)
+        assert got[0].sharding.spec == P(*lead, None), got[0].sharding
+        msgs.append(f"Explicit mesh, inputs not placed: {max(errs.values()):.2e}")
         return "max rel err " + "; ".join(msgs)
 
     def error_uneven():
