@@ -229,3 +229,12 @@ def test_local_op_outside_shard_map():
         sharding.neighborhood_attention_local(q, k, v, 3, spatial_axes={0: "context"})
     with pytest.raises(ValueError, match="spatial_axes must map"):
         sharding.neighborhood_attention_local(q, k, v, 3, spatial_axes=["context"])
+
+
+def test_forward_mode_autodiff_is_refused():
+    """Reverse mode only (the op is a ``jax.custom_vjp``): ``jax.jvp`` raises JAX's
+    TypeError, as README says, rather than giving a wrong tangent."""
+    q = jnp.ones((1, 8, 2, 4))
+    for backend in ("xla", "auto"):
+        with pytest.raises(TypeError, match="forward-mode autodiff"):
+            jax.jvp(lambda x: jax_gna.na1d(x, x, x, 3, backend=backend), (q,), (q,))
