@@ -198,8 +198,7 @@ def fold_dilation(problem: Problem, query_shape, value_shape, dtype) -> tuple[bo
     Both need a whole-grid (unsharded) problem with dilation whose every piece the Hopper
     forward takes, one batch axis whose size times the groups stays below 2^31 (the
     kernels' largest batch; under ``jax.vmap`` the mapped axis multiplies it too, unseen
-    here), a visible GPU of compute
-    capability 9.0 and no ``JAX_GNA_FOLD_DILATION=0`` in the environment (read while
+    here), a visible GPU of compute capability 9.0 and no ``JAX_GNA_FOLD_DILATION=0`` in the environment (read while
     tracing). A spatially sharded call folds on each shard where
     its shards hold whole dilation groups, by the same rules (``jax_gna.sharding``). The
     forward also needs a window of at least :data:`FOLD_FORWARD_MIN_KEYS` keys (or

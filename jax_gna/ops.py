@@ -224,7 +224,8 @@ def explain(query: Any, key: Any, value: Any, kernel_size: IntOrTuple, stride: I
     Takes the same arguments as :func:`neighborhood_attention` (arrays or
     ``jax.ShapeDtypeStruct``; ``return_lse`` changes nothing here); runs nothing. Raises
     ``ValueError`` for inputs the op rejects; for ``backend="cuda"`` where the kernels
-    cannot run it says so (``"cuda: cannot run this call: ..."``), as the op's error would.
+    cannot run it says why (``"cuda: cannot run this call (...): <reason>"``, the reason
+    the op's ValueError gives).
     """
     problem = make_problem(query, key, value, kernel_size, stride, dilation, is_causal, scale,
                            additional_keys, additional_values)
