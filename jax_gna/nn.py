@@ -631,15 +631,19 @@ def make_attention_fn(kernel_size: IntOrTuple, stride: IntOrTuple = 1,
     ``num_spatial_dims`` is None it is ``len(kernel_size)`` if that is a tuple, else
     ``query.ndim - 3`` (a single batch axis).
 
-    Keyword arguments Flax passes are accepted; those that would change the result
-    without a neighborhood-attention equivalent are refused rather than silently
-    dropped: a non-None ``mask`` or ``bias`` raises ``ValueError`` (the neighborhood is
-    the mask), and so does attention dropout (``dropout_rate > 0`` with
-    ``deterministic=False``). ``dtype`` casts query/key/value before the op;
-    ``precision``, ``broadcast_dropout``, ``dropout_rng`` and ``module`` (attention
-    weights are never materialized, so ``sow_weights`` records nothing) are ignored.
-    ``is_causal=True`` from the caller (NNX passes it) makes every axis causal; otherwise
-    the ``is_causal`` given here applies.
+    The keyword arguments of Flax's ``dot_product_attention`` are accepted, with its
+    defaults (``deterministic=False``); those that would change the result without a
+    neighborhood-attention equivalent are refused rather than silently dropped: a
+    non-None ``mask`` or ``bias`` raises ``ValueError`` (the neighborhood is the mask),
+    and so do attention dropout (``dropout_rate > 0`` without ``deterministic=True``) and
+    custom einsums (``einsum_dot_general``, ``qk_attn_weights_einsum``,
+    ``attn_weights_value_einsum``). ``dtype`` casts query/key/value before the op (through
+    ``promote_dtype`` where one is given, as NNX's function does);
+    ``precision``, ``broadcast_dropout``, ``dropout_rng``, ``force_fp32_for_softmax`` (the
+    softmax is float32 or wider anyway) and ``module`` (attention weights are never
+    materialized, so ``sow_weights`` records nothing) are ignored. Other keywords raise
+    ``TypeError``. ``is_causal=True`` from the caller (NNX passes it) makes every axis
+    causal; otherwise the ``is_causal`` given here applies.
 
     Args:
       kernel_size, stride, dilation, is_causal: GNA parameters (SEMANTICS.md).
@@ -648,7 +652,7 @@ def make_attention_fn(kernel_size: IntOrTuple, stride: IntOrTuple = 1,
       backend: ``"auto"``, ``"xla"`` or ``"cuda"``.
 
     Returns:
-      ``attention_fn(query, key, value, bias=None, mask=None, ..., **unused) -> out``
+      ``attention_fn(query, key, value, bias=None, mask=None, ...) -> out``
       with ``out`` of the shape of ``query`` (value's head dim).
     """
     check_backend(backend)
@@ -669,10 +673,22 @@ def make_attention_fn(kernel_size: IntOrTuple, stride: IntOrTuple = 1,
     def attention_fn(query: Array, key: Array, value: Array, bias: Array | None = None,
                      mask: Array | None = None, broadcast_dropout: bool = True,
                      dropout_rng: Array | None = None, dropout_rate: float = 0.0,
-                     deterministic: bool = True, dtype: DType | None = None,
-                     precision: Any = None, module: Any = None, is_causal: bool = False,
-                     **unused: Any) -> Array:
+                     deterministic: bool = False, dtype: DType | None = None,
+                     precision: Any = None, module: Any = None,
+                     force_fp32_for_softmax: bool = False,
+                     einsum_dot_general: Callable[..., Array] | None = None,
+                     qk_attn_weights_einsum: Callable[..., Array] | None = None,
+                     attn_weights_value_einsum: Callable[..., Array] | None = None,
+                     promote_dtype: Callable[..., Any] | None = None,
+                     is_causal: bool = False) -> Array:
         """Neighborhood attention with Flax's ``attention_fn`` calling convention."""
+        custom = [name for name, f in (("einsum_dot_general", einsum_dot_general),
+                                       ("qk_attn_weights_einsum", qk_attn_weights_einsum),
+                                       ("attn_weights_value_einsum", attn_weights_value_einsum))
+                  if f is not None]
+        if custom:
+            raise ValueError(f"neighborhood attention runs its own kernels; {', '.join(custom)} "
+                             "cannot replace its matrix products.")
         if mask is not None:
             raise ValueError("neighborhood attention defines its own mask; a mask was passed "
                              "to the attention_fn (use the layer without mask= / decode).")
@@ -681,7 +697,8 @@ def make_attention_fn(kernel_size: IntOrTuple, stride: IntOrTuple = 1,
         if dropout_rate > 0.0 and not deterministic:
             raise ValueError("attention-weight dropout is not supported by neighborhood "
                              f"attention (dropout_rate={dropout_rate}); set dropout_rate=0 or "
-                             "deterministic=True.")
+                             "deterministic=True (the default is False, as in Flax's "
+                             "dot_product_attention).")
         r = num_spatial_dims if num_spatial_dims is not None else query.ndim - 3
         if r not in (1, 2, 3):
             raise ValueError(f"neighborhood attention takes 1, 2 or 3 spatial axes, got {r} "
@@ -690,7 +707,9 @@ def make_attention_fn(kernel_size: IntOrTuple, stride: IntOrTuple = 1,
         if query.ndim < r + 3:
             raise ValueError(f"query must be [batch..., {r} spatial axes, heads, head_dim], "
                              f"got shape {query.shape}.")
-        if dtype is not None:
+        if promote_dtype is not None:  # NNX's hook: (arrays, dtype=) -> arrays
+            query, key, value = promote_dtype((query, key, value), dtype=dtype)
+        elif dtype is not None:
             query, key, value = (t.astype(dtype) for t in (query, key, value))
         lead = query.shape[:-(r + 2)]
         nb = math.prod(lead)

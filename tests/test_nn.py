@@ -560,6 +560,19 @@ def test_attention_fn_refuses_what_it_cannot_do():
         fn(q, q, q, bias=jnp.zeros((1, 2, 25, 25)))
     with pytest.raises(ValueError, match="dropout"):
         fn(q, q, q, dropout_rate=0.1, deterministic=False)
+    with pytest.raises(ValueError, match="dropout"):  # Flax's default: deterministic=False
+        fn(q, q, q, dropout_rate=0.1, dropout_rng=jax.random.key(0))
+    with pytest.raises(ValueError, match="qk_attn_weights_einsum"):
+        fn(q, q, q, qk_attn_weights_einsum=jnp.einsum)
+    with pytest.raises(TypeError):  # a misspelt mask is not silently dropped
+        fn(q, q, q, maks=jnp.ones((1, 2, 25, 25), bool))
+    # every keyword of Flax's own functions is taken (refused or honoured by name)
+    import inspect
+    ours = set(inspect.signature(fn).parameters)
+    for flax_fn in (linen.dot_product_attention, nnx.dot_product_attention):
+        assert not set(inspect.signature(flax_fn).parameters) - ours, flax_fn
+    half = lambda arrays, dtype: tuple(a.astype(jnp.float16) for a in arrays)  # noqa: E731
+    assert _shape_of(lambda q: fn(q, q, q, promote_dtype=half), q)[1] == jnp.float16
     assert _shape_of(lambda q: fn(q, q, q, dropout_rate=0.1, deterministic=True), q)[0] == q.shape
     assert _shape_of(lambda q: fn(q, q, q, dtype=jnp.bfloat16), q)[1] == jnp.bfloat16
     # spatial axes from the query's rank or the kernel size's length: 1, 2 or 3 only
