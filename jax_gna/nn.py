@@ -273,9 +273,10 @@ def _init_param(name: str, shape: tuple[int, ...], kernel_init: Initializer,
     return bias_init
 
 
-def rope_tables(spatial: Sequence[int], head_dim: int, theta: float = 10000.0
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine and sine tables of the multi-axis rotary embedding, float32 NumPy.
+def rope_tables(spatial: Sequence[int], head_dim: int, theta: float = 10000.0,
+                dtype: Any = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine and sine tables of the multi-axis rotary embedding, NumPy in ``dtype``
+    (computed in float64).
 
     Returns ``(cos, sin)``, each ``[*spatial, rank * chunk // 2]`` where ``chunk = 2 *
     (head_dim // (2 * rank))`` features of the head dim belong to each axis.
@@ -285,7 +286,7 @@ def rope_tables(spatial: Sequence[int], head_dim: int, theta: float = 10000.0
     inv_freq = theta ** (-np.arange(0, chunk, 2, dtype=np.float64) / chunk)  # [chunk/2]
     grids = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in spatial], indexing="ij")
     angles = np.concatenate([g[..., None] * inv_freq for g in grids], axis=-1)
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
 
 
 def apply_rope(x: Array, theta: float = 10000.0) -> Array:
@@ -293,16 +294,18 @@ def apply_rope(x: Array, theta: float = 10000.0) -> Array:
 
     Axis ``a`` owns features ``[a * chunk, (a + 1) * chunk)`` of the head dim, ``chunk =
     2 * (D // (2 * rank))``; inside a chunk feature ``i`` pairs with ``i + chunk // 2``
-    ("rotate half"). Features from ``rank * chunk`` on are returned unchanged.
+    ("rotate half"). Features from ``rank * chunk`` on are returned unchanged. Computed
+    in float32, or float64 for float64 inputs.
     """
     spatial = x.shape[1:-2]
     rank, d = len(spatial), x.shape[-1]
     chunk = 2 * (d // (2 * rank))
     half = chunk // 2
-    cos, sin = rope_tables(spatial, d, theta)
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    cos, sin = rope_tables(spatial, d, theta, acc)
     cos = jnp.asarray(cos)[..., None, :]  # broadcast over heads
     sin = jnp.asarray(sin)[..., None, :]
-    xf = x.astype(jnp.float32)
+    xf = x.astype(acc)
     parts = []
     for a in range(rank):
         x1 = xf[..., a * chunk:a * chunk + half]
@@ -314,9 +317,10 @@ def apply_rope(x: Array, theta: float = 10000.0) -> Array:
 
 
 def _rms_norm(x: Array, scale: Array) -> Array:
-    xf = x.astype(jnp.float32)
+    acc = jnp.promote_types(x.dtype, jnp.float32)  # float64 stays float64
+    xf = x.astype(acc)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + _RMS_EPS)
-    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+    return (y * scale.astype(acc)).astype(x.dtype)
 
 
 def _project(x: Array, p: Mapping[str, Array], name: str, dtype: DType) -> Array:

@@ -627,3 +627,26 @@ def test_sharded_layer_matches_unsharded():
     proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, cwd=root,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "SHARDED_OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_rope_and_qk_norm_keep_float64():
+    """With x64, float64 inputs are rotated and normalized in float64 (float32 tables
+    gave errors near 1e-7): against a float64 NumPy rotary embedding (1-D, rotate half)
+    and RMS norm, to 1e-12."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 9, 3, 8))
+    pos = np.arange(9, dtype=np.float64)[:, None]
+    ang = pos * 10000.0 ** (-np.arange(0, 8, 2) / 8)  # [9, 4]
+    c, s = np.cos(ang)[None, :, None], np.sin(ang)[None, :, None]
+    want = np.concatenate([x[..., :4] * c - x[..., 4:] * s, x[..., 4:] * c + x[..., :4] * s], -1)
+    scale = rng.standard_normal(8)
+    want_norm = x / np.sqrt(np.mean(x * x, -1, keepdims=True) + gn._RMS_EPS) * scale
+    with jax.enable_x64(True):
+        got = gn.apply_rope(jnp.asarray(x))
+        got_norm = gn._rms_norm(jnp.asarray(x), jnp.asarray(scale))
+        assert got.dtype == got_norm.dtype == jnp.float64
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(got_norm), want_norm, rtol=1e-12, atol=1e-12)
+    got32 = gn.apply_rope(jnp.asarray(x, jnp.float32))  # float32 as before
+    assert got32.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got32), want, rtol=1e-5, atol=1e-5)
