@@ -219,6 +219,10 @@ class AttentionConfig:
                              f"num_kv_heads={num_kv_heads}.")
         if context_features is not None:
             context_features = positive("context_features", context_features)
+        for name, flag in (("use_bias", use_bias), ("normalize_qk", normalize_qk),
+                           ("rope", rope)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise ValueError(f"{name} must be a bool, got {flag!r}.")
         k, s, d, c = check_window(r, kernel_size, stride, dilation, is_causal)
         head_dim = qkv_features // num_heads
         if rope and head_dim < 2 * r:
@@ -370,6 +374,9 @@ def apply_attention(cfg: AttentionConfig, params: Mapping[str, Array], x: Array,
         if context.ndim != len(batch) + 2 or context.shape[:len(batch)] != batch:
             raise ValueError(f"context must have shape [{', '.join(map(str, batch))}, S, "
                              f"C_ctx] (the batch axes of the input), got {context.shape}.")
+        if context.shape[-2] == 0:
+            raise ValueError(f"context must hold at least one token, got shape {context.shape} "
+                             "(pass context=None for none).")
         c_in = cfg.context_features if cfg.context_features is not None else cfg.in_features
         if context.shape[-1] != c_in:
             raise ValueError(
@@ -565,8 +572,14 @@ class NeighborhoodAttentionLinen(linen.Module):
     backend: str = "auto"
     num_spatial_dims: int | None = None
 
+    FIXED_SPATIAL_DIMS: ClassVar[int | None] = None
+
     def config(self, in_features: int) -> AttentionConfig:
         """The validated :class:`AttentionConfig` for inputs of ``in_features``."""
+        fixed = type(self).FIXED_SPATIAL_DIMS
+        if fixed is not None and self.num_spatial_dims != fixed:
+            raise ValueError(f"{type(self).__name__} has {fixed} spatial axes, got "
+                             f"num_spatial_dims={self.num_spatial_dims}.")
         if self.num_spatial_dims is None:
             raise ValueError("NeighborhoodAttentionLinen needs num_spatial_dims (1, 2 or 3); "
                              "or use NeighborhoodAttention1DLinen/2DLinen/3DLinen.")
@@ -602,18 +615,21 @@ class NeighborhoodAttentionLinen(linen.Module):
 class NeighborhoodAttention1DLinen(NeighborhoodAttentionLinen):
     """1-D neighborhood attention (Linen); arguments as :class:`NeighborhoodAttentionLinen`."""
 
+    FIXED_SPATIAL_DIMS: ClassVar[int | None] = 1
     num_spatial_dims: int | None = 1
 
 
 class NeighborhoodAttention2DLinen(NeighborhoodAttentionLinen):
     """2-D neighborhood attention (Linen); arguments as :class:`NeighborhoodAttentionLinen`."""
 
+    FIXED_SPATIAL_DIMS: ClassVar[int | None] = 2
     num_spatial_dims: int | None = 2
 
 
 class NeighborhoodAttention3DLinen(NeighborhoodAttentionLinen):
     """3-D neighborhood attention (Linen); arguments as :class:`NeighborhoodAttentionLinen`."""
 
+    FIXED_SPATIAL_DIMS: ClassVar[int | None] = 3
     num_spatial_dims: int | None = 3
 
 

@@ -650,3 +650,24 @@ def test_rope_and_qk_norm_keep_float64():
     got32 = gn.apply_rope(jnp.asarray(x, jnp.float32))  # float32 as before
     assert got32.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got32), want, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_flags_rank_and_empty_context_refused():
+    """Bool options must be bools (``rope="False"`` was True); the fixed-rank Linen
+    layers refuse another ``num_spatial_dims`` as the NNX ones do (it silently made a
+    2-D layer); an empty ``context`` names ``context``, not ``additional_keys``."""
+    x = jnp.ones((1, 8, 8))
+    for flag in ("use_bias", "normalize_qk", "rope"):
+        with pytest.raises(ValueError, match=f"{flag} must be a bool"):
+            gn.NeighborhoodAttention1D(2, 8, kernel_size=3, **{flag: "no"}, rngs=nnx.Rngs(0))
+        with pytest.raises(ValueError, match=f"{flag} must be a bool"):
+            gn.NeighborhoodAttention1DLinen(num_heads=2, kernel_size=3, **{flag: 1}).init(
+                jax.random.key(0), x)
+    for layer, other in ((gn.NeighborhoodAttention1DLinen, 2), (gn.NeighborhoodAttention2DLinen, 1),
+                         (gn.NeighborhoodAttention3DLinen, 1)):
+        with pytest.raises(ValueError, match="spatial axes, got num_spatial_dims"):
+            jax.eval_shape(layer(num_heads=2, kernel_size=3, num_spatial_dims=other).init,
+                           jax.random.key(0), x)
+    m = gn.NeighborhoodAttention1D(2, 8, kernel_size=3, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="context must hold at least one token"):
+        m(jnp.ones((2, 8, 8)), context=jnp.ones((2, 0, 8)))
