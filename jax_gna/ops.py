@@ -9,7 +9,8 @@ import jax
 import numpy as np
 
 from . import sharding, xla
-from .params import BoolOrTuple, IntOrTuple, Problem, check_backend, make_problem
+from .params import (BoolOrTuple, IntOrTuple, Problem, check_backend, check_return_lse,
+                     make_problem)
 
 log = logging.getLogger("jax_gna")
 
@@ -178,9 +179,7 @@ def _attention(query, key, value, kernel_size, stride, dilation, is_causal, scal
                additional_keys, additional_values, return_lse, backend, rank: int | None):
     """:func:`neighborhood_attention`, with ``rank`` (1, 2 or 3: ``na1d`` ... ``na3d``, which
     refuse other ranks; None: any) checked by ``make_problem``."""
-    if not isinstance(return_lse, (bool, np.bool_)):
-        raise ValueError(f"return_lse must be a bool, got {return_lse!r} (under jax.jit, make "
-                         "it static: static_argnames).")
+    check_return_lse(return_lse)
     problem = make_problem(query, key, value, kernel_size, stride, dilation, is_causal, scale,
                            additional_keys, additional_values, rank=rank)
     name, why, impl = select(backend, problem, query, key, value)
@@ -229,6 +228,7 @@ def explain(query: Any, key: Any, value: Any, kernel_size: IntOrTuple, stride: I
     """
     problem = make_problem(query, key, value, kernel_size, stride, dilation, is_causal, scale,
                            additional_keys, additional_values)
+    check_return_lse(return_lse)
     check_backend(backend)
     if backend == "cuda" and (reason := _cuda_status(problem, query, key, value)) is not None:
         return f"cuda: cannot run this call (neighborhood_attention raises ValueError): {reason}"

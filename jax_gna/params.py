@@ -279,3 +279,12 @@ def check_backend(backend: Any) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
     return backend
+
+
+def check_return_lse(return_lse: Any) -> bool:
+    """``return_lse`` must be a Python or NumPy bool (a traced value cannot choose the
+    outputs' structure)."""
+    if not isinstance(return_lse, (bool, np.bool_)):
+        raise ValueError(f"return_lse must be a bool, got {return_lse!r} (under jax.jit, make "
+                         "it static: static_argnames).")
+    return bool(return_lse)

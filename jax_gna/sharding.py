@@ -1467,9 +1467,10 @@ def neighborhood_attention_local(query: jax.Array, key: jax.Array, value: jax.Ar
     first (see the module docstring).
     """
     from .ops import select
-    from .params import make_problem
+    from .params import check_return_lse, make_problem
     from . import xla as _xla
 
+    check_return_lse(return_lse)
     if spatial_axes is not None and not isinstance(spatial_axes, Mapping):
         raise ValueError("spatial_axes must map spatial axis indices to mesh axis names, got "
                          f"{spatial_axes!r}.")
@@ -1529,10 +1530,11 @@ def neighborhood_attention_sharded(query: jax.Array, key: jax.Array, value: jax.
     Inputs laid out otherwise are resharded to that layout first (also on a mesh with
     ``Explicit`` axes, where ``shard_map`` itself would refuse them). Works under
     ``jax.jit`` and ``jax.grad``."""
-    from .params import make_problem
+    from .params import check_return_lse, make_problem
 
-    if not isinstance(getattr(mesh, "shape", None), Mapping):
-        raise ValueError(f"mesh must be a jax.sharding.Mesh, got {mesh!r}.")
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh (not an abstract mesh), got {mesh!r}.")
+    check_return_lse(return_lse)
     if spatial_axes is not None and not isinstance(spatial_axes, Mapping):
         raise ValueError("spatial_axes must map spatial axis indices to mesh axis names, got "
                          f"{spatial_axes!r}.")

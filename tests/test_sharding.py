@@ -636,6 +636,8 @@ def _worker():  # pragma: no cover - runs in the subprocess
         mesh2 = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "context"))
         q, k, v, _, _ = inputs((16,), 2, 2, 2, 4)
         for kw, match in [(dict(mesh=None), "mesh must be a jax.sharding.Mesh"),
+                          (dict(mesh=mesh2.abstract_mesh), "not an abstract mesh"),
+                          (dict(mesh=mesh2, return_lse=1), "return_lse must be a bool"),
                           (dict(mesh=mesh2, spatial_axes=["context"]), "spatial_axes must map"),
                           (dict(mesh=mesh2, batch_axis="context", spatial_axes={0: "context"}),
                            "'context' is named twice"),

@@ -193,6 +193,8 @@ def test_explain_takes_the_op_arguments_only():
     assert "xla" in jax_gna.explain(x, x, x, 3, return_lse=True, backend="xla")
     with pytest.raises(TypeError):
         jax_gna.explain(x, x, x, 3, addtional_keys=x[:, :2])
+    with pytest.raises(ValueError, match="return_lse must be a bool"):  # as the op checks it
+        jax_gna.explain(x, x, x, 3, return_lse="x")
 
 
 def test_checks_use_the_dtype_jax_computes_in():
