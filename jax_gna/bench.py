@@ -993,6 +993,42 @@ def merge_peers(result: dict, peer_results: Sequence[dict]) -> dict:
     return out
 
 
+def _bad_arguments(args: argparse.Namespace, dtypes, backends, passes) -> str | None:
+    """Why ``bench``'s arguments cannot run (None: they can); said before any work."""
+    if args.kernel_size and not args.shape:
+        return "--kernel-size needs --shape (one problem); presets bring their own windows"
+    if args.shape and not args.kernel_size:
+        return "--shape needs --kernel-size"
+    bad = [d for d in dtypes or () if d not in ("float16", "bfloat16", "float32")]
+    if bad:
+        return f"--dtypes {','.join(bad)}: choose from fp16, bf16, fp32"
+    bad = [b for b in backends if b not in BACKENDS]
+    if bad or not backends:
+        return f"--backends {','.join(bad)}: choose from {','.join(BACKENDS)}"
+    bad = [p for p in passes if p not in PASSES]
+    if bad or not passes:
+        return f"--passes {','.join(bad)}: choose from {','.join(PASSES)}"
+    if args.samples is not None and (len(args.samples) not in (1, 2) or min(args.samples) < 1
+                                     or args.samples[0] > args.samples[-1]):
+        return f"--samples must be MINxMAX with 1 <= MIN <= MAX, got {args.samples}"
+    for name in ("heads", "head_dim", "batch"):
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must be at least 1"
+    return None
+
+
+def _check_case(case: Case) -> None:
+    """``ValueError`` for a problem the op would reject (shapes only, nothing runs)."""
+    import jax
+    import jax.numpy as jnp
+
+    from .params import make_problem
+    q = jax.ShapeDtypeStruct((case.batch, *case.shape, case.heads, case.head_dim), jnp.float32)
+    kv = jax.ShapeDtypeStruct((case.batch, *case.shape, case.kv_heads, case.head_dim),
+                              jnp.float32)
+    make_problem(q, kv, kv, *case.window_args()[1:])
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """Run ``bench`` from parsed arguments; print the tables, write the files."""
     peers = []
@@ -1014,17 +1050,22 @@ def run_from_args(args: argparse.Namespace) -> int:
     dtypes = None if not args.dtypes else tuple(long.get(d, d) for d in args.dtypes.split(","))
     backends = tuple(b for b in (args.backends or ",".join(BACKENDS)).split(",") if b)
     passes = tuple(p for p in args.passes.split(",") if p)
+    why = _bad_arguments(args, dtypes, backends, passes)
+    if why:
+        print(f"error: {why}", file=sys.stderr)
+        return 2
     jobs: list[tuple[str, list[Case]]] = []
     if args.shape:
-        if not args.kernel_size:
-            print("--shape needs --kernel-size", file=sys.stderr)
-            return 2
         r = len(args.shape)
         case = Case(args.name or "custom", args.shape, args.heads, args.head_dim,
                     _per_axis(args.kernel_size, r), _per_axis(args.stride, r),
                     _per_axis(args.dilation, r), _per_axis(args.causal, r), args.batch,
                     args.heads_kv)
-        sim.simulate(*case.window_args())  # validates the problem before any device work
+        try:  # the problem checked as the op checks it, before any device work
+            _check_case(case)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         jobs.append((args.name or "custom", [case]))
     for name in (args.preset or ("" if args.shape else "smoke")).split(","):
         if not name:

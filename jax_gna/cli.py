@@ -39,9 +39,16 @@ def _check(args: argparse.Namespace) -> int:
                     for n in (h, h_kv, h_kv))
         q, kk, v = (jax.numpy.asarray(x, dtype=args.dtype) for x in (q, kk, v))
         why = jax_gna.explain(q, kk, v, k, s, d, c, backend=args.backend)
+        name = (f"{len(shape)}-D {'x'.join(map(str, shape))} kernel={k} stride={s} "
+                f"dilation={d} causal={c} {args.dtype}")
         fn = jax.jit(lambda q, kk, v: jax_gna.neighborhood_attention(
             q, kk, v, k, s, d, c, return_lse=True, backend=args.backend))
-        out, lse = jax.block_until_ready(fn(q, kk, v))  # compile + first run
+        try:
+            out, lse = jax.block_until_ready(fn(q, kk, v))  # compile + first run
+        except ValueError as e:  # e.g. backend="cuda" where the kernels cannot run
+            failed += 1
+            print(f"{name}: FAILED: {e}")
+            continue
         start = time.perf_counter()
         for _ in range(args.repeats):
             out, lse = jax.block_until_ready(fn(q, kk, v))
@@ -54,12 +61,18 @@ def _check(args: argparse.Namespace) -> int:
         lse_err = float(np.abs(np.asarray(lse, np.float64) - ref_lse).max())
         ok = err <= tol and lse_err <= tol * 10 and np.isfinite(err)
         failed += not ok
-        print(f"{len(shape)}-D {'x'.join(map(str, shape))} kernel={k} stride={s} dilation={d} "
-              f"causal={c} {args.dtype}: backend {why}; "
+        print(f"{name}: backend {why}; "
               f"max rel error {err:.2e}, lse error {lse_err:.2e}; {ms:.2f} ms/call "
               f"{'OK' if ok else 'FAILED'}")
     print("all checks passed" if not failed else f"{failed} check(s) FAILED")
     return 1 if failed else 0
+
+
+def _positive(s: str) -> int:
+    n = int(s)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="compare the operator with a float64 brute force")
     p.add_argument("--backend", default="auto", choices=["auto", "xla", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=_positive, default=5, help="timed calls per problem")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_check)
     _add_sim(sub)

@@ -203,6 +203,44 @@ def test_single_problem_from_flags(tmp_path):
     assert data["cases"][0]["stride"] == [2] and data["records"][0]["status"] == "ok"
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--shape", "64", "--kernel-size", "8", "--heads", "3", "--heads-kv", "2"], "multiple of"),
+    (["--shape", "64", "--kernel-size", "80"], "must not exceed"),
+    (["--shape", "64"], "--shape needs --kernel-size"),
+    (["--kernel-size", "8"], "--kernel-size needs --shape"),
+    (["--samples", "0x0"], "--samples must be"),
+    (["--samples", "5x2"], "--samples must be"),
+    (["--dtypes", "fp8"], "--dtypes fp8"),
+    (["--backends", "cuda,foo"], "--backends foo"),
+    (["--passes", "fwd,back"], "--passes back"),
+    (["--heads", "0"], "--heads must be"),
+])
+def test_bench_refuses_bad_arguments(tmp_path, capsys, argv, message):
+    """Arguments that cannot run end with exit status 2 and one line naming the problem,
+    before any measurement (they wrote rows of "error" and exited 0, or raised)."""
+    assert bench.main(argv + ["--out", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_check_arguments_and_failures(capsys):
+    """``jax-gna check``: --repeats below 1 is an argparse error; a backend that cannot run
+    the problems (cuda without the kernels) gives FAILED lines and status 1, no traceback."""
+    from jax_gna import cli
+    for bad in ("0", "-1"):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["check", "--repeats", bad])
+        assert e.value.code == 2
+    assert "must be at least 1" in capsys.readouterr().err
+    if any(d.platform == "gpu" for d in jax.devices()):
+        return
+    assert cli.main(["check", "--backend", "cuda", "--repeats", "1"]) == 1
+    out = capsys.readouterr().out
+    assert out.count("FAILED: backend='cuda' cannot run this call") == 3, out
+    assert "3 check(s) FAILED" in out
+
+
 def test_chart_from_synthetic_results(tmp_path):
     pytest.importorskip("matplotlib")
     case = Case("a", (64,), 1, 32, (8,))
