@@ -75,8 +75,10 @@ A typical tensor-parallel rule set is ``(("heads", "model"), ("kv_heads", "model
 ("embed", None), ("head_dim", None))`` (shard heads, replicate the rest).
 
 NNX parameters are created with Flax's eager sharding (sharded at creation) only when a
-mesh is active (``jax.set_mesh``); without a mesh they only carry the metadata, so the
-layer also builds on a single device with no setup. ``nnx.get_partition_spec(state)``
+mesh is active (``jax.set_mesh``) and logical axis rules are set
+(``nnx.logical_axis_rules``); otherwise they only carry the metadata (replicated), so
+the layer also builds on a single device, or under a mesh without rules (e.g. data
+parallel only), with no setup. ``nnx.get_partition_spec(state)``
 gives their ``PartitionSpec`` either way.
 
 Initializers: ``kernel_init(key, (fan_in, fan_out), param_dtype)`` is called with the
@@ -102,6 +104,7 @@ import numpy as np
 from flax import linen
 from flax import nnx
 from flax.core import meta as flax_meta
+from flax.core import spmd as flax_spmd
 
 from .ops import na1d, na2d, na3d
 from .params import BoolOrTuple, IntOrTuple, check_backend, check_scale, check_window
@@ -336,15 +339,18 @@ def _project(x: Array, p: Mapping[str, Array], name: str, dtype: DType) -> Array
 
 def apply_attention(cfg: AttentionConfig, params: Mapping[str, Array], x: Array,
                     context: Array | None = None, *, additional_keys: Array | None = None,
-                    additional_values: Array | None = None, dtype: DType | None = None
-                    ) -> Array:
+                    additional_values: Array | None = None, dtype: DType | None = None,
+                    out_sharding: Any = None) -> Array:
     """The layer's forward pass as a pure function of its parameters.
 
     Both the NNX and the Linen modules call this. ``params`` maps the names of the
     module docstring to arrays. ``x`` is ``[*batch, *spatial, in_features]`` (one or
     more leading batch axes); ``context`` ``[*batch, S, C_ctx]``, ``additional_keys`` /
     ``additional_values`` ``[*batch, S, H_kv, D]``. Returns ``[*batch, *spatial,
-    out_features]`` in the compute dtype.
+    out_features]`` in the compute dtype. ``out_sharding`` (a ``PartitionSpec`` or
+    ``NamedSharding`` of that result) goes to the output projection, as Flax's
+    ``MultiHeadAttention`` takes it: on a mesh with ``Explicit`` axes that splits the
+    heads, JAX needs it to place the sum over heads.
     """
     r = cfg.num_spatial_dims
     if x.ndim < r + 2:
@@ -411,10 +417,12 @@ def apply_attention(cfg: AttentionConfig, params: Mapping[str, Array], x: Array,
 
     o = _OPS[r](q, k, v, cfg.kernel_size, cfg.stride, cfg.dilation, cfg.is_causal,
                 additional_keys=ak, additional_values=av, backend=cfg.backend)
-    y = jnp.einsum("...hd,hdo->...o", o, params["out_kernel"].astype(dtype))
+    o = o.reshape((*batch, *spatial) + o.shape[-2:])
+    placed = {} if out_sharding is None else {"out_sharding": out_sharding}  # (newer JAX only)
+    y = jnp.einsum("...hd,hdo->...o", o, params["out_kernel"].astype(dtype), **placed)
     if "out_bias" in params:
         y = y + params["out_bias"].astype(dtype)
-    return y.reshape((*batch, *spatial, cfg.out_features))
+    return y
 
 
 # --------------------------------------------------------------------------
@@ -479,9 +487,11 @@ class NeighborhoodAttention(nnx.Module):
             context_features=context_features, backend=backend)
         self.dtype = dtype
         self.param_dtype = param_dtype
-        # Shard at creation (Flax's eager sharding) only under a mesh; otherwise keep just
-        # the metadata so the layer builds on one device with no setup.
-        eager = None if flax_meta.global_mesh_defined() else False
+        # Shard at creation (Flax's eager sharding) only under a mesh with logical axis
+        # rules (without rules the logical names would be read as mesh axes); otherwise
+        # keep just the metadata so the layer builds with no setup.
+        rules = flax_spmd.get_logical_axis_rules()
+        eager = None if flax_meta.global_mesh_defined() and rules else False
         for name, shape in self.config.param_shapes().items():
             init = nnx.with_partitioning(_init_param(name, shape, kernel_init, bias_init),
                                          LOGICAL_AXES[name])
@@ -494,7 +504,7 @@ class NeighborhoodAttention(nnx.Module):
 
     def __call__(self, x: Array, context: Array | None = None, *,
                  additional_keys: Array | None = None,
-                 additional_values: Array | None = None) -> Array:
+                 additional_values: Array | None = None, out_sharding: Any = None) -> Array:
         """Attend: ``x`` ``[B, *spatial, in_features]`` -> ``[B, *spatial, out_features]``.
 
         Args:
@@ -503,11 +513,15 @@ class NeighborhoodAttention(nnx.Module):
             projected to keys/values (module docstring).
           additional_keys, additional_values: optional ready ``[B, S, H_kv, D]`` keys and
             values every query also attends to, used as given.
+          out_sharding: the output's sharding on a mesh with ``Explicit`` axes (e.g.
+            ``P("data")``), needed there where the heads are sharded
+            (:func:`apply_attention`); as Flax's ``MultiHeadAttention`` takes it.
         """
         params = {name: getattr(self, name)[...] for name in self.config.param_shapes()}
         return apply_attention(self.config, params, x, context,
                                additional_keys=additional_keys,
-                               additional_values=additional_values, dtype=self.dtype)
+                               additional_values=additional_values, dtype=self.dtype,
+                               out_sharding=out_sharding)
 
 
 class NeighborhoodAttention1D(NeighborhoodAttention):
@@ -597,7 +611,7 @@ class NeighborhoodAttentionLinen(linen.Module):
     @linen.compact
     def __call__(self, x: Array, context: Array | None = None, *,
                  additional_keys: Array | None = None,
-                 additional_values: Array | None = None) -> Array:
+                 additional_values: Array | None = None, out_sharding: Any = None) -> Array:
         """Attend: ``x`` ``[B, *spatial, C]`` -> ``[B, *spatial, out_features]``.
 
         Same arguments as :meth:`NeighborhoodAttention.__call__`.
@@ -609,7 +623,8 @@ class NeighborhoodAttentionLinen(linen.Module):
                 _init_param(name, shape, self.kernel_init, self.bias_init), LOGICAL_AXES[name])
             params[name] = self.param(name, init, shape, self.param_dtype)
         return apply_attention(cfg, params, x, context, additional_keys=additional_keys,
-                               additional_values=additional_values, dtype=self.dtype)
+                               additional_values=additional_values, dtype=self.dtype,
+                               out_sharding=out_sharding)
 
 
 class NeighborhoodAttention1DLinen(NeighborhoodAttentionLinen):

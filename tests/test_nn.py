@@ -609,12 +609,31 @@ with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
 np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
 for name, v in g.items():
     np.testing.assert_allclose(v[...], ref_g[name][...], rtol=1e-4, atol=1e-4, err_msg=name)
+# The same on a mesh with Explicit axes (jax.make_mesh's default): the sum over the
+# sharded heads needs the output's sharding (out_sharding, as Flax's MultiHeadAttention)
+mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    m = gn.NeighborhoodAttention2D(4, 16, rngs=nnx.Rngs(0), **kw)
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    loss_e = lambda m, x: jnp.sum(m(x, out_sharding=P("data")) ** 2)
+    y, g = nnx.jit(lambda m, x: (m(x, out_sharding=P("data")), nnx.grad(loss_e)(m, x)))(m, xs)
+    assert y.sharding.spec == P("data", None, None, None), y.sharding
+np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+for name, v in g.items():
+    np.testing.assert_allclose(v[...], ref_g[name][...], rtol=1e-4, atol=1e-4, err_msg=name)
+# Under a mesh without logical axis rules (data parallel only) the layer builds with
+# replicated parameters (the logical names were read as mesh axes: a ValueError)
+with jax.set_mesh(mesh):
+    m = gn.NeighborhoodAttention2D(4, 16, rngs=nnx.Rngs(0), **kw)
+    y = nnx.jit(lambda m, x: m(x))(m, jax.device_put(x, NamedSharding(mesh, P("data"))))
+np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
 print("SHARDED_OK")
 """
 
 
 def test_sharded_layer_matches_unsharded():
-    """On 4 CPU devices (2 data x 2 model): heads-sharded parameters, batch-sharded input."""
+    """On 4 CPU devices (2 data x 2 model): heads-sharded parameters, batch-sharded input,
+    on Auto and on Explicit mesh axes (with out_sharding)."""
     import os
     import pathlib
     import subprocess
