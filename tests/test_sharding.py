@@ -565,17 +565,19 @@ def _worker():  # pragma: no cover - runs in the subprocess
         args = inputs((4, 16), 2, 2, 2, 4, seed=6)
         want = unsharded(kw, args)
         msgs = []
-        for shape in ((2, 4), (4, 2)):
-            mesh = Mesh(np.array(jax.devices()).reshape(shape), ("x", "y"))
 
+        def via_sharded(mesh):  # out, lse and the gradients through the shard_map entry point
             def f(q, k, v, do, dl):
                 op = lambda q, k, v: sharding.neighborhood_attention_sharded(
                     q, k, v, **kw, mesh=mesh, spatial_axes={1: ("y", "x")}, return_lse=True,
                     backend="xla")
                 (o, l), vjp = jax.vjp(op, q, k, v)
                 return (o, l) + tuple(vjp((do, dl)))
+            return jax.jit(f)
 
-            errs = compare(jax.jit(f)(*args), want)
+        for shape in ((2, 4), (4, 2)):
+            mesh = Mesh(np.array(jax.devices()).reshape(shape), ("x", "y"))
+            errs = compare(via_sharded(mesh)(*args), want)
             msgs.append(f"shard_map {shape}: {max(errs.values()):.2e}")
         mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(AxisType.Explicit,) * 2)
         with jax.set_mesh(mesh):
@@ -592,14 +594,7 @@ def _worker():  # pragma: no cover - runs in the subprocess
 
         # The same mesh, inputs not placed on it: neighborhood_attention_sharded places them
         # (shard_map reshards nothing on Explicit axes; it raised its in_specs error before)
-        def g(q, k, v, do, dl):
-            op = lambda q, k, v: sharding.neighborhood_attention_sharded(
-                q, k, v, **kw, mesh=mesh, spatial_axes={1: ("y", "x")}, return_lse=True,
-                backend="xla")
-            (o, l), vjp = jax.vjp(op, q, k, v)
-            return (o, l) + tuple(vjp((do, dl)))
-
-        got = jax.jit(g)(*args)
+        got = via_sharded(mesh)(*args)
         errs = compare(got, want)
         assert got[0].sharding.spec == P(*lead, None), got[0].sharding
         msgs.append(f"Explicit mesh, inputs not placed: {max(errs.values()):.2e}")
