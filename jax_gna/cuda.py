@@ -55,6 +55,10 @@ BWD_TARGET = "jax_gna_bwd"
 FWD_TOKENS_TARGET = "jax_gna_fwd_tokens"
 _SUPPORTED_DTYPES = (np.dtype(np.float16), np.dtype(jnp.bfloat16), np.dtype(np.float32))
 _MAX_HEAD_DIM = 256
+# The kernels' largest batch (all leading dims; the FFI's limit: a grid of more than
+# 65535 runs as several launches, Params::z0); cuda.dense_attention's calls take at most
+# this many query blocks.
+_MAX_BATCH = 2 ** 31 - 1
 
 _lock = threading.Lock()
 _registered = False
@@ -131,7 +135,7 @@ def unsupported_reason(problem: Problem, query_shape, key_shape, value_shape, dt
         if x > _MAX_HEAD_DIM:
             return f"{name} {x} is larger than {_MAX_HEAD_DIM}"
     batch = int(np.prod(qs[:len(qs) - n - 2]))
-    if batch >= 2 ** 31 or qs[-2] > 65535:
+    if batch > _MAX_BATCH or qs[-2] > 65535:
         return f"batch {batch} of 2^31 or more, or heads {qs[-2]} above 65535"
     if max(problem.shape) >= 2 ** 30:
         return "an axis of 2^30 tokens or more"
@@ -221,7 +225,7 @@ def _fold_flags(problems, query_shape, value_shape, dtype, groups: int) -> tuple
         return no
     if _compute_capability() != "9.0":
         return no
-    if int(query_shape[0]) * int(groups) >= 2 ** 31:  # groups join the batch
+    if int(query_shape[0]) * int(groups) > _MAX_BATCH:  # groups join the batch
         return no
     if any(_hopper_blockers(sub, query_shape, value_shape, dtype) for sub in problems):
         return no
@@ -536,9 +540,6 @@ def _by_device_split(query, blocks, index, problems, calls, devices, poison: boo
 DENSE_MIN_KEYS = 64
 DENSE_SOME_KEYS, DENSE_SOME_HEADS = 32, 16
 DENSE_FEW_KEYS = 16
-# cuda.dense_attention's calls take at most this many query blocks: the kernels' largest
-# batch (the FFI's; a grid of more than 65535 runs as several launches, Params::z0).
-_MAX_BATCH = 2 ** 31 - 1
 # The tokens' dK/dV launch sums the blocks of a batch entry in runs (_dkv_sum), chosen by a
 # wave model: the GPU's streaming multiprocessors (one dK/dV CTA fits per SM), and a
 # CTA's fixed cost (loading its key tile, storing dK/dV) in query steps of 64 tokens per
