@@ -586,11 +586,11 @@ class NeighborhoodAttentionLinen(linen.Module):
     backend: str = "auto"
     num_spatial_dims: int | None = None
 
-    FIXED_SPATIAL_DIMS: ClassVar[int | None] = None
+    NUM_SPATIAL_DIMS: ClassVar[int | None] = None
 
     def config(self, in_features: int) -> AttentionConfig:
         """The validated :class:`AttentionConfig` for inputs of ``in_features``."""
-        fixed = type(self).FIXED_SPATIAL_DIMS
+        fixed = type(self).NUM_SPATIAL_DIMS
         if fixed is not None and self.num_spatial_dims != fixed:
             raise ValueError(f"{type(self).__name__} has {fixed} spatial axes, got "
                              f"num_spatial_dims={self.num_spatial_dims}.")
@@ -630,21 +630,21 @@ class NeighborhoodAttentionLinen(linen.Module):
 class NeighborhoodAttention1DLinen(NeighborhoodAttentionLinen):
     """1-D neighborhood attention (Linen); arguments as :class:`NeighborhoodAttentionLinen`."""
 
-    FIXED_SPATIAL_DIMS: ClassVar[int | None] = 1
+    NUM_SPATIAL_DIMS: ClassVar[int | None] = 1
     num_spatial_dims: int | None = 1
 
 
 class NeighborhoodAttention2DLinen(NeighborhoodAttentionLinen):
     """2-D neighborhood attention (Linen); arguments as :class:`NeighborhoodAttentionLinen`."""
 
-    FIXED_SPATIAL_DIMS: ClassVar[int | None] = 2
+    NUM_SPATIAL_DIMS: ClassVar[int | None] = 2
     num_spatial_dims: int | None = 2
 
 
 class NeighborhoodAttention3DLinen(NeighborhoodAttentionLinen):
     """3-D neighborhood attention (Linen); arguments as :class:`NeighborhoodAttentionLinen`."""
 
-    FIXED_SPATIAL_DIMS: ClassVar[int | None] = 3
+    NUM_SPATIAL_DIMS: ClassVar[int | None] = 3
     num_spatial_dims: int | None = 3
 
 
