@@ -12,6 +12,7 @@ first variant's (0 where a variant changes only the schedule, not the arithmetic
 Example: --variant sm80=JAX_GNA_SM90=0 times the Hopper forward against the sm80 one.
 
 usage (on the GPU): python3 scripts/ab_env.py [--passes fwd,bwd] [--rounds 9] [--warm-s 2] [--chain 16]
+    [--batch 1] [--head-dim 128]
     [--variant NAME=VAR=VALUE,VAR=VALUE ...] [shape window stride heads] ...
   default problems: the three block-sparse paper problems.
 """
@@ -60,6 +61,8 @@ def main() -> None:
                          "query) per call, divided by it: JAX's per-call host time is paid once")
     ap.add_argument("--warm-s", type=float, default=0.0,
                     help="run each problem back to back this long before timing it (GPU clocks)")
+    ap.add_argument("--batch", type=int, default=1, help="batch of every problem")
+    ap.add_argument("--head-dim", type=int, default=128, help="head dim of every problem")
     ap.add_argument("problems", nargs="*")
     a = ap.parse_args()
     variants = [("base", {})] + [parse_variant(v) for v in a.variant]
@@ -67,7 +70,7 @@ def main() -> None:
     probs = a.problems or DEFAULT
     for i in range(0, len(probs), 4):
         shape, window, stride, heads = probs[i:i + 4]
-        op, args = problem(shape, window, stride, heads)
+        op, args = problem(shape, window, stride, heads, batch=a.batch, head_dim=a.head_dim)
         makers = {}  # pass name: (new jitted function, ops per call)
         if "fwd" in a.passes.split(","):
             chained, _ = chained_fwd(op, *args, (), n=a.chain)
@@ -102,8 +105,8 @@ def main() -> None:
                 diff = max(float(np.max(np.abs(x.astype(np.float32) - y.astype(np.float32))))
                            for x, y in zip(jax.tree_util.tree_leaves(outs[name]), ref))
                 line.append(f"{name} {med / per * 1e3:.4f} ms (diff {diff:.3g})")
-            print(f"{shape} w{window} s{stride} H{heads} {pname} [{inner}x{a.rounds}]: " + "; ".join(line),
-                  flush=True)
+            print(f"{shape} w{window} s{stride} H{heads} B{a.batch} D{a.head_dim} {pname} "
+                  f"[{inner}x{a.rounds}]: " + "; ".join(line), flush=True)
     set_env({}, names)
 
 

@@ -39,7 +39,9 @@
 #           LIB through LD_PRELOAD; a bare NAME is the carried jax_gna/libjax_gna_cuda.so),
 #           builds alternating, $LIBAB_ROUNDS rounds (default 2); records in logs.tar.gz
 #           (libab/NAME_ROUND.json), the table (scripts/lib_ab.py, against the build named
-#           "base", else the first) in the summary
+#           "base", else the first) in the summary; $LIBAB_SETS ("SET:ARGS;SET:ARGS") instead
+#           of $LIBAB_ARGS: several problem sets (e.g. another --batch / --head-dim each), one
+#           folder libab/SET and one table each
 #   nattenbuild / nattenwait: NATTEN built in the background (CPU) while later stages run;
 #           nattenwait puts it on PYTHONPATH for the stages after it
 #   kernels Nsight Compute, kernel time and tensor-pipe share of the forward, dQ and dK/dV
@@ -152,16 +154,23 @@ for stage in "$@"; do
                     --out "$LOGS/kprofile/${run%%:*}.json" ${run#*:}
                 done
               fi ;;
-    libab) mkdir -p "$LOGS/libab"
+    libab) # one problem set ($LIBAB_ARGS), or with $LIBAB_SETS ("SET:ARGS;SET:ARGS") one per set,
+           # each in its own folder libab/SET with its own table
+           IFS=';' read -ra sets <<< "${LIBAB_SETS:-:${LIBAB_ARGS:-}}"
            for round in $(seq "${LIBAB_ROUNDS:-2}"); do
-             for build in ${LIBAB:-base}; do
-               name=${build%%=*}; pre=()
-               [ "$build" != "$name" ] && pre=(env "LD_PRELOAD=$PWD/${build#*=}")
-               TAIL=4 step "libab_${name}_$round" "${LIBAB_LIMIT:-150}" "${pre[@]}" python3 \
-                 scripts/kernel_profile.py --out "$LOGS/libab/${name}_$round.json" ${LIBAB_ARGS:-}
+             for set in "${sets[@]}"; do
+               sname=${set%%:*}; mkdir -p "$LOGS/libab/$sname"
+               for build in ${LIBAB:-base}; do
+                 name=${build%%=*}; pre=()
+                 [ "$build" != "$name" ] && pre=(env "LD_PRELOAD=$PWD/${build#*=}")
+                 TAIL=4 step "libab_${sname:+${sname}_}${name}_$round" "${LIBAB_LIMIT:-150}" "${pre[@]}" python3 \
+                   scripts/kernel_profile.py --out "$LOGS/libab/$sname/${name}_$round.json" ${set#*:}
+               done
              done
            done
-           python3 scripts/lib_ab.py "$LOGS/libab" | tee -a "$OUT/summary.txt" ;;
+           for set in "${sets[@]}"; do
+             python3 scripts/lib_ab.py "$LOGS/libab/${set%%:*}" | tee -a "$OUT/summary.txt"
+           done ;;
     nattenbuild) # NATTEN's minimal Hopper build (scripts/device_peers.sh, CPU) in the background,
                  # into build/natten_site; nattenwait waits for it and puts it on PYTHONPATH
                  # (so kprofile profiles NATTEN too). Needs build/peers/natten-*.tar.gz carried

@@ -10,6 +10,7 @@ forward): every kernel of it (XLA's delta fusion, dQ, dK/dV).
 
 usage (on the GPU): python3 scripts/kernel_profile.py [--dtypes bf16,fp16] [--calls 20]
     [--cudnn] [--backward] [--natten-best] [--inputs native|bf16|mantissaN] [--warm-s S]
+    [--batch 1] [--head-dim 128]
     [--out kernels.json] [shape window stride heads] ...
     (default: 1-D one-head stride 2048)
 Inputs: standard normal q, k, v drawn in each dtype (native, as the benchmark draws them);
@@ -122,6 +123,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warm-s", type=float, default=0.0,
                     help="seconds of back-to-back calls before each profile (sustained load: "
                          "the power cap) instead of one warm-up call")
+    ap.add_argument("--batch", type=int, default=1, help="batch of every problem (labels say B<n> if not 1)")
+    ap.add_argument("--head-dim", type=int, default=128,
+                    help="head dim of every problem (labels say D<n> if not 128; NATTEN then not run)")
     ap.add_argument("problems", nargs="*")
     args = ap.parse_args(argv)
 
@@ -162,6 +166,8 @@ def main(argv=None) -> int:
         from benchmarks.natten_peer import _configs as natten_configs
     except ImportError:
         natten = None
+    if args.batch != 1 or args.head_dim != 128:
+        natten = None  # its peer code profiles batch 1, head dim 128
     dts = {"bf16": (jnp.bfloat16, torch.bfloat16), "fp16": (jnp.float16, torch.float16)}
     lines: list[str] = []
 
@@ -183,12 +189,14 @@ def main(argv=None) -> int:
         for dname in args.dtypes.split(","):
             jdt, tdt = dts[dname]
             # Drawn in the dtype itself, or in bf16 and cast (--inputs bf16); the same keys.
-            op, qkv = problem(shape, window, stride, heads, jnp.bfloat16 if args.inputs == "bf16" else jdt)
+            op, qkv = problem(shape, window, stride, heads, jnp.bfloat16 if args.inputs == "bf16" else jdt,
+                              batch=args.batch, head_dim=args.head_dim)
             qkv = tuple(x.astype(jdt) for x in qkv)
             if mantissa_bits is not None:
                 qkv = tuple(round_mantissa(x, mantissa_bits) for x in qkv)
             f = jax.jit(op)
-            label = f"{kernel_label(dims, win, st, heads)} {dname}"
+            label = (kernel_label(dims, win, st, heads) + (f" B{args.batch}" if args.batch != 1 else "")
+                     + (f" D{args.head_dim}" if args.head_dim != 128 else "") + f" {dname}")
             runs = [("ours", kernel_times(torch, lambda: f(*qkv), args.calls))]
             # As the bench: forwards shorter than CHAIN_BELOW_S are also timed chained.
             if max(t for t, _ in runs[0][1].values()) < CHAIN_BELOW_S:

@@ -2,7 +2,8 @@
 scripts/device_session.sh's `libab` stage writes (scripts/kernel_profile.py run once per
 build and round, builds alternating, the other builds through LD_PRELOAD), as a markdown
 table with each build's per-round medians and the change of its mean against the build
-named "base" (else the first build).
+named "base" (else the first build). Per record its longest kernel (the forward's), for
+"ours bwd" the GPU time per call (the backward's kernels summed).
 
 usage: python3 scripts/lib_ab.py DIR   (DIR holds NAME_ROUND.json, e.g. base_1.json)
 """
@@ -16,8 +17,9 @@ import sys
 
 
 def load(folder: str) -> tuple[list[str], dict[tuple[str, str, str], dict[str, list[float]]]]:
-    """The builds in the order they first appear (by round, then name), and kernel_s per
-    (problem, dtype, who) per build, one value per round (rounds in order)."""
+    """The builds in the order they first appear (by round, then name), and kernel_s (gpu_s
+    for "ours bwd") per (problem, dtype, who) per build, one value per round (rounds in
+    order)."""
     files = [f for f in os.listdir(folder) if re.fullmatch(r".+_[0-9]+\.json", f)]
     if not files:
         raise SystemExit(f"no NAME_ROUND.json records in {folder}")
@@ -30,7 +32,9 @@ def load(folder: str) -> tuple[list[str], dict[tuple[str, str, str], dict[str, l
         with open(os.path.join(folder, f)) as fh:
             for r in json.load(fh)["records"]:
                 key = (r["problem"], r["dtype"], r["who"])
-                times.setdefault(key, {}).setdefault(name, []).append(r["kernel_s"])
+                # The backward's kernels summed (GPU time per call); else the longest kernel.
+                t = r["gpu_s"] if r["who"] == "ours bwd" else r["kernel_s"]
+                times.setdefault(key, {}).setdefault(name, []).append(t)
     return builds, times
 
 

@@ -24,13 +24,14 @@ def parse(shape: str, window: str, stride: str) -> tuple[tuple[int, ...], ...]:
     return dims, per(window), per(stride)
 
 
-def problem(shape: str, window: str, stride: str, heads: str, dtype=jnp.bfloat16):
-    """The command line's problem: random q, k, v of ``dtype`` (batch 1, head dim 128) and
-    the cuda forward on them, `op(q, k, v)` (also used by scripts/dispatch_overhead.py and
-    scripts/kernel_profile.py)."""
+def problem(shape: str, window: str, stride: str, heads: str, dtype=jnp.bfloat16,
+            batch: int = 1, head_dim: int = 128):
+    """The command line's problem: random q, k, v of ``dtype`` (batch 1 and head dim 128
+    unless given) and the cuda forward on them, `op(q, k, v)` (also used by
+    scripts/dispatch_overhead.py, scripts/kernel_profile.py and scripts/ab_env.py)."""
     dims, win, st = parse(shape, window, stride)
     key = jax.random.split(jax.random.PRNGKey(0), 3)
-    q, k, v = (jax.random.normal(kk, (1, *dims, int(heads), 128), dtype) for kk in key)
+    q, k, v = (jax.random.normal(kk, (batch, *dims, int(heads), head_dim), dtype) for kk in key)
 
     def op(q, k, v):
         return jax_gna.neighborhood_attention(q, k, v, win, st, backend="cuda")

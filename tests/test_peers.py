@@ -265,7 +265,7 @@ def test_chain_gaps_summary():
 def test_lib_ab_table(tmp_path):
     """scripts/lib_ab.py: records of builds and rounds (NAME_ROUND.json) become one row per
     (problem, dtype, kernel) with each build's rounds in order and the change of its mean
-    against the `base` build."""
+    against the `base` build; the backward's row sums its kernels (gpu_s)."""
     lib_ab = _script("lib_ab")
 
     def rec(prob, who, s):
@@ -275,6 +275,7 @@ def test_lib_ab_table(tmp_path):
         recs = [rec("1-D", "ours", t), rec("2-D", "ours", 100 * t)]
         if name == "base":
             recs.append(rec("1-D", "ours x16 in one jit", t - 1e-6))
+        recs.append({**rec("1-D", "ours bwd", 2 * t), "gpu_s": 3 * t})  # summed kernels: gpu_s
         (tmp_path / f"{name}_{rnd}.json").write_text(json.dumps({"calls": 20, "records": recs}))
     (tmp_path / "notes.json").write_text("{}")  # not NAME_ROUND: ignored
     builds, times = lib_ab.load(str(tmp_path))
@@ -284,6 +285,7 @@ def test_lib_ab_table(tmp_path):
     assert "| 1-D | bf16 | ours | 50.0, 52.0, 54.0 | 49.0, 49.0 (-5.8%) |" in t, t
     assert "| 2-D | bf16 | ours | 5.000e3, 5.200e3, 5.400e3 | 4.900e3, 4.900e3 (-5.8%) |" in t, t
     assert "| 1-D | bf16 | ours x16 in one jit | 49.0, 51.0, 53.0 | - |" in t, t
+    assert "| 1-D | bf16 | ours bwd | 150.0, 156.0, 162.0 | 147.0, 147.0 (-5.8%) |" in t, t
     assert "knob (vs base)" in t.splitlines()[0]
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit):
