@@ -208,7 +208,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     walk.next(tile.nkt);
 #pragma unroll
     for (int a = 0; a < 3; ++a) ks[a] += p.ax[a].kv0;
-    const bool full = tile.full(p, ks);
+    const bool full = tile.full_axes(p, ks) == kAllAxes;
     wg_wait<0>();
     reg_fence(sc);
     if (!first) {

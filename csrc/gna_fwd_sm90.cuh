@@ -167,10 +167,11 @@ GNA_HD void box_coords(int m, int sh2, int sh1, int m1, int m2, int (&o)[3]) {
   o[2] = m & m2;
 }
 
-// Element mask of a thread's 2 rows x (8 NB) columns of a score tile. Rows are given
-// per axis by the interval of column coordinates they see, relative to the column
-// tile's start ([lo, lo + w], unsigned compare); columns by their in-tile coordinates
-// (power-of-two extents: shifts sh2, sh1 and masks m1, m2). f(index, visible).
+// Element mask of a thread's 2 rows x (8 NB) columns of a score tile (the backward
+// kernels'; the forward's is window_bits below). Rows are given per axis by the interval
+// of column coordinates they see, relative to the column tile's start ([lo, lo + w],
+// unsigned compare); columns by their in-tile coordinates (power-of-two extents: shifts
+// sh2, sh1 and masks m1, m2). f(index, visible).
 template <int NB, typename F>
 __device__ __forceinline__ void for_each_element(const int (&lo)[2][3], const unsigned (&w)[2][3], int sh2,
                                                  int sh1, int m1, int m2, int tig, F&& f) {
@@ -193,6 +194,70 @@ __device__ __forceinline__ void for_each_element(const int (&lo)[2][3], const un
   }
 }
 
+// Element masks as bits. A thread of an m64nN accumulator tile holds, for its rows r = 0,
+// 1, the columns 8 j + 2 tig + e (j < N / 8, e = 0, 1): accumulator 4 j + 2 r + e. The
+// columns c of a tile box (flat, row-major, power-of-two extents n[a]) have coordinate
+// (c mod per) >> sh on axis a, per = n[a] << sh[a] being the axis's period in columns.
+// A row that sees the coordinates [lo, hi] of axis a sees the columns with (c mod per) in
+// [A, B) = [lo << sh, (hi + 1) << sh); for c = 8 j + c0 (c0 = 2 tig + e) that is a range
+// of j mod (per / 8), repeated every per / 8 bits, where per >= 8, and all or none of
+// them where per < 8 (c mod per = c0 mod per). ColLayout holds per axis n, sh, q = per /
+// 8 (0 where per < 8), pm = per - 1 and rep (a 1 every q bits), made on the host.
+struct ColLayout {
+  int n[3], sh[3], q[3], pm[3];
+  uint32_t rep[3];
+};
+inline ColLayout col_layout(const int (&n)[3]) {
+  ColLayout c;
+  for (int a = 2, sh = 0; a >= 0; sh += __builtin_ctz(static_cast<unsigned>(n[a])), --a) {
+    const int per = n[a] << sh;
+    c.n[a] = n[a];
+    c.sh[a] = sh;
+    c.pm[a] = per - 1;
+    c.q[a] = per >= 8 ? per / 8 : 0;
+    c.rep[a] = 0;
+    for (int b = 0; c.q[a] > 0 && b < 32; b += c.q[a]) c.rep[a] |= 1u << b;
+  }
+  return c;
+}
+
+// Bit j of vis[r][e]: whether row r sees column 8 j + 2 tig + e of the tile, the row
+// seeing tile-relative coordinates [lo[r][a], hi[r][a]] on axis a (any integers; empty
+// where hi < lo). Axes whose bit is set in `skip` are not tested (the caller knows the
+// tile lies inside every row's window there).
+GNA_HD void window_bits(const ColLayout& cl, const int (&lo)[2][3], const int (&hi)[2][3], int skip, int tig,
+                        uint32_t (&vis)[2][2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) vis[r][0] = vis[r][1] = ~0u;
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    if (skip >> a & 1) continue;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      int l = lo[r][a] < 0 ? 0 : lo[r][a], h = hi[r][a] + 1;  // h: one past the last
+      l = l < cl.n[a] ? l : cl.n[a];
+      h = h < l ? l : h < cl.n[a] ? h : cl.n[a];
+      const int A = l << cl.sh[a], B = h << cl.sh[a];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int c0 = 2 * tig + e;
+        if (cl.q[a] > 0) {
+          vis[r][e] &= ((1u << ((B - c0 + 7) >> 3)) - (1u << ((A - c0 + 7) >> 3))) * cl.rep[a];
+        } else {
+          const int c = c0 & cl.pm[a];
+          if (c < A || c >= B) vis[r][e] = 0u;
+        }
+      }
+    }
+  }
+}
+// Whether accumulator i is inside its row's window (window_bits).
+GNA_HD bool window_bit(const uint32_t (&vis)[2][2], int i) {
+  return (vis[(i >> 1) & 1][i & 1] >> (i >> 2)) & 1u;
+}
+// Per-axis test results (bit a: axis a), all axes.
+constexpr int kAllAxes = 7;
+
 // Row-major walk over a box of n[0] x n[1] x n[2] tiles without divisions: the in-box
 // index per axis of the current step; next() wraps to the start after the last tile.
 struct BoxWalk {
@@ -211,9 +276,11 @@ struct BoxWalk {
 // prologue before the first TMA load has no division instruction. Query and key tiles
 // and strides per axis, query heads per K/V head, query batches per K/V batch, and
 // log2 of the tile extents (powers of two on this path).
+// kcol: the key tiles' column layout (the forward's window_bits).
 struct TileDivs {
   FastDiv nqt[3], nkt[3], s[3], group, kvb;
   int qsh[3], ksh[3];
+  ColLayout kcol;
 };
 inline TileDivs tile_divs(const Params& p) {
   TileDivs v;
@@ -224,6 +291,8 @@ inline TileDivs tile_divs(const Params& p) {
     v.qsh[a] = __builtin_ctz(static_cast<unsigned>(p.ax[a].qt));
     v.ksh[a] = __builtin_ctz(static_cast<unsigned>(p.ax[a].kt));
   }
+  const int kt[3] = {p.ax[0].kt, p.ax[1].kt, p.ax[2].kt};
+  v.kcol = col_layout(kt);
   v.group = FastDiv(p.H / p.Hkv);
   v.kvb = FastDiv(p.kvb);
   return v;
@@ -296,13 +365,13 @@ struct FwdTile {
 #pragma unroll
     for (int a = 0; a < 3; ++a) window_sm90(p.ax[a], v, a, qs[a] + o[a], lo[a], hi[a]);
   }
-  // Whether every valid query of the tile sees every key of the key tile that starts
-  // at global `ks` (then the element mask is skipped; padded key tiles never qualify).
-  // The forward kernel spells the same test inline (its measured code).
-  GNA_HD bool full(const Params& p, const int ks[3]) const {
-    bool f = true;
+  // Per axis (bit a), whether every valid query of the tile sees every key of the key
+  // tile that starts at global `ks` on that axis (kAllAxes: the element mask is skipped;
+  // padded key tiles never qualify).
+  GNA_HD int full_axes(const Params& p, const int ks[3]) const {
+    int f = 0;
 #pragma unroll
-    for (int a = 0; a < 3; ++a) f &= ks[a] >= ilo[a] && ks[a] + p.ax[a].kt - 1 <= ihi[a];
+    for (int a = 0; a < 3; ++a) f |= (ks[a] >= ilo[a] && ks[a] + p.ax[a].kt - 1 <= ihi[a]) << a;
     return f;
   }
 };
@@ -412,7 +481,6 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
   const int gid = lane / 4, tig = lane % 4;
   // Tile extents are powers of two: in-tile coordinates by shifts and masks.
   const int qsh2 = __ffs(p.ax[2].qt) - 1, qsh1 = __ffs(p.ax[1].qt) - 1;
-  const int ksh2 = __ffs(p.ax[2].kt) - 1, ksh1 = __ffs(p.ax[1].kt) - 1;
 
   // In-tile coordinates of query row m (rows are row-major in the tile box).
   auto row_coords = [&](int m, int (&o)[3]) { box_coords(m, qsh2, qsh1, p.ax[1].qt - 1, p.ax[2].qt - 1, o); };
@@ -471,10 +539,11 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
       for (int g = 0; g < NG; ++g) Wgmma<T>::rs(o_acc[g], pa[j], desc_plus(dv, 2 * g * L::kKVHalf + j * 16 * 128));
     wg_commit();
   };
-  // The next key tile of the softmax (tiles in order, `it`): its global start and whether
-  // it lies inside every window. Computed before waiting on the scores it masks. EXTRA:
-  // past the window's tiles, the tokens' tiles are full but the last one where nx is not
-  // a multiple of KT; that one sets xcols, the tokens it holds (0 otherwise).
+  // The next key tile of the softmax (tiles in order, `it`): its global start and, per
+  // axis (bit a), whether it lies inside every window on that axis (kAllAxes: on all, no
+  // element mask). Computed before waiting on the scores it masks. EXTRA: past the
+  // window's tiles, the tokens' tiles are full but the last one where nx is not a
+  // multiple of KT; that one sets xcols, the tokens it holds (0 otherwise).
   BoxWalk walk;
   [[maybe_unused]] int xcols = 0;
   auto next_tile = [&](int it, int (&ks)[3]) {
@@ -482,24 +551,20 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
       if (it >= tile.ntiles) {
         const int left = p.nx - (it - tile.ntiles) * KT;
         xcols = left < KT ? left : 0;
-        return left >= KT;
+        return left >= KT ? kAllAxes : 0;
       }
     }
     tile.key_tile(p, walk, ks);
     walk.next(tile.nkt);
-    bool full = true;
 #pragma unroll
-    for (int a = 0; a < 3; ++a) {
-      ks[a] += p.ax[a].kv0;
-      full &= ks[a] >= tile.ilo[a] && ks[a] + p.ax[a].kt - 1 <= tile.ihi[a];
-    }
-    return full;
+    for (int a = 0; a < 3; ++a) ks[a] += p.ax[a].kv0;
+    return tile.full_axes(p, ks);
   };
   // Mask (partial tiles only) and online softmax of the key tile at global `ks`:
   // updates m_run, l_run, turns sc into unnormalized probabilities, returns the rescale
   // factors of O.
-  auto softmax = [&](const int (&ks)[3], bool full, float(&sc)[NS], float(&alpha)[2]) {
-    if (full) {
+  auto softmax = [&](const int (&ks)[3], int full, float(&sc)[NS], float(&alpha)[2]) {
+    if (full == kAllAxes) {
       if (!fold) {
 #pragma unroll
         for (int i = 0; i < NS; ++i) sc[i] *= sl2;
@@ -510,19 +575,21 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
 #pragma unroll
       for (int i = 0; i < NS; ++i) sc[i] = 8 * (i / 4) + 2 * tig + i % 2 < xcols ? sc[i] * pre : -INFINITY;
     } else {
-      // Per row and axis: key-tile-relative window start and width (unsigned compare).
-      int rlo[2][3];
-      unsigned rw[2][3];
+      // The element mask (window_bits; axes on which the tile lies inside every
+      // window are skipped).
+      int lo[2][3], hi[2][3];
 #pragma unroll
       for (int r = 0; r < 2; ++r)
 #pragma unroll
         for (int a = 0; a < 3; ++a) {
-          rlo[r][a] = wlo[r][a] - ks[a];
-          rw[r][a] = static_cast<unsigned>(whi[r][a] - wlo[r][a]);
+          lo[r][a] = wlo[r][a] - ks[a];
+          hi[r][a] = whi[r][a] - ks[a];
         }
-      for_each_element<NB>(rlo, rw, ksh2, ksh1, p.ax[1].kt - 1, p.ax[2].kt - 1, tig, [&](int i, bool vis) {
-        sc[i] = vis ? sc[i] * pre : -INFINITY;
-      });
+      uint32_t vis[2][2];
+      window_bits(divs.kcol, lo, hi, full, tig, vis);
+#pragma unroll
+      for (int i = 0; i < NS; ++i)
+        sc[i] = window_bit(vis, i) ? sc[i] * pre : -INFINITY;
     }
     // Rows r = 0, 1 are accumulator slots {0,1} and {2,3} of each 8-column block.
 #pragma unroll
@@ -585,7 +652,7 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
   turn_wait();
   issue_s(0, sc);
   turn_pass();
-  bool full = next_tile(0, ks);
+  int full = next_tile(0, ks);
   wg_wait<0>();
   if (GNA_FWD_TIMELINE) stamp.take(2);
   reg_fence(sc);

@@ -6,7 +6,10 @@
 //                by every valid query (and does not run past the key block);
 //   key-outer:   every query that sees a valid key of the tile lies in a visited query
 //                tile, once; full is exact; the per-key query intervals are exact;
-//   first_reaching / last_reaching (closed forms) equal the binary searches over window().
+//   first_reaching / last_reaching (closed forms) equal the binary searches over window();
+//   the forward's element masks (window_bits, skipping the axes full_axes reports full, as
+//   the kernel does) equal the brute force for every thread's columns of every visited
+//   tile pair (rows queries, columns keys).
 // The geometry takes its divisions from tile_divs (FastDiv), as the kernels do.
 // stdin: one problem per line: rank, then per axis L k s causal q0 qn kv0 kvn.
 // stdout: "ok <checks>" per problem, or "FAIL <what>" (and exit code 1).
@@ -82,6 +85,40 @@ static void closed_forms(const Params& p) {
   }
 }
 
+// window_bits for rows (m, m + 8), m < 8 mod 16, of a tile of nrows rows, against
+// `visible(row, column)` for the rows and columns `valid` keeps: lo / hi(row, axis) are
+// the row's interval relative to the column tile's start, cl the column tile's layout
+// with ncols columns, skip the axes the kernel skips.
+template <typename Lo, typename Valid, typename Visible>
+static void check_bits(const gna::sm90::ColLayout& cl, int nrows, int ncols, int skip, Lo&& lohi, Valid&& valid,
+                       Visible&& visible, int bid, int it) {
+  for (int m = 0; m < nrows; ++m) {
+    if (m % 16 >= 8) continue;
+    int lo[2][3], hi[2][3];
+    for (int r = 0; r < 2; ++r) lohi(m + 8 * r, lo[r], hi[r]);
+    for (int tig = 0; tig < 4; ++tig) {
+      uint32_t vis[2][2];
+      gna::sm90::window_bits(cl, lo, hi, skip, tig, vis);
+      for (int j = 0; j < ncols / 8; ++j)
+        for (int r = 0; r < 2; ++r)
+          for (int e = 0; e < 2; ++e) {
+            const int row = m + 8 * r, col = 8 * j + 2 * tig + e;
+            if (!valid(row, col)) continue;
+            const bool got = gna::sm90::window_bit(vis, 4 * j + 2 * r + e), want = visible(row, col);
+            CHECK(got == want, "query tile %d step %d row %d column %d: mask bit %d, brute force %d", bid, it, row,
+                  col, (int)got, (int)want);
+          }
+    }
+  }
+}
+
+// In-tile coordinates of element m of a box with extents n (row-major).
+static void coords(int m, const int (&n)[3], int (&o)[3]) {
+  o[2] = m % n[2];
+  o[1] = m / n[2] % n[1];
+  o[0] = m / (n[2] * n[1]);
+}
+
 static void query_outer(const Params& p) {
   const gna::sm90::TileDivs divs = gna::sm90::tile_divs(p);
   const int n = p.ax[0].nqt * p.ax[1].nqt * p.ax[2].nqt;
@@ -95,18 +132,43 @@ static void query_outer(const Params& p) {
       t.key_tile(p, walk, kw);
       CHECK(ks[0] == kw[0] && ks[1] == kw[1] && ks[2] == kw[2], "query tile %d step %d: the walk differs", bid, it);
       CHECK(seen.insert({ks[0], ks[1], ks[2]}).second, "query tile %d visits a key tile twice", bid);
-      bool full = true;  // brute force: every valid query sees every key, none padded
+      int full = 0;  // brute force, per axis: every valid query sees every key, none padded
       for (int a = 0; a < 3; ++a) {
         const Axis& x = p.ax[a];
+        bool all = true;
         for (int k = x.kv0 + ks[a]; k < x.kv0 + ks[a] + x.kt; ++k) {
-          bool all = k < x.kv0 + x.kvn;
+          all &= k < x.kv0 + x.kvn;
           for (int q = t.qs[a]; q <= t.qe[a] && all; ++q) all = sees(x, q, k);
-          full &= all;
         }
+        full |= all << a;
       }
       int g[3] = {ks[0] + p.ax[0].kv0, ks[1] + p.ax[1].kv0, ks[2] + p.ax[2].kv0};
-      CHECK(t.full(p, g) == full, "query tile %d key tile %d: full flag %d, brute force %d", bid, it,
-            (int)t.full(p, g), (int)full);
+      const int f = t.full_axes(p, g);
+      CHECK(f == full, "query tile %d key tile %d: full axes %d, brute force %d", bid, it, f, full);
+      // The forward's element mask: rows are the tile's queries, columns its keys.
+      const int qn[3] = {p.ax[0].qt, p.ax[1].qt, p.ax[2].qt}, kn[3] = {p.ax[0].kt, p.ax[1].kt, p.ax[2].kt};
+      check_bits(
+          divs.kcol, qn[0] * qn[1] * qn[2], kn[0] * kn[1] * kn[2], f,
+          [&](int row, int (&lo)[3], int (&hi)[3]) {
+            int o[3];
+            coords(row, qn, o);
+            t.query_window(p, divs, o, lo, hi);
+            for (int a = 0; a < 3; ++a) lo[a] -= g[a], hi[a] -= g[a];
+          },
+          [&](int row, int) {
+            int o[3];
+            coords(row, qn, o);
+            return t.qs[0] + o[0] <= t.qe[0] && t.qs[1] + o[1] <= t.qe[1] && t.qs[2] + o[2] <= t.qe[2];
+          },
+          [&](int row, int col) {
+            int o[3], c[3];
+            coords(row, qn, o);
+            coords(col, kn, c);
+            bool v = true;
+            for (int a = 0; a < 3; ++a) v &= sees(p.ax[a], t.qs[a] + o[a], g[a] + c[a]);
+            return v;
+          },
+          bid, it);
     }
     CHECK((int)seen.size() == t.ntiles, "query tile %d", bid);
     // The consumers' rows: in-tile coordinates (row-major, by shifts and masks) and windows.
