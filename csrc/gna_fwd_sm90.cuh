@@ -18,8 +18,9 @@
 // The key tiles a query tile visits are the tile-grid box that covers the union of
 // its queries' windows (the windows are monotone, so that is [lo(first), hi(last)]
 // per axis, gna_problem.h); tiles inside the intersection of all windows skip the
-// element mask. fwd_tokens_sm90_kernel (the same body) visits the call's additional
-// tokens too, as key tiles after the window's.
+// element mask, the others build it as bits per row on the axes where they are not
+// inside (window_bits). fwd_tokens_sm90_kernel (the same body) visits the call's
+// additional tokens too, as key tiles after the window's.
 #pragma once
 #include <cuda.h>
 #include <cfloat>
