@@ -85,33 +85,6 @@ static void closed_forms(const Params& p) {
   }
 }
 
-// window_bits for rows (m, m + 8), m < 8 mod 16, of a tile of nrows rows, against
-// `visible(row, column)` for the rows and columns `valid` keeps: lo / hi(row, axis) are
-// the row's interval relative to the column tile's start, cl the column tile's layout
-// with ncols columns, skip the axes the kernel skips.
-template <typename Lo, typename Valid, typename Visible>
-static void check_bits(const gna::sm90::ColLayout& cl, int nrows, int ncols, int skip, Lo&& lohi, Valid&& valid,
-                       Visible&& visible, int bid, int it) {
-  for (int m = 0; m < nrows; ++m) {
-    if (m % 16 >= 8) continue;
-    int lo[2][3], hi[2][3];
-    for (int r = 0; r < 2; ++r) lohi(m + 8 * r, lo[r], hi[r]);
-    for (int tig = 0; tig < 4; ++tig) {
-      uint32_t vis[2][2];
-      gna::sm90::window_bits(cl, lo, hi, skip, tig, vis);
-      for (int j = 0; j < ncols / 8; ++j)
-        for (int r = 0; r < 2; ++r)
-          for (int e = 0; e < 2; ++e) {
-            const int row = m + 8 * r, col = 8 * j + 2 * tig + e;
-            if (!valid(row, col)) continue;
-            const bool got = gna::sm90::window_bit(vis, 4 * j + 2 * r + e), want = visible(row, col);
-            CHECK(got == want, "query tile %d step %d row %d column %d: mask bit %d, brute force %d", bid, it, row,
-                  col, (int)got, (int)want);
-          }
-    }
-  }
-}
-
 // In-tile coordinates of element m of a box with extents n (row-major).
 static void coords(int m, const int (&n)[3], int (&o)[3]) {
   o[2] = m % n[2];
@@ -145,30 +118,39 @@ static void query_outer(const Params& p) {
       int g[3] = {ks[0] + p.ax[0].kv0, ks[1] + p.ax[1].kv0, ks[2] + p.ax[2].kv0};
       const int f = t.full_axes(p, g);
       CHECK(f == full, "query tile %d key tile %d: full axes %d, brute force %d", bid, it, f, full);
-      // The forward's element mask: rows are the tile's queries, columns its keys.
+      // The forward's element mask (window_bits, the axes in f skipped) for each thread's
+      // rows m and m + 8 (m < 8 mod 16) against the brute force, on the valid rows.
       const int qn[3] = {p.ax[0].qt, p.ax[1].qt, p.ax[2].qt}, kn[3] = {p.ax[0].kt, p.ax[1].kt, p.ax[2].kt};
-      check_bits(
-          divs.kcol, qn[0] * qn[1] * qn[2], kn[0] * kn[1] * kn[2], f,
-          [&](int row, int (&lo)[3], int (&hi)[3]) {
-            int o[3];
-            coords(row, qn, o);
-            t.query_window(p, divs, o, lo, hi);
-            for (int a = 0; a < 3; ++a) lo[a] -= g[a], hi[a] -= g[a];
-          },
-          [&](int row, int) {
-            int o[3];
-            coords(row, qn, o);
-            return t.qs[0] + o[0] <= t.qe[0] && t.qs[1] + o[1] <= t.qe[1] && t.qs[2] + o[2] <= t.qe[2];
-          },
-          [&](int row, int col) {
-            int o[3], c[3];
-            coords(row, qn, o);
-            coords(col, kn, c);
-            bool v = true;
-            for (int a = 0; a < 3; ++a) v &= sees(p.ax[a], t.qs[a] + o[a], g[a] + c[a]);
-            return v;
-          },
-          bid, it);
+      for (int m = 0; m < qn[0] * qn[1] * qn[2]; ++m) {
+        if (m % 16 >= 8) continue;
+        int o[2][3], lo[2][3], hi[2][3];
+        bool valid[2];
+        for (int r = 0; r < 2; ++r) {
+          coords(m + 8 * r, qn, o[r]);
+          t.query_window(p, divs, o[r], lo[r], hi[r]);
+          valid[r] = true;
+          for (int a = 0; a < 3; ++a) {
+            lo[r][a] -= g[a];
+            hi[r][a] -= g[a];
+            valid[r] &= t.qs[a] + o[r][a] <= t.qe[a];
+          }
+        }
+        for (int tig = 0; tig < 4; ++tig) {
+          uint32_t vis[2][2];
+          gna::sm90::window_bits(divs.kcol, lo, hi, f, tig, vis);
+          for (int j = 0; j < kn[0] * kn[1] * kn[2] / 8; ++j)
+            for (int r = 0; r < 2; ++r)
+              for (int e = 0; e < 2 && valid[r]; ++e) {
+                int c[3];
+                coords(8 * j + 2 * tig + e, kn, c);
+                bool want = true;
+                for (int a = 0; a < 3; ++a) want &= sees(p.ax[a], t.qs[a] + o[r][a], g[a] + c[a]);
+                const bool got = gna::sm90::window_bit(vis, 4 * j + 2 * r + e);
+                CHECK(got == want, "query tile %d step %d row %d column %d: mask bit %d, brute force %d", bid, it,
+                      m + 8 * r, 8 * j + 2 * tig + e, (int)got, (int)want);
+              }
+        }
+      }
     }
     CHECK((int)seen.size() == t.ntiles, "query tile %d", bid);
     // The consumers' rows: in-tile coordinates (row-major, by shifts and masks) and windows.

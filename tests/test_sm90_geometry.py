@@ -7,9 +7,9 @@ the kernels use (128x128 forward, 128x64 dQ, 64x128 dK/dV) it checks against a b
 force over the window math that each visible (query, key) pair lies in exactly one
 visited tile, that "full" tiles (no element mask) are exactly the fully visible ones
 (per axis for the query-outer kernels), that the forward's element mask as bits
-(``window_bits``) equals the brute force for every thread, and that the per-key query intervals of the dK/dV kernel are exact; and that the
-kernels' divisions by host-made magic numbers (``FastDiv``, ``csrc/gna_problem.h``)
-equal integer division.
+(``window_bits``) equals the brute force for every thread, and that the per-key query
+intervals of the dK/dV kernel are exact; and that the kernels' divisions by host-made
+magic numbers (``FastDiv``, ``csrc/gna_problem.h``) equal integer division.
 """
 
 from __future__ import annotations
