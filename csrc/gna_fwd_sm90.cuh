@@ -8,7 +8,8 @@
 //                 S = Q K^T with wgmma from shared memory, the online softmax in
 //                 registers, and O += P V with P from registers.
 // Query tiles are boxes of 128 tokens, key tiles of KT = 128 tokens (64 at D = 256,
-// where the 64 x 256 O accumulator takes half the registers); power-of-two extents
+// where the 64 x 256 O accumulator takes half the registers, and at D <= 128 where the
+// host finds that they visit far fewer key columns, gna_sm90.cu); power-of-two extents
 // per axis, chosen on the host, read straight from the [B, *spatial, H, D] tensors by
 // 5-D TMA boxes (head dim, x, y, t, batch): no token permutation. Boxes that
 // reach past the block are zero-filled by TMA; the output tile goes back through
@@ -66,13 +67,14 @@ constexpr int kTileTokens = 128;  // queries per tile (and keys, except at D = 2
 constexpr float kRescaleLog2 = 8.f;
 constexpr int kThreads = 384;
 
-// Keys per forward key tile at head dim D.
+// Keys per forward key tile at head dim D by default (the additional tokens' kernel
+// always; the host may pick 64 at D <= 128 too).
 template <int D>
 constexpr int fwd_key_tokens() { return D > 128 ? 64 : 128; }
 
-template <int D, int STAGES>
+template <int D, int KEYS, int STAGES>
 struct FwdLayout {
-  static constexpr int KT = fwd_key_tokens<D>();
+  static constexpr int KT = KEYS;
   static constexpr int kQBytes = kTileTokens * D * 2;  // the Q tile (16-bit), later O
   static constexpr int kKVBytes = KT * D * 2;          // one K or V tile
   static constexpr int kQHalf = kTileTokens * 128;     // 64 columns of the Q tile
@@ -81,7 +83,7 @@ struct FwdLayout {
   static constexpr int kK = kQBytes;
   static constexpr int kV = kK + STAGES * kKVBytes;
   static constexpr int kBars = kV + STAGES * kKVBytes;  // qfull, kfull[S], vfull[S], empty[S]
-  static constexpr int kStamps = kBars + 128;           // GNA_FWD_TIMELINE's 2 x 8 stamps
+  static constexpr int kStamps = kBars + 256;           // GNA_FWD_TIMELINE's 2 x 8 stamps
   static_assert(8 * (1 + 3 * STAGES) <= kStamps - kBars, "the stamps lie past the barriers");
   static constexpr size_t smem_bytes() {
     return (GNA_FWD_TIMELINE ? kStamps + 4 * 16 : kBars + 8 * (1 + 3 * STAGES)) + 1024;
@@ -383,12 +385,12 @@ struct FwdTile {
 // every query sees all of them (the last masked past nx, whose rows TMA zero-fills): out
 // and lse come out over the window and the tokens together. Without EXTRA the maps are
 // not read (null).
-template <typename T, int D, int STAGES, bool EXTRA>
+template <typename T, int D, int KEYS, int STAGES, bool EXTRA>
 __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap& tq, const CUtensorMap& tk,
                                               const CUtensorMap& tv, const CUtensorMap& to, const TileDivs& divs,
                                               const CUtensorMap* txk, const CUtensorMap* txv) {
 #if defined(GNA_SM90_ENABLED)
-  using L = FwdLayout<D, STAGES>;
+  using L = FwdLayout<D, KEYS, STAGES>;
   constexpr int HALVES = D / 64;
   constexpr int KT = L::KT;      // keys per key tile
   constexpr int NS = KT / 2;     // S accumulators per thread (64 rows x KT per warpgroup)
@@ -777,22 +779,23 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
 #endif
 }
 
-template <typename T, int D, int STAGES>
+template <typename T, int D, int KEYS, int STAGES>
 __global__ void __launch_bounds__(kThreads, 1)
     fwd_sm90_kernel(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap tq,
                     const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv,
                     const __grid_constant__ CUtensorMap to, const __grid_constant__ TileDivs divs) {
-  fwd_sm90_body<T, D, STAGES, false>(p, tq, tk, tv, to, divs, nullptr, nullptr);
+  fwd_sm90_body<T, D, KEYS, STAGES, false>(p, tq, tk, tv, to, divs, nullptr, nullptr);
 }
 
-// The forward with the call's additional tokens as extra key tiles (p.nx of them).
+// The forward with the call's additional tokens as extra key tiles (p.nx of them), at
+// the default key tile only.
 template <typename T, int D, int STAGES>
 __global__ void __launch_bounds__(kThreads, 1)
     fwd_tokens_sm90_kernel(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap tq,
                            const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv,
                            const __grid_constant__ CUtensorMap to, const __grid_constant__ TileDivs divs,
                            const __grid_constant__ CUtensorMap txk, const __grid_constant__ CUtensorMap txv) {
-  fwd_sm90_body<T, D, STAGES, true>(p, tq, tk, tv, to, divs, &txk, &txv);
+  fwd_sm90_body<T, D, fwd_key_tokens<D>(), STAGES, true>(p, tq, tk, tv, to, divs, &txk, &txv);
 }
 
 }  // namespace sm90

@@ -57,6 +57,7 @@ inline std::vector<std::array<int, 3>> tile_shapes(const int cap[3], int tokens 
 struct Plan {
   bool ok = false;
   int qt[3], kt[3];
+  double visits = 0;  // key tiles visited, summed over the query tiles (of one batch and head)
 };
 
 // Picks the query and key tile shapes that visit the fewest key tiles in total
@@ -88,6 +89,7 @@ inline Plan choose_tiles(const Params& p, int q_tokens = kPlanTileTokens, int kv
       if (!best.ok || cost < best_cost) {
         best.ok = true;
         best_cost = cost;
+        best.visits = visits;
         for (int a = 0; a < 3; ++a) { best.qt[a] = q[a]; best.kt[a] = k[a]; }
       }
     }

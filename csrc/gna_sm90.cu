@@ -139,12 +139,36 @@ Mode mode_from_env() {
   return Mode::kAuto;
 }
 
-template <typename T, int D>
+// The forward's TMA ring: twice the stages at 64-token key tiles where D <= 128 (the same
+// bytes in flight).
+template <typename T, int D, int KT>
+constexpr int fwd_stages() { return KT < sm90::fwd_key_tokens<D>() ? 2 * stages_of<T, D>() : stages_of<T, D>(); }
+
+// Whether the forward at D <= 128 (without additional tokens) takes 64-token key tiles:
+// where they visit at most 80% of the key columns that 128-token tiles do. A 64-token
+// tile costs more than half a 128-token one (H200, bf16, kernel time, each forced on the
+// same problem: per key column 1.13-1.19x on the paper problems, 1.12-1.33x on small
+// windows), so they win only by a wide margin. Measured, with the ratio of key columns:
+// 1-D windows 33-129 (0.67) -10 to -12% at D 64 and 128, 3-D 8x64x64 window 3 D 64 (0.76)
+// -12.6%, 2-D 128x128 window 7 D 64 (0.76) -5.5%, window 13 (0.77) -1.5%; past 0.8: 1-D
+// window 385 (0.80) -6.9%, 2-D 64x64 window 7 D 128 (0.81) -1.2%, 128x128 window 21 D 64
+// (0.82) +3.1%, the paper problems (0.91-1.0) +5 to +19%
+// (benchmarks/results/short-key-tiles-h200.md). JAX_GNA_FWD_KEYS (a measurement and test
+// switch, read per call): "64" or "128" forces the choice.
+bool short_key_tiles(const Params& p) {
+  const char* e = std::getenv("JAX_GNA_FWD_KEYS");
+  if (e && std::strcmp(e, "64") == 0) return true;
+  if (e && std::strcmp(e, "128") == 0) return false;
+  const Plan a = cached_plan(p, sm90::kTileTokens, 128), b = cached_plan(p, sm90::kTileTokens, 64);
+  return a.ok && b.ok && 64 * b.visits <= 0.8 * 128 * a.visits;
+}
+
+template <typename T, int D, int KT>
 cudaError_t fwd_sm90(DType dt, Params p, cudaStream_t stream, bool& used) {
-  constexpr int S = stages_of<T, D>();
-  auto kern = sm90::fwd_sm90_kernel<T, D, S>;
+  constexpr int S = fwd_stages<T, D, KT>();
+  auto kern = sm90::fwd_sm90_kernel<T, D, KT, S>;
   if (!sm90_device(reinterpret_cast<void*>(kern))) return cudaSuccess;
-  const Plan plan = cached_plan(p, sm90::kTileTokens, sm90::fwd_key_tokens<D>());
+  const Plan plan = cached_plan(p, sm90::kTileTokens, KT);
   if (!plan.ok) return cudaSuccess;
   const int64_t nqtiles = apply_plan(p, plan, true);
   if (nqtiles >= (int64_t{1} << 31)) return cudaSuccess;
@@ -160,18 +184,22 @@ cudaError_t fwd_sm90(DType dt, Params p, cudaStream_t stream, bool& used) {
       !make_map(&tk, dt, p.k, Bkv, kn, p.Hkv * D, plan.kt) || !make_map(&tv, dt, p.v, Bkv, kn, p.Hkv * D, plan.kt) ||
       !make_map(&to, dt, p.o, p.B, qn, p.H * D, half, p.qpitch, p.qoff))
     return cudaSuccess;  // not representable as TMA boxes: the sm80 kernels run
-  static_assert(FwdLayout<D, S>::smem_bytes() <= kMaxSmem, "forward tiles exceed shared memory");
-  const size_t smem = FwdLayout<D, S>::smem_bytes();
+  static_assert(FwdLayout<D, KT, S>::smem_bytes() <= kMaxSmem, "forward tiles exceed shared memory");
+  const size_t smem = FwdLayout<D, KT, S>::smem_bytes();
   const dim3 grid(static_cast<unsigned>(nqtiles), p.H, p.B);
   if (p.nx > 0) {  // the additional tokens as extra key tiles: [B, nx, Hkv, D] as 1-D blocks
-    auto kx = sm90::fwd_tokens_sm90_kernel<T, D, S>;
-    CUtensorMap txk, txv;
-    const int xn[3] = {1, 1, p.nx}, xt[3] = {1, 1, sm90::fwd_key_tokens<D>()};
-    if (!make_map(&txk, dt, p.xk, p.B, xn, p.Hkv * D, xt) || !make_map(&txv, dt, p.xv, p.B, xn, p.Hkv * D, xt))
-      return cudaSuccess;
-    if (cudaError_t e = set_smem(kx, smem); e != cudaSuccess) return e;
-    used = true;
-    return launch_sm90(kx, grid, smem, stream, pdl_from_env(), p, tq, tk, tv, to, sm90::tile_divs(p), txk, txv);
+    if constexpr (KT != sm90::fwd_key_tokens<D>()) {
+      return cudaErrorNotSupported;  // fwd_sm90_dim picks the default key tiles with tokens
+    } else {
+      auto kx = sm90::fwd_tokens_sm90_kernel<T, D, S>;
+      CUtensorMap txk, txv;
+      const int xn[3] = {1, 1, p.nx}, xt[3] = {1, 1, KT};
+      if (!make_map(&txk, dt, p.xk, p.B, xn, p.Hkv * D, xt) || !make_map(&txv, dt, p.xv, p.B, xn, p.Hkv * D, xt))
+        return cudaSuccess;
+      if (cudaError_t e = set_smem(kx, smem); e != cudaSuccess) return e;
+      used = true;
+      return launch_sm90(kx, grid, smem, stream, pdl_from_env(), p, tq, tk, tv, to, sm90::tile_divs(p), txk, txv);
+    }
   }
   if (cudaError_t e = set_smem(kern, smem); e != cudaSuccess) return e;
   used = true;
@@ -272,9 +300,11 @@ bool eligible(DType dt, const Params& p, bool backward) {
 
 template <typename T>
 cudaError_t fwd_sm90_dim(DType dt, const Params& p, cudaStream_t stream, bool& used) {
-  if (p.D == 64) return fwd_sm90<T, 64>(dt, p, stream, used);
-  if (p.D == 128) return fwd_sm90<T, 128>(dt, p, stream, used);
-  return fwd_sm90<T, 256>(dt, p, stream, used);
+  if (p.D == 256) return fwd_sm90<T, 256, 64>(dt, p, stream, used);
+  const bool short_keys = p.nx == 0 && short_key_tiles(p);
+  if (p.D == 64)
+    return short_keys ? fwd_sm90<T, 64, 64>(dt, p, stream, used) : fwd_sm90<T, 64, 128>(dt, p, stream, used);
+  return short_keys ? fwd_sm90<T, 128, 64>(dt, p, stream, used) : fwd_sm90<T, 128, 128>(dt, p, stream, used);
 }
 
 cudaError_t try_forward_sm90(DType dt, const Params& p, cudaStream_t stream, bool& used) {

@@ -28,7 +28,10 @@ function's calls into a CUDA graph and replay them without calling the handler
 (``JAX_GNA_COMMAND_BUFFER=0`` before the first call turns that off). The Hopper kernels
 are launched with programmatic dependent launch (``JAX_GNA_PDL=0`` turns it off); the
 Hopper dK/dV kernel takes its key tiles heaviest first on short grids
-(``JAX_GNA_DKV_ORDER=0``/``1``: always tile order / always heaviest first).
+(``JAX_GNA_DKV_ORDER=0``/``1``: always tile order / always heaviest first). The Hopper
+forward at head dims 64 and 128 takes 64-token key tiles instead of 128-token ones where
+they visit at most 70% of the key columns (small 1-D windows; ``JAX_GNA_FWD_KEYS=64``/``128``
+forces either, for calls without additional tokens).
 """
 
 from __future__ import annotations
@@ -240,7 +243,8 @@ def kernel_path(problem: Problem, query_shape, value_shape, dtype) -> str:
 
     The forward runs the Hopper kernel (``csrc/gna_fwd_sm90.cuh``: TMA + wgmma) on
     compute capability 9.0 GPUs for fp16/bf16, head dims ``D == D_v`` in {64, 128,
-    256} (256 with 64-token key tiles), no dilation and blocks large enough for its
+    256} (256 with 64-token key tiles, 64 and 128 with 128-token ones, or 64-token ones
+    where those visit far fewer key columns), no dilation and blocks large enough for its
     tiles, unless the environment has ``JAX_GNA_SM90=0``; everything else runs the
     sm80 kernels. The backward takes the Hopper kernels (``csrc/gna_bwd_sm90.cuh``) on
     the same problems with head dim 64 or 128, unless ``JAX_GNA_SM90_BWD=0``. A dilated

@@ -319,7 +319,13 @@ int main(int argc, char** argv) {
       if (!plan.ok) continue;
       ++plans;
       Params q = p;
-      gna::apply_plan(q, plan, true);  // sets both tilings; the count is not needed
+      const int64_t nq = gna::apply_plan(q, plan, true);  // sets both tilings
+      // plan.visits (the forward's choice of key tile size compares it) against the walk.
+      const gna::sm90::TileDivs divs = gna::sm90::tile_divs(q);
+      double visits = 0;
+      for (int64_t bid = 0; bid < nq; ++bid) visits += gna::sm90::FwdTile(q, divs, static_cast<int>(bid)).ntiles;
+      CHECK(visits == plan.visits, "plan %dx%d: %.0f key tiles visited, plan.visits %.0f", tk[0], tk[1], visits,
+            plan.visits);
       query_outer(q);
       key_outer(q);
       block_order(q);

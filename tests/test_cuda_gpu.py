@@ -665,6 +665,22 @@ def test_sm90_head_dim_256(monkeypatch, shape, k, s, c, dims, dtype):
 
 
 @pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
+@pytest.mark.parametrize("keys", ["64", "128"])
+@pytest.mark.parametrize("case", range(len(SM90_CASES) + 1))
+def test_sm90_key_tiles(monkeypatch, keys, case):
+    """The Hopper forward at head dims 64 and 128 with each key tile forced
+    (JAX_GNA_FWD_KEYS; by default the host takes 64-token tiles only where they visit far
+    fewer key columns), on SM90_CASES and a query block inside a key block; forward only."""
+    _force_sm90(monkeypatch, False)
+    monkeypatch.setenv("JAX_GNA_FWD_KEYS", keys)
+    if case == len(SM90_CASES):
+        _check(_sm90_block()[1], 2, 2, 1, 64, 64, jnp.bfloat16, grads=False)
+        return
+    shape, k, s, c, (b, h, h_kv, dim), dtype = SM90_CASES[case]
+    _check(_problem(shape, k, s, 1, c, dim=dim), b, h, h_kv, dim, dim, dtype, grads=False)
+
+
+@pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
 @BACKWARDS
 def test_sm90_block_origins(monkeypatch, backward):
     _force_sm90(monkeypatch, backward)
