@@ -30,7 +30,7 @@ are launched with programmatic dependent launch (``JAX_GNA_PDL=0`` turns it off)
 Hopper dK/dV kernel takes its key tiles heaviest first on short grids
 (``JAX_GNA_DKV_ORDER=0``/``1``: always tile order / always heaviest first). The Hopper
 forward at head dims 64 and 128 takes 64-token key tiles instead of 128-token ones where
-they visit at most 70% of the key columns (small 1-D windows; ``JAX_GNA_FWD_KEYS=64``/``128``
+they visit at most 80% of the key columns (small windows; ``JAX_GNA_FWD_KEYS=64``/``128``
 forces either, for calls without additional tokens).
 """
 
