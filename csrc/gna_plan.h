@@ -96,6 +96,15 @@ inline Plan choose_tiles(const Params& p, int q_tokens = kPlanTileTokens, int kv
   return best;
 }
 
+// The Hopper forward's key tiles at head dims <= 128 (gna_sm90.cu, short_key_tiles): 64
+// tokens where the plan for them visits at most kShortKeysColumns of the key columns of the
+// plan for 128-token tiles (both with 128-token query tiles). The threshold is measured
+// (benchmarks/results/short-key-tiles-h200.md); tests/test_plan.py pins the measured choices.
+constexpr double kShortKeysColumns = 0.8;
+inline bool short_keys_pay(const Plan& keys128, const Plan& keys64) {
+  return keys128.ok && keys64.ok && 64 * keys64.visits <= kShortKeysColumns * 128 * keys128.visits;
+}
+
 // Puts a plan's tile shapes into the problem; returns the number of query tiles
 // (query_outer) or key tiles of the blocks.
 inline int64_t apply_plan(Params& p, const Plan& plan, bool query_outer) {

@@ -145,7 +145,8 @@ template <typename T, int D, int KT>
 constexpr int fwd_stages() { return KT < sm90::fwd_key_tokens<D>() ? 2 * stages_of<T, D>() : stages_of<T, D>(); }
 
 // Whether the forward at D <= 128 (without additional tokens) takes 64-token key tiles:
-// where they visit at most 80% of the key columns that 128-token tiles do. A 64-token
+// where they visit at most 80% of the key columns that 128-token tiles do
+// (short_keys_pay, gna_plan.h). A 64-token
 // tile costs more than half a 128-token one (H200, bf16, kernel time, each forced on the
 // same problem: per key column 1.13-1.19x on the paper problems, 1.12-1.33x on small
 // windows), so they win only by a wide margin. Measured, with the ratio of key columns:
@@ -159,8 +160,7 @@ bool short_key_tiles(const Params& p) {
   const char* e = std::getenv("JAX_GNA_FWD_KEYS");
   if (e && std::strcmp(e, "64") == 0) return true;
   if (e && std::strcmp(e, "128") == 0) return false;
-  const Plan a = cached_plan(p, sm90::kTileTokens, 128), b = cached_plan(p, sm90::kTileTokens, 64);
-  return a.ok && b.ok && 64 * b.visits <= 0.8 * 128 * a.visits;
+  return short_keys_pay(cached_plan(p, sm90::kTileTokens, 128), cached_plan(p, sm90::kTileTokens, 64));
 }
 
 template <typename T, int D, int KT>

@@ -6,6 +6,9 @@
 // axes are Axis{1, 1, 1, 1, 0, 0, 1, 0, 1, ...}.
 // Output, one block per problem (tile shapes in rank-3 order, unused axes first):
 //   plan OK QT0 QT1 QT2 KT0 KT1 KT2 VISITS FULL COST
+//   keys V128 V64 SHORT      the forward's key-tile choice at head dims <= 128: key tiles
+//                            visited by the plans for 128- and 64-token key tiles, and
+//                            gna::short_keys_pay (1: 64-token tiles)
 //   cand QT0 QT1 QT2 KT0 KT1 KT2 VISITS FULL          (only with argv[1] == "all")
 //   end
 // VISITS / FULL: visited (query tile, key tile) pairs over the query block and how
@@ -65,6 +68,8 @@ int main(int argc, char** argv) {
                 plan.ok ? plan.qt[0] : 0, plan.ok ? plan.qt[1] : 0, plan.ok ? plan.qt[2] : 0,
                 plan.ok ? plan.kt[0] : 0, plan.ok ? plan.kt[1] : 0, plan.ok ? plan.kt[2] : 0, v, f,
                 v + 0.25 * static_cast<double>(v - f));
+    const gna::Plan k64 = gna::choose_tiles(p, gna::kPlanTileTokens, 64);
+    std::printf("keys %.17g %.17g %d\n", plan.visits, k64.visits, gna::short_keys_pay(plan, k64) ? 1 : 0);
     if (all) {
       int qcap[3], kcap[3];
       for (int a = 0; a < 3; ++a) {
