@@ -145,15 +145,14 @@ template <typename T, int D, int KT>
 constexpr int fwd_stages() { return KT < sm90::fwd_key_tokens<D>() ? 2 * stages_of<T, D>() : stages_of<T, D>(); }
 
 // Whether the forward at D <= 128 (without additional tokens) takes 64-token key tiles:
-// where they visit at most 80% of the key columns that 128-token tiles do
-// (short_keys_pay, gna_plan.h). A 64-token
-// tile costs more than half a 128-token one (H200, bf16, kernel time, each forced on the
-// same problem: per key column 1.13-1.19x on the paper problems, 1.12-1.33x on small
-// windows), so they win only by a wide margin. Measured, with the ratio of key columns:
-// 1-D windows 33-129 (0.67) -10 to -12% at D 64 and 128, 3-D 8x64x64 window 3 D 64 (0.76)
-// -12.6%, 2-D 128x128 window 7 D 64 (0.76) -5.5%, window 13 (0.77) -1.5%; past 0.8: 1-D
-// window 385 (0.80) -6.9%, 2-D 64x64 window 7 D 128 (0.81) -1.2%, 128x128 window 21 D 64
-// (0.82) +3.1%, the paper problems (0.91-1.0) +5 to +19%
+// where they visit at most 80% of the key columns that 128-token tiles do (short_keys_pay,
+// gna_plan.h). A 64-token tile costs more than half a 128-token one (H200, bf16, kernel
+// time, each forced on the same problem: per key column 1.13-1.19x on the paper problems,
+// 1.12-1.33x on small windows), so they win only by a wide margin. Measured, with the
+// ratio of key columns: 1-D windows 33-129 (0.67) -10 to -12% at D 64 and 128, 3-D 8x64x64
+// window 3 D 64 (0.76) -12.6%, 2-D 128x128 window 7 D 64 (0.76) -5.5%, window 13 (0.77)
+// -1.5%; past 0.8: 1-D window 385 (0.80) -6.9%, 2-D 64x64 window 7 D 128 (0.81) -1.2%,
+// 128x128 window 21 D 64 (0.82) +3.1%, the paper problems (0.91-1.0) +5 to +19%
 // (benchmarks/results/short-key-tiles-h200.md). JAX_GNA_FWD_KEYS (a measurement and test
 // switch, read per call): "64" or "128" forces the choice.
 bool short_key_tiles(const Params& p) {
