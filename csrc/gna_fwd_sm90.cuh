@@ -72,7 +72,9 @@ constexpr int kThreads = 384;
 template <int D>
 constexpr int fwd_key_tokens() { return D > 128 ? 64 : 128; }
 
-template <int D, int KEYS, int STAGES>
+// QSLOTS: Q tiles in shared memory (2 where a CTA runs several query tiles, the next
+// one's Q loading while the last one's O leaves through the other slot).
+template <int D, int KEYS, int STAGES, int QSLOTS = 1>
 struct FwdLayout {
   static constexpr int KT = KEYS;
   static constexpr int kQBytes = kTileTokens * D * 2;  // the Q tile (16-bit), later O
@@ -80,13 +82,16 @@ struct FwdLayout {
   static constexpr int kQHalf = kTileTokens * 128;     // 64 columns of the Q tile
   static constexpr int kKVHalf = KT * 128;             // 64 columns of a K or V tile
   static constexpr int kQ = 0;
-  static constexpr int kK = kQBytes;
+  static constexpr int kK = QSLOTS * kQBytes;
   static constexpr int kV = kK + STAGES * kKVBytes;
-  static constexpr int kBars = kV + STAGES * kKVBytes;  // qfull, kfull[S], vfull[S], empty[S]
-  static constexpr int kStamps = kBars + 256;           // GNA_FWD_TIMELINE's 2 x 8 stamps
-  static_assert(8 * (1 + 3 * STAGES) <= kStamps - kBars, "the stamps lie past the barriers");
+  // Barriers: qfull[QSLOTS] (and qempty[QSLOTS] where QSLOTS > 1), kfull[S], vfull[S],
+  // empty[S].
+  static constexpr int kQBars = QSLOTS > 1 ? 2 * QSLOTS : 1;
+  static constexpr int kBars = kV + STAGES * kKVBytes;
+  static constexpr int kStamps = kBars + 256;  // GNA_FWD_TIMELINE's 2 x 8 stamps
+  static_assert(8 * (kQBars + 3 * STAGES) <= kStamps - kBars, "the stamps lie past the barriers");
   static constexpr size_t smem_bytes() {
-    return (GNA_FWD_TIMELINE ? kStamps + 4 * 16 : kBars + 8 * (1 + 3 * STAGES)) + 1024;
+    return (GNA_FWD_TIMELINE ? kStamps + 4 * 16 : kBars + 8 * (kQBars + 3 * STAGES)) + 1024;
   }
 };
 
@@ -384,13 +389,18 @@ struct FwdTile {
 // a key tile's shared-memory layout) are ceil(nx / KT) more key tiles after the window's,
 // every query sees all of them (the last masked past nx, whose rows TMA zero-fills): out
 // and lse come out over the window and the tokens together. Without EXTRA the maps are
-// not read (null).
-template <typename T, int D, int KEYS, int STAGES, bool EXTRA>
+// not read (null). MULTI: the CTA runs `items` query tiles one after the other
+// (blockIdx.x * items + j; fewer in the last CTA), its TMA ring and the consumers' turns
+// running on across them, with two Q slots: the next tile's Q and first key tiles load
+// while the last one's softmax and epilogue run, so the tensor cores do not wait for a
+// new CTA's start at every query tile (short CTAs: small windows).
+template <typename T, int D, int KEYS, int STAGES, bool EXTRA, bool MULTI = false>
 __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap& tq, const CUtensorMap& tk,
                                               const CUtensorMap& tv, const CUtensorMap& to, const TileDivs& divs,
-                                              const CUtensorMap* txk, const CUtensorMap* txv) {
+                                              const CUtensorMap* txk, const CUtensorMap* txv, int items = 1) {
 #if defined(GNA_SM90_ENABLED)
-  using L = FwdLayout<D, KEYS, STAGES>;
+  static_assert(!(MULTI && EXTRA), "several query tiles per CTA without additional tokens only");
+  using L = FwdLayout<D, KEYS, STAGES, MULTI ? 2 : 1>;
   constexpr int HALVES = D / 64;
   constexpr int KT = L::KT;      // keys per key tile
   constexpr int NS = KT / 2;     // S accumulators per thread (64 rows x KT per warpgroup)
@@ -405,19 +415,35 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
   unsigned char* gbase = smem_raw + (sbase - saddr(smem_raw));
   const uint32_t sQ = sbase + L::kQ, sK = sbase + L::kK, sV = sbase + L::kV;
   const uint32_t bar_q = sbase + L::kBars;
-  auto bar_k = [&](int s) { return bar_q + 8 * (1 + s); };
-  auto bar_v = [&](int s) { return bar_q + 8 * (1 + STAGES + s); };
-  auto bar_e = [&](int s) { return bar_q + 8 * (1 + 2 * STAGES + s); };
+  // Q slot q (query tile j of the CTA takes slot j % 2): full, and (MULTI) empty again
+  // once both consumer warpgroups' O left it.
+  auto bar_qf = [&](int q) { return bar_q + 8 * q; };
+  [[maybe_unused]] auto bar_qe = [&](int q) { return bar_q + 8 * (2 + q); };
+  auto bar_k = [&](int s) { return bar_q + 8 * (L::kQBars + s); };
+  auto bar_v = [&](int s) { return bar_q + 8 * (L::kQBars + STAGES + s); };
+  auto bar_e = [&](int s) { return bar_q + 8 * (L::kQBars + 2 * STAGES + s); };
 
   const int h = blockIdx.y, b = blockIdx.z + p.z0;
   const int hk = divs.group(h), bk = divs.kvb(b);
-  const FwdTile tile(p, divs, blockIdx.x);
+  // The CTA's query tiles: first, first + 1, ..., first + nitems - 1.
+  int first = blockIdx.x, nitems = 1;
+  if constexpr (MULTI) {
+    first = blockIdx.x * items;
+    const int left = p.ax[0].nqt * p.ax[1].nqt * p.ax[2].nqt - first;
+    nitems = left < items ? left : items;
+  }
+  const FwdTile tile0(p, divs, first);
   const int wg = warpgroup_index();
   [[maybe_unused]] const Stamps stamp{sbase + L::kStamps};
   if (GNA_FWD_TIMELINE) stamp.take(0);
 
   if (threadIdx.x == 0) {
     mbar_init(bar_q, 1);
+    if constexpr (MULTI) {
+      mbar_init(bar_qf(1), 1);
+      mbar_init(bar_qe(0), 2);  // one arrival per consumer warpgroup
+      mbar_init(bar_qe(1), 2);
+    }
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(bar_k(s), 1);
       mbar_init(bar_v(s), 1);
@@ -435,33 +461,40 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
     tma_prefetch_desc(&tq);
     tma_prefetch_desc(&tk);
     tma_prefetch_desc(&tv);
-    mbar_expect_tx(bar_q, L::kQBytes);
-#pragma unroll
-    for (int c = 0; c < HALVES; ++c)
-      tma_load_5d(sQ + c * L::kQHalf, &tq, bar_q, h * D + 64 * c, tile.qs[2] - p.ax[2].q0,
-                  tile.qs[1] - p.ax[1].q0, tile.qs[0] - p.ax[0].q0, b);
-    BoxWalk walk;
-    for (int it = 0; it < tile.ntiles; ++it, walk.next(tile.nkt)) {
-      const int s = it % STAGES;
-      if (it >= STAGES) mbar_wait(bar_e(s), ((it / STAGES) & 1) ^ 1);
-      int ks[3];
-      tile.key_tile(p, walk, ks);
-      mbar_expect_tx(bar_k(s), L::kKVBytes);
+    int it = 0;  // position in the ring, across the CTA's query tiles
+    for (int j = 0; j < nitems; ++j) {
+      const FwdTile tile = j == 0 ? tile0 : FwdTile(p, divs, first + j);
+      const int qslot = MULTI ? j & 1 : 0;
+      // Query tile j - 2's O has left the slot (MULTI).
+      if (MULTI && j >= 2) mbar_wait(bar_qe(qslot), ((j >> 1) - 1) & 1);
+      mbar_expect_tx(bar_qf(qslot), L::kQBytes);
 #pragma unroll
       for (int c = 0; c < HALVES; ++c)
-        tma_load_5d(sK + s * L::kKVBytes + c * L::kKVHalf, &tk, bar_k(s), hk * D + 64 * c, ks[2], ks[1],
-                    ks[0], bk);
-      mbar_expect_tx(bar_v(s), L::kKVBytes);
+        tma_load_5d(sQ + qslot * L::kQBytes + c * L::kQHalf, &tq, bar_qf(qslot), h * D + 64 * c,
+                    tile.qs[2] - p.ax[2].q0, tile.qs[1] - p.ax[1].q0, tile.qs[0] - p.ax[0].q0, b);
+      BoxWalk walk;
+      for (int t = 0; t < tile.ntiles; ++t, ++it, walk.next(tile.nkt)) {
+        const int s = it % STAGES;
+        if (it >= STAGES) mbar_wait(bar_e(s), ((it / STAGES) & 1) ^ 1);
+        int ks[3];
+        tile.key_tile(p, walk, ks);
+        mbar_expect_tx(bar_k(s), L::kKVBytes);
 #pragma unroll
-      for (int c = 0; c < HALVES; ++c)
-        tma_load_5d(sV + s * L::kKVBytes + c * L::kKVHalf, &tv, bar_v(s), hk * D + 64 * c, ks[2], ks[1],
-                    ks[0], bk);
+        for (int c = 0; c < HALVES; ++c)
+          tma_load_5d(sK + s * L::kKVBytes + c * L::kKVHalf, &tk, bar_k(s), hk * D + 64 * c, ks[2], ks[1],
+                      ks[0], bk);
+        mbar_expect_tx(bar_v(s), L::kKVBytes);
+#pragma unroll
+        for (int c = 0; c < HALVES; ++c)
+          tma_load_5d(sV + s * L::kKVBytes + c * L::kKVHalf, &tv, bar_v(s), hk * D + 64 * c, ks[2], ks[1],
+                      ks[0], bk);
+      }
     }
     if constexpr (EXTRA) {
       tma_prefetch_desc(txk);
       tma_prefetch_desc(txv);
-      const int n = tile.ntiles + (p.nx + KT - 1) / KT;
-      for (int it = tile.ntiles, x0 = 0; it < n; ++it, x0 += KT) {
+      const int n = it + (p.nx + KT - 1) / KT;
+      for (int x0 = 0; it < n; ++it, x0 += KT) {
         const int s = it % STAGES;
         if (it >= STAGES) mbar_wait(bar_e(s), ((it / STAGES) & 1) ^ 1);
         mbar_expect_tx(bar_k(s), L::kKVBytes);
@@ -487,22 +520,33 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
 
   // In-tile coordinates of query row m (rows are row-major in the tile box).
   auto row_coords = [&](int m, int (&o)[3]) { box_coords(m, qsh2, qsh1, p.ax[1].qt - 1, p.ax[2].qt - 1, o); };
-  // This thread's two query rows: windows per axis (validity and token index are
-  // recomputed in the epilogue rather than held through the loop).
+  FwdTile tile = tile0;  // the current query tile
+  int qslot = 0;         // its Q slot
+  int base = 0;          // the ring position of its first key tile
   int wlo[2][3], whi[2][3];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    int o[3];
-    row_coords(64 * cw + 16 * warp + gid + 8 * r, o);
-    tile.query_window(p, divs, o, wlo[r], whi[r]);
-  }
-
   float o_acc[NG][OW];
+  float m_run[2], l_run[2];
+  // A query tile's start: this thread's two query rows' windows per axis (validity and
+  // token index are recomputed in the epilogue rather than held through the loop), O
+  // and the softmax state cleared.
+  auto start_tile = [&] {
 #pragma unroll
-  for (int g = 0; g < NG; ++g)
+    for (int r = 0; r < 2; ++r) {
+      int o[3];
+      row_coords(64 * cw + 16 * warp + gid + 8 * r, o);
+      tile.query_window(p, divs, o, wlo[r], whi[r]);
+    }
 #pragma unroll
-    for (int i = 0; i < OW; ++i) o_acc[g][i] = 0.f;
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+    for (int g = 0; g < NG; ++g)
+#pragma unroll
+      for (int i = 0; i < OW; ++i) o_acc[g][i] = 0.f;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      m_run[r] = -INFINITY;
+      l_run[r] = 0.f;
+    }
+  };
+  start_tile();
   const float sl2 = p.scale_log2;
   // With a positive scale, the row maximum of the raw scores is the maximum of the
   // scaled ones, so the scale folds into the exponent's FFMA (no multiply per score);
@@ -512,12 +556,14 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
 
   // wgmma descriptors of this warpgroup's Q rows and of the K and V tiles of stage 0;
   // stage s and the k slices are constant offsets from them.
-  const uint64_t dq0 = desc_sw128(sQ + cw * 64 * 128, 16, 1024), dk0 = desc_sw128(sK, 16, 1024);
+  uint64_t dq0 = desc_sw128(sQ + cw * 64 * 128, 16, 1024);  // (MULTI: of the current Q slot)
+  const uint64_t dk0 = desc_sw128(sK, 16, 1024);
   const uint64_t dv0 = desc_sw128(sV, L::kKVHalf, 1024);
-  // S = Q K^T for key tile `it` (64 x KT per warpgroup), issued asynchronously.
+  // S = Q K^T for key tile `it` of the query tile (64 x KT per warpgroup), issued
+  // asynchronously.
   auto issue_s = [&](int it, float(&sc)[NS]) {
-    const int s = it % STAGES;
-    mbar_wait(bar_k(s), (it / STAGES) & 1);
+    const int s = (base + it) % STAGES;
+    mbar_wait(bar_k(s), ((base + it) / STAGES) & 1);
     const uint64_t dk = desc_plus(dk0, s * L::kKVBytes);
     wg_fence();
 #pragma unroll
@@ -532,8 +578,8 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
   // O += P V for key tile `it`, issued asynchronously (column group g of O reads
   // V's 64-column halves 2g, 2g+1).
   auto issue_pv = [&](int it, const uint32_t(&pa)[NK][4]) {
-    const int s = it % STAGES;
-    mbar_wait(bar_v(s), (it / STAGES) & 1);
+    const int s = (base + it) % STAGES;
+    mbar_wait(bar_v(s), ((base + it) / STAGES) & 1);
     const uint64_t dv = desc_plus(dv0, s * L::kKVBytes);
     wg_fence();
 #pragma unroll
@@ -640,141 +686,155 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
   auto turn_wait = [&] { named_sync(2 + cw, 256); };
   auto turn_pass = [&] { named_arrive(2 + (1 - cw), 256); };
   auto release = [&](int it) {
-    if (lane == 0) mbar_arrive(bar_e(it % STAGES));
+    if (lane == 0) mbar_arrive(bar_e((base + it) % STAGES));
   };
 
-  // Pipeline: S of tile `it` is issued with P V of tile it-1, and the softmax of
-  // `it` runs while that P V is in flight.
-  float sc[NS], alpha[2];
-  uint32_t pa[NK][4];
-  int ks[3];
-  const int n = EXTRA ? tile.ntiles + (p.nx + KT - 1) / KT : tile.ntiles;
-  if (cw == 1) turn_pass();  // warpgroup 0 goes first
-  mbar_wait(bar_q, 0);
-  if (GNA_FWD_TIMELINE) stamp.take(1);
-  turn_wait();
-  issue_s(0, sc);
-  turn_pass();
-  int full = next_tile(0, ks);
-  wg_wait<0>();
-  if (GNA_FWD_TIMELINE) stamp.take(2);
-  reg_fence(sc);
-  softmax(ks, full, sc, alpha);
-  to_a(sc, pa);
-  for (int it = 1; it < n; ++it) {
+  for (int j = 0; j < nitems; ++j) {
+    if (j > 0) {  // (MULTI)
+      tile = FwdTile(p, divs, first + j);
+      walk = BoxWalk{};
+      qslot = j & 1;
+      dq0 = desc_sw128(sQ + qslot * L::kQBytes + cw * 64 * 128, 16, 1024);
+      start_tile();
+    }
+
+    // Pipeline: S of tile `it` is issued with P V of tile it-1, and the softmax of
+    // `it` runs while that P V is in flight.
+    float sc[NS], alpha[2];
+    uint32_t pa[NK][4];
+    int ks[3];
+    const int n = EXTRA ? tile.ntiles + (p.nx + KT - 1) / KT : tile.ntiles;
+    // Warpgroup 0 goes first; the turns run on across the CTA's query tiles.
+    if (cw == 1 && j == 0) turn_pass();
+    mbar_wait(bar_qf(qslot), (j >> 1) & 1);
+    if (GNA_FWD_TIMELINE) stamp.take(1);
     turn_wait();
-    issue_s(it, sc);
-    issue_pv(it - 1, pa);
+    issue_s(0, sc);
     turn_pass();
-    full = next_tile(it, ks);
-    wg_wait<1>();
+    int full = next_tile(0, ks);
+    wg_wait<0>();
+    if (GNA_FWD_TIMELINE) stamp.take(2);
     reg_fence(sc);
     softmax(ks, full, sc, alpha);
-    // The softmax is what runs under P V: it must finish before the wait on P V. The
-    // fence keeps the compiler front end from sinking it below; ptxas would still hoist
-    // the wait above it (seen in the SASS and in Nsight Compute's stall samples, session
-    // 5), unless the wait sits behind a branch: the O rescale's, with a wait on each side
-    // (spelled differently, so the two are not merged back above the branch).
-    reg_fence(sc);
-    reg_fence(alpha);
-    // Rescale O unless no row of the warp has a new reference maximum (alpha = 1
-    // exactly: the skipped multiplies would change nothing; with lazy rescaling few
-    // tiles after the first set one).
-    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
-      wg_wait<0>();
+    to_a(sc, pa);
+    for (int it = 1; it < n; ++it) {
+      turn_wait();
+      issue_s(it, sc);
+      issue_pv(it - 1, pa);
+      turn_pass();
+      full = next_tile(it, ks);
+      wg_wait<1>();
+      reg_fence(sc);
+      softmax(ks, full, sc, alpha);
+      // The softmax is what runs under P V: it must finish before the wait on P V. The
+      // fence keeps the compiler front end from sinking it below; ptxas would still hoist
+      // the wait above it (seen in the SASS and in Nsight Compute's stall samples, session
+      // 5), unless the wait sits behind a branch: the O rescale's, with a wait on each side
+      // (spelled differently, so the two are not merged back above the branch).
+      reg_fence(sc);
+      reg_fence(alpha);
+      // Rescale O unless no row of the warp has a new reference maximum (alpha = 1
+      // exactly: the skipped multiplies would change nothing; with lazy rescaling few
+      // tiles after the first set one).
+      if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+        wg_wait<0>();
+#pragma unroll
+        for (int g = 0; g < NG; ++g) reg_fence(o_acc[g]);
+#pragma unroll
+        for (int g = 0; g < NG; ++g)
+#pragma unroll
+          for (int i = 0; i < OW / 4; ++i) {
+            o_acc[g][4 * i] *= alpha[0];
+            o_acc[g][4 * i + 1] *= alpha[0];
+            o_acc[g][4 * i + 2] *= alpha[1];
+            o_acc[g][4 * i + 3] *= alpha[1];
+          }
+      } else {
+        wg_wait_0_alt();
+      }
 #pragma unroll
       for (int g = 0; g < NG; ++g) reg_fence(o_acc[g]);
+      pa_fence(pa);
+      release(it - 1);
+      to_a(sc, pa);
+    }
+    if (GNA_FWD_TIMELINE) stamp.take(3);
+    turn_wait();
+    issue_pv(n - 1, pa);
+    if (cw == 0 || j + 1 < nitems) turn_pass();  // warpgroup 1's last pass would have no matching wait
+    wg_wait<0>();
+    if (GNA_FWD_TIMELINE) stamp.take(4);
+#pragma unroll
+    for (int g = 0; g < NG; ++g) reg_fence(o_acc[g]);
+    release(n - 1);
+
+    // Epilogue: normalize, write this warpgroup's 64 rows into its rows of the (now
+    // unused) Q tile in the swizzled layout, then a TMA store of them: the `to` map's box
+    // is half a tile (rows 64cw..64cw+63 of the tile form a box), so the two warpgroups
+    // store independently. The reciprocal and the lse's log are the approximate MUFU forms
+    // (about 1 ulp and 2^-22 absolute in log2): O is rounded to 16 bits right after, and
+    // together they take ~150 instructions out of the epilogue, which is on the critical
+    // path of every CTA (session 18: 1-D one-head forward -0.6%).
+    float l_row[2], inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float l = l_run[r];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      l_row[r] = l;
+      inv[r] = l > 0.f ? fast_rcp(l) : 0.f;
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float l = l_row[r];
+      const int row = 64 * cw + 16 * warp + gid + 8 * r;
 #pragma unroll
       for (int g = 0; g < NG; ++g)
 #pragma unroll
         for (int i = 0; i < OW / 4; ++i) {
-          o_acc[g][4 * i] *= alpha[0];
-          o_acc[g][4 * i + 1] *= alpha[0];
-          o_acc[g][4 * i + 2] *= alpha[1];
-          o_acc[g][4 * i + 3] *= alpha[1];
+          const int col = (D / NG) * g + 8 * i + 2 * tig, half = col / 64, cc = col % 64;
+          const uint32_t off = half * L::kQHalf + row * 128 + ((((cc / 8) ^ (row % 8)) * 16) | ((cc % 8) * 2));
+          *reinterpret_cast<uint32_t*>(gbase + L::kQ + qslot * L::kQBytes + off) =
+              Mma<T>::cvt2(o_acc[g][4 * i + 2 * r] * inv[r], o_acc[g][4 * i + 2 * r + 1] * inv[r]);
         }
-    } else {
-      wg_wait_0_alt();
-    }
-#pragma unroll
-    for (int g = 0; g < NG; ++g) reg_fence(o_acc[g]);
-    pa_fence(pa);
-    release(it - 1);
-    to_a(sc, pa);
-  }
-  if (GNA_FWD_TIMELINE) stamp.take(3);
-  turn_wait();
-  issue_pv(n - 1, pa);
-  if (cw == 0) turn_pass();  // warpgroup 1's last pass would have no matching wait
-  wg_wait<0>();
-  if (GNA_FWD_TIMELINE) stamp.take(4);
-#pragma unroll
-  for (int g = 0; g < NG; ++g) reg_fence(o_acc[g]);
-  release(n - 1);
-
-  // Epilogue: normalize, write this warpgroup's 64 rows into its rows of the (now
-  // unused) Q tile in the swizzled layout, then a TMA store of them: the `to` map's box
-  // is half a tile (rows 64cw..64cw+63 of the tile form a box), so the two warpgroups
-  // store independently. The reciprocal and the lse's log are the approximate MUFU forms
-  // (about 1 ulp and 2^-22 absolute in log2): O is rounded to 16 bits right after, and
-  // together they take ~150 instructions out of the epilogue, which is on the critical
-  // path of every CTA (session 18: 1-D one-head forward -0.6%).
-  float l_row[2], inv[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float l = l_run[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    l_row[r] = l;
-    inv[r] = l > 0.f ? fast_rcp(l) : 0.f;
-  }
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float l = l_row[r];
-    const int row = 64 * cw + 16 * warp + gid + 8 * r;
-#pragma unroll
-    for (int g = 0; g < NG; ++g)
-#pragma unroll
-      for (int i = 0; i < OW / 4; ++i) {
-        const int col = (D / NG) * g + 8 * i + 2 * tig, half = col / 64, cc = col % 64;
-        const uint32_t off = half * L::kQHalf + row * 128 + ((((cc / 8) ^ (row % 8)) * 16) | ((cc % 8) * 2));
-        *reinterpret_cast<uint32_t*>(gbase + L::kQ + off) =
-            Mma<T>::cvt2(o_acc[g][4 * i + 2 * r] * inv[r], o_acc[g][4 * i + 2 * r + 1] * inv[r]);
-      }
-    int o[3];
-    row_coords(row, o);
-    int64_t tok;
-    const bool valid = tile.query_token(p, o, tok);
-    if (tig == 0 && valid) {
-      const float lse = l > 0.f ? (m_run[r] + fast_log2(l)) * 0.69314718055994531f : -INFINITY;
-      p.lse[(b * p.nq + tok) * p.H + h] = lse;
-    }
-  }
-  if (GNA_FWD_TIMELINE) stamp.take(5);
-  fence_proxy_async();
-  named_sync(4 + cw, 128);  // this warpgroup's O rows are written
-  if (GNA_FWD_TIMELINE) stamp.take(6);
-  if (threadIdx.x % 128 == 0) {
-    int o[3];
-    row_coords(64 * cw, o);
-#pragma unroll
-    for (int c = 0; c < HALVES; ++c)
-      tma_store_5d(&to, sQ + c * L::kQHalf + cw * 64 * 128, h * D + 64 * c, tile.qs[2] + o[2] - p.ax[2].q0,
-                   tile.qs[1] + o[1] - p.ax[1].q0, tile.qs[0] + o[0] - p.ax[0].q0, b);
-    tma_store_commit_and_wait();
-  }
-  if (GNA_FWD_TIMELINE && threadIdx.x % 128 == 0) {
-    stamp.take(7);
-    uint32_t sm;
-    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-    const int npt = Stamps::kPoints, nval = cw == 0 ? npt + 2 : npt;
-    for (int i = 0; i < nval; ++i) {
       int o[3];
-      row_coords(64 * cw + i, o);
+      row_coords(row, o);
       int64_t tok;
-      const uint32_t v = i < npt ? stamp.get(i + npt * cw) : i == npt ? sm : static_cast<uint32_t>(n);
-      if (tile.query_token(p, o, tok)) p.lse[(b * p.nq + tok) * p.H + h] = __uint_as_float(v);
+      const bool valid = tile.query_token(p, o, tok);
+      if (tig == 0 && valid) {
+        const float lse = l > 0.f ? (m_run[r] + fast_log2(l)) * 0.69314718055994531f : -INFINITY;
+        p.lse[(b * p.nq + tok) * p.H + h] = lse;
+      }
     }
+    if (GNA_FWD_TIMELINE) stamp.take(5);
+    fence_proxy_async();
+    named_sync(4 + cw, 128);  // this warpgroup's O rows are written
+    if (GNA_FWD_TIMELINE) stamp.take(6);
+    if (threadIdx.x % 128 == 0) {
+      int o[3];
+      row_coords(64 * cw, o);
+#pragma unroll
+      for (int c = 0; c < HALVES; ++c)
+        tma_store_5d(&to, sQ + qslot * L::kQBytes + c * L::kQHalf + cw * 64 * 128, h * D + 64 * c,
+                     tile.qs[2] + o[2] - p.ax[2].q0, tile.qs[1] + o[1] - p.ax[1].q0, tile.qs[0] + o[0] - p.ax[0].q0,
+                     b);
+      tma_store_commit_and_wait();
+      if (MULTI) mbar_arrive(bar_qe(qslot));  // the slot's O is read: it may take the next Q
+    }
+    if (GNA_FWD_TIMELINE && threadIdx.x % 128 == 0) {
+      stamp.take(7);
+      uint32_t sm;
+      asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+      const int npt = Stamps::kPoints, nval = cw == 0 ? npt + 2 : npt;
+      for (int i = 0; i < nval; ++i) {
+        int o[3];
+        row_coords(64 * cw + i, o);
+        int64_t tok;
+        const uint32_t v = i < npt ? stamp.get(i + npt * cw) : i == npt ? sm : static_cast<uint32_t>(n);
+        if (tile.query_token(p, o, tok)) p.lse[(b * p.nq + tok) * p.H + h] = __uint_as_float(v);
+      }
+    }
+    base += n;
   }
 #endif
 }
@@ -789,6 +849,16 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // The forward with the call's additional tokens as extra key tiles (p.nx of them), at
 // the default key tile only.
+// The forward with `items` query tiles per CTA (the grid's x extent covers
+// ceil(query tiles / items)).
+template <typename T, int D, int KEYS, int STAGES>
+__global__ void __launch_bounds__(kThreads, 1)
+    fwd_items_sm90_kernel(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap tq,
+                          const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv,
+                          const __grid_constant__ CUtensorMap to, const __grid_constant__ TileDivs divs, int items) {
+  fwd_sm90_body<T, D, KEYS, STAGES, false, true>(p, tq, tk, tv, to, divs, nullptr, nullptr, items);
+}
+
 template <typename T, int D, int STAGES>
 __global__ void __launch_bounds__(kThreads, 1)
     fwd_tokens_sm90_kernel(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap tq,

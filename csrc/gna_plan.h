@@ -105,6 +105,35 @@ inline bool short_keys_pay(const Plan& keys128, const Plan& keys64) {
   return keys128.ok && keys64.ok && 64 * keys64.visits <= kShortKeysColumns * 128 * keys128.visits;
 }
 
+// The Hopper forward's query tiles per CTA (gna_sm90.cu, fwd_items), for a plan with
+// `nqtiles` query tiles visiting `visits` key tiles per batch and head, `ctas` batches x
+// heads, on `sms` SMs. Several tiles per CTA spare the tensor cores a CTA change per query
+// tile (about 4 us of their idle time per SM, session 18, against 0.8-1.35 us per key
+// tile) but make fewer, longer CTAs. So the count of 1, 2, 4, 8 with the least estimated
+// time, in key tiles per SM: rounds of CTAs per SM x (items x key tiles per query tile +
+// kCtaFixedTiles), where it beats 1 by at least kItemsMargin. H200, bf16, kernel time, 8
+// per CTA against 1: 1-D windows 33-129 D 128 -15 to -17%, D 64 -15%; 4096 tokens window
+// 129 4 heads batch 8 -21% (one round of 128 CTAs); 2-D 128x128 window 7 D 64 -5.6%,
+// window 21 -3.3%, 3-D 8x64x64 window 3 -6.6%; 1-D 32768 tokens window 2048 one head D 64
+// +263% (32 CTAs) (benchmarks/results/fwd-items-h200.md).
+constexpr double kCtaFixedTiles = 4, kItemsMargin = 0.03;
+inline int forward_items(int64_t nqtiles, double visits, int64_t ctas, int sms) {
+  if (sms <= 0 || nqtiles <= 0) return 1;
+  const double tiles = visits / static_cast<double>(nqtiles);  // key tiles per query tile
+  auto cost = [&](int items) {
+    const int64_t n = (nqtiles + items - 1) / items * ctas;
+    return static_cast<double>((n + sms - 1) / sms) * (items * tiles + kCtaFixedTiles);
+  };
+  int best = 1;
+  double best_cost = (1 - kItemsMargin) * cost(1);
+  for (int items = 2; items <= 8; items *= 2)
+    if (const double c = cost(items); c < best_cost) {
+      best = items;
+      best_cost = c;
+    }
+  return best;
+}
+
 // Puts a plan's tile shapes into the problem; returns the number of query tiles
 // (query_outer) or key tiles of the blocks.
 inline int64_t apply_plan(Params& p, const Plan& plan, bool query_outer) {

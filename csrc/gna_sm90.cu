@@ -144,31 +144,71 @@ Mode mode_from_env() {
 template <typename T, int D, int KT>
 constexpr int fwd_stages() { return KT < sm90::fwd_key_tokens<D>() ? 2 * stages_of<T, D>() : stages_of<T, D>(); }
 
-// Whether the forward at D <= 128 (without additional tokens) takes 64-token key tiles:
-// where they visit at most 80% of the key columns that 128-token tiles do (short_keys_pay,
-// gna_plan.h). A 64-token tile costs more than half a 128-token one (H200, bf16, kernel
-// time, each forced on the same problem: per key column 1.13-1.19x on the paper problems,
-// 1.12-1.33x on small windows), so they win only by a wide margin. Measured, with the
-// ratio of key columns: 1-D windows 33-129 (0.67) -10 to -12% at D 64 and 128, 3-D 8x64x64
-// window 3 D 64 (0.76) -12.6%, 2-D 128x128 window 7 D 64 (0.76) -5.5%, window 13 (0.77)
-// -1.5%; past 0.8: 1-D window 385 (0.80) -6.9%, 2-D 64x64 window 7 D 128 (0.81) -1.2%,
-// 128x128 window 21 D 64 (0.82) +3.1%, the paper problems (0.91-1.0) +5 to +19%
-// (benchmarks/results/short-key-tiles-h200.md). JAX_GNA_FWD_KEYS (a measurement and test
-// switch, read per call): "64" or "128" forces the choice.
-bool short_key_tiles(const Params& p) {
+// The forward's plan (128-query tiles). At D <= 128 without additional tokens, 64-token
+// key tiles where they visit at most 80% of the key columns that 128-token tiles do
+// (short_keys_pay, gna_plan.h); otherwise the kernel's default key tiles. A 64-token tile
+// costs more than half a 128-token one (H200, bf16, kernel time, each forced on the same
+// problem: per key column 1.13-1.19x on the paper problems, 1.12-1.33x on small windows),
+// so they win only by a wide margin. Measured, with the ratio of key columns: 1-D windows
+// 33-129 (0.67) -10 to -12% at D 64 and 128, 3-D 8x64x64 window 3 D 64 (0.76) -12.6%, 2-D
+// 128x128 window 7 D 64 (0.76) -5.5%, window 13 (0.77) -1.5%; past 0.8: 1-D window 385
+// (0.80) -6.9%, 2-D 64x64 window 7 D 128 (0.81) -1.2%, 128x128 window 21 D 64 (0.82)
+// +3.1%, the paper problems (0.91-1.0) +5 to +19%
+// (benchmarks/results/short-key-tiles-h200.md). The choice is cached with the plan: one
+// cache lookup per call. JAX_GNA_FWD_KEYS (a measurement and test switch, read per call):
+// "64" or "128" forces the key tiles at D <= 128 without additional tokens.
+Plan fwd_plan(const Params& p) {
+  const int keys = p.D > 128 ? 64 : 128;
+  if (p.nx > 0 || p.D > 128) return cached_plan(p, sm90::kTileTokens, keys);
   const char* e = std::getenv("JAX_GNA_FWD_KEYS");
-  if (e && std::strcmp(e, "64") == 0) return true;
-  if (e && std::strcmp(e, "128") == 0) return false;
-  return short_keys_pay(cached_plan(p, sm90::kTileTokens, 128), cached_plan(p, sm90::kTileTokens, 64));
+  if (e && std::strcmp(e, "64") == 0) return cached_plan(p, sm90::kTileTokens, 64);
+  if (e && std::strcmp(e, "128") == 0) return cached_plan(p, sm90::kTileTokens, 128);
+  static HostCache<Plan> cache;
+  return cache.get(geometry_key(p, {sm90::kTileTokens, 0}), [&] {
+    const Plan k128 = choose_tiles(p, sm90::kTileTokens, 128), k64 = choose_tiles(p, sm90::kTileTokens, 64);
+    return short_keys_pay(k128, k64) ? k64 : k128;
+  });
+}
+
+// Key tokens per tile of a plan (its per-axis extents multiply to the tile's tokens).
+int key_tokens(const Plan& plan) { return plan.kt[0] * plan.kt[1] * plan.kt[2]; }
+
+// The ring of the forward that runs several query tiles per CTA (two Q slots): what fits
+// beside them, at most fwd_stages.
+template <typename T, int D, int KT>
+constexpr int fwd_items_stages() {
+  constexpr size_t q = 2 * sm90::kTileTokens * D * 2, kv = 2 * KT * D * 2;
+  constexpr int fit = static_cast<int>((kMaxSmem - q - 1024 - 320) / kv);
+  return fit < fwd_stages<T, D, KT>() ? fit : fwd_stages<T, D, KT>();
+}
+
+// Streaming multiprocessors of the current device (0 if the query fails).
+int sm_count() {
+  int dev = 0, n = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+// Query tiles per CTA of the forward (D <= 128, no additional tokens, a ring of at least
+// 3 stages beside two Q slots: not at D = 128 with 128-token key tiles): gna::forward_items
+// (gna_plan.h). JAX_GNA_FWD_ITEMS (a measurement and test switch, read per call): a count
+// >= 1 forces it where the kernel exists.
+int fwd_items(const Params& p, const Plan& plan, int64_t nqtiles) {
+  if (const char* e = std::getenv("JAX_GNA_FWD_ITEMS")) {
+    const int n = std::atoi(e);
+    if (n >= 1) return n;
+  }
+  return forward_items(nqtiles, plan.visits, int64_t{p.H} * p.B, sm_count());
 }
 
 template <typename T, int D, int KT>
-cudaError_t fwd_sm90(DType dt, Params p, cudaStream_t stream, bool& used) {
+cudaError_t fwd_sm90(DType dt, Params p, const Plan& plan, cudaStream_t stream, bool& used) {
   constexpr int S = fwd_stages<T, D, KT>();
   auto kern = sm90::fwd_sm90_kernel<T, D, KT, S>;
   if (!sm90_device(reinterpret_cast<void*>(kern))) return cudaSuccess;
-  const Plan plan = cached_plan(p, sm90::kTileTokens, KT);
-  if (!plan.ok) return cudaSuccess;
   const int64_t nqtiles = apply_plan(p, plan, true);
   if (nqtiles >= (int64_t{1} << 31)) return cudaSuccess;
   int qn[3], kn[3], half[3];
@@ -186,9 +226,21 @@ cudaError_t fwd_sm90(DType dt, Params p, cudaStream_t stream, bool& used) {
   static_assert(FwdLayout<D, KT, S>::smem_bytes() <= kMaxSmem, "forward tiles exceed shared memory");
   const size_t smem = FwdLayout<D, KT, S>::smem_bytes();
   const dim3 grid(static_cast<unsigned>(nqtiles), p.H, p.B);
+  if constexpr (D <= 128 && fwd_items_stages<T, D, KT>() >= 3) {
+    if (const int items = p.nx == 0 ? fwd_items(p, plan, nqtiles) : 1; items > 1) {
+      constexpr int SI = fwd_items_stages<T, D, KT>();
+      auto ki = sm90::fwd_items_sm90_kernel<T, D, KT, SI>;
+      static_assert(FwdLayout<D, KT, SI, 2>::smem_bytes() <= kMaxSmem, "forward tiles exceed shared memory");
+      const size_t smem_i = FwdLayout<D, KT, SI, 2>::smem_bytes();
+      if (cudaError_t e = set_smem(ki, smem_i); e != cudaSuccess) return e;
+      used = true;
+      const dim3 grid_i(static_cast<unsigned>((nqtiles + items - 1) / items), p.H, p.B);
+      return launch_sm90(ki, grid_i, smem_i, stream, pdl_from_env(), p, tq, tk, tv, to, sm90::tile_divs(p), items);
+    }
+  }
   if (p.nx > 0) {  // the additional tokens as extra key tiles: [B, nx, Hkv, D] as 1-D blocks
     if constexpr (KT != sm90::fwd_key_tokens<D>()) {
-      return cudaErrorNotSupported;  // fwd_sm90_dim picks the default key tiles with tokens
+      return cudaErrorNotSupported;  // fwd_plan takes the default key tiles with tokens
     } else {
       auto kx = sm90::fwd_tokens_sm90_kernel<T, D, S>;
       CUtensorMap txk, txv;
@@ -203,16 +255,6 @@ cudaError_t fwd_sm90(DType dt, Params p, cudaStream_t stream, bool& used) {
   if (cudaError_t e = set_smem(kern, smem); e != cudaSuccess) return e;
   used = true;
   return launch_sm90(kern, grid, smem, stream, pdl_from_env(), p, tq, tk, tv, to, sm90::tile_divs(p));
-}
-
-// Streaming multiprocessors of the current device (0 if the query fails).
-int sm_count() {
-  int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  return n;
 }
 
 // Whether a dK/dV grid of `ctas` blocks launches its key tiles heaviest first: by default
@@ -299,11 +341,15 @@ bool eligible(DType dt, const Params& p, bool backward) {
 
 template <typename T>
 cudaError_t fwd_sm90_dim(DType dt, const Params& p, cudaStream_t stream, bool& used) {
-  if (p.D == 256) return fwd_sm90<T, 256, 64>(dt, p, stream, used);
-  const bool short_keys = p.nx == 0 && short_key_tiles(p);
+  const Plan plan = fwd_plan(p);
+  if (!plan.ok) return cudaSuccess;
+  const bool short_keys = key_tokens(plan) == 64;
+  if (p.D == 256) return fwd_sm90<T, 256, 64>(dt, p, plan, stream, used);
   if (p.D == 64)
-    return short_keys ? fwd_sm90<T, 64, 64>(dt, p, stream, used) : fwd_sm90<T, 64, 128>(dt, p, stream, used);
-  return short_keys ? fwd_sm90<T, 128, 64>(dt, p, stream, used) : fwd_sm90<T, 128, 128>(dt, p, stream, used);
+    return short_keys ? fwd_sm90<T, 64, 64>(dt, p, plan, stream, used)
+                      : fwd_sm90<T, 64, 128>(dt, p, plan, stream, used);
+  return short_keys ? fwd_sm90<T, 128, 64>(dt, p, plan, stream, used)
+                    : fwd_sm90<T, 128, 128>(dt, p, plan, stream, used);
 }
 
 cudaError_t try_forward_sm90(DType dt, const Params& p, cudaStream_t stream, bool& used) {

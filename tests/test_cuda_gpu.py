@@ -681,6 +681,23 @@ def test_sm90_key_tiles(monkeypatch, keys, case):
 
 
 @pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
+@pytest.mark.parametrize("items,keys", [("3", "128"), ("5", "64")])
+@pytest.mark.parametrize("case", range(len(SM90_CASES) + 1))
+def test_sm90_items(monkeypatch, items, keys, case):
+    """The Hopper forward running several query tiles per CTA (JAX_GNA_FWD_ITEMS, forced;
+    3 and 5 reuse a Q slot, and most problems leave the last CTA fewer), with each key
+    tile size, on SM90_CASES and a query block inside a key block; forward only."""
+    _force_sm90(monkeypatch, False)
+    monkeypatch.setenv("JAX_GNA_FWD_ITEMS", items)
+    monkeypatch.setenv("JAX_GNA_FWD_KEYS", keys)
+    if case == len(SM90_CASES):
+        _check(_sm90_block()[1], 2, 2, 1, 64, 64, jnp.bfloat16, grads=False)
+        return
+    shape, k, s, c, (b, h, h_kv, dim), dtype = SM90_CASES[case]
+    _check(_problem(shape, k, s, 1, c, dim=dim), b, h, h_kv, dim, dim, dtype, grads=False)
+
+
+@pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
 @BACKWARDS
 def test_sm90_block_origins(monkeypatch, backward):
     _force_sm90(monkeypatch, backward)

@@ -204,8 +204,11 @@ def driver(tmp_path_factory):
 
 
 def _run_driver(exe, problems):
-    lines = [" ".join([str(len(axes))] + [" ".join(map(str, a)) for a in axes])
-             for _, axes in problems]
+    """The driver's output per problem: (name, axes) or (name, axes, (ctas, sms)), the
+    latter also asking for the forward's query tiles per CTA."""
+    lines = [" ".join([str(len(pr[1]))] + [" ".join(map(str, a)) for a in pr[1]] +
+                      [" ".join(map(str, x)) for x in pr[2:]])
+             for pr in problems]
     r = subprocess.run([exe, "all"], input="\n".join(lines) + "\n", capture_output=True,
                        text=True, check=True)
     out, cur = [], None
@@ -216,6 +219,8 @@ def _run_driver(exe, problems):
                    "visits": int(t[8]), "full": int(t[9]), "cost": float(t[10]), "cands": {}}
         elif t[0] == "keys":
             cur["keys"] = (float(t[1]), float(t[2]), t[3] == "1")
+        elif t[0] == "items":
+            cur["items"] = (int(t[1]), int(t[2]))
         elif t[0] == "cand":
             cur["cands"][(tuple(map(int, t[1:4])), tuple(map(int, t[4:7])))] = (int(t[7]), int(t[8]))
         else:
@@ -489,3 +494,36 @@ def test_forward_key_tiles(key_tile_plans, name, ratio, short):
     assert v128 == r["visits"]
     assert round(64 * v64 / (128 * v128), 3) == ratio
     assert got == short
+
+
+# The forward's query tiles per CTA (gna::forward_items) on the problems measured with
+# several counts (H200, 132 SMs, bf16; benchmarks/results/fwd-items-h200.md): name,
+# shape, window, stride, batches x heads, the chosen count. Only where the forward has
+# the kernel: head dim 64, or 128 with 64-token key tiles (keys picks them).
+ITEMS_CASES = [
+    ("1d-16384-w33-b8h16", (16384,), (33,), (1,), 128, 8),           # 8: -16.5%, 4: -14.5%
+    ("1d-16384-w129-b8h16", (16384,), (129,), (1,), 128, 8),         # 8: -16.1 / -16.9%
+    ("1d-4096-w129-b8h16", (4096,), (129,), (1,), 128, 8),           # 8: -15.1%
+    ("1d-4096-w129-b8h4", (4096,), (129,), (1,), 32, 8),             # 8: -21.0%, 2: -5.5%
+    ("2d-128-w7-b16h16", (128, 128), (7, 7), (1, 1), 256, 8),        # D 64; 8: -5.5 / -5.6%
+    ("2d-128-w7-b1h16", (128, 128), (7, 7), (1, 1), 16, 8),          # D 64; 8: -4.5 / -4.6%, 4: -3.6%
+    ("2d-128-w21-b16h16", (128, 128), (21, 21), (1, 1), 256, 8),     # D 64; 8: -3.3%, 4: -3.4%
+    ("3d-8x64x64-w3-b16h16", (8, 64, 64), (3, 3, 3), (1, 1, 1), 256, 8),  # D 64; 8: -6.6%
+    ("1d-32768-w2048-s1-h1", (32768,), (2048,), (1,), 1, 2),         # D 64; 2: -4.4%, 8: +263%
+]
+
+
+@pytest.fixture(scope="module")
+def item_plans(driver):
+    problems = [(name, _full(shape, window, stride, (False,) * len(shape)), (ctas, 132))
+                for name, shape, window, stride, ctas, _ in ITEMS_CASES]
+    return {name: r for (name, _, _), r in zip(problems, _run_driver(driver, problems))}
+
+
+@pytest.mark.parametrize("name,items", [(c[0], c[5]) for c in ITEMS_CASES], ids=[c[0] for c in ITEMS_CASES])
+def test_forward_items(item_plans, name, items):
+    """``gna::forward_items`` on the problems measured with several query tiles per CTA: 8
+    wherever 8 was the fastest count measured, and 2 on the one-head 1-D problem whose 256
+    query tiles would leave 32 CTAs at 8 (3.6x slower there; 2 was 4.4% faster than 1)."""
+    assert item_plans[name]["items"][1] == items
+
