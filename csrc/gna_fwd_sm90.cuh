@@ -1,7 +1,9 @@
 // Hopper forward kernel (sm_90a): O and LSE with TMA loads, an mbarrier pipeline and
 // wgmma, for fp16/bf16, head dim D = D_v in {64, 128, 256}, no dilation.
 //
-// One CTA (3 warpgroups) per (query tile, head, batch):
+// One CTA (3 warpgroups) per (query tile, head, batch), or per (`items` consecutive query
+// tiles, head, batch) in fwd_items_sm90_kernel (short CTAs: the next tile loads while the
+// last one finishes; see fwd_sm90_body's MULTI):
 //   warpgroup 0   producer: one thread issues the TMA loads (Q once, then K and V
 //                 of every key tile into a ring of STAGES slots);
 //   warpgroups 1,2 consumers: each owns 64 of the tile's 128 queries, computes

@@ -31,7 +31,9 @@ Hopper dK/dV kernel takes its key tiles heaviest first on short grids
 (``JAX_GNA_DKV_ORDER=0``/``1``: always tile order / always heaviest first). The Hopper
 forward at head dims 64 and 128 takes 64-token key tiles instead of 128-token ones where
 they visit at most 80% of the key columns (small windows; ``JAX_GNA_FWD_KEYS=64``/``128``
-forces either, for calls without additional tokens).
+forces either, for calls without additional tokens), and where CTAs would be short it runs
+several query tiles per CTA (``JAX_GNA_FWD_ITEMS=n`` forces n where that kernel exists:
+head dim 64, or 128 with 64-token key tiles, without additional tokens).
 """
 
 from __future__ import annotations

@@ -796,6 +796,28 @@ def test_sm90_repeatable_and_close_to_sm80(monkeypatch):
 
 
 @pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
+@pytest.mark.parametrize("shape,k,s,keys,dim,dtype", [
+    ((2000,), 129, 1, "64", 128, jnp.bfloat16),
+    ((40, 50), (9, 7), (1, 2), "128", 64, jnp.float16),
+])
+def test_sm90_items_bitwise(monkeypatch, shape, k, s, keys, dim, dtype):
+    """Several query tiles per CTA change no bit of the forward (each query tile's key
+    tiles are the same, in the same order): out and lse with 1, 3 and 4 per CTA."""
+    _force_sm90(monkeypatch, False)
+    monkeypatch.setenv("JAX_GNA_FWD_KEYS", keys)
+    p = _problem(shape, k, s, 1, False, dim=dim)
+    q, kk, v, _, _ = _inputs(p, 2, 4, 2, dim, dim, dtype)
+    outs = []
+    for items in ("1", "3", "4"):
+        monkeypatch.setenv("JAX_GNA_FWD_ITEMS", items)
+        # A new jit per setting (see test_sm90_repeatable_and_close_to_sm80).
+        outs.append(jax.tree.map(np.asarray, jax.jit(lambda q, k, v: cuda._attention_poisoned(q, k, v, p))(q, kk, v)))
+    for other in outs[1:]:
+        for x, y in zip(outs[0], other):
+            assert np.array_equal(x.view(np.uint8), y.view(np.uint8))
+
+
+@pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
 def test_sm90_backward_repeatable_and_slack_block(monkeypatch):
     _force_sm90(monkeypatch, True)
     whole, _ = _sm90_block()
