@@ -48,7 +48,11 @@ def select(backend: str, problem: Problem, query: Any, key: Any, value: Any
     check_backend(backend)
     if backend == "xla":
         return "xla", "backend='xla' was requested", xla.attention
-    reason = _cuda_status(problem, query, key, value)
+    return _select_with(backend, _cuda_status(problem, query, key, value))
+
+
+def _select_with(backend: str, reason: str | None) -> tuple[str, str, Impl]:
+    """:func:`select` for ``"cuda"`` or ``"auto"``, given :func:`_cuda_status`'s answer."""
     if backend == "cuda":
         if reason is not None:
             raise ValueError(f"backend='cuda' cannot run this call: {reason}.")
@@ -230,9 +234,13 @@ def explain(query: Any, key: Any, value: Any, kernel_size: IntOrTuple, stride: I
                            additional_keys, additional_values)
     check_return_lse(return_lse)
     check_backend(backend)
-    if backend == "cuda" and (reason := _cuda_status(problem, query, key, value)) is not None:
-        return f"cuda: cannot run this call (neighborhood_attention raises ValueError): {reason}"
-    name, why, _ = select(backend, problem, query, key, value)
+    if backend == "xla":
+        name, why, _ = select(backend, problem, query, key, value)
+    else:
+        reason = _cuda_status(problem, query, key, value)
+        if backend == "cuda" and reason is not None:
+            return f"cuda: cannot run this call (neighborhood_attention raises ValueError): {reason}"
+        name, why, _ = _select_with(backend, reason)
     if name == "cuda":
         cuda = _cuda_module()
         why += "; " + cuda.kernel_path(problem, query.shape, value.shape, query.dtype)

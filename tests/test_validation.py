@@ -197,6 +197,32 @@ def test_explain_takes_the_op_arguments_only():
         jax_gna.explain(x, x, x, 3, return_lse="x")
 
 
+@pytest.mark.parametrize("backend,ready", [("cuda", False), ("cuda", True), ("auto", False), ("auto", True)])
+def test_explain_asks_the_cuda_checks_once(monkeypatch, backend, ready):
+    """``explain`` asks whether the kernels can run the call once (they are not cheap:
+    the CUDA checks and the Hopper eligibility), and answers as the op would."""
+    from jax_gna import cuda, ops
+
+    calls = []
+
+    def status(*args):
+        calls.append(args)
+        return None if ready else "no GPU here (test)"
+
+    monkeypatch.setattr(ops, "_cuda_status", status)
+    monkeypatch.setattr(cuda, "kernel_path", lambda *a: "kernels (test)")
+    x = np.zeros((1, 8, 2, 4), np.float32)
+    text = jax_gna.explain(x, x, x, 3, backend=backend)
+    assert len(calls) == 1
+    if ready:
+        assert text.startswith("cuda: ") and "kernels (test)" in text, text
+    elif backend == "cuda":
+        assert text == ("cuda: cannot run this call (neighborhood_attention raises ValueError): "
+                        "no GPU here (test)"), text
+    else:
+        assert text == "xla: the CUDA kernels do not apply (no GPU here (test))", text
+
+
 def test_checks_use_the_dtype_jax_computes_in():
     """NumPy float64 inputs with x64 off compute in float32: the scale check and the
     dtype agreement follow that, not the NumPy dtype."""
