@@ -10,7 +10,8 @@ kernels) under ``jax.jit``, forward, and in most cases the gradients of a loss o
 and lse, and compares them with the float64 NumPy brute force (``jax_gna.reference``,
 which shares no code with the backends) with the GPU tests' tolerances
 (``tests/test_cuda_gpu.py``'s TOL). The GPU tests pin chosen cases; this looks between
-them.
+them. A quarter of the cases force the Hopper forward's query tiles per CTA (half of those
+its key tile size too) through environment variables set while they run (``env``).
 
 ``--devices N`` (N >= 2) shards every case over a mesh of N devices: along one spatial
 axis (context parallel: halo exchange, split forward, dilated shards folded where they
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -84,10 +86,29 @@ def draw(rng: np.random.Generator, devices: int = 1, tokens: float = 0.15) -> di
     extra = 0  # additional tokens: on the kernels or XLA as cuda.dense_blocker says (64: kernels)
     if rng.random() < tokens:
         extra = int(rng.integers(1, 64)) if rng.random() < 0.5 else int(rng.integers(64, 400))
-    return dict(shape=shape, kernel_size=ks, stride=ss, dilation=ds, is_causal=cs,
+    case = dict(shape=shape, kernel_size=ks, stride=ss, dilation=ds, is_causal=cs,
                 batch=batch, heads=h_kv * int(rng.integers(1, 4)), kv_heads=h_kv,
                 dim=dim, dim_v=dim_v, dtype=dtype, grads=bool(rng.random() < 0.7),
                 seed=int(rng.integers(0, 2 ** 31)), extra=extra, layout=layout)
+    env = switches(case["seed"])
+    if env:
+        case["env"] = env
+    return case
+
+
+def switches(seed: int) -> dict:
+    """The Hopper forward's switches for a case, drawn from its own seed (the other draws
+    stay as they were): in a quarter of the cases several query tiles per CTA forced, in
+    half of those the key tile size too, so a run also covers what the host's rules take
+    only on large problems (csrc/gna_sm90.cu: fwd_plan, fwd_items). Environment variables,
+    set while the case runs."""
+    rng = np.random.default_rng([seed, 1])
+    if rng.random() >= 0.25:
+        return {}
+    env = {"JAX_GNA_FWD_ITEMS": str(int(rng.choice([2, 3, 8])))}
+    if rng.random() < 0.5:
+        env["JAX_GNA_FWD_KEYS"] = str(int(rng.choice([64, 128])))
+    return env
 
 
 def rel_error(a, r) -> float:
@@ -122,7 +143,21 @@ def _specs(case: dict, rank: int):
 def run_case(case: dict, impl=None, devices=None) -> dict:
     """Errors of one case against the reference, and the kernel path it took. ``impl``:
     the backend (default ``cuda._attention_poisoned``); ``devices``: the mesh's devices
-    for a case with a ``layout``."""
+    for a case with a ``layout``. The case's ``env`` (switches) is set while it runs."""
+    env = case.get("env") or {}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return _run_case(case, impl, devices)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _run_case(case: dict, impl, devices) -> dict:
     import jax
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding
@@ -262,6 +297,8 @@ def main(argv=None) -> int:
         rec = {"case": case, **res}
         if "skipped" not in res:
             cls = path_class(res["path"], res, case) if "path" in res else "error"
+            if case.get("env") and cls.startswith("sm90"):
+                cls += " (switches)"
             counts[cls] += 1
             worst[cls] = max(worst.get(cls, 0.0), res.get("worst", float("inf")))
             if not res["ok"]:

@@ -89,6 +89,37 @@ def test_run_case_checks_against_the_brute_force(fuzz, monkeypatch, broken):
     assert fuzz.path_class(res["path"]) == "sm80"  # no CUDA GPU here
 
 
+def test_switches_are_drawn_per_case_seed(fuzz):
+    """About a quarter of the cases force the Hopper forward's switches, to values the
+    host reads; the same seed gives the same switches, and a drawn case carries them."""
+    envs = [fuzz.switches(s) for s in range(2000)]
+    forced = [e for e in envs if e]
+    assert 0.2 < len(forced) / len(envs) < 0.3
+    assert {e["JAX_GNA_FWD_ITEMS"] for e in forced} == {"2", "3", "8"}
+    assert {e.get("JAX_GNA_FWD_KEYS") for e in forced} == {None, "64", "128"}
+    assert all(fuzz.switches(s) == envs[s] for s in range(0, 2000, 97))
+    rng = np.random.default_rng(5)
+    cases = [fuzz.draw(rng) for _ in range(200)]
+    assert all(c.get("env", {}) == fuzz.switches(c["seed"]) for c in cases)
+    assert any("env" in c for c in cases)
+
+
+def test_run_case_sets_its_switches_while_it_runs(fuzz, monkeypatch):
+    seen = []
+
+    def kernels(q, k, v, problem):
+        seen.append((os.environ.get("JAX_GNA_FWD_ITEMS"), os.environ.get("JAX_GNA_FWD_KEYS")))
+        return xla.attention(q, k, v, problem)
+
+    monkeypatch.setattr(cuda, "_attention_poisoned", kernels)
+    monkeypatch.setattr(cuda, "unsupported_reason", lambda *a: None)
+    monkeypatch.delenv("JAX_GNA_FWD_ITEMS", raising=False)
+    monkeypatch.setenv("JAX_GNA_FWD_KEYS", "128")
+    res = fuzz.run_case(dict(CASE, grads=False, env={"JAX_GNA_FWD_ITEMS": "3", "JAX_GNA_FWD_KEYS": "64"}))
+    assert res["ok"] and seen and set(seen) == {("3", "64")}, (res, seen)
+    assert "JAX_GNA_FWD_ITEMS" not in os.environ and os.environ["JAX_GNA_FWD_KEYS"] == "128"
+
+
 # Run in a subprocess: two CPU devices need XLA_FLAGS before jax starts.
 SHARDED = r"""
 import importlib.util, json, sys
