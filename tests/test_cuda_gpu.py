@@ -673,6 +673,12 @@ def test_sm90_key_tiles(monkeypatch, keys, case):
     fewer key columns), on SM90_CASES and a query block inside a key block; forward only."""
     _force_sm90(monkeypatch, False)
     monkeypatch.setenv("JAX_GNA_FWD_KEYS", keys)
+    _check_forward_case(case)
+
+
+def _check_forward_case(case: int) -> None:
+    """The forward of SM90_CASES[case], or of a query block inside a key block (case ==
+    len(SM90_CASES)), against the xla backend."""
     if case == len(SM90_CASES):
         _check(_sm90_block()[1], 2, 2, 1, 64, 64, jnp.bfloat16, grads=False)
         return
@@ -690,11 +696,7 @@ def test_sm90_items(monkeypatch, items, keys, case):
     _force_sm90(monkeypatch, False)
     monkeypatch.setenv("JAX_GNA_FWD_ITEMS", items)
     monkeypatch.setenv("JAX_GNA_FWD_KEYS", keys)
-    if case == len(SM90_CASES):
-        _check(_sm90_block()[1], 2, 2, 1, 64, 64, jnp.bfloat16, grads=False)
-        return
-    shape, k, s, c, (b, h, h_kv, dim), dtype = SM90_CASES[case]
-    _check(_problem(shape, k, s, 1, c, dim=dim), b, h, h_kv, dim, dim, dtype, grads=False)
+    _check_forward_case(case)
 
 
 @pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
