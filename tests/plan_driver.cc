@@ -10,8 +10,9 @@
 //                            visited by the plans for 128- and 64-token key tiles, and
 //                            gna::short_keys_pay (1: 64-token tiles)
 //   items NQ N               (only where the line ends with CTAS SMS: batches x heads and
-//                            SMs) the forward's plan at head dims <= 128 (the one keys
-//                            picks): its query tiles and gna::forward_items
+//                            SMs, and the plan is ok) the forward's plan at head dims
+//                            <= 128 (the one keys picks): its query tiles and
+//                            gna::forward_items
 //   cand QT0 QT1 QT2 KT0 KT1 KT2 VISITS FULL          (only with argv[1] == "all")
 //   end
 // VISITS / FULL: visited (query tile, key tile) pairs over the query block and how
@@ -76,8 +77,8 @@ int main(int argc, char** argv) {
     std::printf("keys %.17g %.17g %d\n", plan.visits, k64.visits, short_keys ? 1 : 0);
     long long ctas;
     int sms;
-    if (in >> ctas >> sms) {
-      const gna::Plan& fwd = short_keys ? k64 : plan;
+    const gna::Plan& fwd = short_keys ? k64 : plan;
+    if (in >> ctas >> sms && fwd.ok) {
       int64_t nq = 1;
       for (int a = 0; a < 3; ++a) nq *= (p.ax[a].qn + fwd.qt[a] - 1) / fwd.qt[a];
       std::printf("items %lld %d\n", static_cast<long long>(nq), gna::forward_items(nq, fwd.visits, ctas, sms));
