@@ -4,8 +4,8 @@
 // One CTA (3 warpgroups) per (query tile, head, batch), or per (`items` consecutive query
 // tiles, head, batch) in fwd_items_sm90_kernel (short CTAs: the next tile loads while the
 // last one finishes; see fwd_sm90_body's MULTI):
-//   warpgroup 0   producer: one thread issues the TMA loads (Q once, then K and V
-//                 of every key tile into a ring of STAGES slots);
+//   warpgroup 0   producer: one thread issues the TMA loads (Q once per query tile,
+//                 then K and V of every key tile into a ring of STAGES slots);
 //   warpgroups 1,2 consumers: each owns 64 of the tile's 128 queries, computes
 //                 S = Q K^T with wgmma from shared memory, the online softmax in
 //                 registers, and O += P V with P from registers.
@@ -35,7 +35,8 @@
 // each consumer warpgroup records %globaltimer at eight points of its CTA's life (in
 // shared memory) and at the end writes them over the lse of its rows: warpgroup 0's
 // with the SM and the key tile count over the tile's queries 0-9, warpgroup 1's over
-// queries 64-71.
+// queries 64-71. With several query tiles per CTA (fwd_items_sm90_kernel) point 0 is the
+// CTA's entry and the others are per tile: read such timelines with JAX_GNA_FWD_ITEMS=1.
 #ifndef GNA_FWD_TIMELINE
 #define GNA_FWD_TIMELINE 0
 #endif
@@ -849,8 +850,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   fwd_sm90_body<T, D, KEYS, STAGES, false>(p, tq, tk, tv, to, divs, nullptr, nullptr);
 }
 
-// The forward with the call's additional tokens as extra key tiles (p.nx of them), at
-// the default key tile only.
 // The forward with `items` query tiles per CTA (the grid's x extent covers
 // ceil(query tiles / items)).
 template <typename T, int D, int KEYS, int STAGES>
@@ -861,6 +860,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   fwd_sm90_body<T, D, KEYS, STAGES, false, true>(p, tq, tk, tv, to, divs, nullptr, nullptr, items);
 }
 
+// The forward with the call's additional tokens as extra key tiles (p.nx of them), at
+// the default key tile only.
 template <typename T, int D, int STAGES>
 __global__ void __launch_bounds__(kThreads, 1)
     fwd_tokens_sm90_kernel(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap tq,

@@ -96,7 +96,7 @@ inline Plan choose_tiles(const Params& p, int q_tokens = kPlanTileTokens, int kv
   return best;
 }
 
-// The Hopper forward's key tiles at head dims <= 128 (gna_sm90.cu, short_key_tiles): 64
+// The Hopper forward's key tiles at head dims <= 128 (gna_sm90.cu, fwd_plan): 64
 // tokens where the plan for them visits at most kShortKeysColumns of the key columns of the
 // plan for 128-token tiles (both with 128-token query tiles). The threshold is measured
 // (benchmarks/results/short-key-tiles-h200.md); tests/test_plan.py pins the measured choices.
@@ -120,9 +120,9 @@ constexpr double kCtaFixedTiles = 4, kItemsMargin = 0.03;
 inline int forward_items(int64_t nqtiles, double visits, int64_t ctas, int sms) {
   if (sms <= 0 || nqtiles <= 0) return 1;
   const double tiles = visits / static_cast<double>(nqtiles);  // key tiles per query tile
-  auto cost = [&](int items) {
+  auto cost = [&](int items) {  // (a CTA runs at most nqtiles query tiles)
     const int64_t n = (nqtiles + items - 1) / items * ctas;
-    return static_cast<double>((n + sms - 1) / sms) * (items * tiles + kCtaFixedTiles);
+    return static_cast<double>((n + sms - 1) / sms) * (std::min<int64_t>(items, nqtiles) * tiles + kCtaFixedTiles);
   };
   int best = 1;
   double best_cost = (1 - kItemsMargin) * cost(1);
