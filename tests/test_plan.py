@@ -472,12 +472,17 @@ KEY_TILE_CASES = [
 ]
 
 
+def _plans_by_name(driver, rows):
+    """name -> the driver's output, one run for all rows: (name, shape, window, stride)
+    of non-causal problems over the whole grid, optionally followed by (ctas, sms)."""
+    problems = [(name, _full(shape, window, stride, (False,) * len(shape)), *tail)
+                for name, shape, window, stride, *tail in rows]
+    return {p[0]: r for p, r in zip(problems, _run_driver(driver, problems))}
+
+
 @pytest.fixture(scope="module")
 def key_tile_plans(driver):
-    """name -> the driver's output for KEY_TILE_CASES (one run for all of them)."""
-    problems = [(name, _full(shape, window, stride, (False,) * len(shape)))
-                for name, shape, window, stride, _, _ in KEY_TILE_CASES]
-    return {name: r for (name, _), r in zip(problems, _run_driver(driver, problems))}
+    return _plans_by_name(driver, [c[:4] for c in KEY_TILE_CASES])
 
 
 @pytest.mark.parametrize("name,ratio,short", [(c[0], c[4], c[5]) for c in KEY_TILE_CASES],
@@ -515,9 +520,7 @@ ITEMS_CASES = [
 
 @pytest.fixture(scope="module")
 def item_plans(driver):
-    problems = [(name, _full(shape, window, stride, (False,) * len(shape)), (ctas, 132))
-                for name, shape, window, stride, ctas, _ in ITEMS_CASES]
-    return {name: r for (name, _, _), r in zip(problems, _run_driver(driver, problems))}
+    return _plans_by_name(driver, [(*c[:4], (c[4], 132)) for c in ITEMS_CASES])
 
 
 @pytest.mark.parametrize("name,items", [(c[0], c[5]) for c in ITEMS_CASES], ids=[c[0] for c in ITEMS_CASES])
@@ -526,4 +529,3 @@ def test_forward_items(item_plans, name, items):
     wherever 8 was the fastest count measured, and 2 on the one-head 1-D problem whose 256
     query tiles would leave 32 CTAs at 8 (3.6x slower there; 2 was 4.4% faster than 1)."""
     assert item_plans[name]["items"][1] == items
-
