@@ -1,9 +1,9 @@
 // Hopper forward kernel (sm_90a): O and LSE with TMA loads, an mbarrier pipeline and
 // wgmma, for fp16/bf16, head dim D = D_v in {64, 128, 256}, no dilation.
 //
-// One CTA (3 warpgroups) per (query tile, head, batch), or per (`items` consecutive query
-// tiles, head, batch) in fwd_items_sm90_kernel (short CTAs: the next tile loads while the
-// last one finishes; see fwd_sm90_body's MULTI):
+// One CTA (3 warpgroups) per (query tile, head, batch), or per (`items` query tiles, head,
+// batch) in fwd_items_sm90_kernel (short CTAs: the next tile loads while the last one
+// finishes; see fwd_sm90_body's MULTI):
 //   warpgroup 0   producer: one thread issues the TMA loads (Q once per query tile,
 //                 then K and V of every key tile into a ring of STAGES slots);
 //   warpgroups 1,2 consumers: each owns 64 of the tile's 128 queries, computes
@@ -36,7 +36,7 @@
 // shared memory) and at the end writes them over the lse of its rows: warpgroup 0's
 // with the SM and the key tile count over the tile's queries 0-9, warpgroup 1's over
 // queries 64-71. With several query tiles per CTA (fwd_items_sm90_kernel) point 0 is the
-// CTA's entry and the others are per tile: read such timelines with JAX_GNA_FWD_ITEMS=1.
+// CTA's entry and the others are per tile (fwd_timeline.py's handover reads them per tile).
 #ifndef GNA_FWD_TIMELINE
 #define GNA_FWD_TIMELINE 0
 #endif
@@ -76,8 +76,9 @@ template <int D>
 constexpr int fwd_key_tokens() { return D > 128 ? 64 : 128; }
 
 // QSLOTS: Q tiles in shared memory (2 where a CTA runs several query tiles, the next
-// one's Q loading while the last one's O leaves through the other slot).
-template <int D, int KEYS, int STAGES, int QSLOTS = 1>
+// one's Q loading while the last one's O leaves through the other slot). MULTI: a CTA
+// runs several query tiles (an empty barrier per Q slot).
+template <int D, int KEYS, int STAGES, int QSLOTS = 1, bool MULTI = (QSLOTS > 1)>
 struct FwdLayout {
   static constexpr int KT = KEYS;
   static constexpr int kQBytes = kTileTokens * D * 2;  // the Q tile (16-bit), later O
@@ -87,9 +88,9 @@ struct FwdLayout {
   static constexpr int kQ = 0;
   static constexpr int kK = QSLOTS * kQBytes;
   static constexpr int kV = kK + STAGES * kKVBytes;
-  // Barriers: qfull[QSLOTS] (and qempty[QSLOTS] where QSLOTS > 1), kfull[S], vfull[S],
+  // Barriers: qfull[QSLOTS] (and qempty[QSLOTS] where MULTI), kfull[S], vfull[S],
   // empty[S].
-  static constexpr int kQBars = QSLOTS > 1 ? 2 * QSLOTS : 1;
+  static constexpr int kQBars = MULTI ? 2 * QSLOTS : QSLOTS;
   static constexpr int kBars = kV + STAGES * kKVBytes;
   static constexpr int kStamps = kBars + 256;  // GNA_FWD_TIMELINE's 2 x 8 stamps
   static_assert(8 * (kQBars + 3 * STAGES) <= kStamps - kBars, "the stamps lie past the barriers");
@@ -168,6 +169,25 @@ __device__ __forceinline__ float fast_log2(float x) {
   float y;
   asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+}
+
+// A 4 x 4 transpose across a quad (the 4 lanes of tig = lane % 4): slot u of lane t
+// goes to slot t of lane u. Two butterfly stages; stage k swaps bit k between lane and
+// slot where they differ.
+__device__ __forceinline__ void quad_transpose(uint32_t (&x)[4], int tig) {
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const int m = 1 << k;
+    const bool up = (tig >> k) & 1;
+#pragma unroll
+    for (int lo = 0; lo < 4; ++lo) {
+      if (lo & m) continue;
+      const int hi = lo | m;
+      const uint32_t got = __shfl_xor_sync(0xffffffffu, up ? x[lo] : x[hi], m);
+      if (up) x[lo] = got;
+      else x[hi] = got;
+    }
+  }
 }
 
 // In-tile coordinates per axis of element m of a tile box (elements row-major; the
@@ -393,17 +413,26 @@ struct FwdTile {
 // every query sees all of them (the last masked past nx, whose rows TMA zero-fills): out
 // and lse come out over the window and the tokens together. Without EXTRA the maps are
 // not read (null). MULTI: the CTA runs `items` query tiles one after the other
-// (blockIdx.x * items + j; fewer in the last CTA), its TMA ring and the consumers' turns
-// running on across them, with two Q slots: the next tile's Q and first key tiles load
-// while the last one's softmax and epilogue run, so the tensor cores do not wait for a
-// new CTA's start at every query tile (short CTAs: small windows).
-template <typename T, int D, int KEYS, int STAGES, bool EXTRA, bool MULTI = false>
+// (blockIdx.x + j * gridDim.x; fewer in the last CTAs), its TMA ring and the consumers' turns
+// running on across them, so the tensor cores do not wait for a new CTA's start at every
+// query tile; the next tile's Q and first key tiles load while the last one's softmax and
+// epilogue run. Its Q slots (QSLOTS):
+//  - 2: tile j takes slot j % 2, its O leaves through that slot (as in the one-tile
+//    kernel), which takes tile j + 2's Q once both warpgroups' TMA stores have read it;
+//  - 1 (where a second slot would cost a ring stage: D = 128 with 128-token key tiles):
+//    the slot takes the next Q as soon as every consumer warp's last S = Q K^T of the
+//    tile has completed, and O goes from registers straight to global memory (no
+//    staging), so the next Q loads under the last P V, the softmax and the epilogue.
+template <typename T, int D, int KEYS, int STAGES, bool EXTRA, bool MULTI = false, int QSLOTS = MULTI ? 2 : 1>
 __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap& tq, const CUtensorMap& tk,
                                               const CUtensorMap& tv, const CUtensorMap& to, const TileDivs& divs,
                                               const CUtensorMap* txk, const CUtensorMap* txv, int items = 1) {
 #if defined(GNA_SM90_ENABLED)
   static_assert(!(MULTI && EXTRA), "several query tiles per CTA without additional tokens only");
-  using L = FwdLayout<D, KEYS, STAGES, MULTI ? 2 : 1>;
+  static_assert(QSLOTS == (MULTI ? QSLOTS : 1) && QSLOTS >= 1 && QSLOTS <= 2, "one Q slot, or MULTI with 1 or 2");
+  // O from registers to global memory, the Q slot released after the last S (QSLOTS 1).
+  constexpr bool DIRECT = MULTI && QSLOTS == 1;
+  using L = FwdLayout<D, KEYS, STAGES, QSLOTS, MULTI>;
   constexpr int HALVES = D / 64;
   constexpr int KT = L::KT;      // keys per key tile
   constexpr int NS = KT / 2;     // S accumulators per thread (64 rows x KT per warpgroup)
@@ -418,22 +447,29 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
   unsigned char* gbase = smem_raw + (sbase - saddr(smem_raw));
   const uint32_t sQ = sbase + L::kQ, sK = sbase + L::kK, sV = sbase + L::kV;
   const uint32_t bar_q = sbase + L::kBars;
-  // Q slot q (query tile j of the CTA takes slot j % 2): full, and (MULTI) empty again
-  // once both consumer warpgroups' O left it.
+  // Q slot q (query tile j of the CTA takes slot j % QSLOTS): full, and (MULTI) empty
+  // again once the consumers are done with it (QSLOTS 2: both warpgroups' O left it; 1:
+  // every consumer warp's last S has read it).
   auto bar_qf = [&](int q) { return bar_q + 8 * q; };
-  [[maybe_unused]] auto bar_qe = [&](int q) { return bar_q + 8 * (2 + q); };
+  [[maybe_unused]] auto bar_qe = [&](int q) { return bar_q + 8 * (QSLOTS + q); };
   auto bar_k = [&](int s) { return bar_q + 8 * (L::kQBars + s); };
   auto bar_v = [&](int s) { return bar_q + 8 * (L::kQBars + STAGES + s); };
   auto bar_e = [&](int s) { return bar_q + 8 * (L::kQBars + 2 * STAGES + s); };
 
   const int h = blockIdx.y, b = blockIdx.z + p.z0;
   const int hk = divs.group(h), bk = divs.kvb(b);
-  // The CTA's query tiles: first, first + 1, ..., first + nitems - 1.
-  int first = blockIdx.x, nitems = 1;
+  // The CTA's query tiles: first + j * step for j < nitems, strided (MULTI: step =
+  // gridDim.x), so that CTAs running side by side work on neighbouring query tiles, whose
+  // key tiles overlap, as in the one-tile kernel. (Consecutive tiles per CTA, x * items +
+  // j, made the side-by-side tiles `items` apart: on 1-D window 1024, 2 heads, batch 8 and
+  // 8 per CTA their key tiles no longer fit in L2, +13%; session 37.)
+  const int first = blockIdx.x;
+  int step = 1, nitems = 1;
   if constexpr (MULTI) {
-    first = blockIdx.x * items;
-    const int left = p.ax[0].nqt * p.ax[1].nqt * p.ax[2].nqt - first;
-    nitems = left < items ? left : items;
+    const int nqt = p.ax[0].nqt * p.ax[1].nqt * p.ax[2].nqt;
+    step = gridDim.x;
+    nitems = (nqt - 1 - first) / step + 1;  // >= 1: gridDim.x = ceil(nqt / items) <= nqt
+    nitems = nitems < items ? nitems : items;
   }
   const FwdTile tile0(p, divs, first);
   const int wg = warpgroup_index();
@@ -443,9 +479,9 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
   if (threadIdx.x == 0) {
     mbar_init(bar_q, 1);
     if constexpr (MULTI) {
-      mbar_init(bar_qf(1), 1);
-      mbar_init(bar_qe(0), 2);  // one arrival per consumer warpgroup
-      mbar_init(bar_qe(1), 2);
+      for (int q = 1; q < QSLOTS; ++q) mbar_init(bar_qf(q), 1);
+      // One arrival per consumer warpgroup (QSLOTS 2) or per consumer warp (1).
+      for (int q = 0; q < QSLOTS; ++q) mbar_init(bar_qe(q), DIRECT ? 8 : 2);
     }
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(bar_k(s), 1);
@@ -465,16 +501,22 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
     tma_prefetch_desc(&tk);
     tma_prefetch_desc(&tv);
     int it = 0;  // position in the ring, across the CTA's query tiles
-    for (int j = 0; j < nitems; ++j) {
-      const FwdTile tile = j == 0 ? tile0 : FwdTile(p, divs, first + j);
-      const int qslot = MULTI ? j & 1 : 0;
-      // Query tile j - 2's O has left the slot (MULTI).
-      if (MULTI && j >= 2) mbar_wait(bar_qe(qslot), ((j >> 1) - 1) & 1);
+    // Query tile j's Q, into slot j % QSLOTS once query tile j - QSLOTS is done with it.
+    auto load_q = [&](const FwdTile& tile, int j) {
+      const int qslot = j % QSLOTS;
+      if (MULTI && j >= QSLOTS) mbar_wait(bar_qe(qslot), (j / QSLOTS - 1) & 1);
       mbar_expect_tx(bar_qf(qslot), L::kQBytes);
 #pragma unroll
       for (int c = 0; c < HALVES; ++c)
         tma_load_5d(sQ + qslot * L::kQBytes + c * L::kQHalf, &tq, bar_qf(qslot), h * D + 64 * c,
                     tile.qs[2] - p.ax[2].q0, tile.qs[1] - p.ax[1].q0, tile.qs[0] - p.ax[0].q0, b);
+    };
+    for (int j = 0; j < nitems; ++j) {
+      const FwdTile tile = j == 0 ? tile0 : FwdTile(p, divs, first + j * step);
+      // DIRECT: the next tile's Q after its first key tile, whose ring slot is freed by an
+      // earlier P V than the last S the Q slot waits for.
+      const bool q_late = DIRECT && j > 0;
+      if (!q_late) load_q(tile, j);
       BoxWalk walk;
       for (int t = 0; t < tile.ntiles; ++t, ++it, walk.next(tile.nkt)) {
         const int s = it % STAGES;
@@ -491,6 +533,7 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
         for (int c = 0; c < HALVES; ++c)
           tma_load_5d(sV + s * L::kKVBytes + c * L::kKVHalf, &tv, bar_v(s), hk * D + 64 * c, ks[2], ks[1],
                       ks[0], bk);
+        if (q_late && t == 0) load_q(tile, j);  // (a query tile visits at least one key tile)
       }
     }
     if constexpr (EXTRA) {
@@ -691,12 +734,17 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
   auto release = [&](int it) {
     if (lane == 0) mbar_arrive(bar_e((base + it) % STAGES));
   };
+  // DIRECT: this warp's S of the query tile have completed: the Q slot may take the next
+  // tile's Q.
+  auto release_q = [&] {
+    if (lane == 0) mbar_arrive(bar_qe(0));
+  };
 
   for (int j = 0; j < nitems; ++j) {
     if (j > 0) {  // (MULTI)
-      tile = FwdTile(p, divs, first + j);
+      tile = FwdTile(p, divs, first + j * step);
       walk = BoxWalk{};
-      qslot = j & 1;
+      qslot = j % QSLOTS;
       dq0 = desc_sw128(sQ + qslot * L::kQBytes + cw * 64 * 128, 16, 1024);
       start_tile();
     }
@@ -709,7 +757,7 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
     const int n = EXTRA ? tile.ntiles + (p.nx + KT - 1) / KT : tile.ntiles;
     // Warpgroup 0 goes first; the turns run on across the CTA's query tiles.
     if (cw == 1 && j == 0) turn_pass();
-    mbar_wait(bar_qf(qslot), (j >> 1) & 1);
+    mbar_wait(bar_qf(qslot), (j / QSLOTS) & 1);
     if (GNA_FWD_TIMELINE) stamp.take(1);
     turn_wait();
     issue_s(0, sc);
@@ -762,6 +810,8 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
       to_a(sc, pa);
     }
     if (GNA_FWD_TIMELINE) stamp.take(3);
+    // (After the loop rather than at its last S's wait: a branch there slows the loop.)
+    if (DIRECT) release_q();
     turn_wait();
     issue_pv(n - 1, pa);
     if (cw == 0 || j + 1 < nitems) turn_pass();  // warpgroup 1's last pass would have no matching wait
@@ -774,7 +824,8 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
     // Epilogue: normalize, write this warpgroup's 64 rows into its rows of the (now
     // unused) Q tile in the swizzled layout, then a TMA store of them: the `to` map's box
     // is half a tile (rows 64cw..64cw+63 of the tile form a box), so the two warpgroups
-    // store independently. The reciprocal and the lse's log are the approximate MUFU forms
+    // store independently (DIRECT: each thread stores its O pairs to global memory, the Q
+    // slot holding the next Q by now). The reciprocal and the lse's log are the approximate MUFU forms
     // (about 1 ulp and 2^-22 absolute in log2): O is rounded to 16 bits right after, and
     // together they take ~150 instructions out of the epilogue, which is on the critical
     // path of every CTA (session 18: 1-D one-head forward -0.6%).
@@ -791,18 +842,40 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
     for (int r = 0; r < 2; ++r) {
       const float l = l_row[r];
       const int row = 64 * cw + 16 * warp + gid + 8 * r;
-#pragma unroll
-      for (int g = 0; g < NG; ++g)
-#pragma unroll
-        for (int i = 0; i < OW / 4; ++i) {
-          const int col = (D / NG) * g + 8 * i + 2 * tig, half = col / 64, cc = col % 64;
-          const uint32_t off = half * L::kQHalf + row * 128 + ((((cc / 8) ^ (row % 8)) * 16) | ((cc % 8) * 2));
-          *reinterpret_cast<uint32_t*>(gbase + L::kQ + qslot * L::kQBytes + off) =
-              Mma<T>::cvt2(o_acc[g][4 * i + 2 * r] * inv[r], o_acc[g][4 * i + 2 * r + 1] * inv[r]);
-        }
       int o[3];
-      row_coords(row, o);
       int64_t tok;
+      if constexpr (DIRECT) {
+        row_coords(row, o);
+        // Per 32 columns (4 blocks of 8), the quad's 4 x 4 column pairs transposed
+        // (thread tig then holds block tig's 8 columns): 16-byte stores, a row's 64 bytes
+        // per quad and instruction (4-byte stores took 2.2-2.7 us per tile, session 37).
+        const bool valid = tile.query_token(p, o, tok);
+        T* orow = static_cast<T*>(p.o) + b * p.o_b + (valid ? tok : 0) * p.o_tok + h * D;
+#pragma unroll
+        for (int g = 0; g < NG; ++g)
+#pragma unroll
+          for (int m = 0; m < OW / 16; ++m) {
+            uint32_t x[4];  // slot u: block 4m + u, columns 2 tig, 2 tig + 1
+#pragma unroll
+            for (int u = 0; u < 4; ++u)
+              x[u] = Mma<T>::cvt2(o_acc[g][4 * (4 * m + u) + 2 * r] * inv[r],
+                                  o_acc[g][4 * (4 * m + u) + 2 * r + 1] * inv[r]);
+            quad_transpose(x, tig);  // slot u: block 4m + tig, columns 2u, 2u + 1
+            if (valid)
+              *reinterpret_cast<uint4*>(orow + (D / NG) * g + 32 * m + 8 * tig) = make_uint4(x[0], x[1], x[2], x[3]);
+          }
+      } else {
+#pragma unroll
+        for (int g = 0; g < NG; ++g)
+#pragma unroll
+          for (int i = 0; i < OW / 4; ++i) {
+            const int col = (D / NG) * g + 8 * i + 2 * tig, half = col / 64, cc = col % 64;
+            const uint32_t off = half * L::kQHalf + row * 128 + ((((cc / 8) ^ (row % 8)) * 16) | ((cc % 8) * 2));
+            *reinterpret_cast<uint32_t*>(gbase + L::kQ + qslot * L::kQBytes + off) =
+                Mma<T>::cvt2(o_acc[g][4 * i + 2 * r] * inv[r], o_acc[g][4 * i + 2 * r + 1] * inv[r]);
+          }
+        row_coords(row, o);
+      }
       const bool valid = tile.query_token(p, o, tok);
       if (tig == 0 && valid) {
         const float lse = l > 0.f ? (m_run[r] + fast_log2(l)) * 0.69314718055994531f : -INFINITY;
@@ -810,19 +883,26 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
       }
     }
     if (GNA_FWD_TIMELINE) stamp.take(5);
-    fence_proxy_async();
-    named_sync(4 + cw, 128);  // this warpgroup's O rows are written
-    if (GNA_FWD_TIMELINE) stamp.take(6);
-    if (threadIdx.x % 128 == 0) {
-      int o[3];
-      row_coords(64 * cw, o);
+    if constexpr (DIRECT) {
+      if (GNA_FWD_TIMELINE) {
+        __syncwarp();  // the lanes' lse stores before the stamps overwrite them
+        stamp.take(6);
+      }
+    } else {
+      fence_proxy_async();
+      named_sync(4 + cw, 128);  // this warpgroup's O rows are written
+      if (GNA_FWD_TIMELINE) stamp.take(6);
+      if (threadIdx.x % 128 == 0) {
+        int o[3];
+        row_coords(64 * cw, o);
 #pragma unroll
-      for (int c = 0; c < HALVES; ++c)
-        tma_store_5d(&to, sQ + qslot * L::kQBytes + c * L::kQHalf + cw * 64 * 128, h * D + 64 * c,
-                     tile.qs[2] + o[2] - p.ax[2].q0, tile.qs[1] + o[1] - p.ax[1].q0, tile.qs[0] + o[0] - p.ax[0].q0,
-                     b);
-      tma_store_commit_and_wait();
-      if (MULTI) mbar_arrive(bar_qe(qslot));  // the slot's O is read: it may take the next Q
+        for (int c = 0; c < HALVES; ++c)
+          tma_store_5d(&to, sQ + qslot * L::kQBytes + c * L::kQHalf + cw * 64 * 128, h * D + 64 * c,
+                       tile.qs[2] + o[2] - p.ax[2].q0, tile.qs[1] + o[1] - p.ax[1].q0,
+                       tile.qs[0] + o[0] - p.ax[0].q0, b);
+        tma_store_commit_and_wait();
+        if (MULTI) mbar_arrive(bar_qe(qslot));  // the slot's O is read: it may take the next Q
+      }
     }
     if (GNA_FWD_TIMELINE && threadIdx.x % 128 == 0) {
       stamp.take(7);
@@ -851,13 +931,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // The forward with `items` query tiles per CTA (the grid's x extent covers
-// ceil(query tiles / items)).
-template <typename T, int D, int KEYS, int STAGES>
+// ceil(query tiles / items)) and QSLOTS Q slots (fwd_sm90_body).
+template <typename T, int D, int KEYS, int STAGES, int QSLOTS>
 __global__ void __launch_bounds__(kThreads, 1)
     fwd_items_sm90_kernel(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap tq,
                           const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv,
                           const __grid_constant__ CUtensorMap to, const __grid_constant__ TileDivs divs, int items) {
-  fwd_sm90_body<T, D, KEYS, STAGES, false, true>(p, tq, tk, tv, to, divs, nullptr, nullptr, items);
+  fwd_sm90_body<T, D, KEYS, STAGES, false, true, QSLOTS>(p, tq, tk, tv, to, divs, nullptr, nullptr, items);
 }
 
 // The forward with the call's additional tokens as extra key tiles (p.nx of them), at

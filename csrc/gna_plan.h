@@ -116,13 +116,23 @@ inline bool short_keys_pay(const Plan& keys128, const Plan& keys64) {
 // 129 4 heads batch 8 -21% (one round of 128 CTAs); 2-D 128x128 window 7 D 64 -5.6%,
 // window 21 -3.3%, 3-D 8x64x64 window 3 -6.6%; 1-D 32768 tokens window 2048 one head D 64
 // +263% (32 CTAs) (benchmarks/results/fwd-items-h200.md).
-constexpr double kCtaFixedTiles = 4, kItemsMargin = 0.03;
-inline int forward_items(int64_t nqtiles, double visits, int64_t ctas, int sms) {
+// `item_tiles`: what each further query tile of a CTA costs besides its key tiles, in key
+// tiles: 0 for the kernel with two Q slots (the next Q is loaded by then), and
+// kOneSlotItemTiles for the one with one Q slot (D 128 with 128-token key tiles), whose
+// next Q loads only after the last S: its handover from a tile's last P V to the next
+// tile's first S took 2.94 us against 4.19 us for a new CTA (1-D window 2048, one head;
+// fwd_timeline.py), i.e. 4 x 2.94 / 4.19 = 2.8 of the fixed cost's 4, rounded up to 3 for
+// its key-tile loop, 1.6% slower there (22.14 against 21.79 us over 16 key tiles). The
+// counts then fit what was measured (session 37): 8 on short CTAs (-5 to -18%), 1 on the
+// paper problems, where 2 per CTA measured +0.6 to +3.2% (the 1-D one-head ones -2%).
+constexpr double kCtaFixedTiles = 4, kItemsMargin = 0.03, kOneSlotItemTiles = 3;
+inline int forward_items(int64_t nqtiles, double visits, int64_t ctas, int sms, double item_tiles = 0) {
   if (sms <= 0 || nqtiles <= 0) return 1;
   const double tiles = visits / static_cast<double>(nqtiles);  // key tiles per query tile
   auto cost = [&](int items) {  // (a CTA runs at most nqtiles query tiles)
     const int64_t n = (nqtiles + items - 1) / items * ctas;
-    return static_cast<double>((n + sms - 1) / sms) * (std::min<int64_t>(items, nqtiles) * tiles + kCtaFixedTiles);
+    const int64_t per = std::min<int64_t>(items, nqtiles);
+    return static_cast<double>((n + sms - 1) / sms) * (per * tiles + (per - 1) * item_tiles + kCtaFixedTiles);
   };
   int best = 1;
   double best_cost = (1 - kItemsMargin) * cost(1);

@@ -173,8 +173,8 @@ Plan fwd_plan(const Params& p) {
 // Key tokens per tile of a plan (its per-axis extents multiply to the tile's tokens).
 int key_tokens(const Plan& plan) { return plan.kt[0] * plan.kt[1] * plan.kt[2]; }
 
-// The ring of the forward that runs several query tiles per CTA (two Q slots): what fits
-// beside them, at most fwd_stages.
+// The ring of the forward that runs several query tiles per CTA with two Q slots: what
+// fits beside them, at most fwd_stages.
 template <typename T, int D, int KT>
 constexpr int fwd_items_stages() {
   constexpr size_t q = 2 * sm90::kTileTokens * D * 2, kv = 2 * KT * D * 2;
@@ -192,16 +192,16 @@ int sm_count() {
   return n;
 }
 
-// Query tiles per CTA of the forward (D <= 128, no additional tokens, a ring of at least
-// 3 stages beside two Q slots: not at D = 128 with 128-token key tiles): gna::forward_items
-// (gna_plan.h). JAX_GNA_FWD_ITEMS (a measurement and test switch, read per call): a count
-// >= 1 forces it where the kernel exists.
-int fwd_items(const Params& p, const Plan& plan, int64_t nqtiles) {
+// Query tiles per CTA of the forward (D <= 128, no additional tokens): gna::forward_items
+// (gna_plan.h), for the kernel with one Q slot (`one_slot`) or two. JAX_GNA_FWD_ITEMS (a
+// measurement and test switch, read per call): a count >= 1 forces it.
+int fwd_items(const Params& p, const Plan& plan, int64_t nqtiles, bool one_slot) {
   if (const char* e = std::getenv("JAX_GNA_FWD_ITEMS")) {
     const int n = std::atoi(e);
     if (n >= 1) return n;
   }
-  return forward_items(nqtiles, plan.visits, int64_t{p.H} * p.B, sm_count());
+  return forward_items(nqtiles, plan.visits, int64_t{p.H} * p.B, sm_count(),
+                       one_slot ? kOneSlotItemTiles : 0.0);
 }
 
 template <typename T, int D, int KT>
@@ -226,12 +226,17 @@ cudaError_t fwd_sm90(DType dt, Params p, const Plan& plan, cudaStream_t stream, 
   static_assert(FwdLayout<D, KT, S>::smem_bytes() <= kMaxSmem, "forward tiles exceed shared memory");
   const size_t smem = FwdLayout<D, KT, S>::smem_bytes();
   const dim3 grid(static_cast<unsigned>(nqtiles), p.H, p.B);
-  if constexpr (D <= 128 && fwd_items_stages<T, D, KT>() >= 3) {
-    if (const int items = p.nx == 0 ? fwd_items(p, plan, nqtiles) : 1; items > 1) {
-      constexpr int SI = fwd_items_stages<T, D, KT>();
-      auto ki = sm90::fwd_items_sm90_kernel<T, D, KT, SI>;
-      static_assert(FwdLayout<D, KT, SI, 2>::smem_bytes() <= kMaxSmem, "forward tiles exceed shared memory");
-      const size_t smem_i = FwdLayout<D, KT, SI, 2>::smem_bytes();
+  if constexpr (D <= 128) {
+    // Two Q slots where a ring of at least 3 stages fits beside them; otherwise (D = 128
+    // with 128-token key tiles: 2 of 3 stages would be left, measured 11-34% slower per
+    // tile, session 36) one Q slot beside the whole ring (fwd_sm90_body's DIRECT).
+    constexpr int QS = fwd_items_stages<T, D, KT>() >= 3 ? 2 : 1;
+    if (const int items = p.nx == 0 ? fwd_items(p, plan, nqtiles, QS == 1) : 1; items > 1) {
+      constexpr int SI = QS == 2 ? fwd_items_stages<T, D, KT>() : S;
+      using LI = FwdLayout<D, KT, SI, QS, true>;
+      auto ki = sm90::fwd_items_sm90_kernel<T, D, KT, SI, QS>;
+      static_assert(LI::smem_bytes() <= kMaxSmem, "forward tiles exceed shared memory");
+      const size_t smem_i = LI::smem_bytes();
       if (cudaError_t e = set_smem(ki, smem_i); e != cudaSuccess) return e;
       used = true;
       const dim3 grid_i(static_cast<unsigned>((nqtiles + items - 1) / items), p.H, p.B);

@@ -9,10 +9,11 @@
 //   keys V128 V64 SHORT      the forward's key-tile choice at head dims <= 128: key tiles
 //                            visited by the plans for 128- and 64-token key tiles, and
 //                            gna::short_keys_pay (1: 64-token tiles)
-//   items NQ N               (only where the line ends with CTAS SMS: batches x heads and
+//   items NQ N N1            (only where the line ends with CTAS SMS: batches x heads and
 //                            SMs, and the plan is ok) the forward's plan at head dims
 //                            <= 128 (the one keys picks): its query tiles and
-//                            gna::forward_items
+//                            gna::forward_items for the kernel with two Q slots (N) and
+//                            with one (N1: head dim 128 with 128-token key tiles)
 //   cand QT0 QT1 QT2 KT0 KT1 KT2 VISITS FULL          (only with argv[1] == "all")
 //   end
 // VISITS / FULL: visited (query tile, key tile) pairs over the query block and how
@@ -81,7 +82,8 @@ int main(int argc, char** argv) {
     if (in >> ctas >> sms && fwd.ok) {
       int64_t nq = 1;
       for (int a = 0; a < 3; ++a) nq *= (p.ax[a].qn + fwd.qt[a] - 1) / fwd.qt[a];
-      std::printf("items %lld %d\n", static_cast<long long>(nq), gna::forward_items(nq, fwd.visits, ctas, sms));
+      std::printf("items %lld %d %d\n", static_cast<long long>(nq), gna::forward_items(nq, fwd.visits, ctas, sms),
+                  gna::forward_items(nq, fwd.visits, ctas, sms, gna::kOneSlotItemTiles));
     }
     if (all) {
       int qcap[3], kcap[3];

@@ -801,6 +801,8 @@ def test_sm90_repeatable_and_close_to_sm80(monkeypatch):
 @pytest.mark.parametrize("shape,k,s,keys,dim,dtype", [
     ((2000,), 129, 1, "64", 128, jnp.bfloat16),
     ((40, 50), (9, 7), (1, 2), "128", 64, jnp.float16),
+    ((3000,), 257, 1, "128", 128, jnp.bfloat16),  # one Q slot, O straight to global memory
+    ((24, 40), (7, 9), (2, 1), "128", 128, jnp.float16),
 ])
 def test_sm90_items_bitwise(monkeypatch, shape, k, s, keys, dim, dtype):
     """Several query tiles per CTA change no bit of the forward (each query tile's key
@@ -816,6 +818,39 @@ def test_sm90_items_bitwise(monkeypatch, shape, k, s, keys, dim, dtype):
         outs.append(jax.tree.map(np.asarray, jax.jit(lambda q, k, v: cuda._attention_poisoned(q, k, v, p))(q, kk, v)))
     for other in outs[1:]:
         for x, y in zip(outs[0], other):
+            assert np.array_equal(x.view(np.uint8), y.view(np.uint8))
+
+
+@pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
+@pytest.mark.parametrize("dim", [64, 128])
+def test_sm90_query_range(monkeypatch, dim):
+    """A forward call narrowed to rows [lo, hi) of the query buffer per axis (a sharded
+    forward's sub-block call: device_q_range, on this GPU's ordinal) writes those rows as
+    the whole call does (within tolerance: its query tiles start at lo) and no other row
+    (they keep the poison); 3 query tiles per CTA give the same bits as one (at head dim
+    128 their O goes from registers straight to the rows' addresses, at 64 through TMA
+    stores)."""
+    _force_sm90(monkeypatch, False)
+    monkeypatch.setenv("JAX_GNA_FWD_KEYS", "128")
+    p = _problem((40, 56), (9, 11), (1, 2), 1, (False, True), dim=dim)
+    q, k, v, _, _ = _inputs(p, 2, 4, 2, dim, dim, jnp.bfloat16)
+    lo, hi = (5, 8), (33, 50)
+    table = ((jax.devices()[0].local_hardware_id or 0, p.q_origin, p.kv_origin, (lo[0], hi[0], lo[1], hi[1])),)
+    whole = jax.jit(lambda q, k, v: cuda._forward_call(q, k, v, p, poison=True))(q, k, v)
+    inside = (slice(None), slice(lo[0], hi[0]), slice(lo[1], hi[1]))
+    parts = []
+    for items in ("1", "3"):
+        monkeypatch.setenv("JAX_GNA_FWD_ITEMS", items)
+        # A new jit per setting (see test_sm90_repeatable_and_close_to_sm80).
+        parts.append(tuple(map(np.asarray, jax.jit(
+            lambda q, k, v: cuda._forward_call(q, k, v, p, poison=True, devices=table))(q, k, v))))
+    for x, y in zip(map(np.asarray, whole), parts[0]):
+        assert _rel(y[inside], x[inside]) < TOL[jnp.bfloat16][1 if x.dtype == np.float32 else 0]
+        rest = np.ones(y.shape[:3], bool)
+        rest[inside] = False
+        assert np.isnan(y[rest].astype(np.float32)).all()
+    for other in parts[1:]:
+        for x, y in zip(parts[0], other):
             assert np.array_equal(x.view(np.uint8), y.view(np.uint8))
 
 

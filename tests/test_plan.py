@@ -220,7 +220,7 @@ def _run_driver(exe, problems):
         elif t[0] == "keys":
             cur["keys"] = (float(t[1]), float(t[2]), t[3] == "1")
         elif t[0] == "items":
-            cur["items"] = (int(t[1]), int(t[2]))
+            cur["items"] = (int(t[1]), int(t[2]), int(t[3]))
         elif t[0] == "cand":
             cur["cands"][(tuple(map(int, t[1:4])), tuple(map(int, t[4:7])))] = (int(t[7]), int(t[8]))
         else:
@@ -529,3 +529,39 @@ def test_forward_items(item_plans, name, items):
     wherever 8 was the fastest count measured, and 2 on the one-head 1-D problem whose 256
     query tiles would leave 32 CTAs at 8 (3.6x slower there; 2 was 4.4% faster than 1)."""
     assert item_plans[name]["items"][1] == items
+
+
+# The same for the kernel with one Q slot (head dim 128, 128-token key tiles; session 37,
+# benchmarks/results/fwd-items-h200.md): counts 1/2/4/8 forced, kernel time against 1
+# (strided query tiles where marked, consecutive ones otherwise).
+ONE_SLOT_CASES = [
+    ("1d-2048-w257-b8h16", (2048,), (257,), (1,), 128, 8),           # 8: -16.0% strided, 4: -10.9%
+    ("1d-16384-w385-b8h16", (16384,), (385,), (1,), 128, 8),         # 8: -8.1%, 4: -8.5%
+    ("1d-4096-w257-b8h4", (4096,), (257,), (1,), 32, 8),             # 8: -18.1%
+    ("1d-8192-w1024-b8h2", (8192,), (1024,), (1,), 16, 8),           # 8: -10.4% strided (+13.3% not)
+    ("2d-64-w7-b16h16", (64, 64), (7, 7), (1, 1), 256, 8),           # 8: -8.7%
+    ("3d-32-w5-b16h4", (32, 32, 32), (5, 5, 5), (1, 1, 1), 64, 8),   # 8: -4.9%
+    ("1d-32768-w2048-s2048-h1", (32768,), (2048,), (2048,), 1, 1),   # 2: -2.3% (under the margin)
+    ("1d-32768-w2048-s1-h1", (32768,), (2048,), (1,), 1, 1),         # 2: -2.1%
+    ("1d-32768-w2048-s2048-h24", (32768,), (2048,), (2048,), 24, 1),  # 8: -1.6% strided, 2: +1.0%
+    ("2d-256-w80-s16-h24", (256, 256), (80, 80), (16, 16), 24, 1),   # 2: +2.3%
+    ("2d-256-w80-s1-h24", (256, 256), (80, 80), (1, 1), 24, 1),      # 2: +0.6%
+    ("3d-w18x24x24-s16x8x8-h24", (30, 48, 80), (18, 24, 24), (16, 8, 8), 24, 1),  # 2: +1.5%
+    ("3d-w18x24x24-s1-h24", (30, 48, 80), (18, 24, 24), (1, 1, 1), 24, 1),  # 2: +3.2%
+]
+
+
+@pytest.fixture(scope="module")
+def one_slot_plans(driver):
+    return _plans_by_name(driver, [(*c[:4], (c[4], 132)) for c in ONE_SLOT_CASES])
+
+
+@pytest.mark.parametrize("name,items", [(c[0], c[5]) for c in ONE_SLOT_CASES], ids=[c[0] for c in ONE_SLOT_CASES])
+def test_forward_items_one_slot(one_slot_plans, name, items):
+    """``gna::forward_items`` with the one-slot kernel's cost per further query tile
+    (kOneSlotItemTiles): 8 on the short CTAs where it was fastest, 1 on the paper problems
+    (2 per CTA was slower on those with 24 heads and 2% faster, under the margin, on the
+    one-head ones)."""
+    r = one_slot_plans[name]
+    assert r["keys"][2] == 0  # 128-token key tiles: the one-slot kernel
+    assert r["items"][2] == items
