@@ -5,8 +5,11 @@ thread of each consumer warpgroup then writes %globaltimer stamps over the lse o
 first rows (the tokens must fill whole 128-query tiles). Prints, over the tiles of one
 (warm) call: the kernel's span, the medians of each phase per warpgroup, how far the
 second warpgroup trails, when the tiles start (waves) and, on one SM, the gap between
-one CTA's end and the next one's entry and the tensor-idle handover (the CTA's last
-P V done to the next one's first S done).
+one CTA's end and the next one's entry and the tensor-idle handover (a query tile's last
+P V done to the next tile's first S done, the next CTA's or, with several query tiles per
+CTA, JAX_GNA_FWD_ITEMS, the same CTA's: point 0 is then the CTA's entry, the others the
+tile's; with one Q slot, head dim 128 and 128-token key tiles, "O into shared memory" is
+the O's stores to global memory and the barrier and TMA store phases are empty).
 (JAX_GNA_BUILD_TAG=tl JAX_GNA_EXTRA_CUDA_FLAGS=-DGNA_FWD_TIMELINE=1 bash
 scripts/build_cuda_lib.sh builds it beside the normal one.)
 
@@ -76,15 +79,17 @@ def run(tokens: int, window: int, stride: int, heads: int) -> None:
     gaps, handover = [], []
     for s in np.unique(sm):
         idx = np.flatnonzero(sm == s)
-        idx = idx[np.argsort(ns[idx, 0, 0])]
+        idx = idx[np.argsort(ns[idx, 0, 1])]  # by the time the tile's Q landed
         for a, b in zip(idx[:-1], idx[1:]):
-            gaps.append(ns[b, 0, 0] - end[a])
+            if ns[b, 0, 0] != ns[a, 0, 0]:  # another CTA
+                gaps.append(ns[b, 0, 0] - end[a])
             handover.append(ns[b, :, 2].min() - ns[a, :, 4].max())
     if gaps:
         print(f"  same SM, the CTA's end (both warpgroups' epilogues) to the next one's entry: median "
               f"{np.median(gaps) / 1e3:.2f} us, max {np.max(gaps) / 1e3:.2f} us ({len(gaps)} gaps)")
-        print(f"  same SM, the CTA's last P V done to the next one's first S done: median "
-              f"{np.median(handover) / 1e3:.2f} us, max {np.max(handover) / 1e3:.2f} us")
+    if handover:
+        print(f"  same SM, a tile's last P V done to the next tile's first S done: median "
+              f"{np.median(handover) / 1e3:.2f} us, max {np.max(handover) / 1e3:.2f} us ({len(handover)})")
 
 
 if __name__ == "__main__":
