@@ -33,7 +33,7 @@ forward at head dims 64 and 128 takes 64-token key tiles instead of 128-token on
 they visit at most 80% of the key columns (small windows; ``JAX_GNA_FWD_KEYS=64``/``128``
 forces either, for calls without additional tokens), and where CTAs would be short it runs
 several query tiles per CTA (``JAX_GNA_FWD_ITEMS=n`` forces n where that kernel exists:
-head dim 64, or 128 with 64-token key tiles, without additional tokens).
+head dims 64 and 128, without additional tokens).
 """
 
 from __future__ import annotations
