@@ -75,9 +75,9 @@ constexpr int kThreads = 384;
 template <int D>
 constexpr int fwd_key_tokens() { return D > 128 ? 64 : 128; }
 
-// QSLOTS: Q tiles in shared memory (2 where a CTA runs several query tiles, the next
-// one's Q loading while the last one's O leaves through the other slot). MULTI: a CTA
-// runs several query tiles (an empty barrier per Q slot).
+// QSLOTS: Q tiles in shared memory (2 where a CTA runs several query tiles and they fit,
+// the next one's Q loading while the last one's O leaves through the other slot; see
+// fwd_sm90_body). MULTI: a CTA runs several query tiles (an empty barrier per Q slot).
 template <int D, int KEYS, int STAGES, int QSLOTS = 1, bool MULTI = (QSLOTS > 1)>
 struct FwdLayout {
   static constexpr int KT = KEYS;
@@ -824,9 +824,9 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
     // Epilogue: normalize, write this warpgroup's 64 rows into its rows of the (now
     // unused) Q tile in the swizzled layout, then a TMA store of them: the `to` map's box
     // is half a tile (rows 64cw..64cw+63 of the tile form a box), so the two warpgroups
-    // store independently (DIRECT: each thread stores its O pairs to global memory, the Q
-    // slot holding the next Q by now). The reciprocal and the lse's log are the approximate MUFU forms
-    // (about 1 ulp and 2^-22 absolute in log2): O is rounded to 16 bits right after, and
+    // store independently (DIRECT: each thread stores its O to global memory, the Q slot
+    // holding the next Q by now). The reciprocal and the lse's log are the approximate MUFU
+    // forms (about 1 ulp and 2^-22 absolute in log2): O is rounded to 16 bits right after, and
     // together they take ~150 instructions out of the epilogue, which is on the critical
     // path of every CTA (session 18: 1-D one-head forward -0.6%).
     float l_row[2], inv[2];
