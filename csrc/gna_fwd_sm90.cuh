@@ -32,11 +32,13 @@
 #include "gna_sm90.cuh"
 
 // GNA_FWD_TIMELINE=1 (a measurement build, scripts/fwd_timeline.py): the first thread of
-// each consumer warpgroup records %globaltimer at eight points of its CTA's life (in
-// shared memory) and at the end writes them over the lse of its rows: warpgroup 0's
-// with the SM and the key tile count over the tile's queries 0-9, warpgroup 1's over
-// queries 64-71. With several query tiles per CTA (fwd_items_sm90_kernel) point 0 is the
-// CTA's entry and the others are per tile (fwd_timeline.py's handover reads them per tile).
+// each consumer warpgroup records %globaltimer at eight points of each query tile's life
+// (in shared memory), the producer when it issued the tile's Q load, and at the CTA's end
+// they are written over the lse of each tile's rows: warpgroup 0's with the SM, the key
+// tile count and the Q load over the tile's queries 0-10, warpgroup 1's over queries
+// 64-71. Point 0 is the CTA's entry; with several query tiles per CTA
+// (fwd_items_sm90_kernel) the others are per tile (fwd_timeline.py's handover reads them
+// per tile), for the CTA's first Stamps::kTiles tiles.
 #ifndef GNA_FWD_TIMELINE
 #define GNA_FWD_TIMELINE 0
 #endif
@@ -45,20 +47,31 @@ namespace gna {
 namespace sm90 {
 
 struct Stamps {
-  static constexpr int kPoints = 8;  // per consumer warpgroup
-  uint32_t at;  // shared address of 2 x kPoints words (past the barriers)
-  // Point i of threads 128 and 256 (the consumer warpgroups' first threads).
-  __device__ __forceinline__ void take(int i) const {
+  static constexpr int kPoints = 8;               // per consumer warpgroup and query tile
+  static constexpr int kTiles = 8;                // query tiles of a CTA stamped (its first 8)
+  static constexpr int kWords = 2 * kPoints + 1;  // per tile: both warpgroups' points, the Q load
+  uint32_t at;  // shared address of kTiles x kWords words (past the barriers)
+  // Point i of query tile j of threads 128 and 256 (the consumer warpgroups' first threads).
+  __device__ __forceinline__ void take(int j, int i) const {
+    if (j >= kTiles) return;
     asm volatile(
         "{\n .reg .pred p, q;\n .reg .u32 t;\n .reg .u32 x;\n mov.u32 x, %%tid.x;\n"
         " setp.eq.u32 p, x, 128;\n setp.eq.u32 q, x, 256;\n mov.u32 t, %%globaltimer_lo;\n"
         " @p st.shared.u32 [%0], t;\n @q st.shared.u32 [%1], t;\n}\n"
-        ::"r"(at + 4 * i), "r"(at + 4 * (i + kPoints))
+        ::"r"(at + 4 * (kWords * j + i)), "r"(at + 4 * (kWords * j + i + kPoints))
         : "memory");
   }
-  __device__ __forceinline__ uint32_t get(int i) const {
+  // The producer's stamp of query tile j's Q load (issued).
+  __device__ __forceinline__ void take_q(int j) const {
+    if (j >= kTiles) return;
+    asm volatile("{\n .reg .u32 t;\n mov.u32 t, %%globaltimer_lo;\n st.shared.u32 [%0], t;\n}\n" ::"r"(
+                     at + 4 * (kWords * j + 2 * kPoints))
+                 : "memory");
+  }
+  // Word i of query tile j (i < 2 kPoints: point i % kPoints of warpgroup i / kPoints).
+  __device__ __forceinline__ uint32_t get(int j, int i) const {
     uint32_t v;
-    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(at + 4 * i));
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(at + 4 * (kWords * j + i)));
     return v;
   }
 };
@@ -92,10 +105,11 @@ struct FwdLayout {
   // empty[S].
   static constexpr int kQBars = MULTI ? 2 * QSLOTS : QSLOTS;
   static constexpr int kBars = kV + STAGES * kKVBytes;
-  static constexpr int kStamps = kBars + 256;  // GNA_FWD_TIMELINE's 2 x 8 stamps
+  static constexpr int kStamps = kBars + 256;  // GNA_FWD_TIMELINE's stamps (Stamps)
   static_assert(8 * (kQBars + 3 * STAGES) <= kStamps - kBars, "the stamps lie past the barriers");
   static constexpr size_t smem_bytes() {
-    return (GNA_FWD_TIMELINE ? kStamps + 4 * 16 : kBars + 8 * (kQBars + 3 * STAGES)) + 1024;
+    return (GNA_FWD_TIMELINE ? kStamps + 4 * Stamps::kWords * Stamps::kTiles : kBars + 8 * (kQBars + 3 * STAGES)) +
+           1024;
   }
 };
 
@@ -474,7 +488,7 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
   const FwdTile tile0(p, divs, first);
   const int wg = warpgroup_index();
   [[maybe_unused]] const Stamps stamp{sbase + L::kStamps};
-  if (GNA_FWD_TIMELINE) stamp.take(0);
+  if (GNA_FWD_TIMELINE) stamp.take(0, 0);
 
   if (threadIdx.x == 0) {
     mbar_init(bar_q, 1);
@@ -505,6 +519,7 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
     auto load_q = [&](const FwdTile& tile, int j) {
       const int qslot = j % QSLOTS;
       if (MULTI && j >= QSLOTS) mbar_wait(bar_qe(qslot), (j / QSLOTS - 1) & 1);
+      if (GNA_FWD_TIMELINE) stamp.take_q(j);
       mbar_expect_tx(bar_qf(qslot), L::kQBytes);
 #pragma unroll
       for (int c = 0; c < HALVES; ++c)
@@ -758,13 +773,13 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
     // Warpgroup 0 goes first; the turns run on across the CTA's query tiles.
     if (cw == 1 && j == 0) turn_pass();
     mbar_wait(bar_qf(qslot), (j / QSLOTS) & 1);
-    if (GNA_FWD_TIMELINE) stamp.take(1);
+    if (GNA_FWD_TIMELINE) stamp.take(j, 1);
     turn_wait();
     issue_s(0, sc);
     turn_pass();
     int full = next_tile(0, ks);
     wg_wait<0>();
-    if (GNA_FWD_TIMELINE) stamp.take(2);
+    if (GNA_FWD_TIMELINE) stamp.take(j, 2);
     reg_fence(sc);
     softmax(ks, full, sc, alpha);
     to_a(sc, pa);
@@ -809,14 +824,14 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
       release(it - 1);
       to_a(sc, pa);
     }
-    if (GNA_FWD_TIMELINE) stamp.take(3);
+    if (GNA_FWD_TIMELINE) stamp.take(j, 3);
     // (After the loop rather than at its last S's wait: a branch there slows the loop.)
     if (DIRECT) release_q();
     turn_wait();
     issue_pv(n - 1, pa);
     if (cw == 0 || j + 1 < nitems) turn_pass();  // warpgroup 1's last pass would have no matching wait
     wg_wait<0>();
-    if (GNA_FWD_TIMELINE) stamp.take(4);
+    if (GNA_FWD_TIMELINE) stamp.take(j, 4);
 #pragma unroll
     for (int g = 0; g < NG; ++g) reg_fence(o_acc[g]);
     release(n - 1);
@@ -882,16 +897,16 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
         p.lse[(b * p.nq + tok) * p.H + h] = lse;
       }
     }
-    if (GNA_FWD_TIMELINE) stamp.take(5);
+    if (GNA_FWD_TIMELINE) stamp.take(j, 5);
     if constexpr (DIRECT) {
       if (GNA_FWD_TIMELINE) {
         __syncwarp();  // the lanes' lse stores before the stamps overwrite them
-        stamp.take(6);
+        stamp.take(j, 6);
       }
     } else {
       fence_proxy_async();
       named_sync(4 + cw, 128);  // this warpgroup's O rows are written
-      if (GNA_FWD_TIMELINE) stamp.take(6);
+      if (GNA_FWD_TIMELINE) stamp.take(j, 6);
       if (threadIdx.x % 128 == 0) {
         int o[3];
         row_coords(64 * cw, o);
@@ -904,20 +919,32 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
         if (MULTI) mbar_arrive(bar_qe(qslot));  // the slot's O is read: it may take the next Q
       }
     }
-    if (GNA_FWD_TIMELINE && threadIdx.x % 128 == 0) {
-      stamp.take(7);
-      uint32_t sm;
-      asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-      const int npt = Stamps::kPoints, nval = cw == 0 ? npt + 2 : npt;
+    if (GNA_FWD_TIMELINE) stamp.take(j, 7);
+    base += n;
+  }
+  // The stamps over the lse of the tiles' first rows, once the CTA's tiles are done (written
+  // after each tile, they lengthened the handover between two tiles of a CTA: 2.94-3.07 us
+  // against 2.08 us at 2 per CTA, session 38). With one tile per CTA they still sit between
+  // its last stamp and its exit, in the gap before the next CTA.
+  if (GNA_FWD_TIMELINE && threadIdx.x % 128 == 0) {
+    uint32_t sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    const int npt = Stamps::kPoints, nval = cw == 0 ? npt + 3 : npt;
+    for (int j = 0; j < nitems && j < Stamps::kTiles; ++j) {
+      tile = FwdTile(p, divs, first + j * step);
+      const int n = EXTRA ? tile.ntiles + (p.nx + KT - 1) / KT : tile.ntiles;
       for (int i = 0; i < nval; ++i) {
         int o[3];
         row_coords(64 * cw + i, o);
         int64_t tok;
-        const uint32_t v = i < npt ? stamp.get(i + npt * cw) : i == npt ? sm : static_cast<uint32_t>(n);
+        const uint32_t v = i == 0        ? stamp.get(0, npt * cw)  // the CTA's entry
+                           : i < npt      ? stamp.get(j, i + npt * cw)
+                           : i == npt     ? sm
+                           : i == npt + 1 ? static_cast<uint32_t>(n)
+                                          : stamp.get(j, 2 * npt);
         if (tile.query_token(p, o, tok)) p.lse[(b * p.nq + tok) * p.H + h] = __uint_as_float(v);
       }
     }
-    base += n;
   }
 #endif
 }
