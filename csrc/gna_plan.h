@@ -122,13 +122,13 @@ inline bool short_keys_pay(const Plan& keys128, const Plan& keys64) {
 // next Q loads only after the last S (the handover from a tile's last P V to the next
 // tile's first S: 2.0-2.1 us, the Q landing 1.6-2.0 us after its load went out against
 // 0.9-1.0 us in a new CTA; fwd_timeline.py, session 38) and whose key-tile loop measured
-// up to 3% slower. With 3 the estimate gives the measured kernel-time
-// changes of 2 per CTA on the 1-D problems (window 2048, 32768 tokens, one head: -2.5%
-// estimated, -2.4 to -3.1% measured; 65536 tokens -2.5 / -3.6%; window 4096 -1.4 / -1.3%;
-// 24 heads, 8 per CTA: -2.3 / -1.6%); it overestimates the gain on the multi-dimensional
-// 24-head paper problems (2 per CTA -0.2 to -0.9% estimated, +0.6 to +3.2% measured),
-// which stay at 1 by the margin. kItemsMargin 2%: 3% left the 1-D one-head paper problems
-// at 1 (sessions 37-38); tests/test_plan.py pins the counts (3 +- 0.5 changes some).
+// up to 3% slower. With 3 the estimate gives the kernel-time changes measured on the 1-D
+// problems (window 2048, 32768 tokens, one head, 2 per CTA: -2.5% estimated, -2.4 to
+// -3.1% measured; 65536 tokens -2.5 / -3.6%; window 4096 -1.4 / -1.3%; 24 heads, 8 per
+// CTA: -2.3 / -1.6%); it overestimates the gain on the multi-dimensional 24-head paper
+// problems (2 per CTA -0.2 to -0.9% estimated, +0.6 to +3.2% measured), which stay at 1
+// by the margin. kItemsMargin 2%: 3% left the 1-D one-head paper problems at 1 (sessions
+// 37-38); tests/test_plan.py pins the counts (3 +- 0.5 changes some).
 constexpr double kCtaFixedTiles = 4, kItemsMargin = 0.02, kOneSlotItemTiles = 3;
 inline int forward_items(int64_t nqtiles, double visits, int64_t ctas, int sms, double item_tiles = 0) {
   if (sms <= 0 || nqtiles <= 0) return 1;
