@@ -294,9 +294,9 @@ def test_lib_ab_table(tmp_path):
 
 def test_fwd_timeline_stamps():
     """scripts/fwd_timeline.py reads the timeline build's stamps back out of the lse:
-    warpgroup 0's eight stamps, the SM and the key-tile count over each tile's queries
-    0-9, warpgroup 1's eight stamps over queries 64-71, relative to the first entry and
-    across the 32-bit wrap of %globaltimer_lo."""
+    warpgroup 0's eight stamps, the SM, the key-tile count and the producer's Q-load stamp
+    over each tile's queries 0-10, warpgroup 1's eight stamps over queries 64-71, relative
+    to the first entry and across the 32-bit wrap of %globaltimer_lo."""
     ft = _script("fwd_timeline")
     tokens, heads = 256, 2  # two tiles per head
     raw = np.full((tokens, heads), 0x7F7FFFFF, np.uint32)  # a large real lse elsewhere
@@ -306,13 +306,15 @@ def test_fwd_timeline_stamps():
             start = base + 1000 * (2 * h + t)
             raw[128 * t:128 * t + 8, h] = (start + 10 * np.arange(8)) % 2**32
             raw[128 * t + 8, h], raw[128 * t + 9, h] = 7 + t, 16
+            raw[128 * t + 10, h] = (start + 5) % 2**32  # the Q load went out
             raw[128 * t + 64:128 * t + 72, h] = (start + 20 * np.arange(8)) % 2**32
-    ns, sm, n = ft.stamps(raw.view(np.float32), tokens, heads)
+    ns, sm, n, q = ft.stamps(raw.view(np.float32), tokens, heads)
     assert ns.shape == (4, 2, ft.POINTS)
     np.testing.assert_array_equal(ns[:, 0, 0], [0, 1000, 2000, 3000])  # head-major tiles
     np.testing.assert_array_equal(ns[3, 0], 3000 + 10 * np.arange(8))  # wrapped stamps
     np.testing.assert_array_equal(ns[1, 1], 1000 + 20 * np.arange(8))
     np.testing.assert_array_equal(sm, [7, 8, 7, 8])
     assert (n == 16).all()
+    np.testing.assert_array_equal(q, [5, 1005, 2005, 3005])  # across the wrap too
     with pytest.raises(SystemExit):  # a normal build's lse: no stamps
         ft.stamps(np.zeros((tokens, heads), np.float32) + 3.5, tokens, heads)
