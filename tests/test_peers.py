@@ -262,6 +262,28 @@ def test_chain_gaps_summary():
     assert "gap inside a call  -2.00 us" in s and "between calls      -" in s, s
 
 
+def test_ptxas_report_columns():
+    """scripts/ptxas_report.py names each kernel template's integer parameters by kernel
+    (the forward's second one is its key tile, not its stages; a kernel it does not name
+    gets head dim, key tokens, stages, Q slots in order) and counts spills."""
+    rows = _script("ptxas_report").rows
+
+    def entry(mangled, regs, spill):
+        return (f"ptxas info    : Compiling entry function '_ZN3gna4sm90{mangled}' for 'sm_90a'\n"
+                f"ptxas info    : Function properties for x\n    0 bytes stack frame, {spill} bytes spill stores, "
+                f"{spill} bytes spill loads\nptxas info    : Used {regs} registers, used 1 barriers\n")
+    log = (entry("15fwd_sm90_kernelI13__nv_bfloat16Li128ELi64ELi6EEEvNS_6ParamsE", 168, 0)
+           + entry("21fwd_items_sm90_kernelI6__halfLi128ELi128ELi3ELi1EEEvNS_6ParamsEi", 168, 8)
+           + entry("14dq_sm90_kernelI6__halfLi64ELi4EEEvNS_6ParamsE", 168, 0)
+           + entry("19fwd_new_sm90_kernelI6__halfLi128ELi64ELi6EEEvNS_6ParamsE", 168, 0))
+    assert list(rows(log)) == [
+        ("fwd_sm90_kernel", "bf16", 128, 64, 6, "-", "sm_90a", 168, 0, 0, 0),
+        ("fwd_items_sm90_kernel", "fp16", 128, 128, 3, 1, "sm_90a", 168, 0, 8, 8),
+        ("dq_sm90_kernel", "fp16", 64, "-", 4, "-", "sm_90a", 168, 0, 0, 0),
+        ("fwd_new_sm90_kernel", "fp16", 128, 64, 6, "-", "sm_90a", 168, 0, 0, 0),  # not named: in order
+    ]
+
+
 def test_lib_ab_table(tmp_path):
     """scripts/lib_ab.py: records of builds and rounds (NAME_ROUND.json) become one row per
     (problem, dtype, kernel) with each build's rounds in order and the change of its mean
