@@ -50,12 +50,13 @@ def stamps(lse: np.ndarray, tokens: int, heads: int) -> tuple[np.ndarray, np.nda
     if (sm >= 1024).any() or (n >= 1 << 20).any():  # real lse values, not stamps
         raise SystemExit("no stamps in the lse: build the library with GNA_FWD_TIMELINE=1")
     t = np.stack([wg0[:, :POINTS], wg1], axis=1).astype(np.int64)
-    q = wg0[:, POINTS + 2].astype(np.int64)
-    # 32-bit stamps: differences from one stamp, taken as signed (the kernel lasts far
-    # less than 2 s), then from the first entry.
-    d = (t - t[0, 0, 0] + (1 << 31)) % (1 << 32) - (1 << 31)
-    dq = (q - t[0, 0, 0] + (1 << 31)) % (1 << 32) - (1 << 31)
-    return d - d[:, :, 0].min(), sm, n, dq - d[:, :, 0].min()
+    t0 = t[0, 0, 0]
+
+    def since(x):  # 32-bit stamps: differences from one stamp, signed (the kernel lasts < 2 s)
+        return (x.astype(np.int64) - t0 + (1 << 31)) % (1 << 32) - (1 << 31)
+    d = since(t)
+    first = d[:, :, 0].min()  # then from the first entry
+    return d - first, sm, n, since(wg0[:, POINTS + 2]) - first
 
 
 def run(tokens: int, window: int, stride: int, heads: int) -> None:
