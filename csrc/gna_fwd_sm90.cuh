@@ -91,7 +91,8 @@ constexpr int fwd_key_tokens() { return D > 128 ? 64 : 128; }
 // QSLOTS: Q tiles in shared memory (2 where a CTA runs several query tiles and they fit,
 // the next one's Q loading while the last one's O leaves through the other slot; see
 // fwd_sm90_body). MULTI: a CTA runs several query tiles (an empty barrier per Q slot).
-template <int D, int KEYS, int STAGES, int QSLOTS = 1, bool MULTI = (QSLOTS > 1)>
+// PAIR: pairs of CTAs share the K/V loads (an exchange barrier per stage).
+template <int D, int KEYS, int STAGES, int QSLOTS = 1, bool MULTI = (QSLOTS > 1), bool PAIR = false>
 struct FwdLayout {
   static constexpr int KT = KEYS;
   static constexpr int kQBytes = kTileTokens * D * 2;  // the Q tile (16-bit), later O
@@ -102,13 +103,14 @@ struct FwdLayout {
   static constexpr int kK = QSLOTS * kQBytes;
   static constexpr int kV = kK + STAGES * kKVBytes;
   // Barriers: qfull[QSLOTS] (and qempty[QSLOTS] where MULTI), kfull[S], vfull[S],
-  // empty[S].
+  // empty[S] (and exchange[S] where PAIR).
   static constexpr int kQBars = MULTI ? 2 * QSLOTS : QSLOTS;
   static constexpr int kBars = kV + STAGES * kKVBytes;
+  static constexpr int kNBars = kQBars + (PAIR ? 4 : 3) * STAGES;
   static constexpr int kStamps = kBars + 256;  // GNA_FWD_TIMELINE's stamps (Stamps)
-  static_assert(8 * (kQBars + 3 * STAGES) <= kStamps - kBars, "the stamps lie past the barriers");
+  static_assert(8 * kNBars <= kStamps - kBars, "the stamps lie past the barriers");
   static constexpr size_t smem_bytes() {
-    return (GNA_FWD_TIMELINE ? kStamps + 4 * Stamps::kWords * Stamps::kTiles : kBars + 8 * (kQBars + 3 * STAGES)) +
+    return (GNA_FWD_TIMELINE ? kStamps + 4 * Stamps::kWords * Stamps::kTiles : kBars + 8 * kNBars) +
            1024;
   }
 };
@@ -437,17 +439,20 @@ struct FwdTile {
 //    the slot takes the next Q as soon as every consumer warp's last S = Q K^T of the
 //    tile has completed, and O goes from registers straight to global memory (no
 //    staging), so the next Q loads under the last P V, the softmax and the epilogue.
-template <typename T, int D, int KEYS, int STAGES, bool EXTRA, bool MULTI = false, int QSLOTS = MULTI ? 2 : 1>
+template <typename T, int D, int KEYS, int STAGES, bool EXTRA, bool MULTI = false, int QSLOTS = MULTI ? 2 : 1,
+          bool PAIR = false>
 __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap& tq, const CUtensorMap& tk,
                                               const CUtensorMap& tv, const CUtensorMap& to, const TileDivs& divs,
-                                              const CUtensorMap* txk, const CUtensorMap* txv, int items = 1) {
+                                              const CUtensorMap* txk, const CUtensorMap* txv, int items = 1,
+                                              int pair_axis = 0) {
 #if defined(GNA_SM90_ENABLED)
   static_assert(!(MULTI && EXTRA), "several query tiles per CTA without additional tokens only");
   static_assert(QSLOTS == (MULTI ? QSLOTS : 1) && QSLOTS >= 1 && QSLOTS <= 2, "one Q slot, or MULTI with 1 or 2");
   // O from registers to global memory, the Q slot released after the last S (QSLOTS 1).
   constexpr bool DIRECT = MULTI && QSLOTS == 1;
-  using L = FwdLayout<D, KEYS, STAGES, QSLOTS, MULTI>;
+  using L = FwdLayout<D, KEYS, STAGES, QSLOTS, MULTI, PAIR>;
   constexpr int HALVES = D / 64;
+  static_assert(!PAIR || (!MULTI && !EXTRA && HALVES == 2), "pairs: one query tile per CTA, K/V in two halves");
   constexpr int KT = L::KT;      // keys per key tile
   constexpr int NS = KT / 2;     // S accumulators per thread (64 rows x KT per warpgroup)
   constexpr int NB = KT / 8;     // 8-column blocks of S
@@ -469,6 +474,8 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
   auto bar_k = [&](int s) { return bar_q + 8 * (L::kQBars + s); };
   auto bar_v = [&](int s) { return bar_q + 8 * (L::kQBars + STAGES + s); };
   auto bar_e = [&](int s) { return bar_q + 8 * (L::kQBars + 2 * STAGES + s); };
+  // PAIR: the other CTA's producer arrives here once its copy of stage s is free.
+  [[maybe_unused]] auto bar_x = [&](int s) { return bar_q + 8 * (L::kQBars + 3 * STAGES + s); };
 
   const int h = blockIdx.y, b = blockIdx.z + p.z0;
   const int hk = divs.group(h), bk = divs.kvb(b);
@@ -477,7 +484,32 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
   // key tiles overlap, as in the one-tile kernel. (Consecutive tiles per CTA, x * items +
   // j, made the side-by-side tiles `items` apart: on 1-D window 1024, 2 heads, batch 8 and
   // 8 per CTA their key tiles no longer fit in L2, +13%; session 37.)
-  const int first = blockIdx.x;
+  int first = blockIdx.x;
+  // PAIR: the cluster's two CTAs (x = 2k + rank) take query tiles 2i and 2i + 1 along
+  // pair_axis, whose key tiles are the same (gna::pair_axis): each CTA loads one 64-column
+  // half of every K and V tile into both CTAs' shared memory (TMA multicast). With an odd
+  // count of tiles along the axis the last one is alone (`paired` false): its cluster's
+  // second CTA leaves at once and the first runs as the one-tile kernel does.
+  [[maybe_unused]] const uint32_t rank = blockIdx.x & 1;
+  [[maybe_unused]] bool paired = false;
+  if constexpr (PAIR) {
+    // (Selects, not arrays indexed by pair_axis, which would live in local memory.)
+    const int na = pair_axis == 0 ? p.ax[0].nqt : pair_axis == 1 ? p.ax[1].nqt : p.ax[2].nqt;
+    const int np = (na + 1) / 2;  // clusters along the axis
+    const int n1 = pair_axis == 1 ? np : p.ax[1].nqt, n2 = pair_axis == 2 ? np : p.ax[2].nqt;
+    int k = blockIdx.x >> 1;
+    int t2 = k % n2;
+    k /= n2;
+    int t1 = k % n1, t0 = k / n1;
+    const int ta = pair_axis == 0 ? t0 : pair_axis == 1 ? t1 : t2;
+    paired = 2 * ta + 1 < na;
+    if (!paired && rank == 1) return;
+    const int r = static_cast<int>(rank);
+    if (pair_axis == 0) t0 = 2 * t0 + r;
+    else if (pair_axis == 1) t1 = 2 * t1 + r;
+    else t2 = 2 * t2 + r;
+    first = (t0 * p.ax[1].nqt + t1) * p.ax[2].nqt + t2;
+  }
   int step = 1, nitems = 1;
   if constexpr (MULTI) {
     const int nqt = p.ax[0].nqt * p.ax[1].nqt * p.ax[2].nqt;
@@ -501,15 +533,33 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
       mbar_init(bar_k(s), 1);
       mbar_init(bar_v(s), 1);
       mbar_init(bar_e(s), 8);  // one arrival per consumer warp
+      if constexpr (PAIR) mbar_init(bar_x(s), 1);  // the other CTA's producer
     }
     mbar_fence_init();
   }
   grid_dependency_wait();
   launch_dependents();
-  __syncthreads();
+  if (PAIR && paired)
+    cluster_sync();  // the other CTA's barriers are ready before any load or arrival on them
+  else
+    __syncthreads();
 
   if (wg == 0) {  // ---------------------------------------------------- producer
     regs_dec<40>();
+    // Waits until ring stage it % STAGES may take load `it`: this CTA's consumers have
+    // released it and, PAIR, so have the other CTA's (its producer says so, once per load,
+    // rather than each of its consumer warps on every key tile: those remote arrivals in
+    // the consumers' loop cost what the shared loads saved, session 40).
+    auto stage_free = [&](int it) {
+      if (it < STAGES) return;  // the ring's first pass
+      const int s = it % STAGES;
+      const uint32_t phase = ((it / STAGES) & 1) ^ 1;
+      mbar_wait(bar_e(s), phase);
+      if (PAIR && paired) {
+        mbar_arrive_cluster(bar_x(s), rank ^ 1);
+        mbar_wait(bar_x(s), phase);
+      }
+    };
     if (threadIdx.x != 0) return;
     tma_prefetch_desc(&tq);
     tma_prefetch_desc(&tk);
@@ -535,29 +585,44 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
       BoxWalk walk;
       for (int t = 0; t < tile.ntiles; ++t, ++it, walk.next(tile.nkt)) {
         const int s = it % STAGES;
-        if (it >= STAGES) mbar_wait(bar_e(s), ((it / STAGES) & 1) ^ 1);
+        stage_free(it);
         int ks[3];
         tile.key_tile(p, walk, ks);
         mbar_expect_tx(bar_k(s), L::kKVBytes);
+        if (PAIR && paired) {  // this CTA's half into both CTAs; the other half comes from the other
+          const int c = static_cast<int>(rank);
+          tma_load_5d_multicast(sK + s * L::kKVBytes + c * L::kKVHalf, &tk, bar_k(s), 3, hk * D + 64 * c, ks[2],
+                                ks[1], ks[0], bk);
+          mbar_expect_tx(bar_v(s), L::kKVBytes);
+          tma_load_5d_multicast(sV + s * L::kKVBytes + c * L::kKVHalf, &tv, bar_v(s), 3, hk * D + 64 * c, ks[2],
+                                ks[1], ks[0], bk);
+        } else {
 #pragma unroll
-        for (int c = 0; c < HALVES; ++c)
-          tma_load_5d(sK + s * L::kKVBytes + c * L::kKVHalf, &tk, bar_k(s), hk * D + 64 * c, ks[2], ks[1],
-                      ks[0], bk);
-        mbar_expect_tx(bar_v(s), L::kKVBytes);
+          for (int c = 0; c < HALVES; ++c)
+            tma_load_5d(sK + s * L::kKVBytes + c * L::kKVHalf, &tk, bar_k(s), hk * D + 64 * c, ks[2], ks[1],
+                        ks[0], bk);
+          mbar_expect_tx(bar_v(s), L::kKVBytes);
 #pragma unroll
-        for (int c = 0; c < HALVES; ++c)
-          tma_load_5d(sV + s * L::kKVBytes + c * L::kKVHalf, &tv, bar_v(s), hk * D + 64 * c, ks[2], ks[1],
-                      ks[0], bk);
+          for (int c = 0; c < HALVES; ++c)
+            tma_load_5d(sV + s * L::kKVBytes + c * L::kKVHalf, &tv, bar_v(s), hk * D + 64 * c, ks[2], ks[1],
+                        ks[0], bk);
+        }
         if (q_late && t == 0) load_q(tile, j);  // (a query tile visits at least one key tile)
       }
     }
+    // PAIR: one more exchange per stage of the ring's last loads, so that neither CTA
+    // leaves before the other's consumers have released (i.e. received) its last
+    // multicasts into them: a CTA's distributed shared memory operations complete before
+    // it exits.
+    if (PAIR && paired)
+      for (int end = it + STAGES; it < end; ++it) stage_free(it);
     if constexpr (EXTRA) {
       tma_prefetch_desc(txk);
       tma_prefetch_desc(txv);
       const int n = it + (p.nx + KT - 1) / KT;
       for (int x0 = 0; it < n; ++it, x0 += KT) {
         const int s = it % STAGES;
-        if (it >= STAGES) mbar_wait(bar_e(s), ((it / STAGES) & 1) ^ 1);
+        stage_free(it);
         mbar_expect_tx(bar_k(s), L::kKVBytes);
 #pragma unroll
         for (int c = 0; c < HALVES; ++c)
@@ -955,6 +1020,18 @@ __global__ void __launch_bounds__(kThreads, 1)
                     const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv,
                     const __grid_constant__ CUtensorMap to, const __grid_constant__ TileDivs divs) {
   fwd_sm90_body<T, D, KEYS, STAGES, false>(p, tq, tk, tv, to, divs, nullptr, nullptr);
+}
+
+// The one-tile forward in clusters of two CTAs whose query tiles (2i, 2i + 1 along
+// pair_axis) visit the same key tiles, each K/V tile loaded once for both (fwd_sm90_body's
+// PAIR); launched with cluster dimensions (2, 1, 1).
+template <typename T, int D, int KEYS, int STAGES>
+__global__ void __launch_bounds__(kThreads, 1)
+    fwd_pair_sm90_kernel(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap tq,
+                         const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv,
+                         const __grid_constant__ CUtensorMap to, const __grid_constant__ TileDivs divs,
+                         int pair_axis) {
+  fwd_sm90_body<T, D, KEYS, STAGES, false, false, 1, true>(p, tq, tk, tv, to, divs, nullptr, nullptr, 1, pair_axis);
 }
 
 // The forward with `items` query tiles per CTA (the grid's x extent covers

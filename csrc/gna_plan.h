@@ -21,14 +21,23 @@ constexpr int kPlanTileTokens = 128;
 
 // Key tiles visited (and how many of them need no mask), summed over the query tiles
 // of one axis, for query tile qt and key tile kt (dilation 1).
+// The key tiles [first, last] (of kt tokens from x.kv0) that the query tile starting at
+// query q (qt tokens, clipped to the axis) visits along x; lo1 and hi0 bound the keys
+// that every query of the tile sees (a key tile inside them needs no element mask).
+inline void key_tile_range(const Axis& x, int q, int qt, int kt, int& first, int& last, int& lo1, int& hi0) {
+  const int qe = std::min(q + qt, x.q0 + x.qn) - 1;
+  int lo0, hi1;
+  window(x, 0, q, lo0, hi0);
+  window(x, 0, qe, lo1, hi1);
+  first = (lo0 - x.kv0) / kt;
+  last = (hi1 - x.kv0) / kt;
+}
+
 inline void axis_cost(const Axis& x, int qt, int kt, int64_t& visits, int64_t& full) {
   visits = full = 0;
   for (int q = x.q0; q < x.q0 + x.qn; q += qt) {
-    const int qe = std::min(q + qt, x.q0 + x.qn) - 1;
-    int lo0, hi0, lo1, hi1;
-    window(x, 0, q, lo0, hi0);
-    window(x, 0, qe, lo1, hi1);
-    const int a = (lo0 - x.kv0) / kt, b = (hi1 - x.kv0) / kt;
+    int a, b, lo1, hi0;
+    key_tile_range(x, q, qt, kt, a, b, lo1, hi0);
     visits += b - a + 1;
     for (int j = a; j <= b; ++j) {
       const int s = x.kv0 + j * kt;
@@ -161,6 +170,33 @@ inline int64_t apply_plan(Params& p, const Plan& plan, bool query_outer) {
     n *= query_outer ? x.nqt : x.nkt;
   }
   return n;
+}
+
+// The Hopper forward's pairs (gna_sm90.cu, fwd_pair_sm90_kernel): an axis along which
+// query tiles 2i and 2i + 1 visit the same key tiles for every i with 2i + 1 < its tile
+// count, or -1. Then a cluster of two CTAs running such a pair loads each K/V tile once
+// for both; with an odd count the last tile runs alone, so of such axes the one whose
+// pairs cover the most of its tiles (an even count: all), the fastest of equals.
+// `p` with a plan applied (apply_plan; dilation 1: the Hopper path's).
+inline int pair_axis(const Params& p) {
+  int best = -1;
+  double covered = 0;
+  for (int a = 2; a >= 0; --a) {
+    const Axis& x = p.ax[a];
+    if (x.nqt < 2) continue;
+    bool same = true;
+    for (int i = 0; same && i + 1 < x.nqt; i += 2) {
+      int first[2], last[2], lo1, hi0;
+      for (int j = 0; j < 2; ++j) key_tile_range(x, x.q0 + (i + j) * x.qt, x.qt, x.kt, first[j], last[j], lo1, hi0);
+      same = first[0] == first[1] && last[0] == last[1];
+    }
+    const double c = static_cast<double>(x.nqt / 2 * 2) / x.nqt;
+    if (same && c > covered) {
+      best = a;
+      covered = c;
+    }
+  }
+  return best;
 }
 
 // The axis geometry a tiling depends on, after `head`: a cache key.

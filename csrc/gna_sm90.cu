@@ -50,24 +50,37 @@ bool pdl_from_env() {
 
 // grid.z may exceed CUDA's limit: one launch per kMaxGridZ batches (Params::z0), each
 // waiting for the one before it as any two launches do (see grid_dependency_wait).
+// `cluster` > 1: clusters of that many CTAs along x (grid.x a multiple of it).
 template <typename... KArgs, typename... Args>
-cudaError_t launch_sm90(void (*kern)(KArgs...), dim3 grid, size_t smem, cudaStream_t stream, bool pdl,
-                        Params p, const Args&... args) {
+cudaError_t launch_sm90_cluster(void (*kern)(KArgs...), dim3 grid, size_t smem, cudaStream_t stream, bool pdl,
+                                unsigned cluster, Params p, const Args&... args) {
   cudaLaunchConfig_t cfg{};
   cfg.blockDim = dim3(sm90::kThreads);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute attr[2];
+  int n = 0;
+  if (pdl) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n++].val.clusterDim = {cluster, 1, 1};
+  }
   cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
+  cfg.numAttrs = n;
   for (unsigned z0 = 0; z0 < grid.z; z0 += kMaxGridZ) {
     p.z0 = static_cast<int>(z0);
     cfg.gridDim = dim3(grid.x, grid.y, grid.z - z0 < kMaxGridZ ? grid.z - z0 : kMaxGridZ);
     if (cudaError_t e = cudaLaunchKernelEx(&cfg, kern, p, args...); e != cudaSuccess) return e;
   }
   return cudaSuccess;
+}
+template <typename... KArgs, typename... Args>
+cudaError_t launch_sm90(void (*kern)(KArgs...), dim3 grid, size_t smem, cudaStream_t stream, bool pdl, Params p,
+                        const Args&... args) {
+  return launch_sm90_cluster(kern, grid, smem, stream, pdl, 1, p, args...);
 }
 
 PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
@@ -204,6 +217,23 @@ int fwd_items(const Params& p, const Plan& plan, int64_t nqtiles, bool one_slot)
                        one_slot ? kOneSlotItemTiles : 0.0);
 }
 
+// Whether the forward runs pairs of query tiles in clusters of two CTAs sharing each K/V
+// load (fwd_pair_sm90_kernel), where gna::pair_axis finds pairs: the K/V traffic into shared
+// memory costs 10-13% of the block-sparse forwards' time under the power cap (measured with
+// the GNA_FWD_NOLOAD build, session 39). JAX_GNA_FWD_PAIR (a measurement and test switch,
+// read per call): "0" never.
+bool fwd_pairs_from_env() {
+  const char* e = std::getenv("JAX_GNA_FWD_PAIR");
+  return !(e && std::strcmp(e, "0") == 0);
+}
+
+// gna::pair_axis of a problem with its plan applied, cached like the plans.
+int cached_pair_axis(const Params& p) {
+  static HostCache<int> cache;
+  return cache.get(geometry_key(p, {p.ax[0].qt, p.ax[1].qt, p.ax[2].qt, p.ax[0].kt, p.ax[1].kt, p.ax[2].kt}),
+                   [&] { return pair_axis(p); });
+}
+
 template <typename T, int D, int KT>
 cudaError_t fwd_sm90(DType dt, Params p, const Plan& plan, cudaStream_t stream, bool& used) {
   constexpr int S = fwd_stages<T, D, KT>();
@@ -255,6 +285,25 @@ cudaError_t fwd_sm90(DType dt, Params p, const Plan& plan, cudaStream_t stream, 
       if (cudaError_t e = set_smem(kx, smem); e != cudaSuccess) return e;
       used = true;
       return launch_sm90(kx, grid, smem, stream, pdl_from_env(), p, tq, tk, tv, to, sm90::tile_divs(p), txk, txv);
+    }
+  }
+  if constexpr (D == 128) {
+    const int axis = fwd_pairs_from_env() ? cached_pair_axis(p) : -1;
+    // A cluster per pair along the axis (and per lone last tile of an odd count).
+    const int64_t na = axis >= 0 ? p.ax[axis].nqt : 1, clusters = nqtiles / na * ((na + 1) / 2);
+    if (axis >= 0 && 2 * clusters < (int64_t{1} << 31)) {
+      using LP = FwdLayout<D, KT, S, 1, false, true>;
+      static_assert(LP::smem_bytes() <= kMaxSmem, "forward tiles exceed shared memory");
+      auto kp = sm90::fwd_pair_sm90_kernel<T, D, KT, S>;
+      if (cudaError_t e = set_smem(kp, LP::smem_bytes()); e != cudaSuccess) return e;
+      used = true;
+      const dim3 grid_p(static_cast<unsigned>(2 * clusters), p.H, p.B);
+      if (launch_sm90_cluster(kp, grid_p, LP::smem_bytes(), stream, pdl_from_env(), 2, p, tq, tk, tv, to,
+                              sm90::tile_divs(p), axis) == cudaSuccess)
+        return cudaSuccess;
+      // No cluster of two fits (e.g. an MPS or MIG share without two SMs of one GPC): the
+      // one-tile kernel below (a partial launch's tiles are written twice, the same bits).
+      cudaGetLastError();
     }
   }
   if (cudaError_t e = set_smem(kern, smem); e != cudaSuccess) return e;

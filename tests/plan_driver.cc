@@ -9,6 +9,9 @@
 //   keys V128 V64 SHORT      the forward's key-tile choice at head dims <= 128: key tiles
 //                            visited by the plans for 128- and 64-token key tiles, and
 //                            gna::short_keys_pay (1: 64-token tiles)
+//   pair A128 A64            (where both plans are ok) gna::pair_axis for the forward's
+//                            plan with 128- and with 64-token key tiles: the axis of its
+//                            pairs of query tiles with the same key tiles, or -1
 //   items NQ N N1            (only where the line ends with CTAS SMS: batches x heads and
 //                            SMs, and the plan is ok) the forward's plan at head dims
 //                            <= 128 (the one keys picks): its query tiles and
@@ -79,6 +82,12 @@ int main(int argc, char** argv) {
     long long ctas;
     int sms;
     const gna::Plan& fwd = short_keys ? k64 : plan;
+    if (plan.ok && k64.ok) {
+      gna::Params p128 = p, p64 = p;
+      gna::apply_plan(p128, plan, true);
+      gna::apply_plan(p64, k64, true);
+      std::printf("pair %d %d\n", gna::pair_axis(p128), gna::pair_axis(p64));
+    }
     if (in >> ctas >> sms && fwd.ok) {
       int64_t nq = 1;
       for (int a = 0; a < 3; ++a) nq *= (p.ax[a].qn + fwd.qt[a] - 1) / fwd.qt[a];

@@ -76,11 +76,13 @@ def test_sm90_kernels_compile_without_spills(tmp_path):
                          r.stderr, re.S)
     # forward: 2 dtypes x head dims 64/128/256, and 64-token key tiles at 64/128;
     # with additional tokens: 2 dtypes x 64/128/256; several query tiles per CTA: 2 dtypes x
-    # (64, 128) x (64/128-token key tiles); backward: 2 dtypes x 64/128 x (dQ, dK/dV)
+    # (64, 128) x (64/128-token key tiles); pairs of query tiles in clusters: 2 dtypes x 128 x
+    # (64/128-token key tiles); backward: 2 dtypes x 64/128 x (dQ, dK/dV)
     assert sum("fwd_sm90" in name for name, _, _ in reports) == 10, r.stderr[-3000:]
     assert sum("fwd_tokens_sm90" in name for name, _, _ in reports) == 6, r.stderr[-3000:]
     assert sum("fwd_items_sm90" in name for name, _, _ in reports) == 8, r.stderr[-3000:]
-    assert len(reports) == 32, r.stderr[-3000:]
+    assert sum("fwd_pair_sm90" in name for name, _, _ in reports) == 4, r.stderr[-3000:]
+    assert len(reports) == 36, r.stderr[-3000:]
     spilled = [name for name, st, ld in reports if int(st) or int(ld)]
     assert not spilled, f"register spills in {spilled}"
 

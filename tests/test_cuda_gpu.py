@@ -821,6 +821,42 @@ def test_sm90_items_bitwise(monkeypatch, shape, k, s, keys, dim, dtype):
             assert np.array_equal(x.view(np.uint8), y.view(np.uint8))
 
 
+# Problems whose forward plan has pairs of query tiles with the same key tiles (head dim
+# 128; tests/test_plan.py::test_pair_axis pins their axes; the last two leave a tile
+# alone): shape, k, s, causal, (b, h, h_kv), key tokens, dtype.
+PAIR_CASES = [
+    ((4096,), 512, 512, False, (2, 2, 1), "128", jnp.bfloat16),          # axis 2
+    ((64, 64), 16, 16, False, (1, 3, 3), "128", jnp.float16),            # axis 1
+    ((64, 64), 16, 16, False, (1, 2, 1), "64", jnp.bfloat16),            # 64-token key tiles
+    ((8, 16, 32), (8, 8, 16), (1, 8, 16), False, (2, 2, 2), "128", jnp.bfloat16),  # axis 0
+    ((48, 96), (24, 40), (16, 32), (True, False), (1, 2, 2), "128", jnp.float16),  # causal
+    ((1408,), 256, 256, False, (1, 2, 2), "128", jnp.bfloat16),          # 11 tiles: one alone
+    ((14, 16, 16), (10, 8, 8), (8, 8, 8), False, (1, 2, 1), "128", jnp.float16),  # 7 on axis 0
+]
+
+
+@pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
+@pytest.mark.parametrize("shape,k,s,c,dims,keys,dtype", PAIR_CASES)
+def test_sm90_pairs(monkeypatch, shape, k, s, c, dims, keys, dtype):
+    """The forward in clusters of two CTAs sharing each K/V load (fwd_pair_sm90_kernel):
+    within tolerance of the reference, and the same bits as without pairs
+    (JAX_GNA_FWD_PAIR=0: each query tile's key tiles are the same, in the same order)."""
+    _force_sm90(monkeypatch, False)
+    monkeypatch.setenv("JAX_GNA_FWD_KEYS", keys)
+    monkeypatch.setenv("JAX_GNA_FWD_ITEMS", "1")  # pairs run one query tile per CTA
+    b, h, h_kv = dims
+    p = _problem(shape, k, s, 1, c, dim=128)
+    _check(p, b, h, h_kv, 128, 128, dtype, grads=False)
+    q, kk, v, _, _ = _inputs(p, b, h, h_kv, 128, 128, dtype)
+    outs = []
+    for pair in ("1", "0"):
+        monkeypatch.setenv("JAX_GNA_FWD_PAIR", pair)
+        # A new jit per setting (see test_sm90_repeatable_and_close_to_sm80).
+        outs.append(jax.tree.map(np.asarray, jax.jit(lambda q, k, v: cuda._attention_poisoned(q, k, v, p))(q, kk, v)))
+    for x, y in zip(*outs):
+        assert np.array_equal(x.view(np.uint8), y.view(np.uint8))
+
+
 @pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
 @pytest.mark.parametrize("dim", [64, 128])
 def test_sm90_query_range(monkeypatch, dim):

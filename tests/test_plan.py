@@ -219,6 +219,8 @@ def _run_driver(exe, problems):
                    "visits": int(t[8]), "full": int(t[9]), "cost": float(t[10]), "cands": {}}
         elif t[0] == "keys":
             cur["keys"] = (float(t[1]), float(t[2]), t[3] == "1")
+        elif t[0] == "pair":
+            cur["pair"] = (int(t[1]), int(t[2]))
         elif t[0] == "items":
             cur["items"] = (int(t[1]), int(t[2]), int(t[3]))
         elif t[0] == "cand":
@@ -570,3 +572,53 @@ def test_forward_items_one_slot(one_slot_plans, name, items):
     r = one_slot_plans[name]
     assert r["keys"][2] == 0  # 128-token key tiles: the one-slot kernel
     assert r["items"][2] == items
+
+
+# gna::pair_axis (the Hopper forward's pairs of query tiles with the same key tiles, run in
+# clusters of two CTAs): shape, window, stride, causal, the axis with 128- and with 64-token
+# key tiles (0-2 of the 3-D padded shape). The first six are tests/test_cuda_gpu.py's
+# PAIR_CASES, which need pairs (the last two with an odd count of query tiles along the
+# axis: the last one is alone); then a problem with pairs along two axes; then the paper
+# problems (block-sparse ones pair, stride 1 does not; the 3-D block-sparse one along its
+# first axis, 15 query tiles).
+PAIR_AXIS_CASES = [
+    ((4096,), (512,), (512,), (False,), (2, 2)),
+    ((64, 64), (16, 16), (16, 16), (False, False), (1, 1)),
+    ((8, 16, 32), (8, 8, 16), (1, 8, 16), (False,) * 3, (0, 0)),
+    ((48, 96), (24, 40), (16, 32), (True, False), (1, 1)),
+    ((1408,), (256,), (256,), (False,), (2, 2)),
+    ((14, 16, 16), (10, 8, 8), (8, 8, 8), (False,) * 3, (0, 0)),
+    # pairs along both axes: 3 tiles along the fastest, 4 along the other, which wins
+    ((32, 48), (16, 32), (16, 32), (False, False), (1, 1)),
+    ((32768,), (2048,), (2048,), (False,), (2, 2)),
+    ((32768,), (2048,), (1,), (False,), (-1, -1)),
+    ((256, 256), (80, 80), (16, 16), (False, False), (1, 1)),
+    ((256, 256), (80, 80), (1, 1), (False, False), (-1, -1)),
+    ((30, 48, 80), (18, 24, 24), (16, 8, 8), (False,) * 3, (0, 0)),
+    ((30, 48, 80), (18, 24, 24), (1, 1, 1), (False,) * 3, (-1, -1)),
+]
+
+
+def test_pair_axis(driver):
+    """``gna::pair_axis`` on problems with and without pairs, against a brute force over
+    the plan's query tiles: of the axes where tiles 2i and 2i + 1 (where both exist) visit
+    the same key tiles along it, the one whose pairs cover the most of its tiles, the
+    fastest of equals."""
+    problems = [(f"p{i}", _full(shape, w, s, c)) for i, (shape, w, s, c, _) in enumerate(PAIR_AXIS_CASES)]
+    for (shape, w, s, c, want), r in zip(PAIR_AXIS_CASES, _run_driver(driver, problems)):
+        assert r["pair"] == want, (shape, w, s, r["pair"])
+        off = 3 - len(shape)
+        found, covered = -1, 0.0
+        for a in reversed(range(len(shape))):
+            qt, kt = r["qt"][off + a], r["kt"][off + a]
+            n = -(-shape[a] // qt)
+            if n < 2:
+                continue
+            ranges = []
+            for i in range(n):
+                q, qe = i * qt, min((i + 1) * qt, shape[a]) - 1
+                ax = Axis(shape[a], w[a], s[a], 1, c[a])
+                ranges.append((int(window(q, ax)[0]) // kt, int(window(qe, ax)[1]) // kt))
+            if all(ranges[i] == ranges[i + 1] for i in range(0, n - 1, 2)) and n // 2 * 2 / n > covered:
+                found, covered = off + a, n // 2 * 2 / n
+        assert r["pair"][0] == found, (shape, w, s, found)
