@@ -19,8 +19,6 @@ namespace gna {
 
 constexpr int kPlanTileTokens = 128;
 
-// Key tiles visited (and how many of them need no mask), summed over the query tiles
-// of one axis, for query tile qt and key tile kt (dilation 1).
 // The key tiles [first, last] (of kt tokens from x.kv0) that the query tile starting at
 // query q (qt tokens, clipped to the axis) visits along x; lo1 and hi0 bound the keys
 // that every query of the tile sees (a key tile inside them needs no element mask).
@@ -33,6 +31,8 @@ inline void key_tile_range(const Axis& x, int q, int qt, int kt, int& first, int
   last = (hi1 - x.kv0) / kt;
 }
 
+// Key tiles visited (and how many of them need no mask), summed over the query tiles
+// of one axis, for query tile qt and key tile kt (dilation 1).
 inline void axis_cost(const Axis& x, int qt, int kt, int64_t& visits, int64_t& full) {
   visits = full = 0;
   for (int q = x.q0; q < x.q0 + x.qn; q += qt) {

@@ -614,11 +614,12 @@ def test_pair_axis(driver):
             n = -(-shape[a] // qt)
             if n < 2:
                 continue
+            ax = Axis(shape[a], w[a], s[a], 1, c[a])
             ranges = []
             for i in range(n):
                 q, qe = i * qt, min((i + 1) * qt, shape[a]) - 1
-                ax = Axis(shape[a], w[a], s[a], 1, c[a])
                 ranges.append((int(window(q, ax)[0]) // kt, int(window(qe, ax)[1]) // kt))
-            if all(ranges[i] == ranges[i + 1] for i in range(0, n - 1, 2)) and n // 2 * 2 / n > covered:
-                found, covered = off + a, n // 2 * 2 / n
+            pairs_cover = n // 2 * 2 / n
+            if all(ranges[i] == ranges[i + 1] for i in range(0, n - 1, 2)) and pairs_cover > covered:
+                found, covered = off + a, pairs_cover
         assert r["pair"][0] == found, (shape, w, s, found)
