@@ -221,10 +221,15 @@ int fwd_items(const Params& p, const Plan& plan, int64_t nqtiles, bool one_slot)
 // load (fwd_pair_sm90_kernel), where gna::pair_axis finds pairs: the K/V traffic into shared
 // memory costs 10-13% of the block-sparse forwards' time under the power cap (measured with
 // the GNA_FWD_NOLOAD build, session 39). JAX_GNA_FWD_PAIR (a measurement and test switch,
-// read per call): "0" never.
-bool fwd_pairs_from_env() {
+// read per call): "0" never; "force": a forward on the Hopper path that runs no pair kernel
+// fails (cudaErrorNotSupported, as JAX_GNA_SM90=force does), so the GPU tests can prove the
+// pairs ran (a failed cluster launch falls back to the one-tile kernel, same bits).
+enum class PairMode { kOff, kOn, kForce };
+PairMode fwd_pair_mode() {
   const char* e = std::getenv("JAX_GNA_FWD_PAIR");
-  return !(e && std::strcmp(e, "0") == 0);
+  if (!e) return PairMode::kOn;
+  if (std::strcmp(e, "0") == 0) return PairMode::kOff;
+  return std::strcmp(e, "force") == 0 ? PairMode::kForce : PairMode::kOn;
 }
 
 // gna::pair_axis of a problem with its plan applied, cached like the plans.
@@ -256,6 +261,7 @@ cudaError_t fwd_sm90(DType dt, Params p, const Plan& plan, cudaStream_t stream, 
   static_assert(FwdLayout<D, KT, S>::smem_bytes() <= kMaxSmem, "forward tiles exceed shared memory");
   const size_t smem = FwdLayout<D, KT, S>::smem_bytes();
   const dim3 grid(static_cast<unsigned>(nqtiles), p.H, p.B);
+  const PairMode pairs = fwd_pair_mode();
   if constexpr (D <= 128) {
     // Two Q slots where a ring of at least 3 stages fits beside them; otherwise (D = 128
     // with 128-token key tiles: 2 of 3 stages would be left, measured 11-34% slower per
@@ -267,6 +273,7 @@ cudaError_t fwd_sm90(DType dt, Params p, const Plan& plan, cudaStream_t stream, 
       auto ki = sm90::fwd_items_sm90_kernel<T, D, KT, SI, QS>;
       static_assert(LI::smem_bytes() <= kMaxSmem, "forward tiles exceed shared memory");
       const size_t smem_i = LI::smem_bytes();
+      if (pairs == PairMode::kForce) return cudaErrorNotSupported;
       if (cudaError_t e = set_smem(ki, smem_i); e != cudaSuccess) return e;
       used = true;
       const dim3 grid_i(static_cast<unsigned>((nqtiles + items - 1) / items), p.H, p.B);
@@ -274,6 +281,7 @@ cudaError_t fwd_sm90(DType dt, Params p, const Plan& plan, cudaStream_t stream, 
     }
   }
   if (p.nx > 0) {  // the additional tokens as extra key tiles: [B, nx, Hkv, D] as 1-D blocks
+    if (pairs == PairMode::kForce) return cudaErrorNotSupported;
     if constexpr (KT != sm90::fwd_key_tokens<D>()) {
       return cudaErrorNotSupported;  // fwd_plan takes the default key tiles with tokens
     } else {
@@ -288,7 +296,7 @@ cudaError_t fwd_sm90(DType dt, Params p, const Plan& plan, cudaStream_t stream, 
     }
   }
   if constexpr (D == 128) {
-    const int axis = fwd_pairs_from_env() ? cached_pair_axis(p) : -1;
+    const int axis = pairs != PairMode::kOff ? cached_pair_axis(p) : -1;
     // A cluster per pair along the axis (and per lone last tile of an odd count).
     const int64_t na = axis >= 0 ? p.ax[axis].nqt : 1, clusters = nqtiles / na * ((na + 1) / 2);
     if (axis >= 0 && 2 * clusters < (int64_t{1} << 31)) {
@@ -306,6 +314,7 @@ cudaError_t fwd_sm90(DType dt, Params p, const Plan& plan, cudaStream_t stream, 
       cudaGetLastError();
     }
   }
+  if (pairs == PairMode::kForce) return cudaErrorNotSupported;
   if (cudaError_t e = set_smem(kern, smem); e != cudaSuccess) return e;
   used = true;
   return launch_sm90(kern, grid, smem, stream, pdl_from_env(), p, tq, tk, tv, to, sm90::tile_divs(p));

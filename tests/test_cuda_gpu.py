@@ -839,22 +839,43 @@ PAIR_CASES = [
 @pytest.mark.parametrize("shape,k,s,c,dims,keys,dtype", PAIR_CASES)
 def test_sm90_pairs(monkeypatch, shape, k, s, c, dims, keys, dtype):
     """The forward in clusters of two CTAs sharing each K/V load (fwd_pair_sm90_kernel):
-    within tolerance of the reference, and the same bits as without pairs
-    (JAX_GNA_FWD_PAIR=0: each query tile's key tiles are the same, in the same order)."""
+    within tolerance of the reference with JAX_GNA_FWD_PAIR=force (the call fails unless
+    the pair kernel runs: a failed cluster launch would fall back silently), and the same
+    bits as without pairs (JAX_GNA_FWD_PAIR=0: each query tile's key tiles are the same, in
+    the same order)."""
     _force_sm90(monkeypatch, False)
     monkeypatch.setenv("JAX_GNA_FWD_KEYS", keys)
     monkeypatch.setenv("JAX_GNA_FWD_ITEMS", "1")  # pairs run one query tile per CTA
+    monkeypatch.setenv("JAX_GNA_FWD_PAIR", "force")
     b, h, h_kv = dims
     p = _problem(shape, k, s, 1, c, dim=128)
     _check(p, b, h, h_kv, 128, 128, dtype, grads=False)
     q, kk, v, _, _ = _inputs(p, b, h, h_kv, 128, 128, dtype)
     outs = []
-    for pair in ("1", "0"):
+    for pair in ("force", "0"):
         monkeypatch.setenv("JAX_GNA_FWD_PAIR", pair)
         # A new jit per setting (see test_sm90_repeatable_and_close_to_sm80).
         outs.append(jax.tree.map(np.asarray, jax.jit(lambda q, k, v: cuda._attention_poisoned(q, k, v, p))(q, kk, v)))
     for x, y in zip(*outs):
         assert np.array_equal(x.view(np.uint8), y.view(np.uint8))
+
+
+@pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
+@pytest.mark.parametrize("items", ["1", "2"])
+def test_sm90_pair_force_rejects_other_problems(monkeypatch, items):
+    """JAX_GNA_FWD_PAIR=force fails a forward that runs no pair kernel: a sliding window
+    (neighbouring query tiles visit different key tiles), and a blocked window with
+    several query tiles per CTA (no pair kernel runs several)."""
+    _force_sm90(monkeypatch, False)
+    monkeypatch.setenv("JAX_GNA_FWD_PAIR", "force")
+    monkeypatch.setenv("JAX_GNA_FWD_ITEMS", items)
+    problems = [_problem((1024,), 257, 1, 1, False, dim=128)]
+    if items != "1":
+        problems.append(_problem((4096,), 512, 512, 1, False, dim=128))
+    for p in problems:
+        q, k, v, _, _ = _inputs(p, 1, 1, 1, 128, 128, jnp.bfloat16)
+        with pytest.raises(Exception, match="not supported"):
+            jax.block_until_ready(cuda.attention(q, k, v, p))
 
 
 @pytest.mark.skipif(not _is_sm90(), reason="needs a compute capability 9.0 GPU")
