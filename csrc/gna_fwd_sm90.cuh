@@ -576,6 +576,19 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
         tma_load_5d(sQ + qslot * L::kQBytes + c * L::kQHalf, &tq, bar_qf(qslot), h * D + 64 * c,
                     tile.qs[2] - p.ax[2].q0, tile.qs[1] - p.ax[1].q0, tile.qs[0] - p.ax[0].q0, b);
     };
+    // A K or V tile into the ring stage at dst, with its transaction count: both 64-column
+    // halves, or (PAIR) this CTA's half into both CTAs, the other half coming from the other.
+    auto load_kv = [&](uint32_t dst, const void* map, uint32_t bar, int a2, int a1, int a0, int batch) {
+      mbar_expect_tx(bar, L::kKVBytes);
+      if (PAIR && paired) {
+        const int c = static_cast<int>(rank);
+        tma_load_5d_multicast(dst + c * L::kKVHalf, map, bar, 3, hk * D + 64 * c, a2, a1, a0, batch);
+      } else {
+#pragma unroll
+        for (int c = 0; c < HALVES; ++c)
+          tma_load_5d(dst + c * L::kKVHalf, map, bar, hk * D + 64 * c, a2, a1, a0, batch);
+      }
+    };
     for (int j = 0; j < nitems; ++j) {
       const FwdTile tile = j == 0 ? tile0 : FwdTile(p, divs, first + j * step);
       // DIRECT: the next tile's Q after its first key tile, whose ring slot is freed by an
@@ -588,25 +601,8 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
         stage_free(it);
         int ks[3];
         tile.key_tile(p, walk, ks);
-        mbar_expect_tx(bar_k(s), L::kKVBytes);
-        if (PAIR && paired) {  // this CTA's half into both CTAs; the other half comes from the other
-          const int c = static_cast<int>(rank);
-          tma_load_5d_multicast(sK + s * L::kKVBytes + c * L::kKVHalf, &tk, bar_k(s), 3, hk * D + 64 * c, ks[2],
-                                ks[1], ks[0], bk);
-          mbar_expect_tx(bar_v(s), L::kKVBytes);
-          tma_load_5d_multicast(sV + s * L::kKVBytes + c * L::kKVHalf, &tv, bar_v(s), 3, hk * D + 64 * c, ks[2],
-                                ks[1], ks[0], bk);
-        } else {
-#pragma unroll
-          for (int c = 0; c < HALVES; ++c)
-            tma_load_5d(sK + s * L::kKVBytes + c * L::kKVHalf, &tk, bar_k(s), hk * D + 64 * c, ks[2], ks[1],
-                        ks[0], bk);
-          mbar_expect_tx(bar_v(s), L::kKVBytes);
-#pragma unroll
-          for (int c = 0; c < HALVES; ++c)
-            tma_load_5d(sV + s * L::kKVBytes + c * L::kKVHalf, &tv, bar_v(s), hk * D + 64 * c, ks[2], ks[1],
-                        ks[0], bk);
-        }
+        load_kv(sK + s * L::kKVBytes, &tk, bar_k(s), ks[2], ks[1], ks[0], bk);
+        load_kv(sV + s * L::kKVBytes, &tv, bar_v(s), ks[2], ks[1], ks[0], bk);
         if (q_late && t == 0) load_q(tile, j);  // (a query tile visits at least one key tile)
       }
     }
@@ -623,14 +619,8 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const CUtensorMap
       for (int x0 = 0; it < n; ++it, x0 += KT) {
         const int s = it % STAGES;
         stage_free(it);
-        mbar_expect_tx(bar_k(s), L::kKVBytes);
-#pragma unroll
-        for (int c = 0; c < HALVES; ++c)
-          tma_load_5d(sK + s * L::kKVBytes + c * L::kKVHalf, txk, bar_k(s), hk * D + 64 * c, x0, 0, 0, b);
-        mbar_expect_tx(bar_v(s), L::kKVBytes);
-#pragma unroll
-        for (int c = 0; c < HALVES; ++c)
-          tma_load_5d(sV + s * L::kKVBytes + c * L::kKVHalf, txv, bar_v(s), hk * D + 64 * c, x0, 0, 0, b);
+        load_kv(sK + s * L::kKVBytes, txk, bar_k(s), x0, 0, 0, b);
+        load_kv(sV + s * L::kKVBytes, txv, bar_v(s), x0, 0, 0, b);
       }
     }
     return;
