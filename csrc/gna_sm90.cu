@@ -221,10 +221,10 @@ int fwd_items(const Params& p, const Plan& plan, int64_t nqtiles, bool one_slot)
 // load (fwd_pair_sm90_kernel), where gna::pair_axis finds pairs: the K/V traffic into shared
 // memory costs 10-13% of the block-sparse forwards' time under the power cap (measured with
 // the GNA_FWD_NOLOAD build, session 39). JAX_GNA_FWD_PAIR (a measurement and test switch,
-// read per call): "0" never; "force": pairs in one wave too, and a forward on the Hopper
-// path that runs no pair kernel fails (cudaErrorNotSupported, as JAX_GNA_SM90=force does),
-// so the GPU tests can prove the pairs ran (a failed cluster launch falls back to the
-// one-tile kernel, same bits).
+// read per call): "0" never; "force": pairs where gna::pairs_pay says no too, and a
+// forward on the Hopper path that runs no pair kernel fails (cudaErrorNotSupported, as
+// JAX_GNA_SM90=force does), so the GPU tests can prove the pairs ran (a failed cluster
+// launch falls back to the one-tile kernel, same bits).
 enum class PairMode { kOff, kOn, kForce };
 PairMode fwd_pair_mode() {
   const char* e = std::getenv("JAX_GNA_FWD_PAIR");
@@ -298,14 +298,11 @@ cudaError_t fwd_sm90(DType dt, Params p, const Plan& plan, cudaStream_t stream, 
   }
   if constexpr (D == 128) {
     const int axis = pairs != PairMode::kOff ? cached_pair_axis(p) : -1;
-    // A cluster per pair along the axis (and per lone last tile of an odd count), where the
-    // grid fills more than one wave (or under "force"). In one wave the pairs cost kernel
-    // time (H200, bf16, one head: 2-D 64x64 window 16 stride 16, 32 CTAs, +10.6%; 2-D
-    // 128x128 window 32 stride 32, 128 CTAs, +3.3%; 3-D 16x32x32 window 8x16x16 stride
-    // 8x16x16, 128 CTAs, +2.7%; session 42); the energy they save pays over many waves.
+    // A cluster per pair along the axis (and per lone last tile of an odd count), where
+    // gna::pairs_pay (past one wave, long enough query tiles) or under "force".
     const int64_t na = axis >= 0 ? p.ax[axis].nqt : 1, clusters = nqtiles / na * ((na + 1) / 2);
     if (axis >= 0 && 2 * clusters < (int64_t{1} << 31) &&
-        (pairs == PairMode::kForce || 2 * clusters * p.H * p.B > sm_count())) {
+        (pairs == PairMode::kForce || pairs_pay(2 * clusters * p.H * p.B, sm_count(), plan.visits, nqtiles))) {
       using LP = FwdLayout<D, KT, S, 1, false, true>;
       static_assert(LP::smem_bytes() <= kMaxSmem, "forward tiles exceed shared memory");
       auto kp = sm90::fwd_pair_sm90_kernel<T, D, KT, S>;

@@ -17,6 +17,10 @@
 //                            <= 128 (the one keys picks): its query tiles and
 //                            gna::forward_items for the kernel with two Q slots (N) and
 //                            with one (N1: head dim 128 with 128-token key tiles)
+//   pairs A CTAS P           (with items) the forward plan's gna::pair_axis, the CTAs of
+//                            its pair grid (batches x heads x 2 x clusters) and
+//                            gna::pairs_pay for that grid (1: the pair kernel runs where
+//                            items is 1 at head dim 128)
 //   cand QT0 QT1 QT2 KT0 KT1 KT2 VISITS FULL          (only with argv[1] == "all")
 //   end
 // VISITS / FULL: visited (query tile, key tile) pairs over the query block and how
@@ -93,6 +97,12 @@ int main(int argc, char** argv) {
       for (int a = 0; a < 3; ++a) nq *= (p.ax[a].qn + fwd.qt[a] - 1) / fwd.qt[a];
       std::printf("items %lld %d %d\n", static_cast<long long>(nq), gna::forward_items(nq, fwd.visits, ctas, sms),
                   gna::forward_items(nq, fwd.visits, ctas, sms, gna::kOneSlotItemTiles));
+      gna::Params pf = p;
+      gna::apply_plan(pf, fwd, true);
+      const int axis = gna::pair_axis(pf);
+      const int64_t na = axis >= 0 ? pf.ax[axis].nqt : 1, clusters = nq / na * ((na + 1) / 2);
+      std::printf("pairs %d %lld %d\n", axis, static_cast<long long>(2 * clusters * ctas),
+                  axis >= 0 && gna::pairs_pay(2 * clusters * ctas, sms, fwd.visits, nq) ? 1 : 0);
     }
     if (all) {
       int qcap[3], kcap[3];
