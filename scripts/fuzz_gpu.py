@@ -93,18 +93,45 @@ def draw(rng: np.random.Generator, devices: int = 1, tokens: float = 0.15) -> di
     env = switches(case["seed"])
     if env:
         case["env"] = env
+    if env == PAIR_FORCE:
+        pair_candidate(case)
     return case
+
+
+def pair_candidate(case: dict) -> None:
+    """Makes a case with pairs forced one the pair kernel can take more often (drawn from
+    its own seed): head dim 128 (the pair kernel's), fp16 or bf16, and about half of its
+    axes non-causal with a window over the whole axis, so that neighbouring query tiles
+    along them visit the same key tiles. Without this, 2 of 25 forced cases that reached
+    the Hopper forward ran pairs (session 43)."""
+    rng = np.random.default_rng([case["seed"], 3])
+    case["dim"] = case["dim_v"] = 128
+    if case["dtype"] == "float32":
+        case["dtype"] = str(rng.choice(["bfloat16", "float16"]))
+    for a, n in enumerate(case["shape"]):
+        if rng.random() < 0.5:
+            case["kernel_size"][a] = n // case["dilation"][a]
+            case["stride"][a] = min(case["stride"][a], case["kernel_size"][a])
+            case["is_causal"][a] = False
+
+
+PAIR_FORCE = {"JAX_GNA_FWD_ITEMS": "1", "JAX_GNA_FWD_PAIR": "force"}
 
 
 def switches(seed: int) -> dict:
     """The Hopper forward's switches for a case, drawn from its own seed (the other draws
     stay as they were): in a quarter of the cases several query tiles per CTA forced, in
     half of those the key tile size too, so a run also covers what the host's rules take
-    only on large problems (csrc/gna_sm90.cu: fwd_plan, fwd_items). Environment variables,
-    set while the case runs."""
+    only on large problems (csrc/gna_sm90.cu: fwd_plan, fwd_items). Of the other cases a
+    third ask for pairs of query tiles in clusters of two CTAs wherever the plan has them
+    (``PAIR_FORCE``: one tile per CTA, ``JAX_GNA_FWD_PAIR=force``; the host runs pairs
+    by default only past one wave with >= 16 key tiles per query tile, which these small
+    problems seldom reach; ``draw`` makes those cases likelier to have pairs,
+    ``pair_candidate``); ``run_case`` runs a case whose forward has no pair kernel again
+    without them. Environment variables, set while the case runs."""
     rng = np.random.default_rng([seed, 1])
     if rng.random() >= 0.25:
-        return {}
+        return dict(PAIR_FORCE) if np.random.default_rng([seed, 2]).random() < 1 / 3 else {}
     env = {"JAX_GNA_FWD_ITEMS": str(int(rng.choice([2, 3, 8])))}
     if rng.random() < 0.5:
         env["JAX_GNA_FWD_KEYS"] = str(int(rng.choice([64, 128])))
@@ -143,8 +170,24 @@ def _specs(case: dict, rank: int):
 def run_case(case: dict, impl=None, devices=None) -> dict:
     """Errors of one case against the reference, and the kernel path it took. ``impl``:
     the backend (default ``cuda._attention_poisoned``); ``devices``: the mesh's devices
-    for a case with a ``layout``. The case's ``env`` (switches) is set while it runs."""
+    for a case with a ``layout``. The case's ``env`` (switches) is set while it runs. A
+    case with ``JAX_GNA_FWD_PAIR=force`` whose forward runs no pair kernel fails "not
+    supported" by design: it runs again without that switch; ``pair_force`` says
+    "passed" (every forward call that reached the Hopper kernels ran the pair kernel) or
+    "refused"."""
     env = case.get("env") or {}
+    if env.get("JAX_GNA_FWD_PAIR") != "force":
+        return _run_with_env(case, env, impl, devices)
+    try:
+        return {**_run_with_env(case, env, impl, devices), "pair_force": "passed"}
+    except Exception as e:  # noqa: BLE001 - only the forced switch's own refusal is retried
+        if "not supported" not in str(e):
+            raise
+    rest = {k: v for k, v in env.items() if k != "JAX_GNA_FWD_PAIR"}
+    return {**_run_with_env(case, rest, impl, devices), "pair_force": "refused"}
+
+
+def _run_with_env(case: dict, env: dict, impl, devices) -> dict:
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -297,7 +340,9 @@ def main(argv=None) -> int:
         rec = {"case": case, **res}
         if "skipped" not in res:
             cls = path_class(res["path"], res, case) if "path" in res else "error"
-            if case.get("env") and cls.startswith("sm90"):
+            if res.get("pair_force") == "passed" and cls.startswith(("sm90", "fold")):
+                cls += " (pairs)"
+            elif case.get("env") and "JAX_GNA_FWD_PAIR" not in case["env"] and cls.startswith("sm90"):
                 cls += " (switches)"
             counts[cls] += 1
             worst[cls] = max(worst.get(cls, 0.0), res.get("worst", float("inf")))

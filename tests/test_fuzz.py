@@ -90,18 +90,27 @@ def test_run_case_checks_against_the_brute_force(fuzz, monkeypatch, broken):
 
 
 def test_switches_are_drawn_per_case_seed(fuzz):
-    """About a quarter of the cases force the Hopper forward's switches, to values the
-    host reads; the same seed gives the same switches, and a drawn case carries them."""
+    """About a quarter of the cases force several query tiles per CTA, and a quarter
+    pairs, to values the host reads; the same seed gives the same switches, and a drawn
+    case carries them."""
     envs = [fuzz.switches(s) for s in range(2000)]
-    forced = [e for e in envs if e]
-    assert 0.2 < len(forced) / len(envs) < 0.3
+    forced = [e for e in envs if e and "JAX_GNA_FWD_PAIR" not in e]
+    pairs = [e for e in envs if e and "JAX_GNA_FWD_PAIR" in e]
+    assert 0.2 < len(forced) / len(envs) < 0.3 and 0.2 < len(pairs) / len(envs) < 0.3
     assert {e["JAX_GNA_FWD_ITEMS"] for e in forced} == {"2", "3", "8"}
     assert {e.get("JAX_GNA_FWD_KEYS") for e in forced} == {None, "64", "128"}
+    assert all(e == {"JAX_GNA_FWD_ITEMS": "1", "JAX_GNA_FWD_PAIR": "force"} for e in pairs)
     assert all(fuzz.switches(s) == envs[s] for s in range(0, 2000, 97))
     rng = np.random.default_rng(5)
     cases = [fuzz.draw(rng) for _ in range(200)]
     assert all(c.get("env", {}) == fuzz.switches(c["seed"]) for c in cases)
     assert any("env" in c for c in cases)
+    paired = [c for c in cases if c.get("env") == fuzz.PAIR_FORCE]
+    assert paired and all(c["dim"] == c["dim_v"] == 128 and c["dtype"] != "float32" for c in paired)
+    # about half of their axes: a non-causal window over the whole axis
+    full = [c["kernel_size"][a] * c["dilation"][a] > c["shape"][a] - c["dilation"][a] and not c["is_causal"][a]
+            for c in paired for a in range(len(c["shape"]))]
+    assert 0.35 < np.mean(full) < 0.8
 
 
 def test_run_case_sets_its_switches_while_it_runs(fuzz, monkeypatch):
@@ -118,6 +127,37 @@ def test_run_case_sets_its_switches_while_it_runs(fuzz, monkeypatch):
     res = fuzz.run_case(dict(CASE, grads=False, env={"JAX_GNA_FWD_ITEMS": "3", "JAX_GNA_FWD_KEYS": "64"}))
     assert res["ok"] and seen and set(seen) == {("3", "64")}, (res, seen)
     assert "JAX_GNA_FWD_ITEMS" not in os.environ and os.environ["JAX_GNA_FWD_KEYS"] == "128"
+
+
+@pytest.mark.parametrize("kernel", ["pairs", "none", "broken"])
+def test_run_case_retries_a_refused_pair_force(fuzz, monkeypatch, kernel):
+    """A case with JAX_GNA_FWD_PAIR=force whose forward runs no pair kernel (the host
+    refuses it "not supported") runs again without that switch and says so; any other
+    error is not retried."""
+    seen = []
+
+    def kernels(q, k, v, problem):
+        forced = os.environ.get("JAX_GNA_FWD_PAIR")
+        seen.append((forced, os.environ.get("JAX_GNA_FWD_ITEMS")))
+        if forced == "force" and kernel == "none":
+            raise RuntimeError("gna forward: operation not supported")
+        if kernel == "broken":
+            raise RuntimeError("gna forward: an illegal memory access was encountered")
+        return xla.attention(q, k, v, problem)
+
+    monkeypatch.setattr(cuda, "_attention_poisoned", kernels)
+    monkeypatch.setattr(cuda, "unsupported_reason", lambda *a: None)
+    monkeypatch.delenv("JAX_GNA_FWD_PAIR", raising=False)
+    case = dict(CASE, grads=False, env=dict(fuzz.PAIR_FORCE))
+    if kernel == "broken":
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            fuzz.run_case(case)
+        assert seen == [("force", "1")]
+    else:
+        res = fuzz.run_case(case)
+        assert res["ok"] and res["pair_force"] == ("passed" if kernel == "pairs" else "refused"), res
+        assert seen == [("force", "1")] + ([(None, "1")] if kernel == "none" else [])
+    assert "JAX_GNA_FWD_PAIR" not in os.environ
 
 
 # Run in a subprocess: two CPU devices need XLA_FLAGS before jax starts.
