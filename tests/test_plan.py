@@ -661,10 +661,11 @@ def pair_gate_plans(driver):
 def test_pairs_pay(pair_gate_plans, name, shape, heads, pays):
     """``gna::pairs_pay`` on the problems measured with and without pairs: none in one
     wave (2.7-10.6% slower there with few key tiles per query tile, 0.9% with 50) nor with
-    2 or 8 key tiles per query tile in 2.9 waves (5.0%, 4.8% slower); pairs from 16 key tiles per
-    query tile past one wave (the paper problems 1.3-4.3% faster; the smaller ones within
-    their noise but one at 1.45 waves, 1.1% slower). All run one query tile per CTA at
-    head dim 128, so the gate decides their kernel; the pair grid's CTA count is checked."""
+    2 or 8 key tiles per query tile in 2.9 waves (5.0%, 4.8% slower); pairs from 16 key
+    tiles per query tile past one wave (the paper problems 1.3-4.3% faster; the smaller
+    ones within their noise but one at 1.45 waves, 1.1% slower). All run one query tile
+    per CTA at head dim 128, so the gate decides their kernel; the pair grid's CTA count
+    is checked."""
     r = pair_gate_plans[name]
     assert r["keys"][2] == 0 and r["items"][2] == 1  # 128-token key tiles, one tile per CTA
     axis, ctas, got = r["pairs"]
