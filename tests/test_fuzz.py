@@ -160,6 +160,21 @@ def test_run_case_retries_a_refused_pair_force(fuzz, monkeypatch, kernel):
     assert "JAX_GNA_FWD_PAIR" not in os.environ
 
 
+def test_hopper_forward_reads_the_path(fuzz):
+    """The fuzz labels a forced pair case "(pairs)" only where the forward reached the
+    Hopper kernels: cuda.kernel_path's sentences on this CPU-only machine say sm80, so
+    they are written out here as the module writes them."""
+    where = "on this compute capability 9.0 GPU"
+    assert fuzz.hopper_forward(f"forward and backward: Hopper kernels (TMA + wgmma) {where}", False)
+    assert fuzz.hopper_forward(f"forward: Hopper kernel (TMA + wgmma) {where}; backward: sm80 kernels (head dim 256)",
+                               False)
+    small = ("forward: sm80 kernels (a window of fewer than 128 keys), or, when differentiated, the Hopper "
+             f"kernel {where}, as undilated pieces; backward: Hopper kernels {where}, as undilated pieces")
+    assert fuzz.hopper_forward(small, True) and not fuzz.hopper_forward(small, False)
+    assert not fuzz.hopper_forward("forward and backward: sm80 kernels (Hopper forward not applicable: "
+                                   "dtype float32)", True)
+
+
 # Run in a subprocess: two CPU devices need XLA_FLAGS before jax starts.
 SHARDED = r"""
 import importlib.util, json, sys
