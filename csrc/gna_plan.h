@@ -157,6 +157,14 @@ inline int forward_items(int64_t nqtiles, double visits, int64_t ctas, int sms, 
   return best;
 }
 
+// The clusters of the forward's pair grid (gna_sm90.cu, fwd_pair_sm90_kernel) for a plan
+// with `nqtiles` query tiles and pairs along `axis` (pair_axis, >= 0): one per pair of
+// neighbouring tiles along the axis and one per lone last tile of an odd count.
+inline int64_t pair_clusters(const Params& p, int axis, int64_t nqtiles) {
+  const int64_t na = p.ax[axis].nqt;
+  return nqtiles / na * ((na + 1) / 2);
+}
+
 // Whether the Hopper forward runs its pairs of query tiles (gna_sm90.cu, fwd_sm90: the
 // one-tile path at head dim 128 where pair_axis finds an axis), for a grid of `ctas` CTAs
 // (two per cluster) on `sms` SMs whose `nqtiles` query tiles visit `visits` key tiles per

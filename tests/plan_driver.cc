@@ -100,7 +100,7 @@ int main(int argc, char** argv) {
       gna::Params pf = p;
       gna::apply_plan(pf, fwd, true);
       const int axis = gna::pair_axis(pf);
-      const int64_t na = axis >= 0 ? pf.ax[axis].nqt : 1, clusters = nq / na * ((na + 1) / 2);
+      const int64_t clusters = axis >= 0 ? gna::pair_clusters(pf, axis, nq) : nq;
       std::printf("pairs %d %lld %d\n", axis, static_cast<long long>(2 * clusters * ctas),
                   axis >= 0 && gna::pairs_pay(2 * clusters * ctas, sms, fwd.visits, nq) ? 1 : 0);
     }
