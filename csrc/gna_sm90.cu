@@ -299,7 +299,7 @@ cudaError_t fwd_sm90(DType dt, Params p, const Plan& plan, cudaStream_t stream, 
   if constexpr (D == 128) {
     const int axis = pairs != PairMode::kOff ? cached_pair_axis(p) : -1;
     // A cluster per pair along the axis (and per lone last tile of an odd count), where
-    // gna::pairs_pay (past one wave, long enough query tiles) or under "force".
+    // gna::pairs_pay (past 1.75 waves, long enough query tiles) or under "force".
     const int64_t clusters = axis >= 0 ? pair_clusters(p, axis, nqtiles) : 0;
     if (axis >= 0 && 2 * clusters < (int64_t{1} << 31) &&
         (pairs == PairMode::kForce || pairs_pay(2 * clusters * p.H * p.B, sm_count(), plan.visits, nqtiles))) {
