@@ -176,7 +176,7 @@ for stage in "$@"; do
                  # (so kprofile profiles NATTEN too). Needs build/peers/natten-*.tar.gz carried
                  # (scripts/natten_tarball.sh), unless a call before on this machine built it.
                  # It needs the CPUs: beside 3 pytest processes it reached 11 of its 46 steps in
-                 # 450 s (session 45); alone on 16 CPUs it takes about 6.5 min.
+                 # 450 s (session 45); resumed there alone on 16 CPUs, the other 35 took 382 s.
                  OUT="$LOGS/peers" STAGES=natten NATTEN_END=0 BUILD_END=${NATTEN_BUILD_LIMIT:-480} \
                    bash scripts/device_peers.sh > "$LOGS/nattenbuild.log" 2>&1 &
                  NATTEN_PID=$!
